@@ -1,0 +1,7 @@
+"""lorafuse: fold LoRA adapters into their base models as a stream, one tensor at a time."""
+
+from .api import MergeReport, merge, plan
+from .errors import LorafuseError
+
+__all__ = ["merge", "plan", "MergeReport", "LorafuseError"]
+__version__ = "0.1.0"

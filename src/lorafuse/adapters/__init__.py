@@ -1,0 +1,1 @@
+"""Adapter formats: each turns an adapter folder into patches keyed by base tensor name."""

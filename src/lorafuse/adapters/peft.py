@@ -1,0 +1,242 @@
+"""Read a PEFT LoRA adapter folder and turn its tensors into patches, keyed by module.
+
+PEFT saves tensors under `base_model.model.<module path>.<role>`: `lora_A.weight`, `lora_B.weight`,
+`lora_B.bias` (lora_bias), `lora_embedding_A`/`_B`, `lora_magnitude_vector` (DoRA),
+`token_adapter.trainable_tokens_delta` (trainable_token_indices), `base_layer.weight` (an embedding
+saved with save_embedding_layers) and plain `<module>.weight`/`.bias` for modules_to_save and
+bias="all"/"lora_only". Every tensor is claimed by exactly one patch or reported as unused.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import LorafuseError
+from ..formats.safetensors import TORCH_TO_NAME, TensorRef, read_header
+from ..patches import AddBias, LoRA, Patch, Replace, ReplaceRows
+
+PREFIX = "base_model.model."
+# Initialisations that change the base weights themselves: their adapters only merge exactly into the
+# modified base, which the user does not have, unless PEFT converted them to plain LoRA when saving.
+BASE_CHANGING_INITS = ("pissa", "corda", "olora", "loftq", "lora_ga", "mica")
+# Config fields of LoRA variants whose effect is not a fixed change of the weights.
+UNMERGEABLE_OPTIONS = {
+    "layer_replication": "layer_replication shares layers between positions",
+    "use_qalora": "QA-LoRA pools inputs group-wise",
+    "alora_invocation_tokens": "activated LoRA applies only after its invocation tokens",
+    "target_parameters": "LoRA on raw parameters (target_parameters)",
+    "use_bdlora": "block-diagonal LoRA (use_bdlora)",
+    "arrow_config": "Arrow routing chooses experts per token",
+    "monteclora_config": "MonteCLoRA samples its weights",
+    "velora_config": "VeLoRA",
+    "kasa_config": "KaSA",
+}
+
+
+@dataclass(frozen=True)
+class MemoryRef:
+    """A tensor already in memory (from a pickle checkpoint), behaving like a TensorRef."""
+
+    tensor: torch.Tensor
+    origin: str
+
+    @property
+    def dtype(self) -> str:
+        return TORCH_TO_NAME[self.tensor.dtype]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.tensor.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.tensor.numel() * self.tensor.element_size()
+
+    def read(self) -> torch.Tensor:
+        return self.tensor
+
+
+@dataclass
+class Adapter:
+    folder: Path
+    config: dict
+    tensors: dict  # adapter key -> TensorRef | MemoryRef
+    weights_file: Path
+    unused: list[str] = field(default_factory=list)
+
+    @property
+    def base_name(self) -> str | None:
+        return self.config.get("base_model_name_or_path")
+
+
+def open_adapter(folder: str | Path) -> Adapter:
+    """Read adapter_config.json and the adapter's tensor headers (or a weights_only pickle)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise LorafuseError(f"adapter folder {folder} does not exist; pass the folder PEFT's save_pretrained wrote")
+    config_path = folder / "adapter_config.json"
+    if not config_path.is_file():
+        raise LorafuseError(f"{folder} has no adapter_config.json; pass the folder PEFT's save_pretrained wrote")
+    try:
+        config = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LorafuseError(f"{config_path} is not valid JSON ({e}); re-save the adapter") from None
+    if not isinstance(config, dict):
+        raise LorafuseError(f"{config_path} is not a JSON object; re-save the adapter")
+    check_config(config, config_path)
+    st, pt = folder / "adapter_model.safetensors", folder / "adapter_model.bin"
+    if st.is_file():
+        tensors = dict(read_header(st).tensors)
+        weights = st
+    elif pt.is_file():
+        tensors = _load_pickle(pt)
+        weights = pt
+    else:
+        raise LorafuseError(f"{folder} has neither adapter_model.safetensors nor adapter_model.bin")
+    if not tensors:
+        raise LorafuseError(f"{weights} holds no tensors; re-save the adapter")
+    return Adapter(folder, config, tensors, weights)
+
+
+def _load_pickle(path: Path) -> dict:
+    """Load a pickle checkpoint without ever running code from it (weights_only=True)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises UnpicklingError and others for anything but plain tensors
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise LorafuseError(
+            f"{path} cannot be loaded safely (weights_only=True refused it: {first}); convert it to safetensors"
+        ) from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise LorafuseError(f"{path} is not a plain mapping of tensor names to tensors")
+    return {k: MemoryRef(v.contiguous(), f"{path}:{k}") for k, v in state.items()}
+
+
+def check_config(config: dict, where: Path) -> None:
+    """Refuse adapter types and options that cannot be folded into the weights exactly."""
+    peft_type = str(config.get("peft_type", "")).upper()
+    if peft_type != "LORA":
+        raise LorafuseError(f"{where}: peft_type is {config.get('peft_type')!r}; lorafuse merges LoRA adapters (LORA, including DoRA)")
+    for key, what in UNMERGEABLE_OPTIONS.items():
+        if config.get(key) not in (None, False, [], {}):
+            raise LorafuseError(f"{where}: {key} is set; {what}, which cannot be merged into fixed weights")
+    init = config.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(BASE_CHANGING_INITS):
+        raise LorafuseError(
+            f"{where}: init_lora_weights={init!r} changes the base weights at initialisation; "
+            "save the adapter with PEFT's path_initial_model_for_weight_conversion to convert it to plain LoRA first"
+        )
+    for key in ("r", "lora_alpha"):
+        value = config.get(key)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+            raise LorafuseError(f"{where}: {key} must be a positive number, got {value!r}")
+
+
+def pattern_value(patterns: dict, module: str, default):
+    """PEFT's get_pattern_key: the first pattern that matches the end of the module path wins."""
+    for key, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def scaling(config: dict, module: str) -> tuple[int, float]:
+    """(rank, scale) for a module: lora_alpha/r, or lora_alpha/sqrt(r) with rsLoRA (PEFT's update_layer)."""
+    r = pattern_value(config.get("rank_pattern"), module, config["r"])
+    alpha = pattern_value(config.get("alpha_pattern"), module, config["lora_alpha"])
+    return r, alpha / (math.sqrt(r) if config.get("use_rslora") else r)
+
+
+# role suffix -> role name, longest first so that `.lora_B.bias` wins over a plain `.bias`
+ROLES = {
+    ".token_adapter.trainable_tokens_delta": "rows",
+    ".lora_magnitude_vector.weight": "magnitude",
+    ".lora_magnitude_vector": "magnitude",
+    ".lora_embedding_A": "emb_A",
+    ".lora_embedding_B": "emb_B",
+    ".lora_A.weight": "A",
+    ".lora_B.weight": "B",
+    ".lora_B.bias": "lora_bias",
+    ".base_layer.weight": "base_weight",
+    ".base_layer.bias": "base_bias",
+}
+
+
+def split_key(key: str) -> tuple[str, str]:
+    """Adapter key -> (module path as in the model, role); role 'tensor' is a whole saved tensor."""
+    name = key[len(PREFIX):] if key.startswith(PREFIX) else key
+    for suffix, role in ROLES.items():
+        if name.endswith(suffix):
+            return name[: -len(suffix)], role
+    return name, "tensor"
+
+
+def patches_by_tensor(adapter: Adapter) -> dict[str, list[Patch]]:
+    """Group the adapter's tensors into patches keyed by the base tensor (in model naming) they change.
+
+    Tensors that fit no patch are recorded in `adapter.unused`. Shape checks against the base happen in
+    the planner, which knows the base.
+    """
+    config = adapter.config
+    groups: dict[str, dict[str, tuple[str, object]]] = {}
+    for key, ref in adapter.tensors.items():
+        module, role = split_key(key)
+        groups.setdefault(module, {})[role] = (key, ref)
+
+    patches: dict[str, list[Patch]] = {}
+
+    def add(target: str, patch: Patch) -> None:
+        patches.setdefault(target, []).append(patch)
+
+    for module, roles in groups.items():
+        if "tensor" in roles:  # modules_to_save or bias=all: `module` is the full tensor name here
+            key, ref = roles.pop("tensor")
+            add(module, Replace(ref, key))
+        if "base_weight" in roles:
+            key, ref = roles.pop("base_weight")
+            add(f"{module}.weight", Replace(ref, key))
+        if "base_bias" in roles:
+            key, ref = roles.pop("base_bias")
+            add(f"{module}.bias", Replace(ref, key))
+        if "rows" in roles:
+            key, ref = roles.pop("rows")
+            indices = token_indices(config, module)
+            add(f"{module}.weight", ReplaceRows(ref, tuple(indices), key))
+        r, scale = scaling(config, module)
+        magnitude = roles.pop("magnitude", (None, None))
+        for a_role, b_role, kind in (("A", "B", "linear"), ("emb_A", "emb_B", "embedding")):
+            if a_role in roles or b_role in roles:
+                if a_role not in roles or b_role not in roles:
+                    present = roles.get(a_role, roles.get(b_role))[0]
+                    raise LorafuseError(f"adapter tensor {present} has no matching {'B' if a_role in roles else 'A'} matrix; the adapter file is incomplete")
+                (a_key, a_ref), (b_key, b_ref) = roles.pop(a_role), roles.pop(b_role)
+                if a_ref.shape[0] != r or b_ref.shape[1] != r:
+                    raise LorafuseError(
+                        f"adapter tensor {a_key}: rank {a_ref.shape[0]} (A) / {b_ref.shape[1]} (B) disagrees with r={r} "
+                        "in adapter_config.json; the config and weights do not belong together"
+                    )
+                add(f"{module}.weight", LoRA(a_ref, b_ref, scale, kind, bool(config.get("fan_in_fan_out")), magnitude[1], (a_key, b_key) + ((magnitude[0],) if magnitude[0] else ())))
+                magnitude = (None, None)
+        if magnitude[0] is not None:
+            adapter.unused.append(magnitude[0])
+        if "lora_bias" in roles:
+            key, ref = roles.pop("lora_bias")
+            add(f"{module}.bias", AddBias(ref, scale, key))
+        adapter.unused.extend(key for key, _ in roles.values())
+    return patches
+
+
+def token_indices(config: dict, module: str) -> list[int]:
+    """The token rows a trainable_tokens_delta replaces: a list (for the input embedding) or per-module dict."""
+    spec = config.get("trainable_token_indices")
+    if isinstance(spec, dict):
+        spec = pattern_value(spec, module, None)
+    if not isinstance(spec, list) or not all(isinstance(i, int) for i in spec):
+        raise LorafuseError(f"adapter has trainable tokens for {module} but trainable_token_indices does not list them")
+    return spec

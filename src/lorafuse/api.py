@@ -1,0 +1,118 @@
+"""The public entry points: plan() and merge()."""
+
+from __future__ import annotations
+
+import os
+import resource
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .errors import LorafuseError
+from .execute import write_shards
+from .output import check_target, publish, staging_folder, write_metadata
+from .plan import Plan, make_plan
+
+DISK_MARGIN = 64 << 20  # room for config, tokenizer files and the file system's own overhead
+
+
+@dataclass
+class MergeReport:
+    out: str
+    shards: int
+    tensors_merged: int
+    tensors_cast: int
+    tensors_copied: int
+    bytes_read: int
+    bytes_written: int
+    seconds: float
+    peak_memory: int  # peak resident set size of this process, bytes
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def plan(base: str | os.PathLike, adapter: str | os.PathLike, out: str | os.PathLike | None = None, *,
+         dtype: str = "auto", max_shard_size: int | str = "5GB") -> Plan:
+    """Plan a merge from the headers alone; nothing is written."""
+    return make_plan(base, adapter, out, dtype=dtype, max_shard_size=max_shard_size)
+
+
+def merge(base: str | os.PathLike, adapter: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "auto",
+          max_shard_size: int | str = "5GB", device: str = "cpu", force: bool = False,
+          on_plan: Callable[[Plan], None] | None = None,
+          on_progress: Callable[[int], None] | None = None) -> MergeReport:
+    """Merge ADAPTER into BASE and write a standalone model to OUT.
+
+    `on_plan` sees the plan before any work starts; `on_progress` receives the bytes of each tensor
+    written. Raises LorafuseError for every problem the user can fix; OUT is then left untouched.
+    """
+    started = time.perf_counter()
+    out = Path(out)
+    check_target(out, force)
+    the_plan = make_plan(base, adapter, out, dtype=dtype, max_shard_size=max_shard_size)
+    torch_device = _device(device)
+    free = the_plan.disk_free
+    if free is not None and free < the_plan.output_bytes + DISK_MARGIN:
+        raise LorafuseError(
+            f"the output needs {_gb(the_plan.output_bytes)} but only {_gb(free)} is free on the disk holding {out.absolute().parent}"
+        )
+    if on_plan:
+        on_plan(the_plan)
+    staging = staging_folder(out)
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        counters = write_shards(the_plan, staging, torch_device, on_progress)
+        write_metadata(the_plan, staging, _settings(the_plan, device))
+        publish(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return MergeReport(
+        out=str(out),
+        shards=len(the_plan.shards),
+        seconds=round(time.perf_counter() - started, 3),
+        peak_memory=_peak_rss(),
+        **vars(counters),
+    )
+
+
+def _settings(plan: Plan, device: str) -> dict:
+    config = plan.adapter.config
+    return {
+        "base": plan.adapter.base_name or str(plan.base.folder),
+        "adapter": str(plan.adapter.folder.name),
+        "r / lora_alpha": f"{config.get('r')} / {config.get('lora_alpha')}",
+        "rsLoRA": bool(config.get("use_rslora")),
+        "patches": ", ".join(f"{n} {k}" for k, n in sorted(plan.counts.items())),
+        "output dtype": plan.dtype,
+        "shards": len(plan.shards),
+        "device": device,
+    }
+
+
+def _device(name: str) -> torch.device:
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise LorafuseError(f"--device {name!r} is not a device; use cpu or cuda") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise LorafuseError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise LorafuseError(f"--device {name!r} is not supported; use cpu or cuda")
+    return device
+
+
+def _peak_rss() -> int:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB"

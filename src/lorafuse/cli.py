@@ -1,0 +1,154 @@
+"""The `lorafuse` command: arguments, progress and exit codes. No merge logic lives here.
+
+Exit codes: 0 success, 2 bad usage or bad input (one line on stderr), 1 internal error, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import traceback
+
+from . import __version__
+from .api import merge, plan
+from .errors import LorafuseError
+from .plan import describe
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except LorafuseError as e:
+        print(f"lorafuse: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lorafuse: interrupted; nothing was written to the output folder", file=sys.stderr)
+        return 130
+    except Exception:
+        traceback.print_exc()
+        print("lorafuse: internal error (a bug): please report it with the trace above", file=sys.stderr)
+        return 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lorafuse", description="Merge LoRA adapters into their base models, one tensor at a time.")
+    parser.add_argument("--version", action="version", version=f"lorafuse {__version__}")
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    m = commands.add_parser("merge", help="merge ADAPTER into BASE and write a standalone model to OUT")
+    _inputs(m)
+    m.add_argument("out", metavar="OUT", help="output folder (written atomically)")
+    m.add_argument("--device", default="cpu", help="where the delta arithmetic runs: cpu (default) or cuda")
+    m.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    m.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    m.add_argument("--json", action="store_true", help="print the report as JSON")
+    m.set_defaults(run=_merge)
+
+    p = commands.add_parser("plan", help="dry run: what a merge would do and cost; nothing is written")
+    _inputs(p)
+    p.add_argument("out", metavar="OUT", nargs="?", help="output folder, to check the disk space")
+    p.add_argument("--verbose", "-v", action="store_true", help="list every changed tensor")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.set_defaults(run=_plan)
+
+    d = commands.add_parser("demo", help="build a tiny base and adapter, merge them, check the result")
+    d.add_argument("--keep", metavar="DIR", help="keep the demo's files in DIR")
+    d.set_defaults(run=_demo)
+    return parser
+
+
+def _inputs(p: argparse.ArgumentParser) -> None:
+    p.add_argument("base", metavar="BASE", help="base model folder (config.json + safetensors)")
+    p.add_argument("adapter", metavar="ADAPTER", help="PEFT adapter folder (adapter_config.json + adapter_model.safetensors)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"], help="output dtype (default: as the base)")
+    p.add_argument("--max-shard-size", default="5GB", help="largest output shard, e.g. 5GB or 500MB (default 5GB)")
+
+
+def _plan(args) -> int:
+    the_plan = plan(args.base, args.adapter, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size)
+    if args.json:
+        print(json.dumps(_plan_dict(the_plan), indent=2))
+    else:
+        print("\n".join(describe(the_plan, verbose=args.verbose)))
+    return 0
+
+
+def _plan_dict(the_plan) -> dict:
+    return {
+        "shards": [{"file": s.filename, "bytes": s.size, "tensors": len(s.tensors)} for s in the_plan.shards],
+        "changed": {t.name: [p.label for p in t.patches] for t in the_plan.merged},
+        "copied": sum(t.is_copy for t in the_plan.tensors),
+        "output_bytes": the_plan.output_bytes,
+        "peak_memory": the_plan.peak_memory,
+        "disk_free": the_plan.disk_free,
+        "config": the_plan.config,
+        "notes": the_plan.notes,
+    }
+
+
+def _merge(args) -> int:
+    show = not args.quiet and not args.json
+    bar = None
+
+    def on_plan(the_plan) -> None:
+        nonlocal bar
+        if show:
+            print("\n".join(describe(the_plan)), file=sys.stderr)
+            bar = _progress(the_plan.output_bytes, len(the_plan.tensors))
+
+    try:
+        report = merge(args.base, args.adapter, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size,
+                       device=args.device, force=args.force, on_plan=on_plan, on_progress=(lambda n: bar.update(n)) if show else None)
+    finally:
+        if bar is not None:
+            bar.close()
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    elif show:
+        print(
+            f"done     {report.out}: {report.tensors_merged} merged, {report.tensors_copied} copied, "
+            f"{report.tensors_cast} cast, {report.bytes_written / 1e9:.2f} GB in {report.seconds:.1f} s, "
+            f"peak memory {report.peak_memory / 1e9:.2f} GB",
+            file=sys.stderr,
+        )
+    return 0
+
+
+class _progress:
+    """A tqdm bar (bytes, tensors, rate, time left) on a terminal; a plain line every 10% otherwise."""
+
+    def __init__(self, total: int, tensors: int) -> None:
+        self.total, self.tensors, self.done, self.count, self.next_line = total, tensors, 0, 0, 0.1
+        self.bar = None
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="merging", file=sys.stderr)
+
+    def update(self, n: int) -> None:
+        self.done += n
+        self.count += 1
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"{self.count}/{self.tensors} tensors", refresh=False)
+            self.bar.update(n)
+        elif self.total and self.done / self.total >= self.next_line:
+            print(f"progress {self.done / self.total:4.0%}  {self.done / 1e9:.2f} / {self.total / 1e9:.2f} GB, "
+                  f"{self.count}/{self.tensors} tensors", file=sys.stderr)
+            self.next_line += 0.1
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _demo(args) -> int:
+    from .demo import run_demo
+
+    return run_demo(args.keep)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

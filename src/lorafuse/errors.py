@@ -1,0 +1,8 @@
+"""One exception type for every problem the user can fix.
+
+The CLI prints its message on one line and exits with code 2; anything else is a bug (exit 1).
+"""
+
+
+class LorafuseError(Exception):
+    """A bad input or an impossible request, with a message that says what to do."""

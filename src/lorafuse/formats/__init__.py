@@ -1,0 +1,1 @@
+"""Bytes on disk: reading and writing the safetensors format."""

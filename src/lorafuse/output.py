@@ -1,0 +1,123 @@
+"""Everything in the output folder besides the shards, and the atomic finish.
+
+The output is assembled in a hidden staging folder next to OUT and renamed into place only when
+complete, so OUT is either absent, the previous folder (with --force), or the finished merge.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+from huggingface_hub import ModelCard, ModelCardData
+
+from .errors import LorafuseError
+from .plan import Plan
+
+INDEX = "model.safetensors.index.json"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx", ".npz")
+WEIGHT_INDEXES = re.compile(r".*\.(safetensors|bin|pt|pth)\.index\.json$")
+# What a training run may have changed in the tokenizer: these adapter files win over the base's.
+TOKENIZER_FILE = re.compile(
+    r"^(tokenizer.*|special_tokens_map\.json|added_tokens\.json|vocab\..*|merges\.txt|.*\.model|.*\.tiktoken"
+    r"|chat_template\..*|preprocessor_config\.json|processor_config\.json)$"
+)
+NOT_COPIED = {"README.md", "adapter_config.json"}
+
+
+def staging_folder(out: Path) -> Path:
+    return out.parent / f".{out.name}.lorafuse-partial"
+
+
+def check_target(out: Path, force: bool) -> None:
+    """Refuse an existing OUT without --force, and an OUT whose parent cannot be written."""
+    if out.exists() and not force:
+        raise LorafuseError(f"output folder {out} already exists; choose another or pass --force to replace it")
+    if out.exists() and not out.is_dir():
+        raise LorafuseError(f"output path {out} exists and is not a folder")
+    parent = out.absolute().parent
+    if not parent.is_dir():
+        raise LorafuseError(f"the parent folder of {out} does not exist; create it first")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise LorafuseError(f"cannot write to {parent} (permission denied); choose another output folder")
+
+
+def write_metadata(plan: Plan, folder: Path, settings: dict) -> None:
+    """Index, config.json, tokenizer and other non-weight files, and a model card."""
+    if len(plan.shards) > 1:
+        index = {
+            "metadata": {"total_size": plan.total_size},
+            "weight_map": {t.name: s.filename for s in plan.shards for t in s.tensors},
+        }
+        (folder / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+    for source in _carried_files(plan):
+        shutil.copyfile(source, folder / source.name)
+    (folder / "config.json").write_text(json.dumps(plan.config, indent=2, sort_keys=True) + "\n")
+    _model_card(plan, settings).save(folder / "README.md")
+
+
+def _carried_files(plan: Plan) -> list[Path]:
+    """The base's non-weight files, with the adapter's tokenizer files taking precedence."""
+    chosen: dict[str, Path] = {}
+    for path in sorted(plan.base.folder.iterdir()):
+        name = path.name
+        if (path.is_file() and not name.startswith(".") and name not in NOT_COPIED
+                and not name.endswith(WEIGHT_SUFFIXES) and not WEIGHT_INDEXES.match(name)):
+            chosen[name] = path
+    for path in sorted(plan.adapter.folder.iterdir()):
+        if path.is_file() and TOKENIZER_FILE.match(path.name):
+            chosen[path.name] = path
+    chosen.pop("config.json", None)
+    return list(chosen.values())
+
+
+def _model_card(plan: Plan, settings: dict) -> ModelCard:
+    base_id = plan.adapter.base_name or plan.base.folder.name
+    data = ModelCardData(
+        base_model=base_id if _looks_like_repo_id(base_id) else None,
+        library_name="transformers",
+        tags=["lorafuse", "merge", "lora"],
+    )
+    rows = "\n".join(f"| {k} | {v} |" for k, v in settings.items())
+    text = (
+        f"---\n{data.to_yaml()}\n---\n\n# {plan.out.name if plan.out else 'merged model'}\n\n"
+        f"This model is `{base_id}` with the LoRA adapter `{plan.adapter.folder.name}` merged into its weights "
+        "by [lorafuse](https://pypi.org/project/lorafuse/). It needs no PEFT to load.\n\n"
+        f"| setting | value |\n|---|---|\n{rows}\n"
+    )
+    return ModelCard(text)
+
+
+def _looks_like_repo_id(name: str) -> bool:
+    return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", name)) and not Path(name).exists()
+
+
+def publish(staging: Path, out: Path) -> None:
+    """Make the staged folder durable, then move it into place in one rename (after the old one, with --force)."""
+    for path in staging.iterdir():
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    _fsync_dir(staging)
+    if out.exists():
+        old = out.parent / f".{out.name}.lorafuse-old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(out, old)
+        os.rename(staging, out)
+        shutil.rmtree(old)
+    else:
+        os.rename(staging, out)
+    _fsync_dir(out.absolute().parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,196 @@
+"""The merge arithmetic, in one place.
+
+Each patch changes one base tensor. `out_shape` checks it against the base tensor's shape before any
+data is read; `apply` changes an fp32 tensor in place (or returns a new one when the shape changes).
+Deltas are computed in fp32 and added to the fp32 base value, then the result is rounded once to the
+output dtype: at least as close to the exact result as PEFT's merge, which rounds the delta first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .errors import LorafuseError
+
+
+def _load(ref, device: torch.device) -> torch.Tensor:
+    return ref.read().to(device=device, dtype=torch.float32)
+
+
+def _mismatch(origin: str, what: str, got, want) -> LorafuseError:
+    return LorafuseError(
+        f"adapter tensor {origin} has shape {tuple(got)} but the base needs {tuple(want)} for {what}; "
+        "was the adapter trained on a different base model?"
+    )
+
+
+@dataclass(frozen=True)
+class Replace:
+    """A whole tensor saved by the adapter (modules_to_save, bias="all", a resized embedding)."""
+
+    source: object
+    origin: str
+    label = "replace"
+
+    @property
+    def refs(self) -> tuple:
+        return (self.source,)
+
+    @property
+    def origins(self) -> tuple[str, ...]:
+        return (self.origin,)
+
+    def out_shape(self, shape: tuple[int, ...], name: str) -> tuple[int, ...]:
+        new = tuple(self.source.shape)
+        # Only the first dimension (vocabulary rows) may change, as after resize_token_embeddings.
+        if new[1:] != tuple(shape[1:]) or len(new) != len(shape):
+            raise _mismatch(self.origin, f"replacing {name}", new, shape)
+        return new
+
+    def apply(self, w: torch.Tensor) -> torch.Tensor:
+        return _load(self.source, w.device)
+
+
+@dataclass(frozen=True)
+class LoRA:
+    """W' = W + s·B@A (PEFT lora.Linear/Embedding.get_delta_weight), or DoRA's
+    W' = m / ||W + s·B@A|| · (W + s·B@A) with the norm per output row (per feature column for
+    embeddings), as in PEFT's DoraLinearVariant/DoraEmbeddingVariant.merge_safe.
+
+    kind is "linear" (A: r×in, B: out×r; W: out×in, or in×out when fan_in_fan_out as in GPT-2's
+    Conv1D; conv weights are treated as out×(in·k…) with a 1×1 B), or "embedding"
+    (A: r×vocab, B: dim×r, W: vocab×dim).
+    """
+
+    A: object
+    B: object
+    scale: float
+    kind: str
+    fan_in_fan_out: bool
+    magnitude: object | None
+    origins: tuple[str, ...]
+
+    @property
+    def label(self) -> str:
+        return "dora" if self.magnitude is not None else "lora"
+
+    @property
+    def refs(self) -> tuple:
+        return (self.A, self.B) + ((self.magnitude,) if self.magnitude is not None else ())
+
+    def transposed(self, shape: tuple[int, ...]) -> bool:
+        """Whether W is stored input-major (delta = s·(B@A)ᵀ): embeddings and fan-in-fan-out weights.
+
+        For linear layers the shapes decide when they can (PEFT itself flips fan_in_fan_out to match the
+        layer type); the config's fan_in_fan_out decides only for square weights.
+        """
+        if self.kind == "embedding":
+            return True
+        if len(shape) != 2:
+            return False
+        out_in = (self.B.shape[0], self.A.shape[1])
+        if out_in[0] == out_in[1]:
+            return self.fan_in_fan_out
+        return tuple(shape) == out_in[::-1]
+
+    def out_shape(self, shape: tuple[int, ...], name: str) -> tuple[int, ...]:
+        a, b = tuple(self.A.shape), tuple(self.B.shape)
+        if len(a) > 2:  # convolution: A is r×in×k…, B is out×r×1…
+            if len(shape) != len(a) or a[1:] != tuple(shape[1:]) or b[0] != shape[0] or any(d != 1 for d in b[2:]):
+                raise _mismatch(self.origins[0], f"a LoRA on convolution {name} {tuple(shape)}", a, (a[0],) + tuple(shape[1:]))
+            if self.magnitude is not None:
+                raise LorafuseError(f"{self.origins[0]}: DoRA on convolution layers is not supported yet")
+            return tuple(shape)
+        want = (b[0], a[1]) if self.kind == "linear" else (a[1], b[0])
+        if self.transposed(shape) and self.kind == "linear":
+            want = want[::-1]
+        if tuple(shape) != want:
+            raise LorafuseError(
+                f"adapter tensors {self.origins[0]} {a} and {self.origins[1]} {b} make a delta of shape {want} "
+                f"but base tensor {name} is {tuple(shape)}; was the adapter trained on a different base model?"
+            )
+        if self.magnitude is not None:
+            rows = shape[1] if self.transposed(shape) else shape[0]
+            if tuple(self.magnitude.shape) != (rows,):
+                raise _mismatch(self.origins[2], f"the DoRA magnitude of {name}", self.magnitude.shape, (rows,))
+        return tuple(shape)
+
+    def apply(self, w: torch.Tensor) -> torch.Tensor:
+        A, B = _load(self.A, w.device), _load(self.B, w.device)
+        if A.dim() > 2:  # conv: flatten the kernel into the input dimension
+            w.view(w.shape[0], -1).addmm_(B.reshape(B.shape[0], -1), A.reshape(A.shape[0], -1), alpha=self.scale)
+            return w
+        transposed = self.transposed(tuple(w.shape))
+        if transposed:
+            w.addmm_(A.T, B.T, alpha=self.scale)
+        else:
+            w.addmm_(B, A, alpha=self.scale)
+        if self.magnitude is not None:
+            m = _load(self.magnitude, w.device)
+            if transposed:  # norm over the rows of each column (output feature)
+                w.mul_((m / torch.linalg.vector_norm(w, dim=0)).view(1, -1))
+            else:
+                w.mul_((m / torch.linalg.vector_norm(w, dim=1)).view(-1, 1))
+        return w
+
+
+@dataclass(frozen=True)
+class AddBias:
+    """lora_bias: b' = b + s·lora_B.bias (PEFT lora.Linear.merge)."""
+
+    bias: object
+    scale: float
+    origin: str
+    label = "lora_bias"
+
+    @property
+    def refs(self) -> tuple:
+        return (self.bias,)
+
+    @property
+    def origins(self) -> tuple[str, ...]:
+        return (self.origin,)
+
+    def out_shape(self, shape: tuple[int, ...], name: str) -> tuple[int, ...]:
+        if tuple(self.bias.shape) != tuple(shape):
+            raise _mismatch(self.origin, f"the bias {name}", self.bias.shape, shape)
+        return tuple(shape)
+
+    def apply(self, w: torch.Tensor) -> torch.Tensor:
+        return w.add_(_load(self.bias, w.device), alpha=self.scale)
+
+
+@dataclass(frozen=True)
+class ReplaceRows:
+    """trainable_token_indices: W[indices] = rows (PEFT TrainableTokensLayer.merge, an index_copy)."""
+
+    rows: object
+    indices: tuple[int, ...]
+    origin: str
+    label = "rows"
+
+    @property
+    def refs(self) -> tuple:
+        return (self.rows,)
+
+    @property
+    def origins(self) -> tuple[str, ...]:
+        return (self.origin,)
+
+    def out_shape(self, shape: tuple[int, ...], name: str) -> tuple[int, ...]:
+        want = (len(self.indices),) + tuple(shape[1:])
+        if tuple(self.rows.shape) != want:
+            raise _mismatch(self.origin, f"{len(self.indices)} rows of {name}", self.rows.shape, want)
+        bad = [i for i in self.indices if not 0 <= i < shape[0]]
+        if bad:
+            raise LorafuseError(f"{self.origin}: token indices {bad[:5]} are outside {name}'s {shape[0]} rows")
+        return tuple(shape)
+
+    def apply(self, w: torch.Tensor) -> torch.Tensor:
+        index = torch.tensor(self.indices, device=w.device)
+        return w.index_copy_(0, index, _load(self.rows, w.device))
+
+
+Patch = Replace | LoRA | AddBias | ReplaceRows

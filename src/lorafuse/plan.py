@@ -1,0 +1,324 @@
+"""Decide everything before a byte is written: what each output tensor is, the shards, the costs.
+
+Planning reads headers only. Every check that can fail (unused adapter tensors, shape mismatches,
+unsupported variants, disk space) fails here, so a merge that starts is a merge that can finish.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from huggingface_hub import split_state_dict_into_shards_factory
+
+from .adapters.peft import Adapter, open_adapter, patches_by_tensor
+from .errors import LorafuseError
+from .formats.safetensors import FLOAT_DTYPES, TensorSlot, dtype_size, layout
+from .patches import Patch, Replace
+from .sources.local import Checkpoint, open_model
+
+DTYPE_NAMES = {"bf16": "BF16", "bfloat16": "BF16", "fp16": "F16", "float16": "F16", "fp32": "F32", "float32": "F32"}
+CONFIG_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
+CASTABLE = {"BF16", "F16", "F32"}
+HEAD = "lm_head.weight"
+EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight", "tok_embeddings.weight")
+PIPELINE_DEPTH = 2  # tensors in flight at once in the executor
+
+
+@dataclass(frozen=True)
+class TensorPlan:
+    """One output tensor: where it comes from, what changes it, and what it becomes."""
+
+    name: str
+    source: object  # TensorRef of the base tensor (for an untied head: the embedding's)
+    patches: tuple[Patch, ...]
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def is_copy(self) -> bool:
+        """Untouched and not cast: copied as raw bytes, never decoded."""
+        return not self.patches and self.dtype == self.source.dtype
+
+    @property
+    def work_bytes(self) -> int:
+        """Memory to produce this tensor: its source bytes, the fp32 value, the cast result, adapter tensors in fp32."""
+        if self.is_copy:
+            return 0
+        numel = max(math.prod(self.shape), self.source.numel)
+        adapter = sum(math.prod(r.shape) for p in self.patches for r in p.refs)
+        return self.source.nbytes + numel * (4 + dtype_size(self.dtype)) + 4 * adapter
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    filename: str
+    tensors: tuple[TensorPlan, ...]
+    header: bytes
+    slots: tuple[TensorSlot, ...]
+
+    @property
+    def size(self) -> int:
+        return len(self.header) + sum(s.nbytes for s in self.slots)
+
+
+@dataclass
+class Plan:
+    """A merge, decided: a plain value that `lorafuse plan` prints and the executor carries out."""
+
+    base: Checkpoint
+    adapter: Adapter
+    out: Path | None
+    dtype: str
+    shards: list[ShardPlan]
+    config: dict  # the output config.json
+    counts: dict[str, int]  # patch label -> number of patches
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def tensors(self) -> list[TensorPlan]:
+        return [t for s in self.shards for t in s.tensors]
+
+    @property
+    def total_size(self) -> int:
+        """Bytes of tensor data, as metadata.total_size in the index."""
+        return sum(s.size - len(s.header) for s in self.shards)
+
+    @property
+    def output_bytes(self) -> int:
+        return sum(s.size for s in self.shards)
+
+    @property
+    def peak_memory(self) -> int:
+        """Working memory beyond the interpreter: the largest tensors in flight at once."""
+        work = sorted((t.work_bytes for t in self.tensors), reverse=True)
+        return sum(work[:PIPELINE_DEPTH])
+
+    @property
+    def disk_free(self) -> int | None:
+        if self.out is None:
+            return None
+        probe = self.out.absolute()
+        while not probe.exists():
+            probe = probe.parent
+        return shutil.disk_usage(probe).free
+
+    @property
+    def merged(self) -> list[TensorPlan]:
+        return [t for t in self.tensors if t.patches]
+
+
+def make_plan(base: str | os.PathLike, adapter: str | os.PathLike, out: str | os.PathLike | None = None, *,
+              dtype: str = "auto", max_shard_size: int | str = "5GB") -> Plan:
+    """Open base and adapter, match every adapter tensor, and lay out the output."""
+    out_dtype = _parse_dtype(dtype)
+    checkpoint = open_model(base)
+    adapter_obj = open_adapter(adapter)
+    out_path = Path(out) if out is not None else None
+    if out_path is not None:
+        _check_out(out_path, Path(base), Path(adapter))
+    patches = patches_by_tensor(adapter_obj)
+    config = dict(checkpoint.config)
+    notes: list[str] = []
+
+    names = _resolve_names(checkpoint, patches, adapter_obj)
+    sources = dict(checkpoint.tensors)
+    by_name = {names.get(k, k): v for k, v in patches.items()}
+    _untie(checkpoint, config, sources, by_name, notes)
+
+    tensors = []
+    for name, ref in sources.items():
+        chain = tuple(by_name.get(name, ()))
+        shape = tuple(ref.shape)
+        for patch in chain:
+            shape = patch.out_shape(shape, name)
+        if chain and ref.dtype not in FLOAT_DTYPES:
+            raise LorafuseError(f"base tensor {name} is {ref.dtype}; lorafuse merges into floating-point weights only")
+        target = out_dtype if (out_dtype and ref.dtype in CASTABLE) else ref.dtype
+        tensors.append(TensorPlan(name, ref, chain, target, shape))
+    _follow_vocab(tensors, config, notes)
+    if out_dtype:
+        for holder in _configs(config):
+            for key in ("dtype", "torch_dtype"):
+                if key in holder:
+                    holder[key] = CONFIG_DTYPES[out_dtype]
+        if not any(k in config for k in ("dtype", "torch_dtype")):
+            config["dtype"] = CONFIG_DTYPES[out_dtype]
+
+    shards = _shard(tensors, max_shard_size)
+    counts: dict[str, int] = {}
+    for t in tensors:
+        for p in t.patches:
+            counts[p.label] = counts.get(p.label, 0) + 1
+    base_name = adapter_obj.base_name
+    if base_name and Path(base_name).name != Path(base).name and base_name != str(base):
+        notes.append(f"the adapter was trained on {base_name}; merging into {base}")
+    return Plan(checkpoint, adapter_obj, out_path, out_dtype or "auto", shards, config, counts, notes)
+
+
+def _parse_dtype(dtype: str) -> str | None:
+    if dtype == "auto":
+        return None
+    if dtype.lower() not in DTYPE_NAMES:
+        raise LorafuseError(f"--dtype {dtype!r} is not one of auto, bf16, fp16, fp32")
+    return DTYPE_NAMES[dtype.lower()]
+
+
+def _check_out(out: Path, base: Path, adapter: Path) -> None:
+    """OUT must not be, contain or lie inside an input: writing or replacing it would destroy that input."""
+    o = out.resolve()
+    for what, p in (("base model", base.resolve()), ("adapter", adapter.resolve())):
+        if o == p or p in o.parents or o in p.parents:
+            raise LorafuseError(f"output folder {out} overlaps the {what} folder {p}; choose an output folder elsewhere")
+
+
+def _resolve_names(checkpoint: Checkpoint, patches: dict, adapter: Adapter) -> dict[str, str]:
+    """Map model-side tensor names (as PEFT sees modules) to checkpoint names.
+
+    Usually they are equal. Some checkpoints omit the model's base prefix (`h.0...` for
+    GPT2LMHeadModel's `transformer.h.0...`): then one leading component is dropped, for all names.
+    Anything still unmatched is an error that names it: a delta is never silently dropped.
+    """
+    names = set(checkpoint.tensors)
+    mapping = {}
+    missing = []
+    for target in patches:
+        if target in names or target == HEAD:
+            mapping[target] = target
+            continue
+        head, _, rest = target.partition(".")
+        if rest in names:
+            mapping[target] = rest
+        else:
+            missing.append(target)
+    unused = list(adapter.unused)
+    for target in missing:
+        unused.extend(o for p in patches[target] for o in p.origins)
+    if unused:
+        shown = ", ".join(unused[:4]) + (f" and {len(unused) - 4} more" if len(unused) > 4 else "")
+        raise LorafuseError(
+            f"{len(unused)} adapter tensor(s) match nothing in the base model: {shown}; "
+            "was the adapter trained on a different base model or architecture?"
+        )
+    return mapping
+
+
+def _configs(config: dict) -> list[dict]:
+    """The config and its nested text/LLM configs (multimodal models keep vocab and tying there)."""
+    found = [config]
+    for key in ("text_config", "llm_config", "language_config"):
+        if isinstance(config.get(key), dict):
+            found.append(config[key])
+    return found
+
+
+def _tie_flag(config: dict) -> bool:
+    for holder in _configs(config):
+        if "tie_word_embeddings" in holder:
+            return bool(holder["tie_word_embeddings"])
+    return True  # transformers' PretrainedConfig default
+
+
+def _set_tie(config: dict, value: bool) -> None:
+    for holder in _configs(config):
+        if "tie_word_embeddings" in holder or holder is config:
+            holder["tie_word_embeddings"] = value
+
+
+def _embedding_name(checkpoint: Checkpoint) -> str | None:
+    found = [n for n in checkpoint.tensors if n.endswith(EMBEDDING_SUFFIXES) and len(checkpoint.tensors[n].shape) == 2]
+    return min(found, key=len) if found else None
+
+
+def _untie(checkpoint: Checkpoint, config: dict, sources: dict, patches: dict, notes: list[str]) -> None:
+    """Give the output its own lm_head when the adapter makes it differ from the input embedding.
+
+    In a tied model the head *is* the embedding, so weights loaded into the embedding (a saved
+    base_layer.weight) reach the head too, while LoRA deltas, modules_to_save copies and trainable
+    token rows act on one module only (PEFT's unmerged forward).
+    """
+    embed = _embedding_name(checkpoint)
+    if HEAD in checkpoint.tensors or embed is None or not _tie_flag(config):
+        if HEAD in patches and HEAD not in checkpoint.tensors:
+            raise LorafuseError(f"the adapter changes {HEAD} but the base model has no such tensor")
+        return
+    shared = [p for p in patches.get(embed, ()) if isinstance(p, Replace) and p.origin.endswith(".base_layer.weight")]
+    head = shared + list(patches.get(HEAD, ()))
+    if head == list(patches.get(embed, ())):
+        patches.pop(HEAD, None)
+        return
+    sources[HEAD] = checkpoint.tensors[embed]
+    patches[HEAD] = head
+    _set_tie(config, False)
+    notes.append(f"the adapter makes {HEAD} differ from {embed}: the output gets its own {HEAD} and tie_word_embeddings=false")
+
+
+def _follow_vocab(tensors: list[TensorPlan], config: dict, notes: list[str]) -> None:
+    """After a vocabulary resize (a replaced embedding with more rows), vocab_size follows."""
+    rows = {t.shape[0] for t in tensors if t.name == HEAD or t.name.endswith(EMBEDDING_SUFFIXES)}
+    changed = [t for t in tensors if (t.name == HEAD or t.name.endswith(EMBEDDING_SUFFIXES)) and t.shape != tuple(t.source.shape)]
+    if not changed:
+        return
+    if len(rows) != 1:
+        raise LorafuseError(f"after the merge the embedding and the output head have different vocabulary sizes {sorted(rows)}; the adapter is inconsistent")
+    vocab = rows.pop()
+    for holder in _configs(config):
+        if "vocab_size" in holder:
+            holder["vocab_size"] = vocab
+    notes.append(f"the adapter resizes the vocabulary: vocab_size = {vocab}")
+
+
+def _shard(tensors: list[TensorPlan], max_shard_size: int | str) -> list[ShardPlan]:
+    """Split by size alone with huggingface_hub's own rule and names, then lay out each file."""
+    sizes = {t.name: math.prod(t.shape) * dtype_size(t.dtype) for t in tensors}
+    try:
+        split = split_state_dict_into_shards_factory(
+            sizes, get_storage_size=lambda n: n, filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_size
+        )
+    except ValueError:
+        raise LorafuseError(f"--max-shard-size {max_shard_size!r} is not a size like 5GB or 500MB") from None
+    by_name = {t.name: t for t in tensors}
+    shards = []
+    for filename, names in split.filename_to_tensors.items():
+        members = tuple(by_name[n] for n in names)
+        header, slots = layout([(t.name, t.dtype, t.shape) for t in members])
+        shards.append(ShardPlan(filename, members, header, tuple(slots)))
+    return shards
+
+
+
+def describe(plan: Plan, verbose: bool = False) -> list[str]:
+    """The plan as a person reads it: what is matched and how, what it costs."""
+    config = plan.adapter.config
+    variant = "DoRA" if config.get("use_dora") else "LoRA"
+    tensors = plan.tensors
+    copied = [t for t in tensors if t.is_copy]
+    how = ", ".join(f"{n} {label}" for label, n in sorted(plan.counts.items())) or "nothing"
+    lines = [
+        f"base     {plan.base.folder}  ({len(plan.base.tensors)} tensors, {_size(plan.base.total_bytes)} in {len(plan.base.weight_files)} file(s))",
+        f"adapter  {plan.adapter.folder}  ({variant} r={config.get('r')} alpha={config.get('lora_alpha')}"
+        f"{' rsLoRA' if config.get('use_rslora') else ''}, {len(plan.adapter.tensors)} tensors)",
+        f"changes  {len(plan.merged)} base tensors: {how}",
+        f"copies   {len(copied)} tensors as raw bytes ({_size(sum(t.source.nbytes for t in copied))})",
+        f"output   {len(plan.shards)} shard(s), {_size(plan.output_bytes)}, dtype {plan.dtype}"
+        + (f" -> {plan.out}" if plan.out else ""),
+        f"memory   about {_size(plan.peak_memory)} of tensors in flight at most (plus the Python runtime)",
+    ]
+    free = plan.disk_free
+    if free is not None:
+        lines.append(f"disk     needs {_size(plan.output_bytes)}, {_size(free)} free")
+    lines += [f"note     {n}" for n in plan.notes]
+    if verbose:
+        for t in plan.merged:
+            lines.append(f"  {t.name}: {' + '.join(p.label for p in t.patches)}")
+    return lines
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} B"

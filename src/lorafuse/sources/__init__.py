@@ -1,0 +1,1 @@
+"""Where a model comes from. Each source yields a Checkpoint: tensor references, config and files."""

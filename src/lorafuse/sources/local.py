@@ -1,0 +1,79 @@
+"""A Hugging Face model folder on the local disk: config.json plus model.safetensors or shards."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from ..errors import LorafuseError
+from ..formats.safetensors import TensorRef, read_header
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+
+
+@dataclass
+class Checkpoint:
+    folder: Path
+    config: dict
+    tensors: dict[str, TensorRef]  # in file order
+    weight_files: list[Path]
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+
+def open_model(folder: str | Path) -> Checkpoint:
+    """Read config.json and every safetensors header of a model folder; no tensor data is read."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise LorafuseError(f"base model folder {folder} does not exist")
+    config = read_json(folder / "config.json", "base model")
+    files = _weight_files(folder)
+    tensors: dict[str, TensorRef] = {}
+    for path in files:
+        for name, ref in read_header(path).tensors.items():
+            if name in tensors:
+                raise LorafuseError(f"tensor {name!r} appears in both {tensors[name].path.name} and {path.name}; the checkpoint is inconsistent")
+            tensors[name] = ref
+    if not tensors:
+        raise LorafuseError(f"{folder} holds no tensors")
+    return Checkpoint(folder, config, tensors, files)
+
+
+def read_json(path: Path, what: str) -> dict:
+    if not path.is_file():
+        raise LorafuseError(f"{what} folder {path.parent} has no {path.name}")
+    try:
+        value = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LorafuseError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise LorafuseError(f"{path} is not a JSON object")
+    return value
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    index = folder / INDEX
+    if index.is_file():
+        weight_map = read_json(index, "base model").get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise LorafuseError(f"{index} has no weight_map; re-save the model")
+        names = list(dict.fromkeys(weight_map.values()))
+        files = []
+        for name in names:
+            rel = PurePosixPath(str(name))
+            if rel.is_absolute() or ".." in rel.parts or not name:
+                raise LorafuseError(f"{index} names shard {name!r} outside the model folder; refusing to read it")
+            path = folder / rel
+            if not path.is_file():
+                raise LorafuseError(f"{index} names shard {name} but {path} is missing; download it again")
+            files.append(path)
+        return files
+    if (folder / SINGLE).is_file():
+        return [folder / SINGLE]
+    if any(folder.glob("*.bin")) or any(folder.glob("*.pth")):
+        raise LorafuseError(f"{folder} has only PyTorch pickle weights; convert the base to safetensors first (save_pretrained)")
+    raise LorafuseError(f"{folder} has neither {SINGLE} nor {INDEX}; pass a Hugging Face model folder")
