@@ -97,7 +97,7 @@ def _merge(args) -> int:
         nonlocal bar
         if show:
             print("\n".join(describe(the_plan)), file=sys.stderr)
-            bar = _progress(the_plan.output_bytes, len(the_plan.tensors))
+            bar = _progress(the_plan.total_size, len(the_plan.tensors))
 
     try:
         report = merge(args.base, args.adapter, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size,
@@ -121,7 +121,7 @@ class _progress:
     """A tqdm bar (bytes, tensors, rate, time left) on a terminal; a plain line every 10% otherwise."""
 
     def __init__(self, total: int, tensors: int) -> None:
-        self.total, self.tensors, self.done, self.count, self.next_line = total, tensors, 0, 0, 0.1
+        self.total, self.tensors, self.done, self.count, self.next_tenth = total, tensors, 0, 0, 1
         self.bar = None
         if sys.stderr.isatty():
             from tqdm import tqdm
@@ -134,10 +134,10 @@ class _progress:
         if self.bar is not None:
             self.bar.set_postfix_str(f"{self.count}/{self.tensors} tensors", refresh=False)
             self.bar.update(n)
-        elif self.total and self.done / self.total >= self.next_line:
+        elif self.total and self.done * 10 // self.total >= self.next_tenth:
             print(f"progress {self.done / self.total:4.0%}  {self.done / 1e9:.2f} / {self.total / 1e9:.2f} GB, "
                   f"{self.count}/{self.tensors} tensors", file=sys.stderr)
-            self.next_line += 0.1
+            self.next_tenth = self.done * 10 // self.total + 1
 
     def close(self) -> None:
         if self.bar is not None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -107,11 +108,15 @@ def open_adapter(folder: str | Path) -> Adapter:
 def _load_pickle(path: Path) -> dict:
     """Load a pickle checkpoint without ever running code from it (weights_only=True)."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises UnpicklingError and others for anything but plain tensors
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        found = re.search(r"Unsupported global: [^\n]*", str(e))
+        why = f" ({found.group(0).strip().rstrip('.')})" if found else ""
         raise LorafuseError(
-            f"{path} cannot be loaded safely (weights_only=True refused it: {first}); convert it to safetensors"
+            f"{path} cannot be loaded safely: it holds more than tensors{why}; only load it if you trust it, "
+            "and convert it to safetensors"
         ) from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise LorafuseError(f"{path} is not a plain mapping of tensor names to tensors")

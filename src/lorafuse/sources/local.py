@@ -31,7 +31,7 @@ def open_model(folder: str | Path) -> Checkpoint:
     if not folder.is_dir():
         raise LorafuseError(f"base model folder {folder} does not exist")
     config = read_json(folder / "config.json", "base model")
-    files = _weight_files(folder)
+    files, weight_map = _weight_files(folder)
     tensors: dict[str, TensorRef] = {}
     for path in files:
         for name, ref in read_header(path).tensors.items():
@@ -40,6 +40,9 @@ def open_model(folder: str | Path) -> Checkpoint:
             tensors[name] = ref
     if not tensors:
         raise LorafuseError(f"{folder} holds no tensors")
+    for name, file in weight_map.items():
+        if name not in tensors or tensors[name].path.name != PurePosixPath(file).name:
+            raise LorafuseError(f"{INDEX} places {name} in {file}, but that file does not hold it; re-download the model")
     return Checkpoint(folder, config, tensors, files)
 
 
@@ -55,7 +58,8 @@ def read_json(path: Path, what: str) -> dict:
     return value
 
 
-def _weight_files(folder: Path) -> list[Path]:
+def _weight_files(folder: Path) -> tuple[list[Path], dict[str, str]]:
+    """The weight files, and the index's tensor -> file map (empty for a single file)."""
     index = folder / INDEX
     if index.is_file():
         weight_map = read_json(index, "base model").get("weight_map")
@@ -71,9 +75,9 @@ def _weight_files(folder: Path) -> list[Path]:
             if not path.is_file():
                 raise LorafuseError(f"{index} names shard {name} but {path} is missing; download it again")
             files.append(path)
-        return files
+        return files, weight_map
     if (folder / SINGLE).is_file():
-        return [folder / SINGLE]
+        return [folder / SINGLE], {}
     if any(folder.glob("*.bin")) or any(folder.glob("*.pth")):
         raise LorafuseError(f"{folder} has only PyTorch pickle weights; convert the base to safetensors first (save_pretrained)")
     raise LorafuseError(f"{folder} has neither {SINGLE} nor {INDEX}; pass a Hugging Face model folder")

@@ -1,0 +1,153 @@
+"""The command line: plan output, reports, exit codes and one-line errors, as a user sees them."""
+
+import json
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import leftovers, make_adapter, read_tensors, same_bytes, tree_hash
+from lorafuse.cli import main
+
+
+@pytest.fixture(scope="module")
+def llama(tiny_base, artefacts):
+    from peft import LoraConfig
+
+    base = tiny_base("llama", "bf16")
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)
+    adapter = artefacts.get("cli-adapter", lambda d: make_adapter(base, d, config))
+    return base, adapter
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code, err, match):
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("lorafuse: error: ") and match in lines[0], err
+    assert "Traceback" not in err
+
+
+def test_plan_prints_matches_costs_and_writes_nothing(llama, tmp_path, capsys):
+    base, adapter = llama
+    code, out, _ = run(capsys, "plan", base, adapter, tmp_path / "out", "--verbose")
+    assert code == 0
+    assert "changes  6 base tensors: 6 lora" in out
+    assert "model.layers.1.mlp.down_proj.weight: lora" in out
+    assert "memory" in out and "disk     needs" in out
+    assert not (tmp_path / "out").exists()
+
+
+def test_plan_json(llama, capsys):
+    base, adapter = llama
+    code, out, _ = run(capsys, "plan", base, adapter, "--json")
+    plan = json.loads(out)
+    assert code == 0 and len(plan["changed"]) == 6 and plan["shards"][0]["file"] == "model.safetensors"
+
+
+def test_merge_json_report_and_plain_progress(llama, tmp_path, capsys):
+    base, adapter = llama
+    code, out, err = run(capsys, "merge", base, adapter, tmp_path / "out", "--json")
+    report = json.loads(out)
+    assert code == 0 and report["tensors_merged"] == 6 and report["tensors_copied"] > 0
+    assert report["bytes_written"] == sum(p.stat().st_size for p in (tmp_path / "out").glob("*.safetensors")) - _headers(tmp_path / "out")
+    code, _, err = run(capsys, "merge", base, adapter, tmp_path / "out2", "--max-shard-size", "20KB")
+    assert code == 0 and "progress 100%" in err and "done" in err  # not a terminal: plain lines
+    assert read_tensors(tmp_path / "out2").keys() == read_tensors(tmp_path / "out").keys()
+
+
+def _headers(folder: Path) -> int:
+    return sum(8 + int.from_bytes(p.read_bytes()[:8], "little") for p in folder.glob("*.safetensors"))
+
+
+@pytest.mark.parametrize("args, match", [
+    (("merge", "{base}", "{tmp}/missing", "{tmp}/out"), "does not exist"),
+    (("merge", "{base}", "{adapter}", "{tmp}/out", "--max-shard-size", "huge"), "is not a size"),
+    (("merge", "{base}", "{adapter}", "{tmp}/out", "--device", "cuda:0"), "cuda"),
+    (("merge", "{base}", "{adapter}", "{tmp}/nope/out"), "does not exist"),
+    (("merge", "{base}", "{adapter}", "{base}/out"), "overlaps the base model folder"),
+    (("plan", "{adapter}", "{adapter}"), "has no config.json"),
+])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(llama, tmp_path, capsys, args, match):
+    base, adapter = llama
+    if "cuda" in match and torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    before = tree_hash(base), tree_hash(adapter)
+    argv = [a.format(base=base, adapter=adapter, tmp=tmp_path) for a in args]
+    code, _, err = run(capsys, *argv)
+    assert_one_line_error(code, err, match)
+    assert not (tmp_path / "out").exists() and not leftovers(tmp_path)
+    assert (tree_hash(base), tree_hash(adapter)) == before
+
+
+def test_existing_output_needs_force(llama, tmp_path, capsys):
+    base, adapter = llama
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    code, _, err = run(capsys, "merge", base, adapter, out)
+    assert_one_line_error(code, err, "already exists")
+    assert (out / "keep.txt").read_text() == "mine"
+    code, _, _ = run(capsys, "merge", base, adapter, out, "--force", "--quiet")
+    assert code == 0 and not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
+    assert not leftovers(tmp_path)
+
+
+def test_refuses_to_start_without_disk_space(llama, tmp_path, capsys, monkeypatch):
+    import shutil
+
+    base, adapter = llama
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
+    code, _, err = run(capsys, "merge", base, adapter, tmp_path / "out")
+    assert_one_line_error(code, err, "free on the disk")
+    assert not (tmp_path / "out").exists() and not leftovers(tmp_path)
+
+
+def test_pickle_adapter_is_read_with_weights_only(llama, tmp_path, capsys):
+    """PEFT's adapter_model.bin (safe_serialization=False) merges exactly like the safetensors one."""
+    from peft import LoraConfig
+
+    base, _ = llama
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)
+    adapter = make_adapter(base, tmp_path / "bin-adapter", config, seed=5)
+    st = make_adapter(base, tmp_path / "st-adapter", config, seed=5)
+    from safetensors.torch import load_file
+
+    (adapter / "adapter_model.safetensors").unlink()
+    torch.save(load_file(st / "adapter_model.safetensors"), adapter / "adapter_model.bin")
+    assert run(capsys, "merge", base, adapter, tmp_path / "a", "--quiet")[0] == 0
+    assert run(capsys, "merge", base, st, tmp_path / "b", "--quiet")[0] == 0
+    a, b = read_tensors(tmp_path / "a"), read_tensors(tmp_path / "b")
+    assert all(same_bytes(a[k], b[k]) for k in b)
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (print, ("pickle code ran",))
+
+
+def test_pickle_with_code_is_refused(llama, tmp_path, capsys):
+    base, adapter = llama
+    evil = tmp_path / "evil"
+    evil.mkdir()
+    (evil / "adapter_config.json").write_text((adapter / "adapter_config.json").read_text())
+    with open(evil / "adapter_model.bin", "wb") as f:
+        pickle.dump({"x": _Exploit()}, f)
+    code, out, err = run(capsys, "merge", base, evil, tmp_path / "out")
+    assert_one_line_error(code, err, "cannot be loaded safely")
+    assert "pickle code ran" not in out + err
+
+
+def test_demo_runs_from_the_installed_command(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "lorafuse.cli", "demo"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "demo OK" in done.stdout
