@@ -134,7 +134,7 @@ class _progress:
         if self.bar is not None:
             self.bar.set_postfix_str(f"{self.count}/{self.tensors} tensors", refresh=False)
             self.bar.update(n)
-        elif self.total and self.done * 10 // self.total >= self.next_tenth:
+        elif self.total and self.done * 10 // self.total >= self.next_tenth and (self.done < self.total or self.count == self.tensors):
             print(f"progress {self.done / self.total:4.0%}  {self.done / 1e9:.2f} / {self.total / 1e9:.2f} GB, "
                   f"{self.count}/{self.tensors} tensors", file=sys.stderr)
             self.next_tenth = self.done * 10 // self.total + 1

@@ -221,6 +221,8 @@ def patches_by_tensor(adapter: Adapter) -> dict[str, list[Patch]]:
                     present = roles.get(a_role, roles.get(b_role))[0]
                     raise LorafuseError(f"adapter tensor {present} has no matching {'B' if a_role in roles else 'A'} matrix; the adapter file is incomplete")
                 (a_key, a_ref), (b_key, b_ref) = roles.pop(a_role), roles.pop(b_role)
+                if len(a_ref.shape) > 2 and a_ref.shape[0] == r and b_ref.shape[1] != r:
+                    raise LorafuseError(f"{a_key}: LoRA on a grouped convolution (groups > 1) cannot be merged by lorafuse yet")
                 if a_ref.shape[0] != r or b_ref.shape[1] != r:
                     raise LorafuseError(
                         f"adapter tensor {a_key}: rank {a_ref.shape[0]} (A) / {b_ref.shape[1]} (B) disagrees with r={r} "
