@@ -1,0 +1,307 @@
+"""Side-by-side benchmark: lorafuse vs PEFT vs a shard-at-a-time script vs plain cp.
+
+Each route runs in a fresh process (``routes.py``) so its peak RSS is its own;
+repeats go round-robin with a rotating order so no route always runs first on
+a warm (or cold) page cache. ``--sweep`` runs only lorafuse over model and
+shard sizes to show that its memory does not grow with either.
+
+    python benchmarks/bench_merge.py --size-gb 1 --repeats 3
+    python benchmarks/bench_merge.py --sweep
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata as md
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from routes import ROUTES  # noqa: E402  (torch-free import)
+from synth import DONE_MARKER  # noqa: E402
+
+PY = sys.executable
+RATIOS = [("lorafuse", "copy"), ("lorafuse", "peft"), ("lorafuse", "shard")]
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size-gb", type=float, default=1.0, help="base model size, 10^9 bytes")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--shard-size", default="5GB", help="max_shard_size of the base")
+    p.add_argument("--routes", default=None, help="comma-separated; default all (sweep: lorafuse)")
+    p.add_argument("--workdir", type=Path, default=Path.home() / ".cache" / "lorafuse-bench")
+    p.add_argument("--out", type=Path, default=HERE / "results")
+    p.add_argument("--sweep", action="store_true", help="lorafuse only, over sizes x shard sizes")
+    p.add_argument("--sweep-sizes", default="1,4", help="GB, comma-separated")
+    p.add_argument("--sweep-shards", default="500MB,5GB", help="comma-separated")
+    args = p.parse_args()
+    default = "lorafuse" if args.sweep else ",".join(ROUTES)
+    args.routes = [r.strip() for r in (args.routes or default).split(",") if r.strip()]
+    unknown = set(args.routes) - set(ROUTES)
+    if unknown:
+        p.error(f"unknown routes {sorted(unknown)}; choose from {sorted(ROUTES)}")
+    return args
+
+
+# ---------------------------------------------------------------- inputs
+
+
+def ensure_model(workdir: Path, size_gb: float, shard_size: str) -> Path:
+    """Build base + adapter once per (size, shard size); later runs reuse them."""
+    dest = workdir / "models" / f"llama-{size_gb:g}gb-{shard_size.lower()}"
+    if not (dest / DONE_MARKER).exists():
+        print(f"building synthetic base ({size_gb:g} GB, shards {shard_size}) in {dest} ...", flush=True)
+        t0 = time.perf_counter()
+        cmd = [PY, str(HERE / "synth.py"), str(dest), "--size-gb", str(size_gb), "--shard-size", shard_size]
+        subprocess.run(cmd, check=True)
+        print(f"  built in {time.perf_counter() - t0:.1f} s", flush=True)
+    return dest
+
+
+def folder_bytes(path: Path, suffix: str = "") -> int:
+    return sum(f.stat().st_size for f in path.rglob(f"*{suffix}") if f.is_file())
+
+
+def model_info(model_dir: Path) -> dict:
+    meta = json.loads((model_dir / DONE_MARKER).read_text())
+    base = model_dir / "base"
+    meta["base_bytes"] = folder_bytes(base, ".safetensors")
+    meta["shards"] = len(list(base.glob("*.safetensors")))
+    meta["adapter_bytes"] = folder_bytes(model_dir / "adapter", ".safetensors")
+    return meta
+
+
+# ---------------------------------------------------------------- running
+
+
+def clear(path: Path) -> None:
+    """Remove a previous output and flush, so its writeback is not billed to the next run."""
+    shutil.rmtree(path, ignore_errors=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.sync()
+
+
+def run_once(route: str, model_dir: Path, out: Path) -> dict:
+    """One route in a fresh process; wall time seen from outside, RSS from inside."""
+    clear(out)
+    cmd = [PY, str(HERE / "routes.py"), route, str(model_dir / "base"), str(model_dir / "adapter"), str(out)]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    seconds = time.perf_counter() - t0
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        raise RuntimeError(f"exit {proc.returncode}: " + " | ".join(tail))
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    sample = {"seconds": seconds, "peak_rss_mb": result["peak_rss_mb"], "out_bytes": folder_bytes(out)}
+    clear(out)
+    return sample
+
+
+def run_round_robin(jobs: dict[str, tuple[str, Path]], repeats: int, workdir: Path) -> tuple[dict, dict]:
+    """Run every job ``repeats`` times, rotating the order each round.
+
+    ``jobs`` maps a label to (route, model_dir). A job that fails is reported
+    once and dropped (e.g. lorafuse before its CLI exists).
+    """
+    samples: dict[str, list] = {label: [] for label in jobs}
+    skipped: dict[str, str] = {}
+    labels = list(jobs)
+    for rep in range(repeats):
+        k = rep % len(labels)
+        for label in labels[k:] + labels[:k]:
+            if label in skipped:
+                continue
+            route, model_dir = jobs[label]
+            try:
+                s = run_once(route, model_dir, workdir / "out" / route)
+            except RuntimeError as err:
+                skipped[label] = str(err)
+                print(f"  [{rep + 1}/{repeats}] {label}: SKIPPED ({err})", flush=True)
+                continue
+            samples[label].append(s)
+            print(f"  [{rep + 1}/{repeats}] {label:<24} {s['seconds']:7.2f} s  {s['peak_rss_mb']:8.0f} MB", flush=True)
+    return samples, skipped
+
+
+# ---------------------------------------------------------------- reporting
+
+
+def summarise(samples: dict[str, list]) -> list[dict]:
+    rows = []
+    for label, runs in samples.items():
+        if not runs:
+            continue
+        secs = [r["seconds"] for r in runs]
+        rows.append({
+            "label": label, "runs": len(runs), "median_s": statistics.median(secs),
+            "min_s": min(secs), "max_s": max(secs),
+            "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
+            "out_gb": runs[-1]["out_bytes"] / 1e9,
+        })
+    return rows
+
+
+def results_table(rows: list[dict], skipped: dict[str, str], key: str = "Route") -> str:
+    lines = [f"| {key} | wall median (s) | wall min–max (s) | peak RSS (MB) | output (GB) | runs |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['label']} | {r['median_s']:.2f} | {r['min_s']:.2f}–{r['max_s']:.2f} "
+                     f"| {r['peak_rss_mb']:.0f} | {r['out_gb']:.2f} | {r['runs']} |")
+    for label, why in skipped.items():
+        lines.append(f"| {label} | skipped | | | | 0 |")
+    notes = [f"- `{label}` skipped: {why}" for label, why in skipped.items()]
+    return "\n".join(lines + ([""] + notes if notes else []))
+
+
+def ratios_table(rows: list[dict]) -> str:
+    by = {r["label"]: r for r in rows}
+    lines = ["| Ratio | wall time (median) | peak RSS |", "|---|---:|---:|"]
+    for a, b in RATIOS:
+        if a in by and b in by:
+            t = by[a]["median_s"] / by[b]["median_s"]
+            m = by[a]["peak_rss_mb"] / by[b]["peak_rss_mb"]
+            lines.append(f"| {a} / {b} | {t:.2f}× | {m:.2f}× |")
+        else:
+            lines.append(f"| {a} / {b} | n/a | n/a |")
+    return "\n".join(lines)
+
+
+def first_line(path: str, prefix: str) -> str:
+    try:
+        for line in Path(path).read_text().splitlines():
+            if line.startswith(prefix):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
+def version(pkg: str) -> str:
+    try:
+        return md.version(pkg)
+    except md.PackageNotFoundError:
+        return "not installed"
+
+
+def machine_info() -> dict:
+    ram_kib = first_line("/proc/meminfo", "MemTotal").split()[0]
+    return {
+        "CPU": first_line("/proc/cpuinfo", "model name") if Path("/proc/cpuinfo").exists() else platform.processor(),
+        "cores": os.cpu_count(),
+        "RAM": f"{int(ram_kib) / 2**20:.1f} GiB" if ram_kib.isdigit() else "unknown",
+        "OS": platform.platform(),
+        "python": platform.python_version(),
+        **{pkg: version(pkg) for pkg in ("torch", "transformers", "peft", "safetensors", "lorafuse")},
+    }
+
+
+def model_line(info: dict) -> str:
+    return (f"{info['base_bytes'] / 1e9:.2f} GB bf16 in {info['shards']} shard(s) "
+            f"(max {info['shard_size']}), {info['layers']} layers, hidden {info['hidden']}, "
+            f"intermediate {info['intermediate']}, vocab {info['vocab']}; "
+            f"LoRA r=16 alpha=32 on q,k,v,o,gate,up,down ({info['adapter_bytes'] / 1e6:.1f} MB)")
+
+
+def header(title: str, args: argparse.Namespace) -> str:
+    """Context a reader needs to trust the numbers, including how busy the box was."""
+    info = "\n".join(f"- {k}: {v}" for k, v in machine_info().items())
+    load = f"{args.load_start:.2f} at start, {os.getloadavg()[0]:.2f} at end"
+    return (f"# {title}\n\n{datetime.now():%Y-%m-%d %H:%M:%S}, {args.repeats} repeat(s), "
+            f"benchmark total {time.perf_counter() - args.t0:.0f} s. Warm page cache, routes "
+            f"round-robin; each route ends with its output synced to disk.\n\n## Machine\n\n"
+            f"{info}\n- load average (1 min): {load}\n")
+
+
+def plot(rows: list[dict], title: str, path: Path) -> None:
+    """Wall time (median, min–max whiskers) and peak RSS, side by side."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [r["label"] for r in rows]
+    med = [r["median_s"] for r in rows]
+    err = [[m - r["min_s"] for m, r in zip(med, rows)], [r["max_s"] - m for m, r in zip(med, rows)]]
+    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4.2))
+    ax_t.bar(labels, med, yerr=err, capsize=4, color="tab:blue")
+    for x, r in enumerate(rows):  # above the whisker, not on it
+        ax_t.annotate(f"{r['median_s']:.1f} s", (x, r["max_s"]), xytext=(0, 3),
+                      textcoords="offset points", ha="center", va="bottom")
+    ax_t.set_ylabel("wall time (s), median, min–max")
+    bars = ax_m.bar(labels, [r["peak_rss_mb"] for r in rows], color="tab:orange")
+    ax_m.bar_label(bars, fmt="%.0f MB", padding=2)
+    ax_m.set_ylabel("peak RSS (MB)")
+    for ax in (ax_t, ax_m):
+        ax.margins(y=0.12)
+        ax.tick_params(axis="x", rotation=20)
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(out_dir: Path, stem: str, markdown: str, rows: list[dict], title: str, raw: dict) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    png = out_dir / f"{stem}.png"
+    if rows:
+        plot(rows, title, png)
+        markdown += f"\n![chart]({png.name})\n"
+    (out_dir / f"{stem}.md").write_text(markdown)
+    (out_dir / f"{stem}.json").write_text(json.dumps(raw, indent=1))
+    print("\n" + markdown)
+    print(f"wrote {out_dir / stem}.md, .png, .json")
+
+
+# ---------------------------------------------------------------- modes
+
+
+def compare(args: argparse.Namespace, stem: str) -> None:
+    model_dir = ensure_model(args.workdir, args.size_gb, args.shard_size)
+    info = model_info(model_dir)
+    jobs = {route: (route, model_dir) for route in args.routes}
+    samples, skipped = run_round_robin(jobs, args.repeats, args.workdir)
+    rows = summarise(samples)
+    md_text = (header("lorafuse merge benchmark", args)
+               + f"- base: {model_line(info)}\n\n## Results\n\n{results_table(rows, skipped)}\n\n"
+               + f"## Ratios\n\n{ratios_table(rows)}\n")
+    raw = {"model": info, "samples": samples, "skipped": skipped, "machine": machine_info()}
+    write_report(args.out, stem, md_text, rows, f"merge of a {info['base_bytes'] / 1e9:.1f} GB base", raw)
+
+
+def sweep(args: argparse.Namespace, stem: str) -> None:
+    """Routes (default lorafuse) over model size x shard size: memory should stay flat."""
+    sizes = [float(s) for s in args.sweep_sizes.split(",")]
+    shards = [s.strip() for s in args.sweep_shards.split(",")]
+    jobs = {f"{route} {size:g} GB / {shard}": (route, ensure_model(args.workdir, size, shard))
+            for route in args.routes for size in sizes for shard in shards}
+    samples, skipped = run_round_robin(jobs, args.repeats, args.workdir)
+    rows = summarise(samples)
+    models = "\n".join(f"- {label}: {model_line(model_info(d))}" for label, (_, d) in jobs.items())
+    names = ", ".join(args.routes)
+    md_text = (header(f"{names} memory sweep", args)
+               + f"\n## Inputs\n\n{models}\n\n## Results\n\n"
+               + f"{results_table(rows, skipped, key='Route, base / max shard size')}\n")
+    raw = {"routes": args.routes, "samples": samples, "skipped": skipped, "machine": machine_info()}
+    write_report(args.out, stem, md_text, rows, f"{names}: peak RSS vs model and shard size", raw)
+
+
+def main() -> None:
+    args = parse_args()
+    args.t0, args.load_start = time.perf_counter(), os.getloadavg()[0]
+    stem = datetime.now().strftime("%Y%m%d-%H%M%S") + ("-sweep" if args.sweep else "")
+    (sweep if args.sweep else compare)(args, stem)
+    print(f"total benchmark time: {time.perf_counter() - args.t0:.1f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,116 @@
+"""The merge routes under comparison, one per fresh process.
+
+``python routes.py ROUTE BASE ADAPTER OUT`` runs one route to completion (data
+synced to disk) and prints ``{"peak_rss_mb": ...}`` as its last stdout line.
+Running each route in its own process is what makes ``ru_maxrss`` a per-route
+number; routes that shell out to a command report the command's peak instead
+of this (tiny, torch-free) wrapper's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+SAFETENSORS_META = {"format": "pt"}
+
+
+def run_command(argv: list[str]) -> str:
+    """Run an external command and measure it rather than us; fail with its own error last."""
+    try:
+        code = subprocess.run(argv).returncode
+    except FileNotFoundError:
+        sys.exit(f"{argv[0]}: command not found")
+    if code != 0:
+        sys.exit(f"{Path(argv[0]).name} exited with status {code}")
+    os.sync()
+    return "children"
+
+
+def lorafuse_cli() -> str:
+    """The ``lorafuse`` console script from the same venv as this interpreter."""
+    local = Path(sys.executable).with_name("lorafuse")
+    return str(local) if local.exists() else (shutil.which("lorafuse") or "lorafuse")
+
+
+def route_lorafuse(base: Path, adapter: Path, out: Path) -> str:
+    return run_command([lorafuse_cli(), "merge", str(base), str(adapter), str(out), "--quiet"])
+
+
+def route_copy(base: Path, adapter: Path, out: Path) -> str:
+    """Lower bound: the same bytes, read and written, with no maths."""
+    return run_command(["cp", "-r", str(base), str(out)])
+
+
+def route_peft(base: Path, adapter: Path, out: Path) -> str:
+    """What most people run: load everything, merge in memory, save."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.bfloat16)
+    model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+    model.save_pretrained(str(out))
+    os.sync()
+    return "self"
+
+
+def lora_scale(adapter: Path) -> float:
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    rank, alpha = config["r"], config["lora_alpha"]
+    return alpha / rank**0.5 if config.get("use_rslora") else alpha / rank
+
+
+def lora_pairs(adapter: Path) -> dict[str, tuple]:
+    """Base weight name -> (A, B) from a PEFT adapter file."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(adapter / "adapter_model.safetensors"))
+    pairs = {}
+    for key, a in tensors.items():
+        if ".lora_A." in key:
+            target = key.removeprefix("base_model.model.").replace(".lora_A.", ".")
+            pairs[target] = (a, tensors[key.replace(".lora_A.", ".lora_B.")])
+    return pairs
+
+
+def route_shard(base: Path, adapter: Path, out: Path) -> str:
+    """Hand-rolled script: whole shard in memory, fp32 delta, cast back."""
+    from safetensors.torch import load_file, save_file
+
+    scale, pairs = lora_scale(adapter), lora_pairs(adapter)
+    out.mkdir(parents=True)
+    for item in base.iterdir():
+        if item.suffix != ".safetensors":
+            shutil.copy2(item, out / item.name)
+            continue
+        shard = load_file(str(item))
+        for name, weight in shard.items():
+            if name in pairs:
+                a, b = pairs[name]
+                merged = weight.float() + scale * (b.float() @ a.float())
+                shard[name] = merged.to(weight.dtype)
+        save_file(shard, str(out / item.name), metadata=SAFETENSORS_META)
+        del shard
+    os.sync()
+    return "self"
+
+
+ROUTES = {"lorafuse": route_lorafuse, "peft": route_peft, "shard": route_shard, "copy": route_copy}
+
+
+def main() -> None:
+    name, base, adapter, out = sys.argv[1], *map(Path, sys.argv[2:5])
+    who = ROUTES[name](base, adapter, out)
+    scope = resource.RUSAGE_CHILDREN if who == "children" else resource.RUSAGE_SELF
+    peak_kib = resource.getrusage(scope).ru_maxrss  # KiB on Linux
+    print(json.dumps({"route": name, "peak_rss_mb": peak_kib / 1024}))
+
+
+if __name__ == "__main__":
+    main()

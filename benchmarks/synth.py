@@ -1,0 +1,120 @@
+"""Build a synthetic Llama-shaped bf16 base model and a PEFT LoRA adapter for it.
+
+Run as a script (``python synth.py DEST --size-gb 1 --shard-size 5GB``) so the
+benchmark driver never holds the model in its own memory. Both folders are
+written by the real libraries (``save_pretrained``), so every route reads
+exactly what it would read from the Hub.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import warnings
+from pathlib import Path
+
+HIDDEN = 2048
+INTERMEDIATE = 5632
+VOCAB = 32000
+HEADS = 32
+KV_HEADS = 4  # TinyLlama-style GQA
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+DONE_MARKER = ".complete"
+
+
+def layer_params() -> int:
+    """Parameters in one decoder layer, to size the model without building it."""
+    head_dim = HIDDEN // HEADS
+    attn = 2 * HIDDEN * HIDDEN + 2 * HIDDEN * KV_HEADS * head_dim
+    mlp = 3 * HIDDEN * INTERMEDIATE
+    return attn + mlp + 2 * HIDDEN
+
+
+def layers_for(size_gb: float) -> int:
+    """Decoder layers needed for a bf16 model of about ``size_gb`` (10^9 bytes)."""
+    fixed = 2 * VOCAB * HIDDEN + HIDDEN  # embed + untied lm_head + final norm
+    budget = size_gb * 1e9 / 2 - fixed
+    return max(1, round(budget / layer_params()))
+
+
+def llama_config(layers: int):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        hidden_size=HIDDEN,
+        intermediate_size=INTERMEDIATE,
+        vocab_size=VOCAB,
+        num_hidden_layers=layers,
+        num_attention_heads=HEADS,
+        num_key_value_heads=KV_HEADS,
+        tie_word_embeddings=False,
+        dtype="bfloat16",
+    )
+
+
+def random_model(layers: int):
+    """Build on 'meta', allocate uninitialised bf16, then fill in place.
+
+    ``nn.init`` on a multi-GB model takes minutes and an fp32 build would
+    double the RAM; this costs only the bf16 model itself plus a few seconds.
+    """
+    import torch
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(llama_config(layers))
+    model = model.to(torch.bfloat16).to_empty(device="cpu")  # rotary buffers unset: never saved
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.fill_(1.0)
+            else:
+                param.normal_(0.0, 0.02)
+    return model.eval()
+
+
+def save_adapter(model, adapter_dir: Path) -> None:
+    """Wrap the in-memory base with random LoRA weights and save only the adapter."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=16,
+        lora_alpha=32,
+        target_modules=LORA_TARGETS,
+        init_lora_weights=False,  # random B too, so the merge is not a no-op
+        task_type="CAUSAL_LM",
+    )
+    get_peft_model(model, config).save_pretrained(str(adapter_dir))
+
+
+def build(dest: Path, size_gb: float, shard_size: str) -> None:
+    """Write ``dest/base`` and ``dest/adapter``; atomic via a temp folder + rename."""
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    layers = layers_for(size_gb)
+    model = random_model(layers)
+    model.config._name_or_path = str(dest / "base")  # recorded in adapter_config.json
+    model.save_pretrained(str(tmp / "base"), max_shard_size=shard_size)
+    save_adapter(model, tmp / "adapter")
+    meta = {"size_gb": size_gb, "shard_size": shard_size, "layers": layers, "hidden": HIDDEN,
+            "intermediate": INTERMEDIATE, "vocab": VOCAB}
+    (tmp / DONE_MARKER).write_text(json.dumps(meta))
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("dest", type=Path)
+    parser.add_argument("--size-gb", type=float, default=1.0)
+    parser.add_argument("--shard-size", default="5GB")
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation chatter
+    build(args.dest, args.size_gb, args.shard_size)
+
+
+if __name__ == "__main__":
+    main()
