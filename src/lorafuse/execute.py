@@ -2,20 +2,23 @@
 
 Every output offset is known from the plan, so tensors are written with positioned writes in any
 order by a small pool of threads (file I/O and torch kernels release the GIL): reading one tensor
-overlaps computing and writing another, and at most PIPELINE_DEPTH tensors are in memory at once.
-Untouched tensors are copied file to file inside the kernel (copy_file_range), never decoded.
+overlaps computing and writing another, and at most PIPELINE_DEPTH tensors are in memory at once,
+each in buffers its thread reuses. Untouched tensors are copied file to file inside the kernel
+(copy_file_range), never decoded. Written ranges are handed to the disk at once (sync_file_range),
+so writeback overlaps the work instead of all waiting for the final fsync.
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import math
 import os
+import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from threading import Lock
 from typing import Callable
 
 import torch
@@ -41,7 +44,7 @@ class _Files:
 
     def __init__(self) -> None:
         self._fds: dict[Path, int] = {}
-        self._lock = Lock()
+        self._lock = threading.Lock()
 
     def fd(self, path: Path) -> int:
         with self._lock:
@@ -54,20 +57,43 @@ class _Files:
             os.close(fd)
 
 
+class _Buffers(threading.local):
+    """One thread's reusable byte buffers, grown to the largest tensor it has handled.
+
+    Reusing them avoids allocating (and page-faulting in) fresh memory for every tensor, and keeps the
+    process's resident memory at a few largest tensors however many tensors pass through.
+    """
+
+    def __init__(self) -> None:
+        self.pool: dict[str, torch.Tensor] = {}
+
+    def get(self, role: str, nbytes: int) -> torch.Tensor:
+        buf = self.pool.get(role)
+        if buf is None or buf.numel() < nbytes:
+            self.pool[role] = buf = torch.empty(nbytes, dtype=torch.uint8)
+        return buf[:nbytes]
+
+
 def write_shards(plan: Plan, folder: Path, device: torch.device, on_progress: Callable[[int], None] | None = None) -> Counters:
     """Write every shard of the plan into `folder`; returns what was done."""
     counters = Counters()
-    lock = Lock()
+    lock = threading.Lock()
     sources = _Files()
+    buffers = _Buffers()
     outputs = []
 
     def job(fd: int, slot: TensorSlot, tensor: TensorPlan) -> None:
+        src = sources.fd(tensor.source.path)
         if tensor.is_copy:
-            _copy(sources.fd(tensor.source.path), tensor.source.offset, fd, slot.offset, slot.nbytes)
+            _copy(src, tensor.source.offset, fd, slot.offset, slot.nbytes)
             kind = "tensors_copied"
         else:
-            _write(fd, _produce(tensor, device), slot.offset)
+            raw = buffers.get("in", tensor.source.nbytes)
+            _read_exact(src, raw, tensor.source.offset)
+            out = _produce(tensor, raw, buffers, device)
+            _write_bytes(fd, memoryview(out.numpy()), slot.offset)
             kind = "tensors_merged" if tensor.patches else "tensors_cast"
+        _start_writeback(fd, slot.offset, slot.nbytes)
         with lock:
             setattr(counters, kind, getattr(counters, kind) + 1)
             counters.bytes_read += tensor.source.nbytes
@@ -111,33 +137,50 @@ def _run_bounded(job: Callable, jobs: list[tuple]) -> None:
             raise
 
 
-def _produce(tensor: TensorPlan, device: torch.device) -> torch.Tensor:
-    """The output value of one tensor: base read, patched in fp32, rounded once to the output dtype."""
-    value = tensor.source.read()
+def _produce(tensor: TensorPlan, raw: torch.Tensor, buffers: _Buffers, device: torch.device) -> torch.Tensor:
+    """The output bytes of one tensor: the base value patched in fp32 and rounded once to the output dtype."""
+    source = raw.view(torch_dtype(tensor.source.dtype)).view(tensor.source.shape)
     out_dtype = torch_dtype(tensor.dtype)
+    value = source
     if tensor.patches:
-        value = value.to(device=device, dtype=torch.float32)
+        if device.type == "cpu" and source.dtype == torch.float32:
+            value = source  # patch the read buffer in place
+        elif device.type == "cpu":
+            value = buffers.get("fp32", source.numel() * 4).view(torch.float32).view(source.shape).copy_(source)
+        else:
+            value = source.to(device=device, dtype=torch.float32)
         for patch in tensor.patches:
             value = patch.apply(value)
         if not _all_finite(value):
             origins = ", ".join(o for p in tensor.patches for o in p.origins)
             raise LorafuseError(f"merging {tensor.name} gives NaN or Inf values; the adapter tensors ({origins}) are broken")
-    result = value.to(out_dtype)
-    if out_dtype == torch.float16 and not _all_finite(result) and _all_finite(value):
+    if value.dtype == out_dtype and value.device.type == "cpu":
+        out = value
+    else:
+        nbytes = value.numel() * torch.empty(0, dtype=out_dtype).element_size()
+        out = buffers.get("out", nbytes).view(out_dtype).view(value.shape).copy_(value)
+    if out_dtype == torch.float16 and not _all_finite(out) and _all_finite(value):
         raise LorafuseError(f"{tensor.name} overflows {tensor.dtype} (values up to {value.abs().max().item():.3g}); use --dtype bf16 or fp32")
-    return result.cpu().contiguous()
+    return out.reshape(-1).view(torch.uint8)
 
 
 def _all_finite(t: torch.Tensor) -> bool:
     """A NaN or Inf anywhere makes the fp32 sum non-finite: one fast reduction instead of a mask.
     Only a sum that overflows from finite values (beyond 3e38) takes the exact path."""
+    if not t.is_floating_point():
+        return True
     total = t.sum(dtype=torch.float32).item()
     return math.isfinite(total) or bool(torch.isfinite(t).all())
 
 
-def _write(fd: int, tensor: torch.Tensor, offset: int) -> None:
-    if tensor.numel():
-        _write_bytes(fd, memoryview(tensor.reshape(-1).view(torch.uint8).numpy()), offset)
+def _read_exact(fd: int, buf: torch.Tensor, offset: int) -> None:
+    view = memoryview(buf.numpy())
+    done = 0
+    while done < len(view):
+        got = os.preadv(fd, [view[done:]], offset + done)
+        if got <= 0:
+            raise LorafuseError("a base file is shorter than its header says (truncated?); re-download it")
+        done += got
 
 
 def _write_bytes(fd: int, data: memoryview, offset: int) -> None:
@@ -165,6 +208,25 @@ def _copy(src: int, src_offset: int, dst: int, dst_offset: int, count: int) -> N
             raise LorafuseError("a base file is shorter than its header says (truncated?); re-download it")
         _write_bytes(dst, memoryview(chunk), dst_offset + done)
         done += len(chunk)
+
+
+def _libc_sync_file_range():
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (AttributeError, OSError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    return fn
+
+
+_SYNC_FILE_RANGE = _libc_sync_file_range()
+SYNC_FILE_RANGE_WRITE = 2  # start writeback of dirty pages in the range, do not wait
+
+
+def _start_writeback(fd: int, offset: int, nbytes: int) -> None:
+    """Start writing a finished range to disk now (Linux); elsewhere the final fsync does it all."""
+    if _SYNC_FILE_RANGE is not None and nbytes:
+        _SYNC_FILE_RANGE(fd, offset, nbytes, SYNC_FILE_RANGE_WRITE)
 
 
 def _disk_error(e: OSError, folder: Path) -> LorafuseError:
