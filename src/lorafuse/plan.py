@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from huggingface_hub import split_state_dict_into_shards_factory
@@ -17,13 +17,14 @@ from huggingface_hub import split_state_dict_into_shards_factory
 from .adapters.peft import Adapter, open_adapter, patches_by_tensor
 from .errors import LorafuseError
 from .formats.safetensors import FLOAT_DTYPES, TensorSlot, dtype_size, layout
-from .patches import Patch, Replace
+from .patches import LoRA, Patch, Replace, ReplaceRows
 from .sources.local import Checkpoint, open_model
 
 DTYPE_NAMES = {"bf16": "BF16", "bfloat16": "BF16", "fp16": "F16", "float16": "F16", "fp32": "F32", "float32": "F32"}
 CONFIG_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
 CASTABLE = {"BF16", "F16", "F32"}
 HEAD = "lm_head.weight"
+CONV1D_MODEL_TYPES = {"gpt2", "openai-gpt", "imagegpt", "decision_transformer"}
 EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight", "tok_embeddings.weight")
 PIPELINE_DEPTH = 2  # tensors in flight at once in the executor
 
@@ -126,7 +127,7 @@ def make_plan(base: str | os.PathLike, adapter: str | os.PathLike, out: str | os
 
     names = _resolve_names(checkpoint, patches, adapter_obj)
     sources = dict(checkpoint.tensors)
-    by_name = {names.get(k, k): v for k, v in patches.items()}
+    by_name = {names.get(k, k): [_orient(p, k, config) for p in v] for k, v in patches.items()}
     _untie(checkpoint, config, sources, by_name, notes)
 
     tensors = []
@@ -206,6 +207,20 @@ def _resolve_names(checkpoint: Checkpoint, patches: dict, adapter: Adapter) -> d
     return mapping
 
 
+def _orient(patch: Patch, target: str, config: dict) -> Patch:
+    """Whether a linear LoRA's weight is stored in×out (a transformers Conv1D).
+
+    Shapes decide for non-square weights; for square ones the saved fan_in_fan_out cannot be trusted,
+    since PEFT flips it per layer and saves whichever layer came last. Models built from Conv1D use it
+    for every projection in their blocks, and a plain Linear for the head.
+    """
+    if not isinstance(patch, LoRA) or patch.kind != "linear":
+        return patch
+    if config.get("model_type") in CONV1D_MODEL_TYPES:
+        return replace(patch, fan_in_fan_out=not target.startswith(HEAD.split(".")[0]))
+    return patch
+
+
 def _configs(config: dict) -> list[dict]:
     """The config and its nested text/LLM configs (multimodal models keep vocab and tying there)."""
     found = [config]
@@ -237,16 +252,18 @@ def _untie(checkpoint: Checkpoint, config: dict, sources: dict, patches: dict, n
     """Give the output its own lm_head when the adapter makes it differ from the input embedding.
 
     In a tied model the head *is* the embedding, so weights loaded into the embedding (a saved
-    base_layer.weight) reach the head too, while LoRA deltas, modules_to_save copies and trainable
-    token rows act on one module only (PEFT's unmerged forward).
+    base_layer.weight) reach the head too, and PEFT ties the head's trainable tokens to the
+    embedding's unless the adapter has its own for the head; LoRA deltas and modules_to_save copies
+    act on one module only (PEFT's unmerged forward).
     """
     embed = _embedding_name(checkpoint)
     if HEAD in checkpoint.tensors or embed is None or not _tie_flag(config):
         if HEAD in patches and HEAD not in checkpoint.tensors:
             raise LorafuseError(f"the adapter changes {HEAD} but the base model has no such tensor")
         return
-    shared = [p for p in patches.get(embed, ()) if isinstance(p, Replace) and p.origin.endswith(".base_layer.weight")]
-    head = shared + list(patches.get(HEAD, ()))
+    own = list(patches.get(HEAD, ()))
+    shared = [p for p in patches.get(embed, ()) if _reaches_tied_head(p, own)]
+    head = shared + own
     if head == list(patches.get(embed, ())):
         patches.pop(HEAD, None)
         return
@@ -254,6 +271,12 @@ def _untie(checkpoint: Checkpoint, config: dict, sources: dict, patches: dict, n
     patches[HEAD] = head
     _set_tie(config, False)
     notes.append(f"the adapter makes {HEAD} differ from {embed}: the output gets its own {HEAD} and tie_word_embeddings=false")
+
+
+def _reaches_tied_head(patch: Patch, head_patches: list[Patch]) -> bool:
+    if isinstance(patch, Replace):
+        return patch.origin.endswith(".base_layer.weight")
+    return isinstance(patch, ReplaceRows) and not any(isinstance(p, ReplaceRows) for p in head_patches)
 
 
 def _follow_vocab(tensors: list[TensorPlan], config: dict, notes: list[str]) -> None:

@@ -161,6 +161,11 @@ def scaling(config: dict, module: str) -> tuple[int, float]:
 # role suffix -> role name, longest first so that `.lora_B.bias` wins over a plain `.bias`
 ROLES = {
     ".token_adapter.trainable_tokens_delta": "rows",
+    ".token_adapter.base_layer.weight": "base_weight",
+    ".modules_to_save.weight": "saved_weight",
+    ".modules_to_save.bias": "saved_bias",
+    ".original_module.weight": "original",
+    ".original_module.bias": "original",
     ".lora_magnitude_vector.weight": "magnitude",
     ".lora_magnitude_vector": "magnitude",
     ".lora_embedding_A": "emb_A",
@@ -203,12 +208,14 @@ def patches_by_tensor(adapter: Adapter) -> dict[str, list[Patch]]:
         if "tensor" in roles:  # modules_to_save or bias=all: `module` is the full tensor name here
             key, ref = roles.pop("tensor")
             add(module, Replace(ref, key))
-        if "base_weight" in roles:
-            key, ref = roles.pop("base_weight")
-            add(f"{module}.weight", Replace(ref, key))
-        if "base_bias" in roles:
-            key, ref = roles.pop("base_bias")
-            add(f"{module}.bias", Replace(ref, key))
+        for role, param in (("base_weight", "weight"), ("base_bias", "bias"), ("saved_weight", "weight"), ("saved_bias", "bias")):
+            if role in roles:
+                key, ref = roles.pop(role)
+                # a modules_to_save copy may be saved both as `m.weight` and `m.modules_to_save.weight`
+                if not (role.startswith("saved") and f"{PREFIX}{module}.{param}" in adapter.tensors):
+                    add(f"{module}.{param}", Replace(ref, key))
+        # PEFT saves the untrained original next to a modules_to_save copy; the copy replaces it.
+        roles.pop("original", None)
         if "rows" in roles:
             key, ref = roles.pop("rows")
             indices = token_indices(config, module)
@@ -236,7 +243,8 @@ def patches_by_tensor(adapter: Adapter) -> dict[str, list[Patch]]:
             key, ref = roles.pop("lora_bias")
             add(f"{module}.bias", AddBias(ref, scale, key))
         adapter.unused.extend(key for key, _ in roles.values())
-    return patches
+    # A whole replacement comes first: the other patches act on the replaced tensor.
+    return {target: sorted(chain, key=lambda p: not isinstance(p, Replace)) for target, chain in patches.items()}
 
 
 def token_indices(config: dict, module: str) -> list[int]:
