@@ -43,6 +43,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=HERE / "results")
     p.add_argument("--sweep", action="store_true", help="lorafuse only, over sizes x shard sizes")
     p.add_argument("--sweep-sizes", default="1,4", help="GB, comma-separated")
+    p.add_argument("--memory-limit", default=None, help="run each route once under this hard memory limit (cgroup), e.g. 1GB")
     p.add_argument("--sweep-shards", default="500MB,5GB", help="comma-separated")
     args = p.parse_args()
     default = "lorafuse" if args.sweep else ",".join(ROUTES)
@@ -91,13 +92,16 @@ def clear(path: Path) -> None:
     os.sync()
 
 
-def run_once(route: str, model_dir: Path, out: Path) -> dict:
+def run_once(route: str, model_dir: Path, out: Path, preexec=None) -> dict:
     """One route in a fresh process; wall time seen from outside, RSS from inside."""
     clear(out)
     cmd = [PY, str(HERE / "routes.py"), route, str(model_dir / "base"), str(model_dir / "adapter"), str(out)]
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=preexec)
     seconds = time.perf_counter() - t0
+    if proc.returncode in (-9, 137):
+        clear(out)
+        return {"seconds": seconds, "killed": True}
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
         raise RuntimeError(f"exit {proc.returncode}: " + " | ".join(tail))
@@ -295,11 +299,42 @@ def sweep(args: argparse.Namespace, stem: str) -> None:
     write_report(args.out, stem, md_text, rows, f"{names}: peak RSS vs model and shard size", raw)
 
 
+def capped(args: argparse.Namespace, stem: str) -> None:
+    """Each route once under a hard memory limit (a cgroup): who finishes a model larger than memory?"""
+    from memcap import memory_cgroup
+
+    limit = parse_size(args.memory_limit)
+    model_dir = ensure_model(args.workdir, args.size_gb, args.shard_size)
+    info = model_info(model_dir)
+    lines = []
+    for route in args.routes:
+        with memory_cgroup(limit) as enter:
+            s = run_once(route, model_dir, args.workdir / "out" / route, preexec=enter)
+        outcome = "killed by the memory limit" if s.get("killed") else f"finished, peak RSS {s['peak_rss_mb']:.0f} MB"
+        print(f"  {route:<10} {s['seconds']:7.2f} s  {outcome}", flush=True)
+        lines.append(f"| {route} | {s['seconds']:.1f} | {outcome} |")
+    ratio = info["base_bytes"] / limit
+    md_text = (header("merge under a memory limit", args)
+               + f"- base: {model_line(info)}\n- memory limit (cgroup): {limit / 1e9:.2f} GB, "
+               + f"the base is {ratio:.1f}x larger\n\n| Route | wall (s) | outcome |\n|---|---:|---|\n" + "\n".join(lines) + "\n")
+    (args.out).mkdir(parents=True, exist_ok=True)
+    (args.out / f"{stem}.md").write_text(md_text)
+    print("\n" + md_text)
+
+
+def parse_size(text: str) -> int:
+    units = {"GB": 10**9, "MB": 10**6, "GIB": 2**30, "MIB": 2**20}
+    for unit, scale in units.items():
+        if text.upper().endswith(unit):
+            return int(float(text[: -len(unit)]) * scale)
+    return int(text)
+
+
 def main() -> None:
     args = parse_args()
     args.t0, args.load_start = time.perf_counter(), os.getloadavg()[0]
-    stem = datetime.now().strftime("%Y%m%d-%H%M%S") + ("-sweep" if args.sweep else "")
-    (sweep if args.sweep else compare)(args, stem)
+    stem = datetime.now().strftime("%Y%m%d-%H%M%S") + ("-sweep" if args.sweep else "-capped" if args.memory_limit else "")
+    (sweep if args.sweep else capped if args.memory_limit else compare)(args, stem)
     print(f"total benchmark time: {time.perf_counter() - args.t0:.1f} s")
 
 
