@@ -1,0 +1,73 @@
+"""FP8 (float8_e4m3fn) checkpoints: block-scaled and per-tensor/per-channel scaled, in pure torch.
+
+Block-scaled (DeepSeek-V3/R1, Qwen3-*-FP8, transformers `FineGrainedFP8Config`; config
+`quantization_config = {"quant_method": "fp8", "weight_block_size": [128, 128], ...}`): `X.weight` is
+F8_E4M3 (out, in) and `X.weight_scale_inv` is F32 (ceil(out/128), ceil(in/128)). The real weight is
+`weight * scale_inv` per block, multiplied in float32: DeepSeek-V3 `inference/kernel.py`
+`weight_dequant_kernel` (`x.to(float32) * s`, blocks at the right/bottom edges are partial and use
+their own scale) and transformers `Fp8Dequantize` (`(q * s).to(dtype)`, divisible shapes only).
+
+Per-tensor or per-channel (compressed-tensors / vLLM "fp8", FBGEMM FP8): `X.weight_scale` is a
+scalar, [1], [out] or [out, 1], and the real weight is `weight * weight_scale` (a multiplier, not an
+inverse, despite the same arithmetic); `X.input_scale`, if present, concerns activations only.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import LorafuseError
+
+FP8_E4M3_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
+
+
+def dequantize_fp8_block(
+    weight_fp8: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int] = (128, 128)
+) -> torch.Tensor:
+    """float32 `weight[i, j] * scale_inv[i // block[0], j // block[1]]` (leading expert dims allowed).
+
+    The float32 product is what DeepSeek-V3's kernel computes before storing it in the model dtype,
+    so `.to(torch.bfloat16)` of the result equals its `weight_dequant` output.
+    """
+    bo, bi = block
+    *lead, rows, cols = weight_fp8.shape
+    grid = (*lead, -(-rows // bo), -(-cols // bi))
+    if tuple(scale_inv.shape) != grid:
+        raise LorafuseError(f"FP8 weight {tuple(weight_fp8.shape)} with blocks {tuple(block)} needs a scale_inv of "
+                            f"shape {grid}, got {tuple(scale_inv.shape)}; check weight_block_size in the config")
+    out = weight_fp8.to(torch.float32)
+    col_scale = scale_inv.to(torch.float32).repeat_interleave(bi, dim=-1)[..., :cols]  # (..., out blocks, cols)
+    for r in range(grid[-2]):  # one block row at a time: no full-size scale tensor
+        out[..., r * bo:(r + 1) * bo, :].mul_(col_scale[..., r:r + 1, :])
+    return out
+
+
+def dequantize_fp8_scaled(weight_fp8: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
+    """float32 `weight * weight_scale`, the scale per tensor (1 value) or per output channel."""
+    s = weight_scale.to(torch.float32)
+    if s.numel() == 1:
+        s = s.reshape(())
+    elif weight_fp8.dim() == 2 and s.numel() == weight_fp8.shape[0] and s.dim() in (1, 2):
+        s = s.reshape(-1, 1)
+    else:
+        raise LorafuseError(f"FP8 weight_scale of shape {tuple(weight_scale.shape)} is neither per-tensor nor "
+                            f"per-channel for a weight of shape {tuple(weight_fp8.shape)}")
+    return weight_fp8.to(torch.float32) * s
+
+
+def quantize_fp8_block(weight: torch.Tensor, block: tuple[int, int] = (128, 128)) -> tuple[torch.Tensor, torch.Tensor]:
+    """(float8_e4m3fn weight, float32 scale_inv) stored the way block-scaled FP8 models store them.
+
+    scale_inv = amax / 448 per block (DeepSeek-V3 `act_quant`: `s = amax / 448; y = x / s`; edge
+    blocks are partial), weight = clamp(w / scale_inv, -448, 448) rounded to e4m3. All-zero blocks get
+    scale 1, as transformers' `Fp8Quantize` does. For building test checkpoints.
+    """
+    bo, bi = block
+    *lead, rows, cols = weight.shape
+    gr, gc = -(-rows // bo), -(-cols // bi)
+    w = torch.nn.functional.pad(weight.to(torch.float32), (0, gc * bi - cols, 0, gr * bo - rows))
+    tiles = w.reshape(*lead, gr, bo, gc, bi)
+    amax = tiles.abs().amax(dim=(-3, -1))
+    scale_inv = torch.where(amax > 0, amax / FP8_E4M3_MAX, torch.ones_like(amax))
+    q = (tiles / scale_inv.unsqueeze(-1).unsqueeze(-3)).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
+    return q.reshape(w.shape)[..., :rows, :cols].contiguous(), scale_inv
