@@ -10,6 +10,7 @@ so writeback overlaps the work instead of all waiting for the final fsync.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import math
@@ -109,7 +110,8 @@ def write_shards(plan: Plan, folder: Path, device: torch.device, on_progress: Ca
             _write_bytes(fd, memoryview(shard.header), 0)
             os.ftruncate(fd, shard.size)
             jobs.extend((fd, slot, tensor) for slot, tensor in zip(shard.slots, shard.tensors))
-        _run_bounded(job, jobs)
+        with _intra_op_threads(max(1, (os.cpu_count() or 1) // PIPELINE_DEPTH)):
+            _run_bounded(job, jobs)
         for fd in outputs:
             os.fsync(fd)
     except OSError as e:
@@ -119,6 +121,18 @@ def write_shards(plan: Plan, folder: Path, device: torch.device, on_progress: Ca
             os.close(fd)
         sources.close()
     return counters
+
+
+@contextlib.contextmanager
+def _intra_op_threads(n: int):
+    """Give each pipeline thread its share of the cores: more torch threads than cores makes their
+    OpenMP teams spin against each other (measured: 2 workers x 2 threads on 2 cores is slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _run_bounded(job: Callable, jobs: list[tuple]) -> None:
