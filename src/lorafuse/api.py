@@ -38,13 +38,13 @@ class MergeReport:
 
 
 def plan(base: str | os.PathLike, adapter: str | os.PathLike, out: str | os.PathLike | None = None, *,
-         dtype: str = "auto", max_shard_size: int | str = "5GB") -> Plan:
+         dtype: str = "auto", max_shard_size: int | str = "5GB", save_method: str = "merged_16bit") -> Plan:
     """Plan a merge from the headers alone; nothing is written."""
-    return make_plan(base, adapter, out, dtype=dtype, max_shard_size=max_shard_size)
+    return make_plan(base, adapter, out, dtype=dtype, max_shard_size=max_shard_size, save_method=save_method)
 
 
 def merge(base: str | os.PathLike, adapter: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "auto",
-          max_shard_size: int | str = "5GB", device: str = "cpu", force: bool = False,
+          max_shard_size: int | str = "5GB", save_method: str = "merged_16bit", device: str = "cpu", force: bool = False,
           on_plan: Callable[[Plan], None] | None = None,
           on_progress: Callable[[int], None] | None = None) -> MergeReport:
     """Merge ADAPTER into BASE and write a standalone model to OUT.
@@ -55,7 +55,7 @@ def merge(base: str | os.PathLike, adapter: str | os.PathLike, out: str | os.Pat
     started = time.perf_counter()
     out = Path(out)
     check_target(out, force)
-    the_plan = make_plan(base, adapter, out, dtype=dtype, max_shard_size=max_shard_size)
+    the_plan = make_plan(base, adapter, out, dtype=dtype, max_shard_size=max_shard_size, save_method=save_method)
     torch_device = _device(device)
     free = the_plan.disk_free
     if free is not None and free < the_plan.output_bytes + DISK_MARGIN:
@@ -92,6 +92,7 @@ def _settings(plan: Plan, device: str) -> dict:
         "rsLoRA": bool(config.get("use_rslora")),
         "patches": ", ".join(f"{n} {k}" for k, n in sorted(plan.counts.items())),
         "output dtype": plan.dtype,
+        "save method": plan.save_method,
         "shards": len(plan.shards),
         "device": device,
     }

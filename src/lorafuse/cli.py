@@ -65,10 +65,13 @@ def _inputs(p: argparse.ArgumentParser) -> None:
     p.add_argument("adapter", metavar="ADAPTER", help="PEFT adapter folder (adapter_config.json + adapter_model.safetensors)")
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"], help="output dtype (default: as the base)")
     p.add_argument("--max-shard-size", default="5GB", help="largest output shard, e.g. 5GB or 500MB (default 5GB)")
+    p.add_argument("--save-method", default="merged_16bit", choices=["merged_16bit", "merged_4bit"],
+                   help="merged_4bit re-quantizes the merged linear weights to bitsandbytes NF4 (loses precision)")
 
 
 def _plan(args) -> int:
-    the_plan = plan(args.base, args.adapter, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size)
+    the_plan = plan(args.base, args.adapter, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size,
+                    save_method=args.save_method)
     if args.json:
         print(json.dumps(_plan_dict(the_plan), indent=2))
     else:
@@ -101,6 +104,7 @@ def _merge(args) -> int:
 
     try:
         report = merge(args.base, args.adapter, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size,
+                       save_method=args.save_method,
                        device=args.device, force=args.force, on_plan=on_plan, on_progress=(lambda n: bar.update(n)) if show else None)
     finally:
         if bar is not None:

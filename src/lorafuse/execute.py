@@ -27,6 +27,7 @@ import torch
 from .errors import LorafuseError
 from .formats.safetensors import TensorSlot, torch_dtype
 from .plan import PIPELINE_DEPTH, Plan, TensorPlan
+from .quant import QuantizedTensor, bnb
 
 COPY_CHUNK = 64 << 20
 
@@ -83,24 +84,32 @@ def write_shards(plan: Plan, folder: Path, device: torch.device, on_progress: Ca
     buffers = _Buffers()
     outputs = []
 
-    def job(fd: int, slot: TensorSlot, tensor: TensorPlan) -> None:
-        src = sources.fd(tensor.source.path)
+    def job(fd: int, slots: tuple[TensorSlot, ...], tensor: TensorPlan) -> None:
         if tensor.is_copy:
-            _copy(src, tensor.source.offset, fd, slot.offset, slot.nbytes)
+            refs = [ref for _, ref in tensor.source.parts.values()] if isinstance(tensor.source, QuantizedTensor) else [tensor.source]
+            for slot, ref in zip(slots, refs, strict=True):
+                _copy(sources.fd(ref.path), ref.offset, fd, slot.offset, slot.nbytes)
             kind = "tensors_copied"
         else:
-            raw = buffers.get("in", tensor.source.nbytes)
-            _read_exact(src, raw, tensor.source.offset)
-            out = _produce(tensor, raw, buffers, device)
-            _write_bytes(fd, memoryview(out.numpy()), slot.offset)
+            if isinstance(tensor.source, QuantizedTensor):
+                value = tensor.source.dequantize()
+            else:
+                raw = buffers.get("in", tensor.source.nbytes)
+                _read_exact(sources.fd(tensor.source.path), raw, tensor.source.offset)
+                value = raw.view(torch_dtype(tensor.source.dtype)).view(tensor.source.shape)
+            out = _produce(tensor, value, buffers, device)
+            pieces = _nf4_pieces(tensor, out, slots) if tensor.to_nf4 else [out]
+            for slot, piece in zip(slots, pieces, strict=True):
+                _write_bytes(fd, memoryview(piece.reshape(-1).view(torch.uint8).numpy()), slot.offset)
             kind = "tensors_merged" if tensor.patches else "tensors_cast"
-        _start_writeback(fd, slot.offset, slot.nbytes)
+        written = sum(slot.nbytes for slot in slots)
+        _start_writeback(fd, slots[0].offset, written)
         with lock:
             setattr(counters, kind, getattr(counters, kind) + 1)
             counters.bytes_read += tensor.source.nbytes
-            counters.bytes_written += slot.nbytes
+            counters.bytes_written += written
         if on_progress:
-            on_progress(slot.nbytes)
+            on_progress(written)
 
     try:
         jobs = []
@@ -109,7 +118,7 @@ def write_shards(plan: Plan, folder: Path, device: torch.device, on_progress: Ca
             outputs.append(fd)
             _write_bytes(fd, memoryview(shard.header), 0)
             os.ftruncate(fd, shard.size)
-            jobs.extend((fd, slot, tensor) for slot, tensor in zip(shard.slots, shard.tensors))
+            jobs.extend((fd, slots, tensor) for slots, tensor in zip(shard.slots, shard.tensors))
         with _intra_op_threads(max(1, (os.cpu_count() or 1) // PIPELINE_DEPTH)):
             _run_bounded(job, jobs)
         for fd in outputs:
@@ -151,9 +160,8 @@ def _run_bounded(job: Callable, jobs: list[tuple]) -> None:
             raise
 
 
-def _produce(tensor: TensorPlan, raw: torch.Tensor, buffers: _Buffers, device: torch.device) -> torch.Tensor:
-    """The output bytes of one tensor: the base value patched in fp32 and rounded once to the output dtype."""
-    source = raw.view(torch_dtype(tensor.source.dtype)).view(tensor.source.shape)
+def _produce(tensor: TensorPlan, source: torch.Tensor, buffers: _Buffers, device: torch.device) -> torch.Tensor:
+    """One tensor's output value: the base value patched in fp32 and rounded once to the output dtype."""
     out_dtype = torch_dtype(tensor.dtype)
     value = source
     if tensor.patches:
@@ -175,7 +183,15 @@ def _produce(tensor: TensorPlan, raw: torch.Tensor, buffers: _Buffers, device: t
         out = buffers.get("out", nbytes).view(out_dtype).view(value.shape).copy_(value)
     if out_dtype == torch.float16 and not _all_finite(out) and _all_finite(value):
         raise LorafuseError(f"{tensor.name} overflows {tensor.dtype} (values up to {value.abs().max().item():.3g}); use --dtype bf16 or fp32")
-    return out.reshape(-1).view(torch.uint8)
+    return out
+
+
+def _nf4_pieces(tensor: TensorPlan, value: torch.Tensor, slots: tuple[TensorSlot, ...]) -> list[torch.Tensor]:
+    """The merged 16-bit weight quantized as bitsandbytes does, in the order of its planned slots."""
+    parts = bnb.quantize_4bit(value)
+    pieces = [parts[slot.name[len(tensor.name):]] for slot in slots]
+    pieces[-1] = bnb.pad_quant_state(pieces[-1], slots[-1].nbytes)
+    return pieces
 
 
 def _all_finite(t: torch.Tensor) -> bool:

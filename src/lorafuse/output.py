@@ -50,7 +50,7 @@ def write_metadata(plan: Plan, folder: Path, settings: dict) -> None:
     if len(plan.shards) > 1:
         index = {
             "metadata": {"total_size": plan.total_size},
-            "weight_map": {t.name: s.filename for s in plan.shards for t in s.tensors},
+            "weight_map": {slot.name: s.filename for s in plan.shards for group in s.slots for slot in group},
         }
         (folder / INDEX).write_text(json.dumps(index, indent=2) + "\n")
     for source in _carried_files(plan):

@@ -16,8 +16,9 @@ from huggingface_hub import split_state_dict_into_shards_factory
 
 from .adapters.peft import Adapter, open_adapter, patches_by_tensor
 from .errors import LorafuseError
-from .formats.safetensors import FLOAT_DTYPES, TensorSlot, dtype_size, layout
+from .formats.safetensors import FLOAT_DTYPES, TensorSlot, dtype_size, layout, torch_dtype
 from .patches import LoRA, Patch, Replace, ReplaceRows
+from .quant import QuantizedTensor, bnb, logical_tensors
 from .sources.local import Checkpoint, open_model
 
 DTYPE_NAMES = {"bf16": "BF16", "bfloat16": "BF16", "fp16": "F16", "float16": "F16", "fp32": "F32", "float32": "F32"}
@@ -27,6 +28,15 @@ HEAD = "lm_head.weight"
 CONV1D_MODEL_TYPES = {"gpt2", "openai-gpt", "imagegpt", "decision_transformer"}
 EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight", "tok_embeddings.weight")
 PIPELINE_DEPTH = 2  # tensors in flight at once in the executor
+SAVE_METHODS = ("merged_16bit", "merged_4bit")
+# What transformers writes for BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+# bnb_4bit_use_double_quant=True): the layout lorafuse's merged_4bit output reproduces.
+NF4_CONFIG = {
+    "_load_in_4bit": True, "_load_in_8bit": False, "bnb_4bit_compute_dtype": "bfloat16", "bnb_4bit_quant_storage": "uint8",
+    "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True, "llm_int8_enable_fp32_cpu_offload": False,
+    "llm_int8_has_fp16_weight": False, "llm_int8_skip_modules": None, "llm_int8_threshold": 6.0,
+    "load_in_4bit": True, "load_in_8bit": False, "quant_method": "bitsandbytes",
+}
 
 
 @dataclass(frozen=True)
@@ -34,15 +44,30 @@ class TensorPlan:
     """One output tensor: where it comes from, what changes it, and what it becomes."""
 
     name: str
-    source: object  # TensorRef of the base tensor (for an untied head: the embedding's)
+    source: object  # TensorRef of the base tensor (for an untied head: the embedding's), or a QuantizedTensor
     patches: tuple[Patch, ...]
     dtype: str
     shape: tuple[int, ...]
+    to_nf4: bool = False  # written as a bitsandbytes NF4 weight (save_method merged_4bit)
 
     @property
     def is_copy(self) -> bool:
-        """Untouched and not cast: copied as raw bytes, never decoded."""
-        return not self.patches and self.dtype == self.source.dtype
+        """Untouched and stored as it will be written: copied as raw bytes, never decoded."""
+        if self.patches:
+            return False
+        if isinstance(self.source, QuantizedTensor):
+            return self.to_nf4 and self.source.method == "bnb-nf4"
+        return self.dtype == self.source.dtype and not self.to_nf4
+
+    @property
+    def entries(self) -> list[tuple[str, str, tuple[int, ...]]]:
+        """(name, dtype, shape) of each tensor the output file holds for it: one, or a 4-bit weight's parts."""
+        if self.is_copy and isinstance(self.source, QuantizedTensor):
+            return [(key, ref.dtype, tuple(ref.shape)) for key, ref in self.source.parts.values()]
+        if self.to_nf4:
+            return [(self.name + suffix, dtype, shape)
+                    for suffix, dtype, shape in bnb.layout_4bit(self.shape, torch_dtype(self.dtype))]
+        return [(self.name, self.dtype, self.shape)]
 
     @property
     def work_bytes(self) -> int:
@@ -51,7 +76,8 @@ class TensorPlan:
             return 0
         numel = max(math.prod(self.shape), self.source.numel)
         adapter = sum(math.prod(r.shape) for p in self.patches for r in p.refs)
-        return self.source.nbytes + numel * (4 + dtype_size(self.dtype)) + 4 * adapter
+        quantizing = numel * 8 if self.to_nf4 else 0
+        return self.source.nbytes + numel * (4 + dtype_size(self.dtype)) + 4 * adapter + quantizing
 
 
 @dataclass(frozen=True)
@@ -59,11 +85,11 @@ class ShardPlan:
     filename: str
     tensors: tuple[TensorPlan, ...]
     header: bytes
-    slots: tuple[TensorSlot, ...]
+    slots: tuple[tuple[TensorSlot, ...], ...]  # per tensor, one slot per entry
 
     @property
     def size(self) -> int:
-        return len(self.header) + sum(s.nbytes for s in self.slots)
+        return len(self.header) + sum(s.nbytes for group in self.slots for s in group)
 
 
 @dataclass
@@ -78,6 +104,7 @@ class Plan:
     config: dict  # the output config.json
     counts: dict[str, int]  # patch label -> number of patches
     notes: list[str] = field(default_factory=list)
+    save_method: str = "merged_16bit"
 
     @property
     def tensors(self) -> list[TensorPlan]:
@@ -113,9 +140,11 @@ class Plan:
 
 
 def make_plan(base: str | os.PathLike, adapter: str | os.PathLike, out: str | os.PathLike | None = None, *,
-              dtype: str = "auto", max_shard_size: int | str = "5GB") -> Plan:
+              dtype: str = "auto", max_shard_size: int | str = "5GB", save_method: str = "merged_16bit") -> Plan:
     """Open base and adapter, match every adapter tensor, and lay out the output."""
     out_dtype = _parse_dtype(dtype)
+    if save_method not in SAVE_METHODS:
+        raise LorafuseError(f"--save-method {save_method!r} is not one of {', '.join(SAVE_METHODS)}")
     checkpoint = open_model(base)
     adapter_obj = open_adapter(adapter)
     out_path = Path(out) if out is not None else None
@@ -126,7 +155,10 @@ def make_plan(base: str | os.PathLike, adapter: str | os.PathLike, out: str | os
     notes: list[str] = []
 
     names = _resolve_names(checkpoint, patches, adapter_obj)
-    sources = dict(checkpoint.tensors)
+    sources, quant_method = logical_tensors(checkpoint.tensors, config)
+    base_quantization = config.pop("quantization_config", None)
+    if quant_method and save_method == "merged_16bit":
+        notes.append(f"the base is quantized ({quant_method}): its weights are dequantized and the output is 16-bit")
     by_name = {names.get(k, k): [_orient(p, k, config) for p in v] for k, v in patches.items()}
     _untie(checkpoint, config, sources, by_name, notes)
 
@@ -141,6 +173,8 @@ def make_plan(base: str | os.PathLike, adapter: str | os.PathLike, out: str | os
         target = out_dtype if (out_dtype and ref.dtype in CASTABLE) else ref.dtype
         tensors.append(TensorPlan(name, ref, chain, target, shape))
     _follow_vocab(tensors, config, notes)
+    if save_method == "merged_4bit":
+        tensors = _to_nf4(tensors, base_quantization if quant_method == "bitsandbytes" else None, config, notes)
     if out_dtype:
         for holder in _configs(config):
             for key in ("dtype", "torch_dtype"):
@@ -157,7 +191,7 @@ def make_plan(base: str | os.PathLike, adapter: str | os.PathLike, out: str | os
     base_name = adapter_obj.base_name
     if base_name and Path(base_name).name != Path(base).name and base_name != str(base):
         notes.append(f"the adapter was trained on {base_name}; merging into {base}")
-    return Plan(checkpoint, adapter_obj, out_path, out_dtype or "auto", shards, config, counts, notes)
+    return Plan(checkpoint, adapter_obj, out_path, out_dtype or "auto", shards, config, counts, notes, save_method)
 
 
 def _parse_dtype(dtype: str) -> str | None:
@@ -296,7 +330,7 @@ def _follow_vocab(tensors: list[TensorPlan], config: dict, notes: list[str]) -> 
 
 def _shard(tensors: list[TensorPlan], max_shard_size: int | str) -> list[ShardPlan]:
     """Split by size alone with huggingface_hub's own rule and names, then lay out each file."""
-    sizes = {t.name: math.prod(t.shape) * dtype_size(t.dtype) for t in tensors}
+    sizes = {t.name: sum(math.prod(shape) * dtype_size(d) for _, d, shape in t.entries) for t in tensors}
     try:
         split = split_state_dict_into_shards_factory(
             sizes, get_storage_size=lambda n: n, filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_size
@@ -307,10 +341,40 @@ def _shard(tensors: list[TensorPlan], max_shard_size: int | str) -> list[ShardPl
     shards = []
     for filename, names in split.filename_to_tensors.items():
         members = tuple(by_name[n] for n in names)
-        header, slots = layout([(t.name, t.dtype, t.shape) for t in members])
-        shards.append(ShardPlan(filename, members, header, tuple(slots)))
+        header, slots = layout([entry for t in members for entry in t.entries])
+        grouped, i = [], 0
+        for t in members:
+            grouped.append(tuple(slots[i:i + len(t.entries)]))
+            i += len(t.entries)
+        shards.append(ShardPlan(filename, members, header, tuple(grouped)))
     return shards
 
+
+def _to_nf4(tensors: list[TensorPlan], base_quantization: dict | None, config: dict, notes: list[str]) -> list[TensorPlan]:
+    """merged_4bit: write the merged model as transformers saves a bitsandbytes NF4 model.
+
+    From a 4-bit base, exactly the weights that were 4-bit stay 4-bit (untouched ones are copied as
+    they are); from a 16-bit base, every 2-D linear weight but the embeddings, the output head and
+    llm_int8_skip_modules, as transformers' own quantization chooses.
+    """
+    quantization = dict(base_quantization or NF4_CONFIG)
+    skip = quantization.get("llm_int8_skip_modules") or []
+    chosen = []
+    for t in tensors:
+        if base_quantization is not None:
+            wanted = isinstance(t.source, QuantizedTensor) and t.source.method.startswith("bnb-")
+        else:
+            wanted = (len(t.shape) == 2 and t.name.endswith(".weight") and t.dtype in CASTABLE and t.name != HEAD
+                      and not t.name.endswith(EMBEDDING_SUFFIXES) and not any(s in t.name for s in skip))
+        chosen.append(replace(t, to_nf4=wanted) if wanted else t)
+    if base_quantization is None:
+        quantization["bnb_4bit_compute_dtype"] = next((CONFIG_DTYPES[t.dtype] for t in chosen if t.to_nf4), "bfloat16")
+    config["quantization_config"] = quantization
+    notes.append(
+        f"merged_4bit: {sum(t.to_nf4 for t in chosen)} weights are re-quantized to NF4 after merging; "
+        "this loses precision against the 16-bit merge (as with every tool), keep the 16-bit output too if you can"
+    )
+    return chosen
 
 
 def describe(plan: Plan, verbose: bool = False) -> list[str]:

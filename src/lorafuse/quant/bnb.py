@@ -226,6 +226,34 @@ def quantize_4bit(
     return out
 
 
+# json.dumps of a float is at most this long ("-2.2250738585072014e-308"): room for any nested_offset.
+_FLOAT_TEXT = -2.2250738585072014e-308
+
+
+def layout_4bit(shape: tuple[int, ...], dtype: torch.dtype, *, quant_type: str = "nf4", blocksize: int = 64,
+                nested: bool = True) -> list[tuple[str, str, tuple[int, ...]]]:
+    """(suffix, safetensors dtype, shape) of every tensor `quantize_4bit` returns, known before quantizing.
+
+    Only the quant state's JSON length depends on the data (the text of nested_offset): it gets room
+    for the longest float, and `pad_quant_state` fills the rest with spaces, which JSON ignores.
+    """
+    n = math.prod(shape)
+    blocks = -(-n // blocksize)
+    entries = [("", "U8", ((n + 1) // 2, 1)), (".absmax", "U8" if nested else "F32", (blocks,)), (".quant_map", "F32", (16,))]
+    if nested:
+        entries += [(".nested_absmax", "F32", (-(-blocks // NESTED_BLOCKSIZE),)), (".nested_quant_map", "F32", (256,))]
+    state = {"quant_type": quant_type, "blocksize": blocksize, "dtype": str(dtype)[6:], "shape": list(shape)}
+    if nested:
+        state.update(nested_blocksize=NESTED_BLOCKSIZE, nested_dtype="float32", nested_offset=_FLOAT_TEXT)
+    entries.append(("." + QUANT_STATE_PREFIX + quant_type, "U8", (len(json.dumps(state).encode()),)))
+    return entries
+
+
+def pad_quant_state(state: torch.Tensor, length: int) -> torch.Tensor:
+    """The quant state JSON bytes padded with spaces to the length `layout_4bit` reserved."""
+    return F.pad(state, (0, length - state.numel()), value=ord(" "))
+
+
 def dequantize_int8(
     weight_int8: torch.Tensor, scb: torch.Tensor, weight_format: torch.Tensor | int | None = None
 ) -> torch.Tensor:
@@ -287,3 +315,48 @@ def _torch_dtype(name: str) -> torch.dtype:
     if not isinstance(t, torch.dtype):
         raise LorafuseError(f"unknown dtype {name!r} in bitsandbytes quant_state")
     return t
+
+
+
+def claim(tensors: Mapping, config: dict) -> dict:
+    """The 4-bit and LLM.int8 weights of a transformers-saved bitsandbytes checkpoint, by weight name.
+
+    Roles are the key suffixes after `X.weight` (what `dequantize_4bit_saved` takes), and for
+    LLM.int8 "" (the int8 weight), "SCB" (`X.SCB`) and "format" (`X.weight_format`).
+    """
+    from .base import QuantizedTensor
+
+    found = {}
+    for key, ref in tensors.items():
+        if ".weight." + QUANT_STATE_PREFIX in key:
+            weight = key[: key.index(".weight.") + len(".weight")]
+            state = parse_quant_state(ref.read())
+            roles = ["", ".absmax", ".quant_map"] + ([".nested_absmax", ".nested_quant_map"] if state["nested"] else [])
+            missing = [weight + r for r in roles if weight + r not in tensors]
+            if missing:
+                raise LorafuseError(f"bitsandbytes 4-bit weight {weight} lacks {missing}; the checkpoint is incomplete")
+            parts = {r: (weight + r, tensors[weight + r]) for r in roles}
+            parts[key[len(weight):]] = (key, ref)
+            found[weight] = QuantizedTensor(weight, f"bnb-{state['quant_type']}", parts, tuple(state["shape"]),
+                                            _safetensors_name(state["dtype"]), dequantize_4bit_saved)
+        elif key.endswith(".SCB"):
+            weight = key[: -len(".SCB")] + ".weight"
+            if weight not in tensors or tensors[weight].dtype != "I8":
+                raise LorafuseError(f"{key} has no int8 weight {weight} beside it; the checkpoint is incomplete")
+            parts = {"": (weight, tensors[weight]), "SCB": (key, ref)}
+            if f"{weight}_format" in tensors:
+                parts["format"] = (f"{weight}_format", tensors[f"{weight}_format"])
+            dtype = _safetensors_name(config.get("dtype") or config.get("torch_dtype") or "float16")
+            found[weight] = QuantizedTensor(weight, "bnb-int8", parts, tuple(tensors[weight].shape), dtype, _decode_int8)
+    return found
+
+
+def _decode_int8(parts: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    return dequantize_int8(parts[""], parts["SCB"], parts.get("format"))
+
+
+def _safetensors_name(dtype) -> str:
+    from ..formats.safetensors import TORCH_TO_NAME
+
+    t = dtype if isinstance(dtype, torch.dtype) else _torch_dtype(str(dtype).removeprefix("torch."))
+    return TORCH_TO_NAME[t]

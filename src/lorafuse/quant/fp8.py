@@ -71,3 +71,42 @@ def quantize_fp8_block(weight: torch.Tensor, block: tuple[int, int] = (128, 128)
     scale_inv = torch.where(amax > 0, amax / FP8_E4M3_MAX, torch.ones_like(amax))
     q = (tiles / scale_inv.unsqueeze(-1).unsqueeze(-3)).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
     return q.reshape(w.shape)[..., :rows, :cols].contiguous(), scale_inv
+
+
+def claim(tensors, config: dict) -> dict:
+    """FP8 weights by name: `X.weight` F8_E4M3 with `X.weight_scale_inv` (blocks from the config's
+    `weight_block_size`) or `X.weight_scale` (per tensor or channel). `X.input_scale` only concerns
+    activations and is dropped with the weight's other parts."""
+    from functools import partial
+
+    from .base import QuantizedTensor
+    from .bnb import _safetensors_name
+
+    qconfig = config.get("quantization_config") or {}
+    block = tuple(qconfig.get("weight_block_size") or (128, 128))
+    dtype = _safetensors_name(config.get("dtype") or config.get("torch_dtype") or "bfloat16")
+    found = {}
+    for key, ref in tensors.items():
+        if ref.dtype != "F8_E4M3" or not key.endswith(".weight"):
+            continue
+        module = key[: -len(".weight")]
+        if f"{key}_scale_inv" in tensors:
+            parts = {"weight": (key, ref), "scale_inv": (f"{key}_scale_inv", tensors[f"{key}_scale_inv"])}
+            decode, method = partial(_decode_block, block=block), "fp8-block"
+        elif f"{key}_scale" in tensors:
+            parts = {"weight": (key, ref), "scale": (f"{key}_scale", tensors[f"{key}_scale"])}
+            decode, method = _decode_scaled, "fp8-scaled"
+        else:
+            raise LorafuseError(f"FP8 weight {key} has neither weight_scale_inv nor weight_scale beside it")
+        if f"{module}.input_scale" in tensors:
+            parts["input_scale"] = (f"{module}.input_scale", tensors[f"{module}.input_scale"])
+        found[key] = QuantizedTensor(key, method, parts, tuple(ref.shape), dtype, decode)
+    return found
+
+
+def _decode_block(parts, block):
+    return dequantize_fp8_block(parts["weight"], parts["scale_inv"], block)
+
+
+def _decode_scaled(parts):
+    return dequantize_fp8_scaled(parts["weight"], parts["scale"])
