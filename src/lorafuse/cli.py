@@ -54,6 +54,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(run=_plan)
 
+    i = commands.add_parser("inspect", help="per changed weight: the adapter's delta, and the gap to another base (QLoRA)")
+    i.add_argument("base", metavar="BASE")
+    i.add_argument("adapter", metavar="ADAPTER")
+    i.add_argument("--compare-base", metavar="OTHER", help="another version of the base (e.g. the 4-bit one the adapter was trained on)")
+    i.add_argument("--json", action="store_true", help="print the rows as JSON")
+    i.set_defaults(run=_inspect)
+
     d = commands.add_parser("demo", help="build a tiny base and adapter, merge them, check the result")
     d.add_argument("--keep", metavar="DIR", help="keep the demo's files in DIR")
     d.set_defaults(run=_demo)
@@ -146,6 +153,17 @@ class _progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def _inspect(args) -> int:
+    from dataclasses import asdict
+
+    from .inspect import describe as describe_rows
+    from .inspect import inspect
+
+    rows = inspect(args.base, args.adapter, args.compare_base)
+    print(json.dumps([asdict(r) for r in rows], indent=2) if args.json else "\n".join(describe_rows(rows)))
+    return 0
 
 
 def _demo(args) -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import shutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -29,6 +30,7 @@ CONV1D_MODEL_TYPES = {"gpt2", "openai-gpt", "imagegpt", "decision_transformer"}
 EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight", "tok_embeddings.weight")
 PIPELINE_DEPTH = 2  # tensors in flight at once in the executor
 SAVE_METHODS = ("merged_16bit", "merged_4bit")
+QUANTIZED_NAME = re.compile(r"bnb|4bit|4-bit|8bit|nf4|int4|int8|awq|gptq|fp8", re.IGNORECASE)
 # What transformers writes for BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
 # bnb_4bit_use_double_quant=True): the layout lorafuse's merged_4bit output reproduces.
 NF4_CONFIG = {
@@ -188,10 +190,23 @@ def make_plan(base: str | os.PathLike, adapter: str | os.PathLike, out: str | os
     for t in tensors:
         for p in t.patches:
             counts[p.label] = counts.get(p.label, 0) + 1
-    base_name = adapter_obj.base_name
-    if base_name and Path(base_name).name != Path(base).name and base_name != str(base):
-        notes.append(f"the adapter was trained on {base_name}; merging into {base}")
+    notes += _base_mismatch(adapter_obj.base_name, Path(base), quant_method)
     return Plan(checkpoint, adapter_obj, out_path, out_dtype or "auto", shards, config, counts, notes, save_method)
+
+
+def _base_mismatch(trained_on: str | None, base: Path, quant_method: str | None) -> list[str]:
+    """Say when the adapter was trained on another checkpoint, and whether it was a quantized one."""
+    if not trained_on or Path(trained_on).name == base.name or Path(trained_on).resolve() == base.resolve():
+        return []
+    trained_quantized = bool(QUANTIZED_NAME.search(trained_on))
+    compare = f"`lorafuse inspect {base} ADAPTER --compare-base {trained_on}` measures whether that matters"
+    if trained_quantized and not quant_method:
+        return [f"the adapter was trained on {trained_on}, a quantized checkpoint, and BASE is 16-bit: the merge uses "
+                f"the original weights, not the dequantized ones it was trained against; {compare}"]
+    if quant_method and not trained_quantized:
+        return [f"the adapter was trained on {trained_on}, and BASE is quantized ({quant_method}): the merge uses its "
+                f"dequantized weights, not the ones the adapter was trained against; {compare}"]
+    return [f"the adapter was trained on {trained_on}; merging into {base}"]
 
 
 def _parse_dtype(dtype: str) -> str | None:
