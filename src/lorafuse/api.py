@@ -15,6 +15,7 @@ import torch
 
 from .errors import LorafuseError
 from .execute import write_shards
+from .manifest import Ledger, fingerprint, write_manifest
 from .output import check_target, publish, staging_folder, write_metadata
 from .plan import Plan, make_plan
 
@@ -30,6 +31,7 @@ class MergeReport:
     tensors_copied: int
     bytes_read: int
     bytes_written: int
+    shards_resumed: int
     seconds: float
     peak_memory: int  # peak resident set size of this process, bytes
 
@@ -45,12 +47,15 @@ def plan(base: str | os.PathLike, adapter: str | os.PathLike, out: str | os.Path
 
 def merge(base: str | os.PathLike, adapter: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "auto",
           max_shard_size: int | str = "5GB", save_method: str = "merged_16bit", device: str = "cpu", force: bool = False,
+          resume: bool = False,
           on_plan: Callable[[Plan], None] | None = None,
           on_progress: Callable[[int], None] | None = None) -> MergeReport:
     """Merge ADAPTER into BASE and write a standalone model to OUT.
 
     `on_plan` sees the plan before any work starts; `on_progress` receives the bytes of each tensor
     written. Raises LorafuseError for every problem the user can fix; OUT is then left untouched.
+    A merge that was interrupted (killed, disk full, Ctrl-C) continues where it stopped when run again
+    with the same inputs and settings; `resume=True` insists that there is such a run to continue.
     """
     started = time.perf_counter()
     out = Path(out)
@@ -64,15 +69,18 @@ def merge(base: str | os.PathLike, adapter: str | os.PathLike, out: str | os.Pat
         )
     if on_plan:
         on_plan(the_plan)
+    settings = _settings(the_plan, device)
     staging = staging_folder(out)
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
+    ledger = _open_ledger(staging, fingerprint(the_plan, settings), resume)
     try:
-        counters = write_shards(the_plan, staging, torch_device, on_progress)
-        write_metadata(the_plan, staging, _settings(the_plan, device))
+        counters = write_shards(the_plan, staging, torch_device, ledger, on_progress)
+        write_metadata(the_plan, staging, settings)
+        write_manifest(the_plan, staging, settings, {name: entry["sha256"] for name, entry in ledger.shards.items()})
+        ledger.discard()
         publish(staging, out)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        if not ledger.resumable:  # nothing finished: leave no trace
+            shutil.rmtree(staging, ignore_errors=True)
         raise
     return MergeReport(
         out=str(out),
@@ -81,6 +89,18 @@ def merge(base: str | os.PathLike, adapter: str | os.PathLike, out: str | os.Pat
         peak_memory=_peak_rss(),
         **vars(counters),
     )
+
+
+def _open_ledger(staging: Path, print_: str, resume: bool) -> Ledger:
+    """Continue the same merge's unfinished run, or start afresh."""
+    ledger = Ledger(staging, print_) if staging.is_dir() else None
+    if ledger is None or not ledger.resumable:
+        if resume:
+            raise LorafuseError(f"there is no unfinished run of this merge to resume ({staging} holds none); run without --resume")
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        ledger = Ledger(staging, print_)
+    return ledger
 
 
 def _settings(plan: Plan, device: str) -> dict:

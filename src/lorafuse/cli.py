@@ -25,7 +25,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lorafuse: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("lorafuse: interrupted; nothing was written to the output folder", file=sys.stderr)
+        print("lorafuse: interrupted; the output folder was not touched, and running the same command again "
+              "continues from the last finished shard", file=sys.stderr)
         return 130
     except Exception:
         traceback.print_exc()
@@ -43,6 +44,8 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("out", metavar="OUT", help="output folder (written atomically)")
     m.add_argument("--device", default="cpu", help="where the delta arithmetic runs: cpu (default) or cuda")
     m.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    m.add_argument("--resume", action="store_true",
+                   help="insist on continuing an interrupted run of this merge (a rerun continues one anyway)")
     m.add_argument("--quiet", action="store_true", help="print nothing but errors")
     m.add_argument("--json", action="store_true", help="print the report as JSON")
     m.set_defaults(run=_merge)
@@ -60,6 +63,13 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--compare-base", metavar="OTHER", help="another version of the base (e.g. the 4-bit one the adapter was trained on)")
     i.add_argument("--json", action="store_true", help="print the rows as JSON")
     i.set_defaults(run=_inspect)
+
+    v = commands.add_parser("verify", help="check a merged folder: manifest hashes, headers, index, NaN/Inf, and a recomputed sample")
+    v.add_argument("out", metavar="OUT")
+    v.add_argument("--base", help="the base it was merged from: recompute a sample of merged tensors")
+    v.add_argument("--adapter", help="the adapter it was merged from")
+    v.add_argument("--sample", type=int, default=8, help="merged tensors to recompute (default 8)")
+    v.set_defaults(run=_verify)
 
     d = commands.add_parser("demo", help="build a tiny base and adapter, merge them, check the result")
     d.add_argument("--keep", metavar="DIR", help="keep the demo's files in DIR")
@@ -112,7 +122,7 @@ def _merge(args) -> int:
     try:
         report = merge(args.base, args.adapter, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size,
                        save_method=args.save_method,
-                       device=args.device, force=args.force, on_plan=on_plan, on_progress=(lambda n: bar.update(n)) if show else None)
+                       device=args.device, force=args.force, resume=args.resume, on_plan=on_plan, on_progress=(lambda n: bar.update(n)) if show else None)
     finally:
         if bar is not None:
             bar.close()
@@ -163,6 +173,19 @@ def _inspect(args) -> int:
 
     rows = inspect(args.base, args.adapter, args.compare_base)
     print(json.dumps([asdict(r) for r in rows], indent=2) if args.json else "\n".join(describe_rows(rows)))
+    return 0
+
+
+def _verify(args) -> int:
+    from .verify import verify
+
+    problems = verify(args.out, args.base, args.adapter, args.sample)
+    for problem in problems:
+        print(f"problem  {problem}", file=sys.stderr)
+    if problems:
+        raise LorafuseError(f"{args.out} failed verification with {len(problems)} problem(s), listed above")
+    print(f"ok       {args.out}: manifest, headers, index and values check out"
+          + (f"; {args.sample} merged tensors recomputed from base and adapter agree" if args.base else ""))
     return 0
 
 

@@ -20,16 +20,18 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 
 from .errors import LorafuseError
 from .formats.safetensors import TensorSlot, torch_dtype
+from .manifest import Ledger, sha256_file
 from .plan import PIPELINE_DEPTH, Plan, TensorPlan
 from .quant import QuantizedTensor, bnb
 
 COPY_CHUNK = 64 << 20
+PARTIAL = ".partial"
 
 
 @dataclass
@@ -39,6 +41,7 @@ class Counters:
     tensors_copied: int = 0
     bytes_read: int = 0
     bytes_written: int = 0
+    shards_resumed: int = 0
 
 
 class _Files:
@@ -76,15 +79,22 @@ class _Buffers(threading.local):
         return buf[:nbytes]
 
 
-def write_shards(plan: Plan, folder: Path, device: torch.device, on_progress: Callable[[int], None] | None = None) -> Counters:
-    """Write every shard of the plan into `folder`; returns what was done."""
+def write_shards(plan: Plan, folder: Path, device: torch.device, ledger: Ledger,
+                 on_progress: Callable[[int], None] | None = None) -> Counters:
+    """Write the shards of the plan that the ledger does not hold finished into `folder`.
+
+    Each shard is written as `NAME.partial`, and only when its last tensor is in is it fsynced,
+    renamed to NAME, hashed and recorded in the ledger: a crash at any point leaves finished shards
+    a rerun can trust and partial ones it redoes.
+    """
     counters = Counters()
     lock = threading.Lock()
     sources = _Files()
     buffers = _Buffers()
-    outputs = []
+    outputs: dict[str, int] = {}
+    remaining: dict[str, int] = {}
 
-    def job(fd: int, slots: tuple[TensorSlot, ...], tensor: TensorPlan) -> None:
+    def job(fd: int, slots: tuple[TensorSlot, ...], tensor: TensorPlan, shard) -> None:
         if tensor.is_copy:
             refs = [ref for _, ref in tensor.source.parts.values()] if isinstance(tensor.source, QuantizedTensor) else [tensor.source]
             for slot, ref in zip(slots, refs, strict=True):
@@ -110,26 +120,51 @@ def write_shards(plan: Plan, folder: Path, device: torch.device, on_progress: Ca
             counters.bytes_written += written
         if on_progress:
             on_progress(written)
+        with lock:
+            remaining[shard.filename] -= 1
+            last = remaining[shard.filename] == 0
+        if last:
+            with lock:
+                fd = outputs.pop(shard.filename)
+            _finish_shard(folder, shard, fd, ledger)
 
-    try:
-        jobs = []
+    def jobs():
+        """Shard by shard, each opened only when the pipeline reaches it."""
         for shard in plan.shards:
-            fd = os.open(folder / shard.filename, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            outputs.append(fd)
+            if ledger.finished(shard.filename, shard.size):
+                counters.shards_resumed += 1
+                if on_progress:
+                    on_progress(shard.size - len(shard.header))
+                continue
+            fd = os.open(folder / (shard.filename + PARTIAL), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            with lock:
+                outputs[shard.filename] = fd
+                remaining[shard.filename] = len(shard.tensors)
             _write_bytes(fd, memoryview(shard.header), 0)
             os.ftruncate(fd, shard.size)
-            jobs.extend((fd, slots, tensor) for slots, tensor in zip(shard.slots, shard.tensors))
+            for slots, tensor in zip(shard.slots, shard.tensors):
+                yield fd, slots, tensor, shard
+
+    try:
         with _intra_op_threads(max(1, (os.cpu_count() or 1) // PIPELINE_DEPTH)):
-            _run_bounded(job, jobs)
-        for fd in outputs:
-            os.fsync(fd)
+            _run_bounded(job, jobs())
     except OSError as e:
         raise _disk_error(e, folder) from None
     finally:
-        for fd in outputs:
+        for fd in outputs.values():
             os.close(fd)
         sources.close()
+        for partial in folder.glob("*" + PARTIAL):
+            partial.unlink()
     return counters
+
+
+def _finish_shard(folder: Path, shard, fd: int, ledger: Ledger) -> None:
+    """Make a complete shard durable under its real name, then record it as finished."""
+    os.fsync(fd)
+    os.close(fd)
+    os.rename(folder / (shard.filename + PARTIAL), folder / shard.filename)
+    ledger.record(shard.filename, shard.size, sha256_file(folder / shard.filename))
 
 
 @contextlib.contextmanager
@@ -144,7 +179,7 @@ def _intra_op_threads(n: int):
         torch.set_num_threads(before)
 
 
-def _run_bounded(job: Callable, jobs: list[tuple]) -> None:
+def _run_bounded(job: Callable, jobs: Iterable[tuple]) -> None:
     """Run jobs on PIPELINE_DEPTH threads, submitting only a few ahead so memory stays bounded."""
     with ThreadPoolExecutor(PIPELINE_DEPTH, thread_name_prefix="lorafuse") as pool:
         pending: deque = deque()

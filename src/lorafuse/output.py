@@ -6,10 +6,12 @@ complete, so OUT is either absent, the previous folder (with --force), or the fi
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
 import shutil
+import tempfile
 from pathlib import Path
 
 from huggingface_hub import ModelCard, ModelCardData
@@ -41,8 +43,11 @@ def check_target(out: Path, force: bool) -> None:
     parent = out.absolute().parent
     if not parent.is_dir():
         raise LorafuseError(f"the parent folder of {out} does not exist; create it first")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise LorafuseError(f"cannot write to {parent} (permission denied); choose another output folder")
+    try:  # a real probe: root passes access() checks on folders it cannot write (read-only mounts)
+        os.rmdir(tempfile.mkdtemp(prefix=".lorafuse-probe-", dir=parent))
+    except OSError as e:
+        why = "it is on a read-only file system" if e.errno == errno.EROFS else e.strerror.lower()
+        raise LorafuseError(f"cannot write to {parent}: {why}; choose another output folder") from None
 
 
 def write_metadata(plan: Plan, folder: Path, settings: dict) -> None:

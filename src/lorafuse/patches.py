@@ -15,8 +15,9 @@ import torch
 from .errors import LorafuseError
 
 
-def _load(ref, device: torch.device) -> torch.Tensor:
-    return ref.read().to(device=device, dtype=torch.float32)
+def _load(ref, like: torch.Tensor) -> torch.Tensor:
+    """An adapter tensor in the precision and on the device of the weight it patches (fp32 when merging)."""
+    return ref.read().to(device=like.device, dtype=like.dtype)
 
 
 def _mismatch(origin: str, what: str, got, want) -> LorafuseError:
@@ -50,7 +51,7 @@ class Replace:
         return new
 
     def apply(self, w: torch.Tensor) -> torch.Tensor:
-        return _load(self.source, w.device)
+        return _load(self.source, w)
 
 
 @dataclass(frozen=True)
@@ -118,7 +119,7 @@ class LoRA:
         return tuple(shape)
 
     def apply(self, w: torch.Tensor) -> torch.Tensor:
-        A, B = _load(self.A, w.device), _load(self.B, w.device)
+        A, B = _load(self.A, w), _load(self.B, w)
         if A.dim() > 2:  # conv: flatten the kernel into the input dimension
             w.view(w.shape[0], -1).addmm_(B.reshape(B.shape[0], -1), A.reshape(A.shape[0], -1), alpha=self.scale)
             return w
@@ -128,7 +129,7 @@ class LoRA:
         else:
             w.addmm_(B, A, alpha=self.scale)
         if self.magnitude is not None:
-            m = _load(self.magnitude, w.device)
+            m = _load(self.magnitude, w)
             if transposed:  # norm over the rows of each column (output feature)
                 w.mul_((m / torch.linalg.vector_norm(w, dim=0)).view(1, -1))
             else:
@@ -159,7 +160,7 @@ class AddBias:
         return tuple(shape)
 
     def apply(self, w: torch.Tensor) -> torch.Tensor:
-        return w.add_(_load(self.bias, w.device), alpha=self.scale)
+        return w.add_(_load(self.bias, w), alpha=self.scale)
 
 
 @dataclass(frozen=True)
@@ -190,7 +191,7 @@ class ReplaceRows:
 
     def apply(self, w: torch.Tensor) -> torch.Tensor:
         index = torch.tensor(self.indices, device=w.device)
-        return w.index_copy_(0, index, _load(self.rows, w.device))
+        return w.index_copy_(0, index, _load(self.rows, w))
 
 
 Patch = Replace | LoRA | AddBias | ReplaceRows

@@ -156,8 +156,8 @@ def make_plan(base: str | os.PathLike, adapter: str | os.PathLike, out: str | os
     config = dict(checkpoint.config)
     notes: list[str] = []
 
-    names = _resolve_names(checkpoint, patches, adapter_obj)
     sources, quant_method = logical_tensors(checkpoint.tensors, config)
+    names = _resolve_names(checkpoint, patches, adapter_obj)
     base_quantization = config.pop("quantization_config", None)
     if quant_method and save_method == "merged_16bit":
         notes.append(f"the base is quantized ({quant_method}): its weights are dequantized and the output is 16-bit")

@@ -76,30 +76,34 @@ def quantize_fp8_block(weight: torch.Tensor, block: tuple[int, int] = (128, 128)
 def claim(tensors, config: dict) -> dict:
     """FP8 weights by name: `X.weight` F8_E4M3 with `X.weight_scale_inv` (blocks from the config's
     `weight_block_size`) or `X.weight_scale` (per tensor or channel). `X.input_scale` only concerns
-    activations and is dropped with the weight's other parts."""
+    activations and is dropped with the weight's other parts, as is `X.activation_scale`."""
     from functools import partial
 
     from .base import QuantizedTensor
     from .bnb import _safetensors_name
 
     qconfig = config.get("quantization_config") or {}
-    block = tuple(qconfig.get("weight_block_size") or (128, 128))
+    block = qconfig.get("weight_block_size", (128, 128))  # null: one scale per tensor (FineGrainedFP8)
     dtype = _safetensors_name(config.get("dtype") or config.get("torch_dtype") or "bfloat16")
     found = {}
     for key, ref in tensors.items():
         if ref.dtype != "F8_E4M3" or not key.endswith(".weight"):
             continue
         module = key[: -len(".weight")]
-        if f"{key}_scale_inv" in tensors:
+        if f"{key}_scale_inv" in tensors and block is None:  # a scalar weight_scale_inv multiplies, like weight_scale
+            parts = {"weight": (key, ref), "scale": (f"{key}_scale_inv", tensors[f"{key}_scale_inv"])}
+            decode, method = _decode_scaled, "fp8-scaled"
+        elif f"{key}_scale_inv" in tensors:
             parts = {"weight": (key, ref), "scale_inv": (f"{key}_scale_inv", tensors[f"{key}_scale_inv"])}
-            decode, method = partial(_decode_block, block=block), "fp8-block"
+            decode, method = partial(_decode_block, block=tuple(block)), "fp8-block"
         elif f"{key}_scale" in tensors:
             parts = {"weight": (key, ref), "scale": (f"{key}_scale", tensors[f"{key}_scale"])}
             decode, method = _decode_scaled, "fp8-scaled"
         else:
             raise LorafuseError(f"FP8 weight {key} has neither weight_scale_inv nor weight_scale beside it")
-        if f"{module}.input_scale" in tensors:
-            parts["input_scale"] = (f"{module}.input_scale", tensors[f"{module}.input_scale"])
+        for extra in ("input_scale", "activation_scale"):  # activation scales: meaningless once dequantized
+            if f"{module}.{extra}" in tensors:
+                parts[extra] = (f"{module}.{extra}", tensors[f"{module}.{extra}"])
         found[key] = QuantizedTensor(key, method, parts, tuple(ref.shape), dtype, decode)
     return found
 

@@ -1,0 +1,119 @@
+"""What makes a merge resumable and checkable: a ledger of finished shards, and a manifest in OUT.
+
+While a merge runs, the staging folder keeps a ledger: the plan's fingerprint and, for each finished
+shard, its size and SHA-256. A rerun of the same merge (same inputs, same settings, hence the same
+fingerprint) trusts a finished shard only after re-hashing it, and redoes the rest. The finished
+OUT holds `lorafuse-manifest.json`: every file's size and SHA-256, the settings and the identity of
+base and adapter, so a published merge can be checked (`lorafuse verify`) and reproduced.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+from pathlib import Path
+
+from . import __version__ as VERSION
+from .plan import Plan
+
+MANIFEST = "lorafuse-manifest.json"
+LEDGER = ".lorafuse-ledger.json"
+HASH_CHUNK = 16 << 20
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb", buffering=0) as f:
+        buf = bytearray(HASH_CHUNK)
+        view = memoryview(buf)
+        while n := f.readinto(buf):
+            digest.update(view[:n])
+    return digest.hexdigest()
+
+
+def identity(plan: Plan) -> dict:
+    """Base and adapter as they were: config hashes and weight file sizes."""
+    base, adapter = plan.base, plan.adapter
+    return {
+        "base": {
+            "path": str(base.folder),
+            "config_sha256": _sha256_bytes(json.dumps(base.config, sort_keys=True).encode()),
+            "files": {p.name: p.stat().st_size for p in base.weight_files},
+        },
+        "adapter": {
+            "path": str(adapter.folder),
+            "config_sha256": _sha256_bytes(json.dumps(adapter.config, sort_keys=True).encode()),
+            "files": {adapter.weights_file.name: adapter.weights_file.stat().st_size},
+        },
+    }
+
+
+def fingerprint(plan: Plan, settings: dict) -> str:
+    """Equal for two runs exactly when they would write the same shards."""
+    ident = identity(plan)
+    for side in ident.values():
+        side.pop("path")
+    layout = [[s.filename, _sha256_bytes(s.header)] for s in plan.shards]
+    return _sha256_bytes(json.dumps([VERSION, ident, settings, layout], sort_keys=True).encode())
+
+
+def _sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class Ledger:
+    """The staging folder's record of finished shards."""
+
+    def __init__(self, staging: Path, print_: str) -> None:
+        self.path = staging / LEDGER
+        self.fingerprint = print_
+        self.shards: dict[str, dict] = {}
+        self._lock = threading.Lock()  # shards finish on different threads
+        try:
+            saved = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return
+        if isinstance(saved, dict) and saved.get("fingerprint") == print_ and isinstance(saved.get("shards"), dict):
+            self.shards = saved["shards"]
+
+    @property
+    def resumable(self) -> bool:
+        return bool(self.shards)
+
+    def finished(self, filename: str, size: int) -> bool:
+        """A shard counts as finished only if it is there, whole, and hashes as recorded."""
+        entry = self.shards.get(filename)
+        path = self.path.parent / filename
+        ok = bool(entry) and path.is_file() and path.stat().st_size == size == entry.get("size") \
+            and sha256_file(path) == entry.get("sha256")
+        if not ok:
+            self.shards.pop(filename, None)
+        return ok
+
+    def record(self, filename: str, size: int, sha256: str) -> None:
+        with self._lock:
+            self.shards[filename] = {"size": size, "sha256": sha256}
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"fingerprint": self.fingerprint, "shards": self.shards}, indent=1))
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, self.path)
+
+    def discard(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def write_manifest(plan: Plan, folder: Path, settings: dict, shard_hashes: dict[str, str]) -> None:
+    """Hash every file of the finished output (shards were hashed as they completed)."""
+    files = {}
+    for path in sorted(folder.iterdir()):
+        if path.name in (MANIFEST, LEDGER) or not path.is_file():
+            continue
+        files[path.name] = {"size": path.stat().st_size, "sha256": shard_hashes.get(path.name) or sha256_file(path)}
+    manifest = {"lorafuse": VERSION, "settings": settings, **identity(plan), "files": files}
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")

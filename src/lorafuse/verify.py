@@ -1,0 +1,131 @@
+"""`lorafuse verify OUT`: is a merged model folder whole, unaltered and finite, and (given base and
+adapter) are its merged tensors right?
+
+Checks, one tensor in memory at a time: the manifest's size and SHA-256 of every file; every shard's
+header (strictly, as when reading a base); the index against the shards; no NaN or Inf in any
+floating tensor; and with --base/--adapter, a sample of merged tensors recomputed in float64 from
+the inputs, which must agree with the output to within one rounding to its dtype.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .errors import LorafuseError
+from .execute import _all_finite
+from .formats.safetensors import FLOAT_DTYPES, read_header, torch_dtype
+from .manifest import MANIFEST, sha256_file
+from .plan import make_plan
+from .quant import QuantizedTensor
+from .sources.local import INDEX, SINGLE
+
+FP32_SLACK = 64 * torch.finfo(torch.float32).eps
+
+
+def verify(out: str | Path, base: str | Path | None = None, adapter: str | Path | None = None, sample: int = 8) -> list[str]:
+    """Everything wrong with OUT, as one line each; an empty list means it passed."""
+    out = Path(out)
+    if not out.is_dir():
+        raise LorafuseError(f"{out} is not a folder")
+    if (base is None) != (adapter is None):
+        raise LorafuseError("pass both --base and --adapter to recompute merged tensors, or neither")
+    problems = _check_manifest(out)
+    headers = {}
+    for name in _shard_names(out, problems):
+        try:
+            headers[name] = read_header(out / name)
+        except LorafuseError as e:
+            problems.append(str(e))
+    for name, header in headers.items():
+        for key, ref in header.tensors.items():
+            if ref.dtype in FLOAT_DTYPES and not _all_finite(ref.read()):
+                problems.append(f"{name}: tensor {key} holds NaN or Inf values")
+    if base is not None and not problems:
+        problems += _recompute(out, headers, base, adapter, sample)
+    return problems
+
+
+def _check_manifest(out: Path) -> list[str]:
+    path = out / MANIFEST
+    if not path.is_file():
+        return [f"{out} has no {MANIFEST}; only merges written by lorafuse can be checked against one"]
+    try:
+        files = json.loads(path.read_text())["files"]
+    except (ValueError, KeyError, TypeError):
+        return [f"{path} is not a valid lorafuse manifest"]
+    problems = []
+    for name, entry in files.items():
+        file = out / name
+        if not file.is_file():
+            problems.append(f"{name} is listed in the manifest but missing")
+        elif file.stat().st_size != entry.get("size"):
+            problems.append(f"{name} is {file.stat().st_size} bytes, the manifest says {entry.get('size')}")
+        elif sha256_file(file) != entry.get("sha256"):
+            problems.append(f"{name} does not match its SHA-256 in the manifest (modified or corrupted)")
+    return problems
+
+
+def _shard_names(out: Path, problems: list[str]) -> list[str]:
+    """The shards the index names, after checking the index against their headers."""
+    index = out / INDEX
+    if not index.is_file():
+        if not (out / SINGLE).is_file():
+            problems.append(f"{out} has neither {SINGLE} nor {INDEX}")
+            return []
+        return [SINGLE]
+    try:
+        data = json.loads(index.read_text())
+        weight_map, total = data["weight_map"], data["metadata"]["total_size"]
+    except (ValueError, KeyError, TypeError):
+        problems.append(f"{INDEX} is not a valid index")
+        return []
+    names = sorted(set(weight_map.values()))
+    found, size = {}, 0
+    for name in names:
+        if not (out / name).is_file():
+            problems.append(f"{INDEX} names {name}, which is missing")
+            continue
+        try:
+            for key, ref in read_header(out / name).tensors.items():
+                found[key] = name
+                size += ref.nbytes
+        except LorafuseError:
+            pass  # reported by the caller's header check
+    for key, name in weight_map.items():
+        if found.get(key) != name:
+            problems.append(f"{INDEX} places {key} in {name}, which does not hold it")
+    for key in found.keys() - weight_map.keys():
+        problems.append(f"{found[key]} holds {key}, which {INDEX} does not list")
+    if size != total:
+        problems.append(f"{INDEX} says total_size {total}, the shards hold {size} bytes of tensors")
+    return [n for n in names if (out / n).is_file()]
+
+
+def _recompute(out: Path, headers: dict, base, adapter, sample: int) -> list[str]:
+    """A spread-out sample of merged tensors, recomputed in float64 and compared with OUT."""
+    manifest = json.loads((out / MANIFEST).read_text())["settings"]
+    dtype = {"auto": "auto", "F32": "fp32", "BF16": "bf16", "F16": "fp16"}.get(manifest.get("output dtype"), "auto")
+    plan = make_plan(base, adapter, dtype=dtype)
+    refs = {k: r for h in headers.values() for k, r in h.tensors.items()}
+    merged = plan.merged
+    n = min(sample, len(merged))
+    chosen = [merged[round(i * (len(merged) - 1) / max(1, n - 1))] for i in range(n)]
+    problems = []
+    for tensor in dict.fromkeys(chosen):
+        if tensor.name not in refs or refs[tensor.name].dtype != tensor.dtype:
+            problems.append(f"{tensor.name} is missing from OUT or has another dtype than the merge gives")
+            continue
+        src = tensor.source
+        exact = src.dequantize().double() if isinstance(src, QuantizedTensor) else src.read().double()
+        for patch in tensor.patches:
+            exact = patch.apply(exact)
+        got = refs[tensor.name].read().double()
+        # one rounding to the output dtype (half a step), plus fp32 arithmetic error at the tensor's scale
+        half_step = 0.5 * torch.finfo(torch_dtype(tensor.dtype)).eps * torch.maximum(exact.abs(), got.abs())
+        bound = half_step + FP32_SLACK * exact.abs().max()
+        if got.shape != exact.shape or bool(((got - exact).abs() > bound).any()):
+            problems.append(f"{tensor.name} differs from the merge recomputed from base and adapter")
+    return problems

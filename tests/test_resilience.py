@@ -1,0 +1,246 @@
+"""Resilience: interrupted merges resume to identical bytes; `lorafuse verify` catches damaged outputs."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import lorafuse
+from conftest import make_adapter, tree_hash
+from lorafuse.manifest import LEDGER, MANIFEST, sha256_file
+from lorafuse.output import staging_folder
+
+SHARD = "8KB"  # the tiny model in about 8 shards
+
+
+@pytest.fixture(scope="module")
+def inputs(tiny_base, artefacts):
+    from peft import LoraConfig
+
+    base = tiny_base("llama", "bf16")
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj", "up_proj"], init_lora_weights=False)
+    return base, artefacts.get("resume-adapter", lambda d: make_adapter(base, d, config))
+
+
+@pytest.fixture(scope="module")
+def reference(inputs, tmp_path_factory):
+    """An uninterrupted merge, file by file."""
+    out = tmp_path_factory.mktemp("reference") / "out"
+    lorafuse.merge(*inputs, out, max_shard_size=SHARD)
+    return tree_hash(out)
+
+
+KILL_AFTER_SHARDS = """
+import os, sys
+import lorafuse.execute as execute
+finish, done = execute._finish_shard, []
+def dying_finish(*args):
+    finish(*args)
+    done.append(1)
+    if len(done) == int(sys.argv[1]):
+        os._exit(137)  # no cleanup at all, as after SIGKILL or a power cut
+execute._finish_shard = dying_finish
+from lorafuse.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def _run_killed(after: int, *argv) -> int:
+    return subprocess.run([sys.executable, "-c", KILL_AFTER_SHARDS, str(after), *map(str, argv)], capture_output=True).returncode
+
+
+def test_killed_merge_resumes_to_identical_output(inputs, reference, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert _run_killed(3, "merge", *inputs, out, "--max-shard-size", SHARD, "--quiet") == 137
+    staging = staging_folder(out)
+    assert not out.exists() and len(json.loads((staging / LEDGER).read_text())["shards"]) == 3
+    report = lorafuse.merge(*inputs, out, max_shard_size=SHARD, resume=True)
+    assert report.shards_resumed == 3 and report.shards > 3
+    assert tree_hash(out) == reference
+    assert not staging.exists()
+
+
+INTERRUPT_AFTER_SHARDS = KILL_AFTER_SHARDS.replace("os._exit(137)", "os.kill(os.getpid(), __import__('signal').SIGINT)")
+
+
+def test_ctrl_c_exits_cleanly_and_resumes(inputs, reference, tmp_path):
+    out = tmp_path / "out"
+    argv = ["merge", *inputs, out, "--max-shard-size", SHARD, "--quiet"]
+    done = subprocess.run([sys.executable, "-c", INTERRUPT_AFTER_SHARDS, "2", *map(str, argv)], capture_output=True, text=True)
+    assert done.returncode == 130
+    assert done.stderr.strip().startswith("lorafuse: interrupted") and len(done.stderr.strip().splitlines()) == 1
+    assert not out.exists() and not list(staging_folder(out).glob("*.partial"))
+    assert lorafuse.merge(*inputs, out, max_shard_size=SHARD).shards_resumed >= 2
+    assert tree_hash(out) == reference
+
+
+def test_tampered_finished_shard_is_redone(inputs, reference, tmp_path):
+    out = tmp_path / "out"
+    assert _run_killed(2, "merge", *inputs, out, "--max-shard-size", SHARD, "--quiet") == 137
+    staging = staging_folder(out)
+    shard = next(p for p in staging.glob("model-*.safetensors"))
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    report = lorafuse.merge(*inputs, out, max_shard_size=SHARD)
+    assert report.shards_resumed == 1
+    assert tree_hash(out) == reference
+
+
+def test_other_settings_start_afresh(inputs, reference, tmp_path):
+    out = tmp_path / "out"
+    assert _run_killed(2, "merge", *inputs, out, "--max-shard-size", SHARD, "--dtype", "fp32", "--quiet") == 137
+    report = lorafuse.merge(*inputs, out, max_shard_size=SHARD)
+    assert report.shards_resumed == 0
+    assert tree_hash(out) == reference
+
+
+def test_resume_without_an_unfinished_run_is_an_error(inputs, tmp_path):
+    with pytest.raises(lorafuse.LorafuseError, match="no unfinished run"):
+        lorafuse.merge(*inputs, tmp_path / "out", resume=True)
+    assert not list(tmp_path.iterdir())
+
+
+def test_manifest_records_every_file(inputs, tmp_path):
+    out = tmp_path / "out"
+    lorafuse.merge(*inputs, out, max_shard_size=SHARD)
+    manifest = json.loads((out / MANIFEST).read_text())
+    files = {p.name for p in out.iterdir()} - {MANIFEST}
+    assert set(manifest["files"]) == files
+    for name, entry in manifest["files"].items():
+        assert entry == {"size": (out / name).stat().st_size, "sha256": sha256_file(out / name)}
+    assert manifest["settings"]["output dtype"] == "auto"
+    assert set(manifest["base"]["files"]) == {"model.safetensors"} and manifest["adapter"]["config_sha256"]
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 70 MB tmpfs (root only): room for lorafuse's free-space margin, then filled on demand."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=70m", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_disk_full_part_way_then_resume(inputs, reference, small_disk):
+    out, filler = small_disk / "out", small_disk / "filler"
+
+    def fill_disk(plan):  # another program fills the disk once the merge has started
+        free = os.statvfs(small_disk).f_bavail * os.statvfs(small_disk).f_frsize
+        filler.write_bytes(b"\0" * (free - 5 * 8_000))
+
+    before = tree_hash(inputs[0]), tree_hash(inputs[1])
+    with pytest.raises(lorafuse.LorafuseError, match="disk .* is full; free space and run the same command again"):
+        lorafuse.merge(*inputs, out, max_shard_size=SHARD, on_plan=fill_disk)
+    staging = staging_folder(out)
+    assert not out.exists() and not list(staging.glob("*.partial"))
+    assert (tree_hash(inputs[0]), tree_hash(inputs[1])) == before
+    filler.unlink()
+    report = lorafuse.merge(*inputs, out, max_shard_size=SHARD)
+    assert report.shards_resumed >= 1
+    assert tree_hash(out) == reference
+
+
+def test_read_only_file_system(inputs, tmp_path):
+    mount = tmp_path / "ro"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        with pytest.raises(lorafuse.LorafuseError, match="read-only file system; choose another output folder"):
+            lorafuse.merge(*inputs, mount / "out")
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_permission_denied(inputs, tmp_path):
+    parent = tmp_path / "locked"
+    parent.mkdir(mode=0o500)
+    if os.access(parent, os.W_OK) and os.geteuid() == 0:
+        pytest.skip("root writes into folders without write permission")
+    with pytest.raises(lorafuse.LorafuseError, match="permission denied"):
+        lorafuse.merge(*inputs, parent / "out")
+
+
+def _rewrite_manifest(out: Path) -> None:
+    """Make the manifest agree with the files again, as a careless tool that rewrote it would."""
+    manifest = json.loads((out / MANIFEST).read_text())
+    for name in manifest["files"]:
+        manifest["files"][name] = {"size": (out / name).stat().st_size, "sha256": sha256_file(out / name)}
+    (out / MANIFEST).write_text(json.dumps(manifest))
+
+
+def _overwrite_tensor(out: Path, key: str, values) -> None:
+    from lorafuse.formats.safetensors import read_header
+
+    for shard in out.glob("*.safetensors"):
+        ref = read_header(shard).tensors.get(key)
+        if ref is not None:
+            with open(shard, "r+b") as f:
+                f.seek(ref.offset)
+                f.write(values(ref).reshape(-1).view(__import__("torch").uint8).numpy().tobytes())
+            return
+    raise KeyError(key)
+
+
+@pytest.fixture
+def merged(inputs, tmp_path):
+    out = tmp_path / "out"
+    lorafuse.merge(*inputs, out, max_shard_size=SHARD)
+    return out
+
+
+def test_verify_passes_a_clean_merge(inputs, merged):
+    from lorafuse.verify import verify
+
+    assert verify(merged) == []
+    assert verify(merged, *inputs, sample=100) == []
+
+
+def test_verify_catches_a_flipped_bit(merged):
+    from lorafuse.verify import verify
+
+    shard = sorted(merged.glob("model-*.safetensors"))[1]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 1
+    shard.write_bytes(bytes(data))
+    assert verify(merged) == [f"{shard.name} does not match its SHA-256 in the manifest (modified or corrupted)"]
+
+
+def test_verify_recomputes_merged_tensors(inputs, merged):
+    """A wrong merged tensor with a matching manifest is caught only by recomputing from the inputs."""
+    from lorafuse.verify import verify
+
+    key = "model.layers.1.mlp.down_proj.weight"
+    _overwrite_tensor(merged, key, lambda ref: ref.read() * 1.1)  # as a wrong scale would
+    _rewrite_manifest(merged)
+    assert verify(merged) == []
+    assert verify(merged, *inputs, sample=100) == [f"{key} differs from the merge recomputed from base and adapter"]
+
+
+def test_verify_catches_nan_and_index_errors(merged):
+    from lorafuse.verify import verify
+
+    _overwrite_tensor(merged, "model.norm.weight", lambda ref: ref.read() * float("nan"))
+    index = json.loads((merged / "model.safetensors.index.json").read_text())
+    index["weight_map"]["model.norm.weight"] = "model-00099-of-00099.safetensors"
+    (merged / "model.safetensors.index.json").write_text(json.dumps(index))
+    _rewrite_manifest(merged)
+    problems = verify(merged)
+    assert any("holds NaN or Inf" in p for p in problems)
+    assert any("model-00099-of-00099.safetensors, which is missing" in p for p in problems)
+
+
+def test_verify_cli_exit_codes(inputs, merged, capsys):
+    from lorafuse.cli import main
+
+    assert main(["verify", str(merged), "--base", str(inputs[0]), "--adapter", str(inputs[1])]) == 0
+    (merged / "config.json").write_text("{}")
+    assert main(["verify", str(merged)]) == 2
+    err = capsys.readouterr().err
+    assert "problem  config.json is 2 bytes, the manifest says" in err and "failed verification with 1 problem(s)" in err
