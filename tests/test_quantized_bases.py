@@ -618,3 +618,72 @@ def test_no_read_is_larger_than_one_stored_tensor(variant, artefacts, tmp_path, 
     parts = [ref for t in plan.tensors if isinstance(t.source, QuantizedTensor) for _, ref in t.source.parts.values()]
     assert sum(n for _, n in from_base) >= sum(r.nbytes for r in parts)
     assert all(any(off == r.offset for off, _ in from_base) for r in parts)
+
+
+# --- merged_4bit output and the QLoRA comparison ----------------------------------------------------
+
+@needs_bnb
+@pytest.mark.parametrize("source", ["16bit", "nf4-double"])
+def test_merged_4bit_is_what_bitsandbytes_writes(source, artefacts, tmp_path):
+    """save_method merged_4bit: transformers + bitsandbytes load OUT as Linear4bit layers whose packed
+    weights and statistics are bitsandbytes' own quantize_4bit of the 16-bit merge, bit for bit, and
+    whose logits stay within 4-bit quantization error of the 16-bit merge."""
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM
+
+    if source == "16bit":
+        base = llama_base(artefacts, "bf16")
+        adapter = artefacts.get("m4-adapter", lambda d: make_adapter(base, d, LoraConfig(**LORA)))
+    else:
+        base, adapter = bnb_checkpoint(artefacts, BNB[0])
+    plan = lorafuse.plan(base, adapter, save_method="merged_4bit")
+    assert any("re-quantized to NF4" in n and "loses precision" in n for n in plan.notes)
+    lorafuse.merge(base, adapter, tmp_path / "m16")
+    lorafuse.merge(base, adapter, tmp_path / "m4", save_method="merged_4bit")
+    model, info = AutoModelForCausalLM.from_pretrained(tmp_path / "m4", device_map="cpu", output_loading_info=True)
+    assert not any(info.values()), info
+    assert all(isinstance(getattr(layer.self_attn, p), bitsandbytes.nn.Linear4bit)
+               for layer in model.model.layers for p in ("q_proj", "k_proj", "v_proj", "o_proj"))
+    sixteen, four, original = read_tensors(tmp_path / "m16"), read_tensors(tmp_path / "m4"), read_tensors(base)
+    merged = {t.name for t in plan.merged}
+    for name in [n for n in sixteen if is_linear_weight(n)]:
+        if source != "16bit" and name not in merged:  # untouched 4-bit weights are copied as they were
+            parts = [k for k in original if k == name or k.startswith(name + ".")]
+            assert all(same_bits(four[k], original[k]) for k in parts), name
+            continue
+        packed, state = BF.quantize_4bit(sixteen[name], blocksize=64, compress_statistics=True, quant_type="nf4")
+        assert torch.equal(four[name].view(-1), packed.view(-1)), name
+        assert torch.equal(four[f"{name}.absmax"], state.absmax), name
+        assert torch.equal(four[f"{name}.nested_absmax"], state.state2.absmax), name
+    if source == "16bit":  # the oracle: transformers quantizing the 16-bit merge itself when loading it
+        import transformers as tf
+
+        oracle = AutoModelForCausalLM.from_pretrained(
+            tmp_path / "m16", device_map="cpu", quantization_config=tf.BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=torch.bfloat16)).eval()
+        with torch.no_grad():
+            assert torch.equal(model.eval()(input_ids()).logits, oracle(input_ids()).logits)
+
+
+@needs_bnb
+def test_inspect_compares_the_adapter_with_the_quantization_gap(artefacts, capsys):
+    """inspect --compare-base: per weight, ‖ΔW‖ of the adapter and ‖W16 − dequant(W4)‖, and the plan
+    of a merge into the 16-bit base names the 4-bit checkpoint the adapter was trained on."""
+    from lorafuse.cli import main
+    from lorafuse.inspect import inspect
+
+    quantized, adapter = bnb_checkpoint(artefacts, BNB[0])
+    base16 = llama_base(artefacts, "bf16")
+    rows = inspect(base16, adapter, compare_base=quantized)
+    assert [r.name for r in rows[:-1]] == [t.name for t in lorafuse.plan(base16, adapter).merged]
+    dequantized = bnb_dequantized(quantized, torch.float32)
+    w16 = read_tensors(base16)
+    for row in rows[:-1]:
+        gap = torch.linalg.vector_norm(w16[row.name].float() - dequantized[row.name][0].float()).item()
+        assert row.gap_norm == pytest.approx(gap, rel=1e-4)
+        assert row.delta_norm > 0
+    assert rows[-1].name == "overall" and rows[-1].gap_norm == pytest.approx(
+        sum(r.gap_norm ** 2 for r in rows[:-1]) ** 0.5)
+    assert main(["inspect", str(base16), str(adapter), "--compare-base", str(quantized)]) == 0
+    assert "overall the two bases differ by" in capsys.readouterr().out
