@@ -202,6 +202,15 @@ class _Cache:
         return self.items[key]
 
 
+@pytest.fixture
+def one_torch_thread():
+    """Tiny models: waking a second intra-op thread costs far more than the work (10x here)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def artefacts(tmp_path_factory) -> _Cache:
     """A session-wide cache of built folders: `artefacts.get(key, build)` with `build(tmp_dir) -> path`."""

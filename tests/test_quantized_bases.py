@@ -71,13 +71,7 @@ SIGNIFICANT_BITS = {torch.bfloat16: 8, torch.float16: 11}
 CONFIG_DTYPE = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """These models are tiny: waking a second intra-op thread costs far more than the work."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # --- helpers ---------------------------------------------------------------------------------------

@@ -9,7 +9,6 @@ bias="all"/"lora_only". Every tensor is claimed by exactly one patch or reported
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import warnings
@@ -19,6 +18,7 @@ from pathlib import Path
 import torch
 
 from ..errors import LorafuseError
+from ..formats.jsonfile import read_json
 from ..formats.safetensors import TORCH_TO_NAME, TensorRef, read_header
 from ..patches import AddBias, LoRA, Patch, Replace, ReplaceRows
 
@@ -84,12 +84,7 @@ def open_adapter(folder: str | Path) -> Adapter:
     config_path = folder / "adapter_config.json"
     if not config_path.is_file():
         raise LorafuseError(f"{folder} has no adapter_config.json; pass the folder PEFT's save_pretrained wrote")
-    try:
-        config = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise LorafuseError(f"{config_path} is not valid JSON ({e}); re-save the adapter") from None
-    if not isinstance(config, dict):
-        raise LorafuseError(f"{config_path} is not a JSON object; re-save the adapter")
+    config = read_json(config_path, "adapter", "re-save the adapter")
     check_config(config, config_path)
     st, pt = folder / "adapter_model.safetensors", folder / "adapter_model.bin"
     if st.is_file():

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from ..errors import LorafuseError
+from ..formats.jsonfile import read_json
 from ..formats.safetensors import TensorRef, read_header
 
 INDEX = "model.safetensors.index.json"
@@ -44,18 +44,6 @@ def open_model(folder: str | Path) -> Checkpoint:
         if name not in tensors or tensors[name].path.name != PurePosixPath(file).name:
             raise LorafuseError(f"{INDEX} places {name} in {file}, but that file does not hold it; re-download the model")
     return Checkpoint(folder, config, tensors, files)
-
-
-def read_json(path: Path, what: str) -> dict:
-    if not path.is_file():
-        raise LorafuseError(f"{what} folder {path.parent} has no {path.name}")
-    try:
-        value = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise LorafuseError(f"{path} is not valid JSON ({e})") from None
-    if not isinstance(value, dict):
-        raise LorafuseError(f"{path} is not a JSON object")
-    return value
 
 
 def _weight_files(folder: Path) -> tuple[list[Path], dict[str, str]]:
