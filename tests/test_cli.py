@@ -88,6 +88,18 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(llama, tmp_path, capsys
     assert (tree_hash(base), tree_hash(adapter)) == before
 
 
+def test_base_defaults_to_the_one_the_adapter_names(llama, tmp_path, capsys):
+    """PEFT records the base it was given (here a folder) in base_model_name_or_path."""
+    base, adapter = llama
+    assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == str(base)
+    code, out, _ = run(capsys, "plan", adapter)
+    assert code == 0 and f"base     {base}" in out
+    assert run(capsys, "merge", adapter, tmp_path / "out", "--quiet")[0] == 0
+    assert run(capsys, "merge", base, adapter, tmp_path / "out2", "--quiet")[0] == 0
+    one, two = tree_hash(tmp_path / "out"), tree_hash(tmp_path / "out2")
+    assert one["model.safetensors"] == two["model.safetensors"] and one["config.json"] == two["config.json"]
+
+
 def test_existing_output_needs_force(llama, tmp_path, capsys):
     base, adapter = llama
     out = tmp_path / "out"

@@ -39,19 +39,21 @@ class MergeReport:
         return asdict(self)
 
 
-def plan(base: str | os.PathLike, adapter: str | os.PathLike, out: str | os.PathLike | None = None, *,
+def plan(base: str | os.PathLike | None, adapter: str | os.PathLike, out: str | os.PathLike | None = None, *,
          dtype: str = "auto", max_shard_size: int | str = "5GB", save_method: str = "merged_16bit") -> Plan:
     """Plan a merge from the headers alone; nothing is written."""
     return make_plan(base, adapter, out, dtype=dtype, max_shard_size=max_shard_size, save_method=save_method)
 
 
-def merge(base: str | os.PathLike, adapter: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "auto",
+def merge(base: str | os.PathLike | None, adapter: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "auto",
           max_shard_size: int | str = "5GB", save_method: str = "merged_16bit", device: str = "cpu", force: bool = False,
           resume: bool = False,
           on_plan: Callable[[Plan], None] | None = None,
           on_progress: Callable[[int], None] | None = None) -> MergeReport:
     """Merge ADAPTER into BASE and write a standalone model to OUT.
 
+    BASE and ADAPTER are folders or Hugging Face repo ids (`org/name[@revision]`, read from the cache
+    and downloaded when missing); BASE None takes the base the adapter names.
     `on_plan` sees the plan before any work starts; `on_progress` receives the bytes of each tensor
     written. Raises LorafuseError for every problem the user can fix; OUT is then left untouched.
     A merge that was interrupted (killed, disk full, Ctrl-C) continues where it stopped when run again
@@ -106,8 +108,8 @@ def _open_ledger(staging: Path, print_: str, resume: bool) -> Ledger:
 def _settings(plan: Plan, device: str) -> dict:
     config = plan.adapter.config
     return {
-        "base": plan.adapter.base_name or str(plan.base.folder),
-        "adapter": str(plan.adapter.folder.name),
+        "base": plan.base_name,
+        "adapter": plan.adapter_name,
         "r / lora_alpha": f"{config.get('r')} / {config.get('lora_alpha')}",
         "rsLoRA": bool(config.get("use_rslora")),
         "patches": ", ".join(f"{n} {k}" for k, n in sorted(plan.counts.items())),

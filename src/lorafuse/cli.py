@@ -14,6 +14,7 @@ from . import __version__
 from .api import merge, plan
 from .errors import LorafuseError
 from .plan import describe
+from .sources.hub import resolve_adapter
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,8 +41,7 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
     m = commands.add_parser("merge", help="merge ADAPTER into BASE and write a standalone model to OUT")
-    _inputs(m)
-    m.add_argument("out", metavar="OUT", help="output folder (written atomically)")
+    _inputs(m, "[BASE] ADAPTER OUT", {3: ("base", "adapter", "out"), 2: ("adapter", "out")})
     m.add_argument("--device", default="cpu", help="where the delta arithmetic runs: cpu (default) or cuda")
     m.add_argument("--force", action="store_true", help="replace OUT if it exists")
     m.add_argument("--resume", action="store_true",
@@ -51,15 +51,14 @@ def _parser() -> argparse.ArgumentParser:
     m.set_defaults(run=_merge)
 
     p = commands.add_parser("plan", help="dry run: what a merge would do and cost; nothing is written")
-    _inputs(p)
-    p.add_argument("out", metavar="OUT", nargs="?", help="output folder, to check the disk space")
+    _inputs(p, "[BASE] ADAPTER [OUT]", {3: ("base", "adapter", "out"), 2: ("base", "adapter"), 1: ("adapter",)})
     p.add_argument("--verbose", "-v", action="store_true", help="list every changed tensor")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(run=_plan)
 
     i = commands.add_parser("inspect", help="per changed weight: the adapter's delta, and the gap to another base (QLoRA)")
-    i.add_argument("base", metavar="BASE")
-    i.add_argument("adapter", metavar="ADAPTER")
+    i.add_argument("paths", nargs="+", metavar="[BASE] ADAPTER")
+    i.set_defaults(shapes={2: ("base", "adapter"), 1: ("adapter",)})
     i.add_argument("--compare-base", metavar="OTHER", help="another version of the base (e.g. the 4-bit one the adapter was trained on)")
     i.add_argument("--json", action="store_true", help="print the rows as JSON")
     i.set_defaults(run=_inspect)
@@ -77,16 +76,31 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _inputs(p: argparse.ArgumentParser) -> None:
-    p.add_argument("base", metavar="BASE", help="base model folder (config.json + safetensors)")
-    p.add_argument("adapter", metavar="ADAPTER", help="PEFT adapter folder (adapter_config.json + adapter_model.safetensors)")
+def _inputs(p: argparse.ArgumentParser, metavar: str, shapes: dict) -> None:
+    p.add_argument("paths", nargs="+", metavar=metavar,
+                   help="BASE and ADAPTER: folders or Hugging Face repo ids org/name[@revision]; "
+                        "without BASE, the base the adapter names")
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"], help="output dtype (default: as the base)")
     p.add_argument("--max-shard-size", default="5GB", help="largest output shard, e.g. 5GB or 500MB (default 5GB)")
     p.add_argument("--save-method", default="merged_16bit", choices=["merged_16bit", "merged_4bit"],
                    help="merged_4bit re-quantizes the merged linear weights to bitsandbytes NF4 (loses precision)")
+    p.set_defaults(shapes=shapes)
+
+
+def _positional(args) -> None:
+    """Name the positional paths by their count: BASE may be left out when the adapter names it."""
+    fields = args.shapes.get(len(args.paths))
+    if fields is None:
+        raise LorafuseError(f"expected {' or '.join(str(n) for n in sorted(args.shapes))} paths, got {len(args.paths)}; see --help")
+    args.base = args.out = None
+    for name, value in zip(fields, args.paths):
+        setattr(args, name, value)
 
 
 def _plan(args) -> int:
+    _positional(args)
+    if not _inputs_cached(args):
+        return 0
     the_plan = plan(args.base, args.adapter, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size,
                     save_method=args.save_method)
     if args.json:
@@ -94,6 +108,29 @@ def _plan(args) -> int:
     else:
         print("\n".join(describe(the_plan, verbose=args.verbose)))
     return 0
+
+
+def _inputs_cached(args) -> bool:
+    """For inputs named by repo id: what is cached and what a merge would download. A plan needs the
+    tensor headers, so it goes on only when everything is cached (a plan downloads nothing)."""
+    from .sources.hub import base_from_adapter, cache_status, describe_status, parse_spec
+
+    complete = True
+    for spec, kind in ((args.adapter, "adapter"), (args.base, "model")):
+        if spec is None:
+            if not complete:
+                break
+            spec = base_from_adapter(resolve_adapter(args.adapter))
+            if spec is None:
+                raise LorafuseError(f"{args.adapter} names no base model (base_model_name_or_path); pass BASE")
+        if parse_spec(spec) is None:
+            continue
+        status = cache_status(spec, kind=kind)
+        print(f"{'adapter' if kind == 'adapter' else 'base':<8} {describe_status(status)}")
+        complete = complete and status["complete"]
+    if not complete:
+        print("plan     the full plan needs the tensor headers: `lorafuse merge` downloads what is missing first")
+    return complete
 
 
 def _plan_dict(the_plan) -> dict:
@@ -110,6 +147,7 @@ def _plan_dict(the_plan) -> dict:
 
 
 def _merge(args) -> int:
+    _positional(args)
     show = not args.quiet and not args.json
     bar = None
 
@@ -168,6 +206,7 @@ class _progress:
 def _inspect(args) -> int:
     from dataclasses import asdict
 
+    _positional(args)
     from .inspect import describe as describe_rows
     from .inspect import inspect
 

@@ -17,6 +17,7 @@ import torch
 from .errors import LorafuseError
 from .plan import Plan, TensorPlan, make_plan
 from .quant import QuantizedTensor, logical_tensors
+from .sources.hub import resolve_model
 from .sources.local import open_model
 
 
@@ -28,12 +29,12 @@ class Row:
     gap_norm: float | None  # ‖W − W_other‖, with a second base
 
 
-def inspect(base: str | os.PathLike, adapter: str | os.PathLike, compare_base: str | os.PathLike | None = None) -> list[Row]:
+def inspect(base: str | os.PathLike | None, adapter: str | os.PathLike, compare_base: str | os.PathLike | None = None) -> list[Row]:
     """One row per base tensor the adapter changes, and a last row named "overall" (root of sums of squares)."""
     plan = make_plan(base, adapter)
     other = None
     if compare_base is not None:
-        checkpoint = open_model(compare_base)
+        checkpoint = open_model(resolve_model(compare_base, what="base to compare with"))
         other, _ = logical_tensors(checkpoint.tensors, checkpoint.config)
     rows = []
     for tensor in plan.merged:

@@ -18,6 +18,7 @@ from huggingface_hub import ModelCard, ModelCardData
 
 from .errors import LorafuseError
 from .plan import Plan
+from .sources.hub import parse_spec
 
 INDEX = "model.safetensors.index.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx", ".npz")
@@ -80,24 +81,25 @@ def _carried_files(plan: Plan) -> list[Path]:
 
 
 def _model_card(plan: Plan, settings: dict) -> ModelCard:
-    base_id = plan.adapter.base_name or plan.base.folder.name
-    data = ModelCardData(
-        base_model=base_id if _looks_like_repo_id(base_id) else None,
-        library_name="transformers",
-        tags=["lorafuse", "merge", "lora"],
-    )
+    repo_id = _repo_id(plan.base_name) or _repo_id(plan.adapter.base_name or "")
+    data = ModelCardData(base_model=repo_id, library_name="transformers", tags=["lorafuse", "merge", "lora"])
     rows = "\n".join(f"| {k} | {v} |" for k, v in settings.items())
     text = (
         f"---\n{data.to_yaml()}\n---\n\n# {plan.out.name if plan.out else 'merged model'}\n\n"
-        f"This model is `{base_id}` with the LoRA adapter `{plan.adapter.folder.name}` merged into its weights "
+        f"This model is `{repo_id or plan.base_name}` with the LoRA adapter `{plan.adapter_name}` merged into its weights "
         "by [lorafuse](https://pypi.org/project/lorafuse/). It needs no PEFT to load.\n\n"
         f"| setting | value |\n|---|---|\n{rows}\n"
     )
     return ModelCard(text)
 
 
-def _looks_like_repo_id(name: str) -> bool:
-    return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", name)) and not Path(name).exists()
+def _repo_id(name: str) -> str | None:
+    """The Hub repo a name refers to (for the card's base_model), or None for a local folder."""
+    try:
+        parsed = parse_spec(name)
+    except LorafuseError:
+        return None
+    return parsed[0] if parsed else None
 
 
 def publish(staging: Path, out: Path) -> None:

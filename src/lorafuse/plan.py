@@ -20,6 +20,7 @@ from .errors import LorafuseError
 from .formats.safetensors import FLOAT_DTYPES, TensorSlot, dtype_size, layout, torch_dtype
 from .patches import LoRA, Patch, Replace, ReplaceRows
 from .quant import QuantizedTensor, bnb, logical_tensors
+from .sources.hub import base_from_adapter, resolve_adapter, resolve_model
 from .sources.local import Checkpoint, open_model
 
 DTYPE_NAMES = {"bf16": "BF16", "bfloat16": "BF16", "fp16": "F16", "float16": "F16", "fp32": "F32", "float32": "F32"}
@@ -107,6 +108,8 @@ class Plan:
     counts: dict[str, int]  # patch label -> number of patches
     notes: list[str] = field(default_factory=list)
     save_method: str = "merged_16bit"
+    base_name: str = ""  # as the user named them: a folder or a repo id
+    adapter_name: str = ""
 
     @property
     def tensors(self) -> list[TensorPlan]:
@@ -141,17 +144,24 @@ class Plan:
         return [t for t in self.tensors if t.patches]
 
 
-def make_plan(base: str | os.PathLike, adapter: str | os.PathLike, out: str | os.PathLike | None = None, *,
+def make_plan(base: str | os.PathLike | None, adapter: str | os.PathLike, out: str | os.PathLike | None = None, *,
               dtype: str = "auto", max_shard_size: int | str = "5GB", save_method: str = "merged_16bit") -> Plan:
-    """Open base and adapter, match every adapter tensor, and lay out the output."""
+    """Open base and adapter (folders, or repo ids resolved through the Hugging Face cache), match every
+    adapter tensor, and lay out the output. BASE None: the base the adapter names."""
     out_dtype = _parse_dtype(dtype)
     if save_method not in SAVE_METHODS:
         raise LorafuseError(f"--save-method {save_method!r} is not one of {', '.join(SAVE_METHODS)}")
-    checkpoint = open_model(base)
-    adapter_obj = open_adapter(adapter)
+    adapter_dir = resolve_adapter(adapter)
+    if base is None:
+        base = base_from_adapter(adapter_dir)
+        if base is None:
+            raise LorafuseError(f"{adapter} names no base model (base_model_name_or_path); pass BASE")
+    base_dir = resolve_model(base)
+    checkpoint = open_model(base_dir)
+    adapter_obj = open_adapter(adapter_dir)
     out_path = Path(out) if out is not None else None
     if out_path is not None:
-        _check_out(out_path, Path(base), Path(adapter))
+        _check_out(out_path, base_dir, adapter_dir)
     patches = patches_by_tensor(adapter_obj)
     config = dict(checkpoint.config)
     notes: list[str] = []
@@ -190,13 +200,15 @@ def make_plan(base: str | os.PathLike, adapter: str | os.PathLike, out: str | os
     for t in tensors:
         for p in t.patches:
             counts[p.label] = counts.get(p.label, 0) + 1
-    notes += _base_mismatch(adapter_obj.base_name, Path(base), quant_method)
-    return Plan(checkpoint, adapter_obj, out_path, out_dtype or "auto", shards, config, counts, notes, save_method)
+    notes += _base_mismatch(adapter_obj.base_name, str(base), base_dir, quant_method)
+    return Plan(checkpoint, adapter_obj, out_path, out_dtype or "auto", shards, config, counts, notes, save_method,
+                str(base), str(adapter))
 
 
-def _base_mismatch(trained_on: str | None, base: Path, quant_method: str | None) -> list[str]:
+def _base_mismatch(trained_on: str | None, base: str, base_dir: Path, quant_method: str | None) -> list[str]:
     """Say when the adapter was trained on another checkpoint, and whether it was a quantized one."""
-    if not trained_on or Path(trained_on).name == base.name or Path(trained_on).resolve() == base.resolve():
+    if not trained_on or trained_on == base or Path(trained_on).name == base_dir.name \
+            or Path(trained_on).resolve() == base_dir.resolve():
         return []
     trained_quantized = bool(QUANTIZED_NAME.search(trained_on))
     compare = f"`lorafuse inspect {base} ADAPTER --compare-base {trained_on}` measures whether that matters"

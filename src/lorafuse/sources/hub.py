@@ -1,0 +1,488 @@
+"""Models by name: BASE or ADAPTER given as a Hugging Face repo id, `org/name` or `org/name@revision`.
+
+A repo id resolves to a snapshot folder of the Hugging Face cache (`HF_HUB_CACHE`, by default
+`$HF_HOME/hub`): `models--org--name/snapshots/<commit>/`, whose files are links into `blobs/`. The
+rest of lorafuse reads that folder like any local one, so a cached model is read where it lies and
+never copied. Only the files a merge needs are fetched, and only those not cached yet: config.json,
+the safetensors index and the shards it names (or model.safetensors), and the non-weight files
+(tokenizer, generation config, chat template, custom code); never the other weight formats a repo
+may carry (*.bin, *.pth, *.gguf, original/, consolidated.safetensors, ...). Every download, and so
+every write into the cache, is done by huggingface_hub itself (`snapshot_download`), which honours
+HF_HOME / HF_HUB_CACHE, HF_HUB_OFFLINE, HF_TOKEN and HF_ENDPOINT.
+
+Online, one model-info call resolves the revision to a commit and lists the repo; then
+`snapshot_download(allow_patterns=<exact names>)` fetches what is missing. Offline (HF_HUB_OFFLINE=1),
+or when the Hub cannot be reached, the cache alone answers: it works when every needed file is
+cached, and otherwise fails naming the missing files. Repo-not-found, gated and private repos fall
+back to the cache the same way, as huggingface_hub does, and fail with their own message when the
+cache cannot serve them.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+import tempfile
+from pathlib import Path, PurePosixPath
+
+from ..errors import LorafuseError
+from ..formats.jsonfile import read_json
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+CONFIG = "config.json"
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+# Weight files of any format: only the safetensors ones the index names (or model.safetensors) are fetched.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".ggml", ".h5", ".msgpack", ".onnx",
+                   ".onnx_data", ".tflite", ".npz", ".ot", ".pkl", ".pickle", ".keras", ".nemo", ".mlmodel",
+                   ".llamafile", ".zip", ".tar", ".tgz", ".gz")
+WEIGHT_INDEXES = re.compile(r".*\.(safetensors|bin|pt|pth|ckpt|h5|msgpack)\.index\.json$")
+NOT_NEEDED = {"README.md", ADAPTER_CONFIG}
+# The adapter's files besides its config and weights that a merge uses: what training may change in the tokenizer.
+TOKENIZER_FILE = re.compile(
+    r"^(tokenizer.*|special_tokens_map\.json|added_tokens\.json|vocab\..*|merges\.txt|.*\.model|.*\.tiktoken"
+    r"|chat_template\..*|preprocessor_config\.json|processor_config\.json)$"
+)
+PICKLE_WEIGHTS = re.compile(r"^(pytorch_model.*\.bin|.*\.pth|.*\.pt|model.*\.ckpt)$")
+COMMIT = re.compile(r"[0-9a-f]{40}")
+MODEL, ADAPTER = "model", "adapter"
+
+
+# -- what a spec names -----------------------------------------------------------------------------
+
+def parse_spec(spec: str | os.PathLike) -> tuple[str, str | None] | None:
+    """None for an existing local path; (repo_id, revision or None) for `org/name[@revision]`.
+
+    A local path wins over a repo id of the same spelling. Anything else is a LorafuseError.
+    """
+    text = os.fspath(spec)
+    if not text:
+        raise LorafuseError("an empty string is neither a folder nor a Hugging Face repo id; pass a folder or org/name")
+    if os.path.exists(os.path.expanduser(text)):
+        return None
+    repo_id, at, revision = text.partition("@")
+    if _is_repo_id(repo_id):
+        if at and not _is_revision(revision):
+            raise LorafuseError(f"{text!r} has no valid revision after '@'; write {repo_id}@<branch, tag or commit> or just {repo_id}")
+        return repo_id, (revision if at else None)
+    raise LorafuseError(
+        f"folder {text} does not exist and is not a Hugging Face repo id (org/name or org/name@revision); "
+        "check the path or the name"
+    )
+
+
+def _is_repo_id(text: str) -> bool:
+    if text.count("/") != 1 or "--" in text or ".." in text or text.endswith(".git") or len(text) > 96:
+        return False
+    try:
+        from huggingface_hub.utils import validate_repo_id
+
+        validate_repo_id(text)
+    except Exception:
+        return False
+    return True
+
+
+def _is_revision(text: str) -> bool:
+    """A branch, tag or commit name: no empty, '.' or '..' path parts (it becomes a path under refs/), no blanks."""
+    return bool(text) and not re.search(r"\s", text) and all(part not in ("", ".", "..") for part in text.split("/"))
+
+
+def base_from_adapter(adapter_folder: str | os.PathLike) -> str | None:
+    """The adapter's `base_model_name_or_path` (a repo id or a path), or None when it names none."""
+    path = Path(adapter_folder) / ADAPTER_CONFIG
+    if not path.is_file():
+        return None
+    name = read_json(path, "adapter", "re-save the adapter").get("base_model_name_or_path")
+    return name.strip() if isinstance(name, str) and name.strip() else None
+
+
+# -- resolving -------------------------------------------------------------------------------------
+
+def resolve_model(spec: str | os.PathLike, *, what: str = "base model") -> Path:
+    """A folder holding the model: `spec` itself when local, else the cache's snapshot folder of the repo,
+    after downloading whatever of config, index, shards and non-weight files is not cached yet."""
+    return _resolve(spec, MODEL, what)
+
+
+def resolve_adapter(spec: str | os.PathLike, *, what: str = "adapter") -> Path:
+    """Same for a PEFT adapter: adapter_config.json, adapter_model.safetensors (or .bin if that is all
+    the repo has) and the adapter's tokenizer files."""
+    return _resolve(spec, ADAPTER, what)
+
+
+def _resolve(spec, kind: str, what: str) -> Path:
+    parsed = parse_spec(spec)
+    if parsed is None:
+        return Path(os.path.expanduser(os.fspath(spec)))
+    repo_id, revision = parsed
+    rev = revision or "main"
+    label = f"{what} {repo_id}@{rev}"
+    if _offline():
+        return _from_cache(repo_id, rev, kind, label, "HF_HUB_OFFLINE is set; run once online or unset HF_HUB_OFFLINE")
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    try:
+        info = api.model_info(repo_id, revision=rev, timeout=_timeout())
+    except Exception as e:
+        error, why = _hub_error(e, repo_id, rev, what)
+        if why is None and not isinstance(error, _Fallback):
+            raise error from None
+        return _from_cache(repo_id, rev, kind, label, why, None if why else error)
+
+    for _ in range(3):  # the branch may move between our listing and snapshot_download's
+        names = {s.rfilename for s in info.siblings or []}
+        meta, weights = _select(kind, names, label)
+        folder = _download(repo_id, rev, meta + (weights or []), label, what)
+        if folder.name == info.sha:
+            break
+        info = _call(lambda: api.model_info(repo_id, revision=folder.name, timeout=_timeout()), repo_id, rev, what)
+    else:
+        raise LorafuseError(f"{label} keeps changing on the Hub while lorafuse reads it; pin a commit: {repo_id}@<commit>")
+    if weights is None:
+        weights = _shards(folder / INDEX, label)
+        absent = [w for w in weights if w not in names]
+        if absent:
+            raise LorafuseError(f"{label}: {INDEX} names {_few(absent)}, which the repo does not have; "
+                                "the repo is broken at this revision, pick another one")
+        _download(repo_id, folder.name, weights, label, what)
+    missing = [f for f in meta + weights if not (folder / f).is_file()]
+    if missing:  # huggingface_hub said it downloaded them: the cache was changed under us
+        raise LorafuseError(f"{label}: {_few(missing)} missing from {folder} after the download; run again")
+    return folder
+
+
+def _select(kind: str, names: set[str], label: str) -> tuple[list[str], list[str] | None]:
+    """From the repo's file list: the metadata files, and the weight files (None: read them from the index)."""
+    top = sorted(n for n in names if "/" not in n and not n.startswith("."))
+    if kind == ADAPTER:
+        if ADAPTER_CONFIG not in names:
+            raise LorafuseError(f"{label} has no {ADAPTER_CONFIG}; pass a PEFT adapter repo (one PEFT's save_pretrained or push_to_hub wrote)")
+        weight = next((w for w in ADAPTER_WEIGHTS if w in names), None)
+        if weight is None:
+            raise LorafuseError(f"{label} has neither {ADAPTER_WEIGHTS[0]} nor {ADAPTER_WEIGHTS[1]}; pass a PEFT adapter repo")
+        return [ADAPTER_CONFIG] + [n for n in top if TOKENIZER_FILE.match(n)], [weight]
+    if CONFIG not in names:
+        raise LorafuseError(f"{label} has no {CONFIG}; pass a transformers model repo")
+    extras = [n for n in top if n not in NOT_NEEDED and n not in (CONFIG, INDEX)
+              and not n.endswith(WEIGHT_SUFFIXES) and not WEIGHT_INDEXES.match(n)]
+    if INDEX in names:
+        return [CONFIG, INDEX] + extras, None
+    if SINGLE in names:
+        return [CONFIG] + extras, [SINGLE]
+    if any(PICKLE_WEIGHTS.match(n) for n in top):
+        raise LorafuseError(f"{label} has only PyTorch pickle weights, no safetensors; pick a revision with safetensors "
+                            "(the Hub's conversion bot opens one as refs/pr/N) or convert the model first")
+    raise LorafuseError(f"{label} has neither {SINGLE} nor {INDEX}; pass a transformers model repo with safetensors weights")
+
+
+def _shards(index: Path, label: str) -> list[str]:
+    try:
+        weight_map = json.loads(index.read_text()).get("weight_map")
+    except (OSError, ValueError, AttributeError) as e:
+        raise LorafuseError(f"{label}: {INDEX} cannot be read ({e}); the repo is broken at this revision") from None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise LorafuseError(f"{label}: {INDEX} has no weight_map; the repo is broken at this revision")
+    shards = list(dict.fromkeys(str(v) for v in weight_map.values()))
+    for name in shards:
+        rel = PurePosixPath(name)
+        if not name or rel.is_absolute() or ".." in rel.parts:
+            raise LorafuseError(f"{label}: {INDEX} names shard {name!r} outside the repo; refusing to fetch it")
+    return shards
+
+
+def _download(repo_id: str, revision: str, files: list[str], label: str, what: str) -> Path:
+    """snapshot_download of exactly `files`: cached ones are reused, missing ones fetched (in parallel)."""
+    from huggingface_hub import snapshot_download
+
+    folder = _call(lambda: snapshot_download(repo_id, revision=revision, allow_patterns=[glob.escape(f) for f in files]),
+                   repo_id, revision, what, label=label, downloading=files)
+    return Path(folder)
+
+
+def _call(fn, repo_id: str, rev: str, what: str, *, label: str | None = None, downloading: list[str] | None = None):
+    """Run a huggingface_hub call, turning its exceptions into one-line LorafuseErrors."""
+    try:
+        return fn()
+    except LorafuseError:
+        raise
+    except Exception as e:
+        error, why = _hub_error(e, repo_id, rev, what)
+        if why is not None:
+            files = f"downloading {_few(downloading)} failed" if downloading else "the Hub call failed"
+            raise LorafuseError(f"{label or f'{what} {repo_id}@{rev}'}: {files}: {why}") from None
+        raise error from None
+
+
+# -- the cache alone -------------------------------------------------------------------------------
+
+def _from_cache(repo_id: str, rev: str, kind: str, label: str, why: str | None,
+                error: LorafuseError | None = None) -> Path:
+    """The cached snapshot when it holds every needed file; else `error`, or a message naming what is missing."""
+    cache = _cache_dir()
+    folder = _snapshot(repo_id, rev)
+    if folder is None:
+        raise error or LorafuseError(f"{label} is not in the cache ({cache}) and {why}")
+    needed, missing = _needed_from_cache(repo_id, folder, kind, label)
+    if missing:
+        if error:
+            raise error
+        verb = "is" if len(missing) == 1 else "are"
+        raise LorafuseError(f"{label}: {_few(missing)} {verb} not in the cache ({cache}) and {why}")
+    return folder
+
+
+def _needed_from_cache(repo_id: str, folder: Path, kind: str, label: str) -> tuple[list[str], list[str]]:
+    """(needed files, those missing) of a cached snapshot, from the cached tree listing when there is one."""
+    listing = _cached_listing(repo_id, folder.name)
+    if listing is not None:
+        names = set(listing)
+    else:  # no cached listing (older huggingface_hub): what is there, plus what must be there
+        names = {p.name for p in folder.iterdir() if p.is_file()}
+        if kind == MODEL:
+            names |= {CONFIG} | ({INDEX} if not names & {INDEX, SINGLE} else set())
+        else:
+            names |= {ADAPTER_CONFIG} | ({ADAPTER_WEIGHTS[0]} if not names & set(ADAPTER_WEIGHTS) else set())
+    meta, weights = _select(kind, names, label)
+    if weights is None:
+        weights = _shards(folder / INDEX, label) if (folder / INDEX).is_file() else []
+    needed = meta + weights
+    missing = [f for f in needed if not (folder / f).is_file()]
+    if weights == [] and INDEX in missing:
+        missing[missing.index(INDEX)] = f"{INDEX} (and the shards it names)"
+    return needed, missing
+
+
+def _snapshot(repo_id: str, rev: str) -> Path | None:
+    """The cached snapshot folder of `rev` (a commit, or a branch or tag recorded in refs/), if any."""
+    storage = _cache_dir() / ("models--" + repo_id.replace("/", "--"))
+    sha = rev if COMMIT.fullmatch(rev) else None
+    if sha is None:
+        ref = storage / "refs" / rev
+        if ref.is_file():
+            sha = ref.read_text().strip()
+    if not sha or not COMMIT.fullmatch(sha):
+        return None
+    folder = storage / "snapshots" / sha
+    return folder if folder.is_dir() else None
+
+
+def _cached_listing(repo_id: str, sha: str) -> dict[str, int | None] | None:
+    """path -> size of the repo at `sha` as snapshot_download cached it (huggingface_hub >= 1.x), else None."""
+    try:
+        from huggingface_hub import get_cached_repo_tree
+    except ImportError:
+        return None
+    try:
+        return {f.path: f.size for f in get_cached_repo_tree(repo_id, revision=sha)}
+    except Exception:
+        return None
+
+
+def _cache_dir() -> Path:
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE)
+
+
+def _timeout() -> float:
+    """Seconds to wait for a Hub API answer (huggingface_hub's own session waits for ever): HF_HUB_ETAG_TIMEOUT, at least 10."""
+    from huggingface_hub import constants
+
+    return float(max(getattr(constants, "HF_HUB_ETAG_TIMEOUT", 10) or 10, 10))
+
+
+def _offline() -> bool:
+    from huggingface_hub import constants
+
+    check = getattr(constants, "is_offline_mode", None)
+    return bool(check() if callable(check) else constants.HF_HUB_OFFLINE)
+
+
+# -- what plan shows -------------------------------------------------------------------------------
+
+def cache_status(spec: str | os.PathLike, *, kind: str = MODEL, what: str | None = None) -> dict:
+    """Which files a merge needs from the repo, which are cached and which must be downloaded (with sizes
+    when the Hub tells them). Downloads nothing and writes nothing into the cache; reads an uncached
+    safetensors index (a few kB) into a temporary folder to learn the shard names.
+
+    For a local folder: {"source": "local", "spec", "folder"}. For a repo: {"source": "hub", "spec",
+    "repo_id", "revision", "commit", "cache", "online", "cached": [{"file", "size"}], "missing": [...],
+    "download_bytes" (None when a size is unknown), "complete", "note" (why the answer is partial, or None)}.
+    """
+    parsed = parse_spec(spec)
+    if parsed is None:
+        return {"source": "local", "spec": os.fspath(spec), "folder": os.path.expanduser(os.fspath(spec))}
+    repo_id, revision = parsed
+    rev = revision or "main"
+    what = what or ("adapter" if kind == ADAPTER else "base model")
+    label = f"{what} {repo_id}@{rev}"
+    status = {"source": "hub", "spec": os.fspath(spec), "repo_id": repo_id, "revision": rev, "commit": None,
+              "cache": str(_cache_dir()), "online": False, "cached": [], "missing": [], "download_bytes": None,
+              "complete": False, "note": None}
+    sizes: dict[str, int | None] = {}
+    needed: list[str] | None = None
+    refused: LorafuseError | None = None  # not found, gated, token refused: raised unless the cache serves
+    if _offline():
+        status["note"] = "HF_HUB_OFFLINE is set: only the cache was read"
+    else:
+        from huggingface_hub import HfApi
+
+        try:
+            info = HfApi().model_info(repo_id, revision=rev, files_metadata=True, timeout=3 * _timeout())
+        except Exception as e:
+            error, why = _hub_error(e, repo_id, rev, what)
+            if why is None and not isinstance(error, _Fallback):
+                raise error from None
+            refused = None if why else error
+            status["note"] = f"{why} (only the cache was read)" if why else "the Hub refused: only the cache was read"
+        else:
+            status.update(online=True, commit=info.sha)
+            sizes = {s.rfilename: s.size for s in info.siblings or []}
+            meta, weights = _select(kind, set(sizes), label)
+            if weights is None:
+                weights = _remote_shards(repo_id, info.sha, label, what)
+            needed = meta + weights
+    if needed is None:  # from the cache alone
+        folder = _snapshot(repo_id, rev)
+        if folder is None:
+            if refused:
+                raise refused
+            status["note"] = f"{label} is not in the cache; {status['note']}"
+            return status
+        status["commit"] = folder.name
+        sizes = _cached_listing(repo_id, folder.name) or {}
+        needed, missing = _needed_from_cache(repo_id, folder, kind, label)
+        if missing and refused:
+            raise refused
+        if kind == MODEL and not (folder / INDEX).is_file() and INDEX in needed:
+            status["note"] += "; the shards are unknown until the index is downloaded"
+    folder = _cache_dir() / ("models--" + repo_id.replace("/", "--")) / "snapshots" / status["commit"]
+    for name in needed:
+        path = folder / name
+        if path.is_file():
+            status["cached"].append({"file": name, "size": path.stat().st_size})
+        else:
+            status["missing"].append({"file": name, "size": sizes.get(name)})
+    missing_sizes = [m["size"] for m in status["missing"]]
+    status["download_bytes"] = sum(missing_sizes) if all(s is not None for s in missing_sizes) else None
+    status["complete"] = not status["missing"]
+    return status
+
+
+def _remote_shards(repo_id: str, sha: str, label: str, what: str) -> list[str]:
+    """The shard names of the index: from the cache when it is there, else read through a temporary folder."""
+    cached = _cache_dir() / ("models--" + repo_id.replace("/", "--")) / "snapshots" / sha / INDEX
+    if cached.is_file():
+        return _shards(cached, label)
+    from huggingface_hub import hf_hub_download
+
+    with tempfile.TemporaryDirectory(prefix="lorafuse-index-") as tmp:
+        path = _call(lambda: hf_hub_download(repo_id, INDEX, revision=sha, local_dir=tmp, cache_dir=tmp),
+                     repo_id, sha, what, label=label, downloading=[INDEX])
+        return _shards(Path(path), label)
+
+
+def describe_status(status: dict) -> str:
+    """One line for `lorafuse plan`, e.g. 'org/base@main (commit 1a2b3c4): 3 of 7 files to download, 1.20 GB'."""
+    if status["source"] == "local":
+        return status["folder"]
+    where = f"{status['repo_id']}@{status['revision']}"
+    if status["commit"]:
+        where += f" (commit {status['commit'][:7]})"
+    total = len(status["cached"]) + len(status["missing"])
+    if status["complete"]:
+        text = f"{where}: all {total} files cached"
+    elif total:
+        size = status["download_bytes"]
+        text = f"{where}: {len(status['missing'])} of {total} files to download" + (
+            f", {size / 1e9:.2f} GB" if size is not None else "")
+    else:
+        text = f"{where}: not cached"
+    return text + (f" ({status['note']})" if status["note"] and not status["complete"] else "")
+
+
+# -- errors ----------------------------------------------------------------------------------------
+
+class _Fallback(LorafuseError):
+    """An error after which the cache may still serve the repo (not found, gated, refused): huggingface_hub
+    itself falls back to the cache then, and so do we; raised only if the cache cannot serve."""
+
+
+def _hub_error(e: Exception, repo_id: str, rev: str, what: str) -> tuple[LorafuseError, str | None]:
+    """(error to raise, reason the Hub is unreachable or None). Unreachable means: use the cache instead."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, OfflineModeIsEnabled, RepositoryNotFoundError,
+                                        RevisionNotFoundError)
+
+    endpoint = constants.ENDPOINT
+    token = _has_token()
+    if isinstance(e, OfflineModeIsEnabled):
+        why = "HF_HUB_OFFLINE is set; run once online or unset HF_HUB_OFFLINE"
+        return LorafuseError(why), why
+    if isinstance(e, RevisionNotFoundError):
+        return LorafuseError(f"{what} {repo_id} has no revision {rev!r}; pass a branch, tag or commit of the repo, "
+                             f"e.g. {repo_id}@main"), None
+    if isinstance(e, GatedRepoError):
+        fix = ("the account of HF_TOKEN has not been granted access yet; accept the conditions there with that account"
+               if token else "set HF_TOKEN (or run `hf auth login`) with the account that accepted them")
+        return _Fallback(f"{what} {repo_id} is gated: accept its conditions at {endpoint}/{repo_id} and {fix}"), None
+    if isinstance(e, RepositoryNotFoundError):
+        fix = ("check the name, and that the token in HF_TOKEN may read it" if token else
+               "check the name, or set HF_TOKEN (or run `hf auth login`) if it is private")
+        return _Fallback(f"{what} {repo_id}: no such folder, and no model repo {repo_id} on the Hub ({endpoint}); {fix}"), None
+    if isinstance(e, HfHubHTTPError):
+        status = getattr(getattr(e, "response", None), "status_code", None)
+        message = _first_line(getattr(e, "server_message", None) or str(e))
+        if status is not None and (status >= 500 or status in (408, 429)):
+            why = f"the Hub ({endpoint}) answered {status}; run again later"
+            return LorafuseError(why), why
+        if status == 401:
+            return _Fallback(f"{what} {repo_id}: the Hub refused the token ({message}); set a valid HF_TOKEN or unset it"), None
+        if status == 403:
+            return _Fallback(f"{what} {repo_id}: the token may not read this repo ({message}); use a token with read access"), None
+        return LorafuseError(f"{what} {repo_id}@{rev}: the Hub ({endpoint}) answered {status} ({message}); "
+                             "check the repo id and HF_ENDPOINT"), None
+    if _is_network_error(e):
+        why = (f"the Hub ({endpoint}) cannot be reached ({type(e).__name__}: {_first_line(str(e))}); "
+               "check the network, proxy or HF_ENDPOINT and run again")
+        return LorafuseError(why), why
+    if isinstance(e, OSError):  # writing the cache: disk full, permissions
+        return LorafuseError(f"{what} {repo_id}: cannot write to the Hugging Face cache {_cache_dir()} ({e}); "
+                             "free some space or point HF_HUB_CACHE at another disk"), None
+    raise e
+
+
+def _is_network_error(e: BaseException) -> bool:
+    if isinstance(e, (ConnectionError, TimeoutError)):
+        return True
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    if isinstance(e, LocalEntryNotFoundError):  # huggingface_hub: the Hub failed and the cache cannot serve
+        return True
+    return any(c.__module__.split(".")[0] in ("httpx", "httpx2", "httpcore", "requests", "urllib3")
+               for c in type(e).__mro__)
+
+
+def _has_token() -> bool:
+    try:
+        from huggingface_hub import get_token
+
+        return bool(get_token())
+    except Exception:
+        return False
+
+
+def _first_line(text: str) -> str:
+    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+    line = lines[0] if lines else ""
+    return line if len(line) <= 200 else line[:197] + "..."
+
+
+def _few(names: list[str], limit: int = 4) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
