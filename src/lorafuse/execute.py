@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import hashlib
 import math
 import os
 import threading
@@ -26,7 +27,7 @@ import torch
 
 from .errors import LorafuseError
 from .formats.safetensors import TensorSlot, torch_dtype
-from .manifest import Ledger, sha256_file
+from .manifest import HASH_CHUNK, Ledger
 from .plan import PIPELINE_DEPTH, Plan, TensorPlan
 from .quant import QuantizedTensor, bnb
 
@@ -91,10 +92,10 @@ def write_shards(plan: Plan, folder: Path, device: torch.device, ledger: Ledger,
     lock = threading.Lock()
     sources = _Files()
     buffers = _Buffers()
-    outputs: dict[str, int] = {}
-    remaining: dict[str, int] = {}
+    open_shards: dict[str, _OpenShard] = {}
 
-    def job(fd: int, slots: tuple[TensorSlot, ...], tensor: TensorPlan, shard) -> None:
+    def job(target: _OpenShard, slots: tuple[TensorSlot, ...], tensor: TensorPlan) -> None:
+        fd = target.fd
         if tensor.is_copy:
             refs = [ref for _, ref in tensor.source.parts.values()] if isinstance(tensor.source, QuantizedTensor) else [tensor.source]
             for slot, ref in zip(slots, refs, strict=True):
@@ -120,13 +121,12 @@ def write_shards(plan: Plan, folder: Path, device: torch.device, ledger: Ledger,
             counters.bytes_written += written
         if on_progress:
             on_progress(written)
+        target.hash.completed(slots[0].offset, slots[-1].offset + slots[-1].nbytes)
         with lock:
-            remaining[shard.filename] -= 1
-            last = remaining[shard.filename] == 0
+            target.remaining -= 1
+            last = target.remaining == 0
         if last:
-            with lock:
-                fd = outputs.pop(shard.filename)
-            _finish_shard(folder, shard, fd, ledger)
+            _finish_shard(folder, open_shards.pop(target.shard.filename), ledger)
 
     def jobs():
         """Shard by shard, each opened only when the pipeline reaches it."""
@@ -136,14 +136,18 @@ def write_shards(plan: Plan, folder: Path, device: torch.device, ledger: Ledger,
                 if on_progress:
                     on_progress(shard.size - len(shard.header))
                 continue
-            fd = os.open(folder / (shard.filename + PARTIAL), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            with lock:
-                outputs[shard.filename] = fd
-                remaining[shard.filename] = len(shard.tensors)
-            _write_bytes(fd, memoryview(shard.header), 0)
-            os.ftruncate(fd, shard.size)
+            path = folder / (shard.filename + PARTIAL)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                _write_bytes(fd, memoryview(shard.header), 0)
+                os.ftruncate(fd, shard.size)
+            except OSError:
+                os.close(fd)
+                raise
+            target = _OpenShard(shard, fd, len(shard.tensors), _RunningHash(path, shard.size, len(shard.header)))
+            open_shards[shard.filename] = target
             for slots, tensor in zip(shard.slots, shard.tensors):
-                yield fd, slots, tensor, shard
+                yield target, slots, tensor
 
     try:
         with _intra_op_threads(max(1, (os.cpu_count() or 1) // PIPELINE_DEPTH)):
@@ -151,20 +155,86 @@ def write_shards(plan: Plan, folder: Path, device: torch.device, ledger: Ledger,
     except OSError as e:
         raise _disk_error(e, folder) from None
     finally:
-        for fd in outputs.values():
-            os.close(fd)
+        for target in open_shards.values():
+            target.hash.cancel()
+            os.close(target.fd)
         sources.close()
         for partial in folder.glob("*" + PARTIAL):
             partial.unlink()
     return counters
 
 
-def _finish_shard(folder: Path, shard, fd: int, ledger: Ledger) -> None:
+def _finish_shard(folder: Path, target: "_OpenShard", ledger: Ledger) -> None:
     """Make a complete shard durable under its real name, then record it as finished."""
-    os.fsync(fd)
-    os.close(fd)
-    os.rename(folder / (shard.filename + PARTIAL), folder / shard.filename)
-    ledger.record(shard.filename, shard.size, sha256_file(folder / shard.filename))
+    os.fsync(target.fd)
+    os.close(target.fd)
+    name = target.shard.filename
+    os.rename(folder / (name + PARTIAL), folder / name)
+    ledger.record(name, target.shard.size, target.hash.hexdigest())
+
+
+@dataclass
+class _OpenShard:
+    shard: object  # ShardPlan
+    fd: int
+    remaining: int  # tensors still to write
+    hash: "_RunningHash"
+
+
+class _RunningHash:
+    """SHA-256 of a file written out of order, computed on a thread of its own as the complete prefix
+    grows (read back from the page cache), so that hashing overlaps the merge instead of following it."""
+
+    def __init__(self, path: Path, size: int, done_prefix: int) -> None:
+        self.size, self.prefix, self.hashed = size, done_prefix, 0
+        self.ready: dict[int, int] = {}  # start -> end of written ranges beyond the prefix
+        self.digest = hashlib.sha256()
+        self.cond = threading.Condition()
+        self.cancelled = False
+        self.error: BaseException | None = None
+        self.fd = os.open(path, os.O_RDONLY)
+        self.thread = threading.Thread(target=self._run, name="lorafuse-hash", daemon=True)
+        self.thread.start()
+
+    def completed(self, start: int, end: int) -> None:
+        with self.cond:
+            self.ready[start] = end
+            while self.prefix in self.ready:
+                self.prefix = self.ready.pop(self.prefix)
+            self.cond.notify()
+
+    def _run(self) -> None:
+        buf = bytearray(HASH_CHUNK)
+        view = memoryview(buf)
+        try:
+            while self.hashed < self.size:
+                with self.cond:
+                    self.cond.wait_for(lambda: self.cancelled or self.prefix > self.hashed)
+                    if self.cancelled:
+                        return
+                    upto = self.prefix
+                while self.hashed < upto:
+                    n = os.preadv(self.fd, [view[: min(HASH_CHUNK, upto - self.hashed)]], self.hashed)
+                    if n <= 0:
+                        raise OSError(errno.EIO, "short read while hashing a written shard")
+                    self.digest.update(view[:n])
+                    self.hashed += n
+        except BaseException as e:  # handed to the thread that asks for the digest
+            self.error = e
+        finally:
+            os.close(self.fd)
+
+    def hexdigest(self) -> str:
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        return self.digest.hexdigest()
+
+    def cancel(self) -> None:
+        with self.cond:
+            self.cancelled = True
+            self.cond.notify()
+        self.thread.join()
 
 
 @contextlib.contextmanager
