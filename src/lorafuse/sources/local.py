@@ -32,6 +32,8 @@ def open_model(folder: str | Path) -> Checkpoint:
         raise LorafuseError(f"base model folder {folder} does not exist")
     config = read_json(folder / "config.json", "base model")
     files, weight_map = _weight_files(folder)
+    for path in files:
+        _check_inside(folder, path)
     tensors: dict[str, TensorRef] = {}
     for path in files:
         for name, ref in read_header(path).tensors.items():
@@ -44,6 +46,21 @@ def open_model(folder: str | Path) -> Checkpoint:
         if name not in tensors or tensors[name].path.name != PurePosixPath(file).name:
             raise LorafuseError(f"{INDEX} places {name} in {file}, but that file does not hold it; re-download the model")
     return Checkpoint(folder, config, tensors, files)
+
+
+def _check_inside(folder: Path, path: Path) -> None:
+    """A weight file may be a link out of the model folder only in the Hugging Face cache, whose
+    snapshot folders are links into its blobs/ folder; elsewhere such a link is refused."""
+    real, root = path.resolve(), folder.resolve()
+    if root in real.parents:
+        return
+    from huggingface_hub import constants
+
+    cache = Path(constants.HF_HUB_CACHE).resolve()
+    if cache in root.parents and cache in real.parents:
+        return
+    raise LorafuseError(f"{path} links outside the model folder (to {real}); refusing to follow it: "
+                        "copy the file into the folder, or keep the model in the Hugging Face cache")
 
 
 def _weight_files(folder: Path) -> tuple[list[Path], dict[str, str]]:

@@ -1,0 +1,166 @@
+"""Bad base models and adapters: one-line errors naming the problem, nothing written, inputs untouched."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import lorafuse
+from conftest import leftovers, make_adapter, tree_hash
+
+
+@pytest.fixture(scope="module")
+def sharded(tiny_base, artefacts):
+    """A tiny Llama saved by transformers in several shards, and a LoRA adapter for it."""
+    from peft import LoraConfig
+
+    base = tiny_base("llama", "bf16", max_shard_size="20KB")
+    adapter = artefacts.get("bad-adapter", lambda d: make_adapter(
+        base, d, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], init_lora_weights=False)))
+    return base, adapter
+
+
+def _damage_base(base: Path, tmp: Path, damage) -> Path:
+    copy = tmp / "base"
+    shutil.copytree(base, copy, symlinks=True)
+    damage(copy)
+    return copy
+
+
+def _damage_adapter(adapter: Path, tmp: Path, damage) -> Path:
+    copy = tmp / "adapter"
+    shutil.copytree(adapter, copy)
+    damage(copy)
+    return copy
+
+
+def _index(folder: Path) -> dict:
+    return json.loads((folder / "model.safetensors.index.json").read_text())
+
+
+def _set_index(folder: Path, index: dict) -> None:
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+def _shards(folder: Path) -> list[Path]:
+    return sorted(folder.glob("model-*.safetensors"))
+
+
+def truncated_shard(folder):
+    shard = _shards(folder)[1]
+    shard.write_bytes(shard.read_bytes()[:-100])
+
+
+def duplicate_across_shards(folder):
+    first, second = _shards(folder)[:2]
+    tensors = load_file(second)
+    name, value = next(iter(load_file(first).items()))
+    save_file({**tensors, name: value}, second, metadata={"format": "pt"})
+
+
+def missing_shard(folder):
+    _shards(folder)[-1].unlink()
+
+
+def index_escapes(target):
+    def damage(folder):
+        index = _index(folder)
+        index["weight_map"][next(iter(index["weight_map"]))] = target
+        _set_index(folder, index)
+    return damage
+
+
+def index_lies(folder):
+    index = _index(folder)
+    name, shard = next(iter(index["weight_map"].items()))
+    index["weight_map"][name] = next(p.name for p in _shards(folder) if p.name != shard)
+    _set_index(folder, index)
+
+
+def link_outside(folder):
+    shard = _shards(folder)[0]
+    outside = folder.parent / "elsewhere.safetensors"
+    shard.rename(outside)
+    shard.symlink_to(outside)
+
+
+def no_config(folder):
+    (folder / "config.json").unlink()
+
+
+BASE_CASES = [
+    (truncated_shard, "truncated"),
+    (duplicate_across_shards, "appears in both"),
+    (missing_shard, "is missing; download it again"),
+    (index_escapes("../elsewhere.safetensors"), "outside the model folder; refusing to read it"),
+    (index_escapes("/etc/passwd"), "outside the model folder; refusing to read it"),
+    (index_lies, "does not hold it"),
+    (link_outside, "links outside the model folder"),
+    (no_config, "has no config.json"),
+]
+
+
+def adapter_config(edit):
+    def damage(folder):
+        path = folder / "adapter_config.json"
+        if edit is None:
+            path.unlink()
+        elif isinstance(edit, str):
+            path.write_text(edit)
+        else:
+            path.write_text(json.dumps(edit(json.loads(path.read_text()))))
+    return damage
+
+
+def nan_in_adapter(folder):
+    tensors = load_file(folder / "adapter_model.safetensors")
+    key = next(k for k in tensors if "lora_B" in k)
+    tensors[key][0, 0] = float("nan")
+    save_file(tensors, folder / "adapter_model.safetensors", metadata={"format": "pt"})
+
+
+ADAPTER_CASES = [
+    (adapter_config(None), "has no adapter_config.json"),
+    (adapter_config("{not json"), "is not valid JSON"),
+    (adapter_config("[1, 2]"), "is not a JSON object"),
+    (adapter_config(lambda c: {**c, "lora_alpha": "big"}), "lora_alpha must be a positive number"),
+    (adapter_config(lambda c: {**c, "peft_type": "LOHA"}), "lorafuse merges LoRA adapters"),
+    (nan_in_adapter, "gives NaN or Inf values"),
+]
+
+
+@pytest.mark.parametrize("damage, message", BASE_CASES + ADAPTER_CASES,
+                         ids=[d.__name__ if hasattr(d, "__name__") else str(i) for i, (d, _) in enumerate(BASE_CASES + ADAPTER_CASES)])
+def test_bad_input_is_refused_cleanly(sharded, tmp_path, damage, message):
+    base, adapter = sharded
+    if (damage, message) in BASE_CASES:
+        base = _damage_base(base, tmp_path, damage)
+    else:
+        adapter = _damage_adapter(adapter, tmp_path, damage)
+    before = tree_hash(base), tree_hash(adapter)
+    with pytest.raises(lorafuse.LorafuseError, match=message) as error:
+        lorafuse.merge(base, adapter, tmp_path / "out")
+    assert "\n" not in str(error.value)
+    assert not (tmp_path / "out").exists() and not leftovers(tmp_path)
+    assert (tree_hash(base), tree_hash(adapter)) == before
+
+
+def test_links_into_the_hugging_face_cache_are_followed(sharded, tmp_path, monkeypatch):
+    """The cache's snapshot folders link into blobs/: that is the one place links out are expected."""
+    from huggingface_hub import constants
+
+    base, adapter = sharded
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--org--tiny" / "snapshots" / "abc"
+    blobs = cache / "models--org--tiny" / "blobs"
+    blobs.mkdir(parents=True)
+    shutil.copytree(base, snapshot)
+    for shard in _shards(snapshot):
+        shard.rename(blobs / shard.name)
+        shard.symlink_to(blobs / shard.name)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    lorafuse.merge(snapshot, adapter, tmp_path / "out")
+    assert (tmp_path / "out" / "model.safetensors").is_file()
