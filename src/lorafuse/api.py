@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 
 from .errors import LorafuseError
-from .execute import write_shards
+from .execute import disk_error, write_shards
 from .manifest import Ledger, fingerprint, write_manifest
 from .output import check_target, publish, staging_folder, write_metadata
 from .plan import Plan, make_plan
@@ -76,10 +76,12 @@ def merge(base: str | os.PathLike | None, adapter: str | os.PathLike, out: str |
     ledger = _open_ledger(staging, fingerprint(the_plan, settings), resume)
     try:
         counters = write_shards(the_plan, staging, torch_device, ledger, on_progress)
-        write_metadata(the_plan, staging, settings)
-        write_manifest(the_plan, staging, settings, {name: entry["sha256"] for name, entry in ledger.shards.items()})
-        ledger.discard()
-        publish(staging, out)
+        try:
+            write_metadata(the_plan, staging, settings)
+            write_manifest(the_plan, staging, settings, {name: entry["sha256"] for name, entry in ledger.shards.items()})
+            publish(staging, out, keep_until_renamed=ledger.path)
+        except OSError as e:
+            raise disk_error(e, staging) from None
     except BaseException:
         if not ledger.resumable:  # nothing finished: leave no trace
             shutil.rmtree(staging, ignore_errors=True)

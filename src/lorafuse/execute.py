@@ -119,8 +119,8 @@ def write_shards(plan: Plan, folder: Path, device: torch.device, ledger: Ledger,
             setattr(counters, kind, getattr(counters, kind) + 1)
             counters.bytes_read += tensor.source.nbytes
             counters.bytes_written += written
-        if on_progress:
-            on_progress(written)
+            if on_progress:
+                on_progress(written)
         target.hash.completed(slots[0].offset, slots[-1].offset + slots[-1].nbytes)
         with lock:
             target.remaining -= 1
@@ -153,7 +153,7 @@ def write_shards(plan: Plan, folder: Path, device: torch.device, ledger: Ledger,
         with _intra_op_threads(max(1, (os.cpu_count() or 1) // PIPELINE_DEPTH)):
             _run_bounded(job, jobs())
     except OSError as e:
-        raise _disk_error(e, folder) from None
+        raise disk_error(e, folder) from None
     finally:
         for target in open_shards.values():
             target.hash.cancel()
@@ -166,8 +166,10 @@ def write_shards(plan: Plan, folder: Path, device: torch.device, ledger: Ledger,
 
 def _finish_shard(folder: Path, target: "_OpenShard", ledger: Ledger) -> None:
     """Make a complete shard durable under its real name, then record it as finished."""
-    os.fsync(target.fd)
-    os.close(target.fd)
+    try:
+        os.fsync(target.fd)
+    finally:
+        os.close(target.fd)
     name = target.shard.filename
     os.rename(folder / (name + PARTIAL), folder / name)
     ledger.record(name, target.shard.size, target.hash.hexdigest())
@@ -197,6 +199,8 @@ class _RunningHash:
         self.thread.start()
 
     def completed(self, start: int, end: int) -> None:
+        if end == start:  # an empty tensor: nothing to hash, and it must not shadow a range at `start`
+            return
         with self.cond:
             self.ready[start] = end
             while self.prefix in self.ready:
@@ -270,15 +274,13 @@ def _produce(tensor: TensorPlan, source: torch.Tensor, buffers: _Buffers, device
     out_dtype = torch_dtype(tensor.dtype)
     value = source
     if tensor.patches:
-        if device.type == "cpu" and source.dtype == torch.float32:
-            value = source  # patch the read buffer in place
-        elif device.type == "cpu":
+        if device.type == "cpu" and source.dtype != torch.float32:  # fp32 sources are patched in place
             value = buffers.get("fp32", source.numel() * 4).view(torch.float32).view(source.shape).copy_(source)
         else:
             value = source.to(device=device, dtype=torch.float32)
         for patch in tensor.patches:
             value = patch.apply(value)
-        if not _all_finite(value):
+        if not all_finite(value):
             origins = ", ".join(o for p in tensor.patches for o in p.origins)
             raise LorafuseError(f"merging {tensor.name} gives NaN or Inf values; the adapter tensors ({origins}) are broken")
     if value.dtype == out_dtype and value.device.type == "cpu":
@@ -286,7 +288,7 @@ def _produce(tensor: TensorPlan, source: torch.Tensor, buffers: _Buffers, device
     else:
         nbytes = value.numel() * torch.empty(0, dtype=out_dtype).element_size()
         out = buffers.get("out", nbytes).view(out_dtype).view(value.shape).copy_(value)
-    if out_dtype == torch.float16 and not _all_finite(out) and _all_finite(value):
+    if out_dtype == torch.float16 and not all_finite(out) and all_finite(value):
         raise LorafuseError(f"{tensor.name} overflows {tensor.dtype} (values up to {value.abs().max().item():.3g}); use --dtype bf16 or fp32")
     return out
 
@@ -299,7 +301,7 @@ def _nf4_pieces(tensor: TensorPlan, value: torch.Tensor, slots: tuple[TensorSlot
     return pieces
 
 
-def _all_finite(t: torch.Tensor) -> bool:
+def all_finite(t: torch.Tensor) -> bool:
     """A NaN or Inf anywhere makes the fp32 sum non-finite: one fast reduction instead of a mask.
     Only a sum that overflows from finite values (beyond 3e38) takes the exact path."""
     if not t.is_floating_point():
@@ -364,7 +366,8 @@ def _start_writeback(fd: int, offset: int, nbytes: int) -> None:
         _SYNC_FILE_RANGE(fd, offset, nbytes, SYNC_FILE_RANGE_WRITE)
 
 
-def _disk_error(e: OSError, folder: Path) -> LorafuseError:
+def disk_error(e: OSError, folder: Path) -> LorafuseError:
+    """An OS error while writing the output folder's staging copy, as a user-facing message."""
     if e.errno == errno.ENOSPC:
         return LorafuseError(f"the disk holding {folder.parent} is full; free space and run the same command again")
     if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import LorafuseError
-from .plan import Plan, TensorPlan, make_plan
+from .plan import make_plan
 from .quant import QuantizedTensor, logical_tensors
 from .sources.hub import resolve_model
 from .sources.local import open_model

@@ -16,6 +16,7 @@ import threading
 from pathlib import Path
 
 from . import __version__ as VERSION
+from .output import fsync_path
 from .plan import Plan
 
 MANIFEST = "lorafuse-manifest.json"
@@ -51,12 +52,17 @@ def identity(plan: Plan) -> dict:
 
 
 def fingerprint(plan: Plan, settings: dict) -> str:
-    """Equal for two runs exactly when they would write the same shards."""
+    """Equal for two runs exactly when they would write the same shards: the adapter's weights hashed
+    (two checkpoints of one run have equal configs and sizes), each base file by size and mtime (too big
+    to hash on every run), the settings and the output layout; not the names the inputs were given by."""
     ident = identity(plan)
+    ident["adapter"]["weights_sha256"] = sha256_file(plan.adapter.weights_file)
+    ident["base"]["mtimes"] = {p.name: p.stat().st_mtime_ns for p in plan.base.weight_files}
     for side in ident.values():
         side.pop("path")
+    kept = {k: v for k, v in settings.items() if k not in ("base", "adapter")}
     layout = [[s.filename, _sha256_bytes(s.header)] for s in plan.shards]
-    return _sha256_bytes(json.dumps([VERSION, ident, settings, layout], sort_keys=True).encode())
+    return _sha256_bytes(json.dumps([VERSION, ident, kept, layout], sort_keys=True).encode())
 
 
 def _sha256_bytes(data: bytes) -> str:
@@ -84,24 +90,22 @@ class Ledger:
 
     def finished(self, filename: str, size: int) -> bool:
         """A shard counts as finished only if it is there, whole, and hashes as recorded."""
-        entry = self.shards.get(filename)
+        with self._lock:
+            entry = self.shards.get(filename)
         path = self.path.parent / filename
         ok = bool(entry) and path.is_file() and path.stat().st_size == size == entry.get("size") \
             and sha256_file(path) == entry.get("sha256")
         if not ok:
-            self.shards.pop(filename, None)
+            with self._lock:
+                self.shards.pop(filename, None)
         return ok
 
     def record(self, filename: str, size: int, sha256: str) -> None:
         with self._lock:
             self.shards[filename] = {"size": size, "sha256": sha256}
             tmp = self.path.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"fingerprint": self.fingerprint, "shards": self.shards}, indent=1))
-            fd = os.open(tmp, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            tmp.write_text(json.dumps({"fingerprint": self.fingerprint, "shards": self.shards}))
+            fsync_path(tmp)
             os.replace(tmp, self.path)
 
     def discard(self) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -17,17 +16,10 @@ from pathlib import Path
 from huggingface_hub import ModelCard, ModelCardData
 
 from .errors import LorafuseError
+from .formats.folder import INDEX, TOKENIZER_FILE, is_weight_file
 from .plan import Plan
 from .sources.hub import parse_spec
 
-INDEX = "model.safetensors.index.json"
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx", ".npz")
-WEIGHT_INDEXES = re.compile(r".*\.(safetensors|bin|pt|pth)\.index\.json$")
-# What a training run may have changed in the tokenizer: these adapter files win over the base's.
-TOKENIZER_FILE = re.compile(
-    r"^(tokenizer.*|special_tokens_map\.json|added_tokens\.json|vocab\..*|merges\.txt|.*\.model|.*\.tiktoken"
-    r"|chat_template\..*|preprocessor_config\.json|processor_config\.json)$"
-)
 NOT_COPIED = {"README.md", "adapter_config.json"}
 
 
@@ -71,7 +63,7 @@ def _carried_files(plan: Plan) -> list[Path]:
     for path in sorted(plan.base.folder.iterdir()):
         name = path.name
         if (path.is_file() and not name.startswith(".") and name not in NOT_COPIED
-                and not name.endswith(WEIGHT_SUFFIXES) and not WEIGHT_INDEXES.match(name)):
+                and not is_weight_file(name)):
             chosen[name] = path
     for path in sorted(plan.adapter.folder.iterdir()):
         if path.is_file() and TOKENIZER_FILE.match(path.name):
@@ -102,27 +94,27 @@ def _repo_id(name: str) -> str | None:
     return parsed[0] if parsed else None
 
 
-def publish(staging: Path, out: Path) -> None:
-    """Make the staged folder durable, then move it into place in one rename (after the old one, with --force)."""
+def publish(staging: Path, out: Path, keep_until_renamed: Path) -> None:
+    """Make the staged folder durable, then move it into place in one rename (after the old one, with
+    --force). The resume ledger goes last, so an interruption before the rename can still resume."""
     for path in staging.iterdir():
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    _fsync_dir(staging)
+        if path != keep_until_renamed:
+            fsync_path(path)
+    keep_until_renamed.unlink(missing_ok=True)
+    fsync_path(staging)
     if out.exists():
         old = out.parent / f".{out.name}.lorafuse-old"
         shutil.rmtree(old, ignore_errors=True)
         os.rename(out, old)
         os.rename(staging, out)
-        shutil.rmtree(old)
+        shutil.rmtree(old, ignore_errors=True)
     else:
         os.rename(staging, out)
-    _fsync_dir(out.absolute().parent)
+    fsync_path(out.absolute().parent)
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a file or a folder (a folder's entries: the names of what was created or renamed in it)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

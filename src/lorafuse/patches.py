@@ -45,8 +45,8 @@ class Replace:
 
     def out_shape(self, shape: tuple[int, ...], name: str) -> tuple[int, ...]:
         new = tuple(self.source.shape)
-        # Only the first dimension (vocabulary rows) may change, as after resize_token_embeddings.
-        if new[1:] != tuple(shape[1:]) or len(new) != len(shape):
+        # Only the rows of a matrix (an embedding's vocabulary) may change, as after resize_token_embeddings.
+        if new != tuple(shape) and (len(shape) != 2 or len(new) != 2 or new[1] != shape[1]):
             raise _mismatch(self.origin, f"replacing {name}", new, shape)
         return new
 

@@ -1,7 +1,8 @@
 """Decide everything before a byte is written: what each output tensor is, the shards, the costs.
 
-Planning reads headers only. Every check that can fail (unused adapter tensors, shape mismatches,
-unsupported variants, disk space) fails here, so a merge that starts is a merge that can finish.
+Planning reads headers only (and a quantized base's small quant-state tensors). Every check that can
+be made before the data is seen (unused adapter tensors, shape mismatches, unsupported variants) fails
+here; the merge checks the disk space against the plan before it writes anything.
 """
 
 from __future__ import annotations
@@ -186,7 +187,8 @@ def make_plan(base: str | os.PathLike | None, adapter: str | os.PathLike, out: s
         tensors.append(TensorPlan(name, ref, chain, target, shape))
     _follow_vocab(tensors, config, notes)
     if save_method == "merged_4bit":
-        tensors = _to_nf4(tensors, base_quantization if quant_method == "bitsandbytes" else None, config, notes)
+        nf4_base = quant_method == "bitsandbytes" and _is_nf4_uint8(base_quantization)
+        tensors = _to_nf4(tensors, base_quantization if nf4_base else None, config, notes)
     if out_dtype:
         for holder in _configs(config):
             for key in ("dtype", "torch_dtype"):
@@ -377,19 +379,26 @@ def _shard(tensors: list[TensorPlan], max_shard_size: int | str) -> list[ShardPl
     return shards
 
 
+def _is_nf4_uint8(quantization: dict | None) -> bool:
+    """A bitsandbytes NF4 base stored in uint8: its untouched weights can be copied into NF4 output."""
+    q = quantization or {}
+    return bool(q.get("load_in_4bit") or q.get("_load_in_4bit")) and q.get("bnb_4bit_quant_type") == "nf4" \
+        and str(q.get("bnb_4bit_quant_storage", "uint8")).removeprefix("torch.") == "uint8"
+
+
 def _to_nf4(tensors: list[TensorPlan], base_quantization: dict | None, config: dict, notes: list[str]) -> list[TensorPlan]:
     """merged_4bit: write the merged model as transformers saves a bitsandbytes NF4 model.
 
-    From a 4-bit base, exactly the weights that were 4-bit stay 4-bit (untouched ones are copied as
-    they are); from a 16-bit base, every 2-D linear weight but the embeddings, the output head and
-    llm_int8_skip_modules, as transformers' own quantization chooses.
+    From an NF4 base, exactly the weights that were 4-bit stay 4-bit (untouched ones are copied as
+    they are); from any other base (16-bit, FP4, 8-bit, FP8), every 2-D linear weight but the
+    embeddings, the output head and llm_int8_skip_modules, as transformers' own quantization chooses.
     """
     quantization = dict(base_quantization or NF4_CONFIG)
     skip = quantization.get("llm_int8_skip_modules") or []
     chosen = []
     for t in tensors:
         if base_quantization is not None:
-            wanted = isinstance(t.source, QuantizedTensor) and t.source.method.startswith("bnb-")
+            wanted = isinstance(t.source, QuantizedTensor) and t.source.method == "bnb-nf4"
         else:
             wanted = (len(t.shape) == 2 and t.name.endswith(".weight") and t.dtype in CASTABLE and t.name != HEAD
                       and not t.name.endswith(EMBEDDING_SUFFIXES) and not any(s in t.name for s in skip))

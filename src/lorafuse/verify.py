@@ -15,12 +15,12 @@ from pathlib import Path
 import torch
 
 from .errors import LorafuseError
-from .execute import _all_finite
+from .execute import all_finite
 from .formats.safetensors import FLOAT_DTYPES, read_header, torch_dtype
 from .manifest import MANIFEST, sha256_file
 from .plan import make_plan
 from .quant import QuantizedTensor
-from .sources.local import INDEX, SINGLE
+from .formats.folder import INDEX, SINGLE
 
 FP32_SLACK = 64 * torch.finfo(torch.float32).eps
 
@@ -41,7 +41,7 @@ def verify(out: str | Path, base: str | Path | None = None, adapter: str | Path 
             problems.append(str(e))
     for name, header in headers.items():
         for key, ref in header.tensors.items():
-            if ref.dtype in FLOAT_DTYPES and not _all_finite(ref.read()):
+            if ref.dtype in FLOAT_DTYPES and not all_finite(ref.read()):
                 problems.append(f"{name}: tensor {key} holds NaN or Inf values")
     if base is not None and not problems:
         problems += _recompute(out, headers, base, adapter, sample)
@@ -108,13 +108,15 @@ def _recompute(out: Path, headers: dict, base, adapter, sample: int) -> list[str
     """A spread-out sample of merged tensors, recomputed in float64 and compared with OUT."""
     manifest = json.loads((out / MANIFEST).read_text())["settings"]
     dtype = {"auto": "auto", "F32": "fp32", "BF16": "bf16", "F16": "fp16"}.get(manifest.get("output dtype"), "auto")
-    plan = make_plan(base, adapter, dtype=dtype)
+    plan = make_plan(base, adapter, dtype=dtype, save_method=manifest.get("save method", "merged_16bit"))
     refs = {k: r for h in headers.values() for k, r in h.tensors.items()}
     merged = plan.merged
     n = min(sample, len(merged))
     chosen = [merged[round(i * (len(merged) - 1) / max(1, n - 1))] for i in range(n)]
     problems = []
-    for tensor in dict.fromkeys(chosen):
+    for tensor in {t.name: t for t in chosen}.values():
+        if tensor.to_nf4:
+            continue  # 4-bit output: its bytes are checked by the manifest, its values are bnb's rounding
         if tensor.name not in refs or refs[tensor.name].dtype != tensor.dtype:
             problems.append(f"{tensor.name} is missing from OUT or has another dtype than the merge gives")
             continue

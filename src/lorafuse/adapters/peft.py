@@ -19,7 +19,7 @@ import torch
 
 from ..errors import LorafuseError
 from ..formats.jsonfile import read_json
-from ..formats.safetensors import TORCH_TO_NAME, TensorRef, read_header
+from ..formats.safetensors import TORCH_TO_NAME, read_header
 from ..patches import AddBias, LoRA, Patch, Replace, ReplaceRows
 
 PREFIX = "base_model.model."

@@ -1,4 +1,4 @@
-"""Strict safetensors header parsing and a streaming shard writer.
+"""Strict safetensors header parsing, and the layout of files the executor fills in place.
 
 The format (https://huggingface.co/docs/safetensors): 8-byte little-endian header length N,
 N bytes of JSON mapping tensor names to {dtype, shape, data_offsets}, then the data. We validate
@@ -204,7 +204,3 @@ def layout(tensors: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, 
     prefix = struct.pack("<Q", len(raw)) + raw
     slots = [TensorSlot(n, d, s, len(prefix) + off, nb) for n, d, s, off, nb in spans]
     return prefix, slots
-
-
-def file_size(prefix: bytes, slots: list[TensorSlot]) -> int:
-    return len(prefix) + sum(s.nbytes for s in slots)

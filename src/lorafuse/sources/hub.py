@@ -28,24 +28,13 @@ import tempfile
 from pathlib import Path, PurePosixPath
 
 from ..errors import LorafuseError
+from ..formats.folder import INDEX, SINGLE, TOKENIZER_FILE, is_weight_file
 from ..formats.jsonfile import read_json
 
-INDEX = "model.safetensors.index.json"
-SINGLE = "model.safetensors"
 CONFIG = "config.json"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
-# Weight files of any format: only the safetensors ones the index names (or model.safetensors) are fetched.
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".ggml", ".h5", ".msgpack", ".onnx",
-                   ".onnx_data", ".tflite", ".npz", ".ot", ".pkl", ".pickle", ".keras", ".nemo", ".mlmodel",
-                   ".llamafile", ".zip", ".tar", ".tgz", ".gz")
-WEIGHT_INDEXES = re.compile(r".*\.(safetensors|bin|pt|pth|ckpt|h5|msgpack)\.index\.json$")
 NOT_NEEDED = {"README.md", ADAPTER_CONFIG}
-# The adapter's files besides its config and weights that a merge uses: what training may change in the tokenizer.
-TOKENIZER_FILE = re.compile(
-    r"^(tokenizer.*|special_tokens_map\.json|added_tokens\.json|vocab\..*|merges\.txt|.*\.model|.*\.tiktoken"
-    r"|chat_template\..*|preprocessor_config\.json|processor_config\.json)$"
-)
 PICKLE_WEIGHTS = re.compile(r"^(pytorch_model.*\.bin|.*\.pth|.*\.pt|model.*\.ckpt)$")
 COMMIT = re.compile(r"[0-9a-f]{40}")
 MODEL, ADAPTER = "model", "adapter"
@@ -169,7 +158,7 @@ def _select(kind: str, names: set[str], label: str) -> tuple[list[str], list[str
     if CONFIG not in names:
         raise LorafuseError(f"{label} has no {CONFIG}; pass a transformers model repo")
     extras = [n for n in top if n not in NOT_NEEDED and n not in (CONFIG, INDEX)
-              and not n.endswith(WEIGHT_SUFFIXES) and not WEIGHT_INDEXES.match(n)]
+              and not is_weight_file(n)]
     if INDEX in names:
         return [CONFIG, INDEX] + extras, None
     if SINGLE in names:

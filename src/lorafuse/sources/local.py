@@ -6,11 +6,10 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from ..errors import LorafuseError
+from ..formats.folder import INDEX, SINGLE
 from ..formats.jsonfile import read_json
 from ..formats.safetensors import TensorRef, read_header
 
-INDEX = "model.safetensors.index.json"
-SINGLE = "model.safetensors"
 
 
 @dataclass

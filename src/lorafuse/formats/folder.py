@@ -1,0 +1,22 @@
+"""The files of a Hugging Face model or adapter folder: which hold weights, which the tokenizer."""
+
+from __future__ import annotations
+
+import re
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+# Weight files of any format: a merged model must carry none of the base's (they would be unmerged).
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".ggml", ".h5", ".msgpack", ".onnx",
+                   ".onnx_data", ".tflite", ".npz", ".ot", ".pkl", ".pickle", ".keras", ".nemo", ".mlmodel",
+                   ".llamafile", ".zip", ".tar", ".tgz", ".gz")
+WEIGHT_INDEXES = re.compile(r".*\.(safetensors|bin|pt|pth|ckpt|h5|msgpack)\.index\.json$")
+# What a training run may have changed in the tokenizer: these adapter files win over the base's.
+TOKENIZER_FILE = re.compile(
+    r"^(tokenizer.*|special_tokens_map\.json|added_tokens\.json|vocab\..*|merges\.txt|.*\.model|.*\.tiktoken"
+    r"|chat_template\..*|preprocessor_config\.json|processor_config\.json)$"
+)
+
+
+def is_weight_file(name: str) -> bool:
+    return name.endswith(WEIGHT_SUFFIXES) or bool(WEIGHT_INDEXES.match(name))
