@@ -140,7 +140,16 @@ def test_disk_full_part_way_then_resume(inputs, reference, small_disk):
     staging = staging_folder(out)
     assert not out.exists() and not list(staging.glob("*.partial"))
     assert (tree_hash(inputs[0]), tree_hash(inputs[1])) == before
-    filler.unlink()
+    # Free just enough for what is left, not for the whole output: the resume must still start.
+    from lorafuse.api import DISK_MARGIN
+
+    finished = sum(e["size"] for e in json.loads((staging / LEDGER).read_text())["shards"].values())
+    left = lorafuse.plan(*inputs, max_shard_size=SHARD).output_bytes - finished
+    stat = os.statvfs(small_disk)
+    free = stat.f_bavail * stat.f_frsize
+    target = DISK_MARGIN + left + 8192
+    assert target < DISK_MARGIN + left + finished, "too few finished shards to tell the two checks apart"
+    os.truncate(filler, filler.stat().st_size - (target - free))
     report = lorafuse.merge(*inputs, out, max_shard_size=SHARD)
     assert report.shards_resumed >= 1
     assert tree_hash(out) == reference
@@ -259,3 +268,4 @@ def test_running_hash_of_ranges_completed_out_of_order(tmp_path):
     for start, end in [(60, 100), (30, 30), (30, 60), (10, 30), (100, 100)]:
         running.completed(start, end)
     assert running.hexdigest() == hashlib.sha256(data).hexdigest()
+

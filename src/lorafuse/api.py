@@ -64,16 +64,19 @@ def merge(base: str | os.PathLike | None, adapter: str | os.PathLike, out: str |
     check_target(out, force)
     the_plan = make_plan(base, adapter, out, dtype=dtype, max_shard_size=max_shard_size, save_method=save_method)
     torch_device = _device(device)
+    settings = _settings(the_plan, device)
+    staging = staging_folder(out)
+    print_ = fingerprint(the_plan, settings)
+    finished = Ledger(staging, print_).shards if staging.is_dir() else {}
+    needed = the_plan.output_bytes - sum(entry["size"] for entry in finished.values())  # a resume needs only the rest
     free = the_plan.disk_free
-    if free is not None and free < the_plan.output_bytes + DISK_MARGIN:
+    if free is not None and free < needed + DISK_MARGIN:
         raise LorafuseError(
-            f"the output needs {_gb(the_plan.output_bytes)} but only {_gb(free)} is free on the disk holding {out.absolute().parent}"
+            f"the output needs {_gb(needed)} more but only {_gb(free)} is free on the disk holding {out.absolute().parent}"
         )
     if on_plan:
         on_plan(the_plan)
-    settings = _settings(the_plan, device)
-    staging = staging_folder(out)
-    ledger = _open_ledger(staging, fingerprint(the_plan, settings), resume)
+    ledger = _open_ledger(staging, print_, resume)
     try:
         counters = write_shards(the_plan, staging, torch_device, ledger, on_progress)
         try:

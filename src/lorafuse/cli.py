@@ -126,10 +126,12 @@ def _inputs_cached(args) -> bool:
         if parse_spec(spec) is None:
             continue
         status = cache_status(spec, kind=kind)
-        print(f"{'adapter' if kind == 'adapter' else 'base':<8} {describe_status(status)}")
+        print(f"{'adapter' if kind == 'adapter' else 'base':<8} {describe_status(status)}",
+              file=sys.stderr if args.json else sys.stdout)
         complete = complete and status["complete"]
     if not complete:
-        print("plan     the full plan needs the tensor headers: `lorafuse merge` downloads what is missing first")
+        print("plan     the full plan needs the tensor headers: `lorafuse merge` downloads what is missing first",
+              file=sys.stderr if args.json else sys.stdout)
     return complete
 
 

@@ -31,6 +31,11 @@ def logical_tensors(tensors: dict, config: dict) -> tuple[dict, str | None]:
             f"supported: {', '.join(sorted(FORMATS))}, or pass the 16-bit model as BASE"
         )
     claimed = FORMATS[method].claim(tensors, config)
+    if not claimed:
+        raise LorafuseError(
+            f"the base model is quantized with {method!r}, but in a layout lorafuse cannot read (no bitsandbytes "
+            "or FP8 weights found); pass the 16-bit model as BASE"
+        )
     taken = {key for q in claimed.values() for key in q.keys}
     logical = {}
     for key, ref in tensors.items():
