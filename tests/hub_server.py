@@ -12,6 +12,23 @@ cache (snapshots/ of links into blobs/, refs/, trees/) exactly as it does for re
                                                      (LFS files: X-Linked-Etag = sha256, X-Linked-Size)
     GET  /{repo}/resolve/{rev}/{path}                the bytes; `Range: bytes=a-b` answers 206
 
+For pushing (what `HfApi.create_repo`, `create_branch`, `preupload_lfs_files` and `create_commit` send,
+with hf_xet disabled so that LFS goes over plain HTTP), every write needing the token:
+
+    POST /api/repos/create                           create a repo (409 if it exists); first commit: .gitattributes
+    POST /api/models/{repo}/branch/{branch}          create a branch at `startingPoint` (default main); 409 if it exists
+    POST /api/models/{repo}/preupload/{rev}          upload mode per file (lfs/regular) and the oid the Hub has there
+    POST /{repo}.git/info/lfs/objects/batch          LFS batch: an upload (+ verify) action pointing at this server
+                                                     for each object the server lacks, no action for the others
+    PUT  /lfs-upload/{oid}                           the object's bytes (checked against oid and size)
+    POST /lfs-verify/{oid}                           200 if stored, 404 otherwise
+    POST /api/validate-yaml                          README metadata check: always fine
+    POST /api/models/{repo}/commit/{rev}             NDJSON: header, then file/lfsFile/deletedFile lines; applied
+                                                     atomically as one new commit (files visible only after it)
+
+`lfs` holds the uploaded objects (sha256 -> bytes), `uploads` the oids PUT in order, `pushes` each commit made
+through the API (repo, revision, sha, paths), so tests can assert exactly what was sent.
+
 Errors carry the headers `hf_raise_for_status` reads: 404 + `X-Error-Code: RepoNotFound` /
 `RevisionNotFound` / `EntryNotFound` (with `X-Repo-Commit`), 401 + `RepoNotFound` for a private repo
 and 401 + `GatedRepo` for a gated repo's files, both unless `Authorization: Bearer <token>` matches.
@@ -25,6 +42,7 @@ down after `max_seconds` even if nobody calls `stop()`.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import re
@@ -85,6 +103,21 @@ class HubRepo:
             self.refs[ref] = sha
         return sha
 
+    def add_tree(self, tree: dict[str, HubFile], refs: tuple[str, ...]) -> str:
+        """Add a commit holding exactly `tree` and point `refs` at it."""
+        digest = hashlib.sha1(self.repo_id.encode() + b"%d" % len(self.commits))
+        for path in sorted(tree):
+            digest.update(path.encode() + b"\0" + tree[path].oid.encode())
+        sha = digest.hexdigest()
+        self.commits[sha] = dict(tree)
+        for ref in refs:
+            self.refs[ref] = sha
+        return sha
+
+    def files(self, revision: str = "main") -> dict[str, bytes]:
+        """The files at `revision`, as bytes."""
+        return {path: f.data for path, f in self.commits[self.refs.get(revision, revision)].items()}
+
     def resolve(self, revision: str) -> str | None:
         if revision in self.refs:
             return self.refs[revision]
@@ -100,6 +133,9 @@ class HubServer:
         self.max_seconds = max_seconds
         self.down: int | None = None  # set to e.g. 503: every request gets that status, as when the Hub is down
         self.log: list[tuple[str, str, int]] = []  # (method, decoded path, status)
+        self.lfs: dict[str, bytes] = {}  # LFS objects pushed to this server, by sha256
+        self.uploads: list[str] = []  # sha256 of each object PUT, in order
+        self.pushes: list[tuple[str, str, str, tuple[str, ...]]] = []  # (repo, revision, new sha, paths) per commit
         self._lock = threading.Lock()
         self._httpd: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -195,6 +231,22 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         self._dispatch("POST")
 
+    def do_PUT(self) -> None:
+        self._dispatch("PUT")
+
+    def _read_body(self) -> bytes:
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            chunks = []
+            while True:
+                size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+                if size == 0:
+                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                        pass
+                    return b"".join(chunks)
+                chunks.append(self.rfile.read(size))
+                self.rfile.readline()
+        return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
     def _dispatch(self, method: str) -> None:
         split = urlsplit(self.path)
         parts = [unquote(p) for p in split.path.split("/")[1:]]  # decode each segment: a revision may hold %2F
@@ -202,12 +254,22 @@ class _Handler(BaseHTTPRequestHandler):
         self.decoded = "/" + "/".join(parts)
         self.status = 0
         self.body = b""
-        if method == "POST":
-            length = int(self.headers.get("Content-Length") or 0)
-            self.body = self.rfile.read(length)
+        if method in ("POST", "PUT"):
+            self.body = self._read_body()
         try:
             if self.hub.down:
                 self._error(self.hub.down, None, "Service Unavailable")
+            elif method == "POST" and parts == ["api", "repos", "create"]:
+                self._create_repo()
+            elif method == "POST" and parts == ["api", "validate-yaml"]:
+                self._json({"warnings": []})  # README.md metadata: accepted as is
+            elif method == "POST" and len(parts) == 6 and parts[1].endswith(".git") and parts[2:] == [
+                    "info", "lfs", "objects", "batch"]:
+                self._lfs_batch(parts[0] + "/" + parts[1][:-4])
+            elif method == "PUT" and len(parts) == 2 and parts[0] == "lfs-upload":
+                self._lfs_put(parts[1])
+            elif method == "POST" and len(parts) == 2 and parts[0] == "lfs-verify":
+                self._lfs_verify(parts[1])
             elif parts[:2] == ["api", "models"] and len(parts) >= 4:
                 self._api(method, parts[2] + "/" + parts[3], parts[4:])
             elif len(parts) >= 5 and parts[2] == "resolve" and method in ("GET", "HEAD"):
@@ -269,6 +331,14 @@ class _Handler(BaseHTTPRequestHandler):
             return self._tree(repo, rest[1], "/".join(rest[2:]))
         if method == "POST" and len(rest) >= 2 and rest[0] == "paths-info":
             return self._paths_info(repo, "/".join(rest[1:]))
+        if method == "POST" and len(rest) >= 2 and rest[0] in ("branch", "preupload", "commit"):
+            if not self._authorized():
+                return self._error(401, None, "Invalid credentials in Authorization header")
+            if rest[0] == "branch":
+                return self._create_branch(repo, "/".join(rest[1:]))
+            if rest[0] == "preupload":
+                return self._preupload(repo, "/".join(rest[1:]))
+            return self._push_commit(repo, "/".join(rest[1:]))
         self._send(404, b"Not Found", {"Content-Type": "text/plain"})
 
     def _model_info(self, repo: HubRepo, revision: str) -> None:
@@ -376,3 +446,113 @@ class _Handler(BaseHTTPRequestHandler):
             status = 206
             headers["Content-Range"] = f"bytes {start}-{end}/{f.size}"
         self._send(status, body, headers, head=head)
+
+    # -- pushing ------------------------------------------------------------------------------------
+    def _create_repo(self) -> None:
+        if not self._authorized():
+            return self._error(401, None, "Invalid credentials in Authorization header")
+        payload = json.loads(self.body or b"{}")
+        repo_id = f"{payload.get('organization') or 'user'}/{payload['name']}"
+        with self.hub._lock:
+            if repo_id in self.hub.repos:
+                return self._error(409, None, "You already created this model repo", extra={"X-Error-Code": "RepoExists"})
+            repo = HubRepo(repo_id, private=payload.get("visibility") == "private")
+            repo.commit({})
+            self.hub.repos[repo_id] = repo
+        self._json({"url": f"{self.hub.url}/{repo_id}", "name": repo_id, "id": repo_id})
+
+    def _create_branch(self, repo: HubRepo, branch: str) -> None:
+        payload = json.loads(self.body or b"{}")
+        with self.hub._lock:
+            if branch in repo.refs:
+                return self._error(409, None, f"Reference refs/heads/{branch} already exists")
+            start = repo.resolve(payload.get("startingPoint") or "main")
+            if start is None:
+                return self._error(404, "RevisionNotFound", f"Invalid rev id: {payload.get('startingPoint')}")
+            repo.refs[branch] = start
+        self._json({})
+
+    def _lfs_mode(self, path: str, size: int) -> bool:
+        return path.endswith(LFS_SUFFIXES) or size >= LFS_MIN_SIZE
+
+    def _preupload(self, repo: HubRepo, revision: str) -> None:
+        sha = self._commit(repo, revision)
+        if sha is None:
+            return
+        tree = repo.commits[sha]
+        files = []
+        for f in json.loads(self.body)["files"]:
+            lfs = self._lfs_mode(f["path"], f["size"])
+            have = tree.get(f["path"])
+            oid = None if have is None else (have.sha256 if have.lfs else have.oid)
+            files.append({"path": f["path"], "uploadMode": "lfs" if lfs else "regular", "shouldIgnore": False, "oid": oid})
+        self._json({"files": files, "commitOid": sha})
+
+    def _lfs_batch(self, repo_id: str) -> None:
+        if self.hub.repos.get(repo_id) is None:
+            return self._error(404, "RepoNotFound", "Repository not found")
+        if not self._authorized():
+            return self._error(401, None, "Invalid credentials in Authorization header")
+        payload = json.loads(self.body)
+        objects = []
+        for obj in payload["objects"]:
+            entry = {"oid": obj["oid"], "size": obj["size"], "authenticated": True}
+            have = self.hub.lfs.get(obj["oid"])
+            if have is None or len(have) != obj["size"]:
+                entry["actions"] = {
+                    "upload": {"href": f"{self.hub.url}/lfs-upload/{obj['oid']}", "header": {}},
+                    "verify": {"href": f"{self.hub.url}/lfs-verify/{obj['oid']}", "header": {}},
+                }
+            objects.append(entry)
+        self._send(200, json.dumps({"transfer": "basic", "objects": objects}).encode(),
+                   {"Content-Type": "application/vnd.git-lfs+json"})
+
+    def _lfs_put(self, oid: str) -> None:
+        if hashlib.sha256(self.body).hexdigest() != oid:
+            return self._error(400, None, f"content does not match oid {oid}")
+        with self.hub._lock:
+            self.hub.lfs[oid] = self.body
+            self.hub.uploads.append(oid)
+        self._send(200)
+
+    def _lfs_verify(self, oid: str) -> None:
+        payload = json.loads(self.body or b"{}")
+        have = self.hub.lfs.get(oid)
+        if have is None or len(have) != payload.get("size"):
+            return self._error(404, None, f"object {oid} not uploaded")
+        self._json({})
+
+    def _push_commit(self, repo: HubRepo, revision: str) -> None:
+        lines = [json.loads(line) for line in self.body.decode().splitlines() if line.strip()]
+        if not lines or lines[0].get("key") != "header":
+            return self._error(400, None, "the first line must be the header")
+        header = lines[0]["value"]
+        with self.hub._lock:  # the whole commit or nothing: readers see the old tree until the ref moves
+            sha = self._commit(repo, revision)
+            if sha is None:
+                return
+            if header.get("parentCommit") not in (None, sha):
+                return self._error(412, None, "A commit has happened since. Please refresh and try again.")
+            tree = dict(repo.commits[sha])
+            for line in lines[1:]:
+                key, value = line["key"], line["value"]
+                if key == "file":
+                    data = base64.b64decode(value["content"])
+                    tree[value["path"]] = HubFile(data, False)
+                elif key == "lfsFile":
+                    data = self.hub.lfs.get(value["oid"])
+                    if data is None or ("size" in value and len(data) != value["size"]):
+                        return self._error(422, None, f"LFS object {value['oid']} of {value['path']} was not uploaded")
+                    tree[value["path"]] = HubFile(data, True)
+                elif key == "deletedFile":
+                    if tree.pop(value["path"], None) is None:
+                        return self._error(404, "EntryNotFound", "A file with this name doesn't exist")
+                elif key == "deletedFolder":
+                    prefix = value["path"].rstrip("/") + "/"
+                    tree = {p: f for p, f in tree.items() if not p.startswith(prefix)}
+                else:
+                    return self._error(400, None, f"unknown operation {key}")
+            new = repo.add_tree(tree, refs=(revision,) if revision in repo.refs else ())
+            self.hub.pushes.append((repo.repo_id, revision, new, tuple(line["value"]["path"] for line in lines[1:])))
+        self._json({"success": True, "commitOid": new, "commitUrl": f"{self.hub.url}/{repo.repo_id}/commit/{new}",
+                    "pullRequestUrl": None})

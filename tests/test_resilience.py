@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import lorafuse
-from conftest import make_adapter, tree_hash
+from conftest import leftovers, make_adapter, tree_hash
 from lorafuse.manifest import LEDGER, MANIFEST, sha256_file
 from lorafuse.output import staging_folder
 
@@ -269,3 +269,37 @@ def test_running_hash_of_ranges_completed_out_of_order(tmp_path):
         running.completed(start, end)
     assert running.hexdigest() == hashlib.sha256(data).hexdigest()
 
+
+
+def test_immutable_output_folder_is_refused(inputs, tmp_path):
+    """Root passes permission checks, but not an immutable folder (chattr +i): the same refusal path."""
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    if subprocess.run(["chattr", "+i", str(locked)], capture_output=True).returncode:
+        pytest.skip("chattr +i is not available here")
+    try:
+        with pytest.raises(lorafuse.LorafuseError, match=f"cannot write to {locked}: operation not permitted; choose another"):
+            lorafuse.merge(*inputs, locked / "out")
+    finally:
+        subprocess.run(["chattr", "-i", str(locked)], check=True)
+    assert list(locked.iterdir()) == []
+
+
+def test_a_second_merge_into_the_same_output_waits_its_turn(inputs, tmp_path):
+    import fcntl
+
+    out = tmp_path / "out"
+    with open(tmp_path / ".out.lorafuse-lock", "w") as held:  # as a running merge holds it
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(lorafuse.LorafuseError, match="another lorafuse merge is writing"):
+            lorafuse.merge(*inputs, out)
+    lorafuse.merge(*inputs, out)
+    assert not leftovers(tmp_path) and (out / MANIFEST).is_file()
+
+
+def test_force_swaps_the_new_output_in(inputs, reference, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    lorafuse.merge(*inputs, out, max_shard_size=SHARD, force=True)
+    assert tree_hash(out) == reference and not leftovers(tmp_path)

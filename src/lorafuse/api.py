@@ -16,7 +16,7 @@ import torch
 from .errors import LorafuseError
 from .execute import disk_error, write_shards
 from .manifest import Ledger, fingerprint, write_manifest
-from .output import check_target, publish, staging_folder, write_metadata
+from .output import check_target, exclusive, publish, staging_folder, write_metadata
 from .plan import Plan, make_plan
 
 DISK_MARGIN = 64 << 20  # room for config, tokenizer files and the file system's own overhead
@@ -62,40 +62,41 @@ def merge(base: str | os.PathLike | None, adapter: str | os.PathLike, out: str |
     started = time.perf_counter()
     out = Path(out)
     check_target(out, force)
-    the_plan = make_plan(base, adapter, out, dtype=dtype, max_shard_size=max_shard_size, save_method=save_method)
-    torch_device = _device(device)
-    settings = _settings(the_plan, device)
-    staging = staging_folder(out)
-    print_ = fingerprint(the_plan, settings)
-    finished = Ledger(staging, print_).shards if staging.is_dir() else {}
-    needed = the_plan.output_bytes - sum(entry["size"] for entry in finished.values())  # a resume needs only the rest
-    free = the_plan.disk_free
-    if free is not None and free < needed + DISK_MARGIN:
-        raise LorafuseError(
-            f"the output needs {_gb(needed)} more but only {_gb(free)} is free on the disk holding {out.absolute().parent}"
-        )
-    if on_plan:
-        on_plan(the_plan)
-    ledger = _open_ledger(staging, print_, resume)
-    try:
-        counters = write_shards(the_plan, staging, torch_device, ledger, on_progress)
+    with exclusive(out):  # a second merge into OUT would wipe this one's staging folder
+        the_plan = make_plan(base, adapter, out, dtype=dtype, max_shard_size=max_shard_size, save_method=save_method)
+        torch_device = _device(device)
+        settings = _settings(the_plan, device)
+        staging = staging_folder(out)
+        print_ = fingerprint(the_plan, settings)
+        finished = Ledger(staging, print_).shards if staging.is_dir() else {}
+        needed = the_plan.output_bytes - sum(entry["size"] for entry in finished.values())  # a resume needs only the rest
+        free = the_plan.disk_free
+        if free is not None and free < needed + DISK_MARGIN:
+            raise LorafuseError(
+                f"the output needs {_gb(needed)} more but only {_gb(free)} is free on the disk holding {out.absolute().parent}"
+            )
+        if on_plan:
+            on_plan(the_plan)
+        ledger = _open_ledger(staging, print_, resume)
         try:
-            write_metadata(the_plan, staging, settings)
-            write_manifest(the_plan, staging, settings, {name: entry["sha256"] for name, entry in ledger.shards.items()})
-            publish(staging, out, keep_until_renamed=ledger.path)
-        except OSError as e:
-            raise disk_error(e, staging) from None
-    except BaseException:
-        if not ledger.resumable:  # nothing finished: leave no trace
-            shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return MergeReport(
-        out=str(out),
-        shards=len(the_plan.shards),
-        seconds=round(time.perf_counter() - started, 3),
-        peak_memory=_peak_rss(),
-        **vars(counters),
-    )
+            counters = write_shards(the_plan, staging, torch_device, ledger, on_progress)
+            try:
+                write_metadata(the_plan, staging, settings)
+                write_manifest(the_plan, staging, settings, {name: entry["sha256"] for name, entry in ledger.shards.items()})
+                publish(staging, out, keep_until_renamed=ledger.path)
+            except OSError as e:
+                raise disk_error(e, staging) from None
+        except BaseException:
+            if not ledger.resumable:  # nothing finished: leave no trace
+                shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return MergeReport(
+            out=str(out),
+            shards=len(the_plan.shards),
+            seconds=round(time.perf_counter() - started, 3),
+            peak_memory=_peak_rss(),
+            **vars(counters),
+        )
 
 
 def _open_ledger(staging: Path, print_: str, resume: bool) -> Ledger:

@@ -6,7 +6,10 @@ complete, so OUT is either absent, the previous folder (with --force), or the fi
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import errno
+import fcntl
 import json
 import os
 import shutil
@@ -25,6 +28,24 @@ NOT_COPIED = {"README.md", "adapter_config.json"}
 
 def staging_folder(out: Path) -> Path:
     return out.parent / f".{out.name}.lorafuse-partial"
+
+
+@contextlib.contextmanager
+def exclusive(out: Path):
+    """One merge at a time into OUT: a second would wipe the first's staging folder. The kernel drops
+    the lock when its holder dies, so a killed merge never blocks the next."""
+    lock_path = out.parent / f".{out.name}.lorafuse-lock"
+    fd = os.open(lock_path, os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise LorafuseError(f"another lorafuse merge is writing {out}; wait for it to finish") from None
+    try:
+        yield
+    finally:
+        lock_path.unlink(missing_ok=True)
+        os.close(fd)
 
 
 def check_target(out: Path, force: bool) -> None:
@@ -95,22 +116,35 @@ def _repo_id(name: str) -> str | None:
 
 
 def publish(staging: Path, out: Path, keep_until_renamed: Path) -> None:
-    """Make the staged folder durable, then move it into place in one rename (after the old one, with
-    --force). The resume ledger goes last, so an interruption before the rename can still resume."""
+    """Make the staged folder durable, then move it into place in one rename; with --force, swap it
+    with the old OUT in one atomic exchange where the OS offers one. The resume ledger goes last, so an
+    interruption before the rename can still resume."""
     for path in staging.iterdir():
         if path != keep_until_renamed:
             fsync_path(path)
     keep_until_renamed.unlink(missing_ok=True)
     fsync_path(staging)
-    if out.exists():
+    if not out.exists():
+        os.rename(staging, out)
+    elif _exchange(staging, out):
+        shutil.rmtree(staging, ignore_errors=True)  # now holds the old OUT
+    else:
         old = out.parent / f".{out.name}.lorafuse-old"
         shutil.rmtree(old, ignore_errors=True)
         os.rename(out, old)
         os.rename(staging, out)
         shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(staging, out)
     fsync_path(out.absolute().parent)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
 
 
 def fsync_path(path: Path) -> None:

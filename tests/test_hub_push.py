@@ -1,0 +1,198 @@
+"""--push-to-hub: HubPublisher against the loopback fake Hub (`hub_server.HubServer`).
+
+Shards are pre-uploaded (LFS) as soon as they are reported done, the repo changes once, in one commit, at
+`finish`; a second run skips the LFS objects the Hub already holds; with `delete_uploaded` the local shard
+files go as soon as the Hub has them and the commit still holds them.
+
+Runs in process: huggingface_hub reads HF_ENDPOINT and HF_HUB_DISABLE_XET into `constants` at import, so
+the test patches those constants (and passes the endpoint and token to HfApi explicitly). Xet is disabled
+so that uploads go over the plain LFS protocol the fake Hub speaks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from pathlib import Path
+
+import pytest
+
+from conftest import make_adapter
+from hub_server import HubServer
+from lorafuse.errors import LorafuseError
+from lorafuse.publish import HubPublisher
+
+TOKEN = "hf_lorafuse_test_token"
+REPO = "me/merged"
+
+
+@pytest.fixture(scope="module")
+def merged(tiny_base, tmp_path_factory):
+    """A local merge in several shards: what the executor would have written."""
+    import lorafuse
+    from peft import LoraConfig
+
+    root = tmp_path_factory.mktemp("push")
+    base = tiny_base("llama", "fp32")
+    adapter = make_adapter(base, root / "adapter",
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    out = root / "out"
+    lorafuse.merge(base, adapter, out, max_shard_size="20KB")
+    assert len(shards(out)) >= 3
+    return out
+
+
+def shards(folder: Path) -> list[Path]:
+    return sorted(folder.glob("*.safetensors"))
+
+
+def files(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@pytest.fixture
+def hub(monkeypatch, tmp_path):
+    from huggingface_hub import constants
+
+    with HubServer([], token=TOKEN, max_seconds=120) as server:
+        monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+        monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+        monkeypatch.setattr(constants, "ENDPOINT", server.url)
+        monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # the test session runs offline
+        monkeypatch.setattr(constants, "HF_HUB_DISABLE_PROGRESS_BARS", True)
+        yield server
+
+
+def publisher(hub: HubServer, **kwargs) -> HubPublisher:
+    return HubPublisher(REPO, token=TOKEN, endpoint=hub.url, **kwargs)
+
+
+def push(hub: HubServer, folder: Path, **kwargs) -> str:
+    """Drive the publisher as the executor does: each shard as it is done (from worker threads), then finish."""
+    pub = publisher(hub, **kwargs).start()
+    workers = [threading.Thread(target=pub.shard_done, args=(path,)) for path in shards(folder)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    return pub.finish(folder)
+
+
+def commits(hub: HubServer) -> list[str]:
+    return [path for method, path, _ in hub.requests("POST") if path.startswith(f"/api/models/{REPO}/commit/")]
+
+
+def test_push_uploads_shards_early_and_commits_once(hub, merged):
+    local = files(merged)
+    pub = publisher(hub).start()
+    repo = hub.repos[REPO]
+    assert set(repo.files()) == {".gitattributes"}  # created empty, as the Hub does
+    for path in shards(merged):
+        pub.shard_done(path)
+    pub.wait()
+    # Every shard is on the Hub as an LFS object, but nothing is visible in the repo before the commit.
+    assert sorted(hub.uploads) == sorted(sha(local[p.name]) for p in shards(merged))
+    assert set(repo.files()) == {".gitattributes"}
+    assert commits(hub) == []
+
+    url = pub.finish(merged)
+    assert len(commits(hub)) == 1 and len(hub.pushes) == 1
+    assert url == f"{hub.url}/{REPO}/commit/{repo.refs['main']}"
+    assert repo.files() == {".gitattributes": repo.files()[".gitattributes"], **local}  # exactly the merge
+    assert sorted(hub.uploads) == sorted(sha(local[p.name]) for p in shards(merged))  # each shard once
+    committed = repo.commits[repo.refs["main"]]
+    assert all(committed[p.name].lfs for p in shards(merged))
+
+    # Downloading the repo through the same server gives back the merge, byte for byte.
+    from huggingface_hub import snapshot_download
+
+    got = Path(snapshot_download(REPO, endpoint=hub.url, cache_dir=hub_cache(merged), token=TOKEN))
+    assert {k: v for k, v in files(got).items() if k != ".gitattributes"} == local
+
+
+def hub_cache(merged: Path) -> Path:
+    import tempfile
+
+    return Path(tempfile.mkdtemp(prefix="hf-cache-", dir=merged.parent))
+
+
+def test_interrupted_push_resumes_without_uploading_again(hub, merged):
+    first = shards(merged)[:2]
+    pub = publisher(hub).start()
+    for path in first:
+        pub.shard_done(path)
+    pub.close()  # interrupted before the commit: the repo is unchanged
+    assert set(hub.repos[REPO].files()) == {".gitattributes"} and commits(hub) == []
+    assert len(hub.uploads) == 2
+    hub.reset()
+
+    push(hub, merged)
+    local = files(merged)
+    rest = [sha(local[p.name]) for p in shards(merged)[2:]]
+    assert sorted(hub.uploads[2:]) == sorted(rest)  # only the shards the Hub lacked
+    batches = [r for r in hub.requests("POST") if r[1].endswith("/info/lfs/objects/batch")]
+    assert len(batches) == len(shards(merged))  # the Hub was asked about each shard
+    assert len(commits(hub)) == 1
+    assert {k: v for k, v in hub.repos[REPO].files().items() if k != ".gitattributes"} == local
+
+    # The same push again: no LFS object is uploaded, and the repo already holds every file.
+    hub.reset()
+    before = hub.repos[REPO].refs["main"]
+    uploads = len(hub.uploads)
+    url = push(hub, merged)
+    assert len(hub.uploads) == uploads
+    assert not [r for r in hub.requests("PUT")]
+    assert len(commits(hub)) <= 1  # huggingface_hub skips a commit that changes nothing
+    assert url.endswith(hub.repos[REPO].refs["main"])
+    assert hub.repos[REPO].files(before) == hub.repos[REPO].files()
+
+
+def test_delete_uploaded_removes_local_shards_and_still_commits_them(hub, merged, tmp_path):
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(merged, out)
+    local = files(out)
+    url = push(hub, out, delete_uploaded=True)
+    assert shards(out) == []  # gone from the disk once the Hub had them
+    assert (out / "config.json").is_file()  # the small files stay
+    assert len(commits(hub)) == 1
+    assert {k: v for k, v in hub.repos[REPO].files().items() if k != ".gitattributes"} == local
+    assert url.endswith(hub.repos[REPO].refs["main"])
+
+
+def test_private_repo_on_a_new_branch_with_a_message(hub, merged):
+    push(hub, merged, private=True, revision="merged-v1", commit_message="lorafuse merge")
+    repo = hub.repos[REPO]
+    assert repo.private
+    assert set(repo.files("main")) == {".gitattributes"}  # main untouched
+    assert {k for k in repo.files("merged-v1") if k != ".gitattributes"} == set(files(merged))
+    body = [r for r in hub.requests("POST") if "/commit/" in r[1]]
+    assert body[0][1] == f"/api/models/{REPO}/commit/merged-v1"
+
+
+def test_errors_are_one_line_and_say_what_to_do(hub, merged, tmp_path):
+    with pytest.raises(LorafuseError, match="not authorized.*hf auth login.*HF_TOKEN") as e:
+        HubPublisher(REPO, token="hf_wrong", endpoint=hub.url).start()
+    assert "\n" not in str(e.value)
+    assert REPO not in hub.repos
+
+    dead = hub.url
+    hub.stop()
+    with pytest.raises(LorafuseError, match="network error.*run the same command again") as e:
+        HubPublisher(REPO, token=TOKEN, endpoint=dead).start()
+    assert "\n" not in str(e.value)
+
+
+def test_upload_error_surfaces_on_finish(hub, merged):
+    pub = publisher(hub).start()
+    hub.repos.pop(REPO)  # the repo vanished (deleted, or renamed) while merging
+    pub.shard_done(shards(merged)[0])
+    with pytest.raises(LorafuseError, match="repository not found") as e:
+        pub.finish(merged)
+    assert "\n" not in str(e.value)
