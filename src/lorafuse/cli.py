@@ -40,7 +40,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"lorafuse {__version__}")
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
-    m = commands.add_parser("merge", help="merge ADAPTER into BASE and write a standalone model to OUT")
+    m = commands.add_parser("merge", help="merge ADAPTER into BASE and write a standalone model to OUT",
+                            usage="lorafuse merge [options] [BASE] ADAPTER OUT")
     _inputs(m, "[BASE] ADAPTER OUT", {3: ("base", "adapter", "out"), 2: ("adapter", "out")})
     m.add_argument("--device", default="cpu", help="where the delta arithmetic runs: cpu (default) or cuda")
     m.add_argument("--force", action="store_true", help="replace OUT if it exists")
@@ -50,13 +51,15 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--json", action="store_true", help="print the report as JSON")
     m.set_defaults(run=_merge)
 
-    p = commands.add_parser("plan", help="dry run: what a merge would do and cost; nothing is written")
+    p = commands.add_parser("plan", help="dry run: what a merge would do and cost; nothing is written",
+                            usage="lorafuse plan [options] [BASE] ADAPTER [OUT]")
     _inputs(p, "[BASE] ADAPTER [OUT]", {3: ("base", "adapter", "out"), 2: ("base", "adapter"), 1: ("adapter",)})
     p.add_argument("--verbose", "-v", action="store_true", help="list every changed tensor")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(run=_plan)
 
-    i = commands.add_parser("inspect", help="per changed weight: the adapter's delta, and the gap to another base (QLoRA)")
+    i = commands.add_parser("inspect", help="per changed weight: the adapter's delta, and the gap to another base (QLoRA)",
+                            usage="lorafuse inspect [options] [BASE] ADAPTER")
     i.add_argument("paths", nargs="+", metavar="[BASE] ADAPTER")
     i.set_defaults(shapes={2: ("base", "adapter"), 1: ("adapter",)})
     i.add_argument("--compare-base", metavar="OTHER", help="another version of the base (e.g. the 4-bit one the adapter was trained on)")
