@@ -455,7 +455,10 @@ class _Handler(BaseHTTPRequestHandler):
         repo_id = f"{payload.get('organization') or 'user'}/{payload['name']}"
         with self.hub._lock:
             if repo_id in self.hub.repos:
-                return self._error(409, None, "You already created this model repo", extra={"X-Error-Code": "RepoExists"})
+                # as the Hub: the 409 body still carries the url, which create_repo(exist_ok=True) returns
+                return self._send(409, json.dumps({"error": "You already created this model repo", "url":
+                                                   f"{self.hub.url}/{repo_id}"}).encode(),
+                                  {"Content-Type": "application/json", "X-Error-Message": "You already created this model repo"})
             repo = HubRepo(repo_id, private=payload.get("visibility") == "private")
             repo.commit({})
             self.hub.repos[repo_id] = repo

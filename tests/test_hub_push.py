@@ -62,6 +62,7 @@ def hub(monkeypatch, tmp_path):
         monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
         monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
         monkeypatch.setattr(constants, "ENDPOINT", server.url)
+        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", server.url + "/{repo_id}/resolve/{revision}/{filename}")
         monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
         monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # the test session runs offline
         monkeypatch.setattr(constants, "HF_HUB_DISABLE_PROGRESS_BARS", True)
@@ -147,7 +148,7 @@ def test_interrupted_push_resumes_without_uploading_again(hub, merged):
     url = push(hub, merged)
     assert len(hub.uploads) == uploads
     assert not [r for r in hub.requests("PUT")]
-    assert len(commits(hub)) <= 1  # huggingface_hub skips a commit that changes nothing
+    assert commits(hub) == []  # nothing changed: huggingface_hub makes no empty commit
     assert url.endswith(hub.repos[REPO].refs["main"])
     assert hub.repos[REPO].files(before) == hub.repos[REPO].files()
 
@@ -196,3 +197,22 @@ def test_upload_error_surfaces_on_finish(hub, merged):
     with pytest.raises(LorafuseError, match="repository not found") as e:
         pub.finish(merged)
     assert "\n" not in str(e.value)
+
+
+def test_merge_with_push_to_hub(hub, tiny_base, tmp_path, monkeypatch):
+    """`lorafuse merge --push-to-hub`: the Hub ends with exactly the local OUT, in one commit."""
+    from peft import LoraConfig
+
+    from lorafuse.cli import main
+
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    base = tiny_base("llama", "fp32")
+    adapter = make_adapter(base, tmp_path / "adapter",
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], init_lora_weights=False))
+    out = tmp_path / "out"
+    assert main(["merge", str(base), str(adapter), str(out), "--max-shard-size", "20KB", "--push-to-hub", REPO,
+                 "--commit-message", "merged by lorafuse", "--quiet"]) == 0
+    repo = hub.repos[REPO]
+    assert len(commits(hub)) == 1
+    assert {k: v for k, v in repo.files().items() if k != ".gitattributes"} == files(out)
+    assert sorted(hub.uploads) == sorted(sha(p.read_bytes()) for p in shards(out))

@@ -18,6 +18,7 @@ from .execute import disk_error, write_shards
 from .manifest import Ledger, fingerprint, write_manifest
 from .output import check_target, exclusive, publish, staging_folder, write_metadata
 from .plan import Plan, make_plan
+from .publish import HubPublisher
 
 DISK_MARGIN = 64 << 20  # room for config, tokenizer files and the file system's own overhead
 
@@ -34,6 +35,7 @@ class MergeReport:
     shards_resumed: int
     seconds: float
     peak_memory: int  # peak resident set size of this process, bytes
+    hub_url: str | None = None  # the commit that published it, with push_to_hub
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -47,7 +49,8 @@ def plan(base: str | os.PathLike | None, adapter: str | os.PathLike, out: str | 
 
 def merge(base: str | os.PathLike | None, adapter: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "auto",
           max_shard_size: int | str = "5GB", save_method: str = "merged_16bit", device: str = "cpu", force: bool = False,
-          resume: bool = False,
+          resume: bool = False, push_to_hub: str | None = None, private: bool = False, revision: str | None = None,
+          commit_message: str | None = None,
           on_plan: Callable[[Plan], None] | None = None,
           on_progress: Callable[[int], None] | None = None) -> MergeReport:
     """Merge ADAPTER into BASE and write a standalone model to OUT.
@@ -58,6 +61,8 @@ def merge(base: str | os.PathLike | None, adapter: str | os.PathLike, out: str |
     written. Raises LorafuseError for every problem the user can fix; OUT is then left untouched.
     A merge that was interrupted (killed, disk full, Ctrl-C) continues where it stopped when run again
     with the same inputs and settings; `resume=True` insists that there is such a run to continue.
+    `push_to_hub="org/name"` uploads each shard as soon as it is finished and publishes the whole model
+    as one commit at the end (on `revision`, in a `private` repo if it is new).
     """
     started = time.perf_counter()
     out = Path(out)
@@ -77,16 +82,24 @@ def merge(base: str | os.PathLike | None, adapter: str | os.PathLike, out: str |
             )
         if on_plan:
             on_plan(the_plan)
+        hub = HubPublisher(push_to_hub, private=private, revision=revision, commit_message=commit_message).start() \
+            if push_to_hub else None  # before any work: a bad token or repo fails now
         ledger = _open_ledger(staging, print_, resume)
         try:
-            counters = write_shards(the_plan, staging, torch_device, ledger, on_progress)
+            counters = write_shards(the_plan, staging, torch_device, ledger, on_progress,
+                                    on_shard_done=(lambda path, sha: hub.shard_done(path, sha256=sha)) if hub else None)
             try:
                 write_metadata(the_plan, staging, settings)
                 write_manifest(the_plan, staging, settings, {name: entry["sha256"] for name, entry in ledger.shards.items()})
+                if hub:
+                    hub.wait()  # uploads read the shards from the staging folder, which is about to move
                 publish(staging, out, keep_until_renamed=ledger.path)
             except OSError as e:
                 raise disk_error(e, staging) from None
+            hub_url = hub.finish(out) if hub else None
         except BaseException:
+            if hub:
+                hub.close()
             if not ledger.resumable:  # nothing finished: leave no trace
                 shutil.rmtree(staging, ignore_errors=True)
             raise
@@ -95,6 +108,7 @@ def merge(base: str | os.PathLike | None, adapter: str | os.PathLike, out: str |
             shards=len(the_plan.shards),
             seconds=round(time.perf_counter() - started, 3),
             peak_memory=_peak_rss(),
+            hub_url=hub_url,
             **vars(counters),
         )
 

@@ -47,6 +47,10 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--force", action="store_true", help="replace OUT if it exists")
     m.add_argument("--resume", action="store_true",
                    help="insist on continuing an interrupted run of this merge (a rerun continues one anyway)")
+    m.add_argument("--push-to-hub", metavar="REPO", help="upload each shard as it is finished and publish OUT as one commit to REPO")
+    m.add_argument("--private", action="store_true", help="with --push-to-hub: create REPO private")
+    m.add_argument("--revision", metavar="BRANCH", help="with --push-to-hub: commit to BRANCH (created if missing)")
+    m.add_argument("--commit-message", help="with --push-to-hub: the commit's message")
     m.add_argument("--quiet", action="store_true", help="print nothing but errors")
     m.add_argument("--json", action="store_true", help="print the report as JSON")
     m.set_defaults(run=_merge)
@@ -165,7 +169,8 @@ def _merge(args) -> int:
     try:
         report = merge(args.base, args.adapter, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size,
                        save_method=args.save_method,
-                       device=args.device, force=args.force, resume=args.resume, on_plan=on_plan, on_progress=(lambda n: bar.update(n)) if show else None)
+                       device=args.device, force=args.force, resume=args.resume, push_to_hub=args.push_to_hub,
+                       private=args.private, revision=args.revision, commit_message=args.commit_message, on_plan=on_plan, on_progress=(lambda n: bar.update(n)) if show else None)
     finally:
         if bar is not None:
             bar.close()
@@ -175,7 +180,7 @@ def _merge(args) -> int:
         print(
             f"done     {report.out}: {report.tensors_merged} merged, {report.tensors_copied} copied, "
             f"{report.tensors_cast} cast, {report.bytes_written / 1e9:.2f} GB in {report.seconds:.1f} s, "
-            f"peak memory {report.peak_memory / 1e9:.2f} GB",
+            f"peak memory {report.peak_memory / 1e9:.2f} GB" + (f"; published {report.hub_url}" if report.hub_url else ""),
             file=sys.stderr,
         )
     return 0

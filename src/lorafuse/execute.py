@@ -81,12 +81,14 @@ class _Buffers(threading.local):
 
 
 def write_shards(plan: Plan, folder: Path, device: torch.device, ledger: Ledger,
-                 on_progress: Callable[[int], None] | None = None) -> Counters:
+                 on_progress: Callable[[int], None] | None = None,
+                 on_shard_done: Callable[[Path, str], None] | None = None) -> Counters:
     """Write the shards of the plan that the ledger does not hold finished into `folder`.
 
     Each shard is written as `NAME.partial`, and only when its last tensor is in is it fsynced,
     renamed to NAME, hashed and recorded in the ledger: a crash at any point leaves finished shards
-    a rerun can trust and partial ones it redoes.
+    a rerun can trust and partial ones it redoes. `on_shard_done(path, sha256)` hears of each finished
+    shard (resumed ones included) as soon as it is durable, e.g. to upload it while the rest is merged.
     """
     counters = Counters()
     lock = threading.Lock()
@@ -127,12 +129,16 @@ def write_shards(plan: Plan, folder: Path, device: torch.device, ledger: Ledger,
             last = target.remaining == 0
         if last:
             _finish_shard(folder, open_shards.pop(target.shard.filename), ledger)
+            if on_shard_done:
+                on_shard_done(folder / target.shard.filename, ledger.shards[target.shard.filename]["sha256"])
 
     def jobs():
         """Shard by shard, each opened only when the pipeline reaches it."""
         for shard in plan.shards:
             if ledger.finished(shard.filename, shard.size):
                 counters.shards_resumed += 1
+                if on_shard_done:
+                    on_shard_done(folder / shard.filename, ledger.shards[shard.filename]["sha256"])
                 if on_progress:
                     on_progress(shard.size - len(shard.header))
                 continue

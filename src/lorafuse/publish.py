@@ -83,7 +83,8 @@ class HubPublisher:
             with self._lock:
                 known = self._ops.get(name)
             if known is not None and known[2] == _stamp(path):
-                operations[name] = known[0]  # pre-uploaded and unchanged since
+                known[0].path_or_fileobj = str(path)  # unchanged since, maybe moved (staging folder -> OUT)
+                operations[name] = known[0]  # pre-uploaded
             else:
                 operations[name] = CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(path))
         with self._lock:
