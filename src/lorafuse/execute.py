@@ -292,8 +292,11 @@ def _produce(tensor: TensorPlan, source: torch.Tensor, buffers: _Buffers, device
     if value.dtype == out_dtype and value.device.type == "cpu":
         out = value
     else:
+        # Once the value lives in the fp32 buffer the read buffer is free: the result goes there, and a
+        # thread holds two tensor-sized buffers, not three.
+        role = "in" if value.data_ptr() != source.data_ptr() and source.device.type == "cpu" else "out"
         nbytes = value.numel() * torch.empty(0, dtype=out_dtype).element_size()
-        out = buffers.get("out", nbytes).view(out_dtype).view(value.shape).copy_(value)
+        out = buffers.get(role, nbytes).view(out_dtype).view(value.shape).copy_(value)
     if out_dtype == torch.float16 and not all_finite(out) and all_finite(value):
         raise LorafuseError(f"{tensor.name} overflows {tensor.dtype} (values up to {value.abs().max().item():.3g}); use --dtype bf16 or fp32")
     return out
