@@ -681,3 +681,26 @@ def test_inspect_compares_the_adapter_with_the_quantization_gap(artefacts, capsy
         sum(r.gap_norm ** 2 for r in rows[:-1]) ** 0.5)
     assert main(["inspect", str(base16), str(adapter), "--compare-base", str(quantized)]) == 0
     assert "overall the two bases differ by" in capsys.readouterr().out
+
+
+def test_plan_says_when_the_adapter_was_trained_on_a_quantized_checkpoint(artefacts, tmp_path):
+    """An adapter whose base_model_name_or_path names a 4-bit checkpoint, merged into a 16-bit BASE
+    (and the reverse): the plan says which weights the merge uses and how to measure the difference."""
+    import shutil
+
+    from peft import LoraConfig
+
+    base16 = llama_base(artefacts, "bf16")
+    adapter = artefacts.get("m4-adapter", lambda d: make_adapter(base16, d, LoraConfig(**LORA)))
+    renamed = tmp_path / "adapter"
+    shutil.copytree(adapter, renamed)
+    config = json.loads((renamed / "adapter_config.json").read_text())
+    (renamed / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "unsloth/llama-3-8b-bnb-4bit"}))
+    notes = lorafuse.plan(base16, renamed).notes
+    assert any("unsloth/llama-3-8b-bnb-4bit, a quantized checkpoint, and BASE is 16-bit" in n and "--compare-base" in n
+               for n in notes), notes
+    if BF is not None:
+        quantized, _ = bnb_checkpoint(artefacts, BNB[0])
+        (renamed / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "meta-llama/Llama-3.1-8B"}))
+        notes = lorafuse.plan(quantized, renamed).notes
+        assert any("BASE is quantized (bitsandbytes)" in n for n in notes), notes
