@@ -234,7 +234,7 @@ def _verify(args) -> int:
     if problems:
         raise LorafuseError(f"{args.out} failed verification with {len(problems)} problem(s), listed above")
     print(f"ok       {args.out}: manifest, headers, index and values check out"
-          + (f"; {args.sample} merged tensors recomputed from base and adapter agree" if args.base else ""))
+          + (f"; up to {args.sample} merged tensors recomputed from base and adapter agree" if args.base else ""))
     return 0
 
 
