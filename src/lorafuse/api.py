@@ -17,7 +17,7 @@ from .errors import LorafuseError
 from .execute import disk_error, write_shards
 from .manifest import Ledger, fingerprint, write_manifest
 from .output import check_target, exclusive, publish, staging_folder, write_metadata
-from .plan import Plan, make_plan
+from .plan import Plan, human_size, make_plan
 from .publish import HubPublisher
 
 DISK_MARGIN = 64 << 20  # room for config, tokenizer files and the file system's own overhead
@@ -78,7 +78,7 @@ def merge(base: str | os.PathLike | None, adapter: str | os.PathLike, out: str |
         free = the_plan.disk_free
         if free is not None and free < needed + DISK_MARGIN:
             raise LorafuseError(
-                f"the output needs {_gb(needed)} more but only {_gb(free)} is free on the disk holding {out.absolute().parent}"
+                f"the output needs {human_size(needed)} more but only {human_size(free)} is free on the disk holding {out.absolute().parent}"
             )
         if on_plan:
             on_plan(the_plan)
@@ -155,7 +155,3 @@ def _device(name: str) -> torch.device:
 def _peak_rss() -> int:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
-
-
-def _gb(n: int) -> str:
-    return f"{n / 1e9:.2f} GB"

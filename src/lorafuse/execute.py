@@ -26,7 +26,7 @@ from typing import Callable, Iterable
 import torch
 
 from .errors import LorafuseError
-from .formats.safetensors import TensorSlot, torch_dtype
+from .formats.safetensors import TensorSlot, dtype_size, read_exact, torch_dtype
 from .manifest import HASH_CHUNK, Ledger
 from .plan import PIPELINE_DEPTH, Plan, TensorPlan
 from .quant import QuantizedTensor, bnb
@@ -108,7 +108,7 @@ def write_shards(plan: Plan, folder: Path, device: torch.device, ledger: Ledger,
                 value = tensor.source.dequantize()
             else:
                 raw = buffers.get("in", tensor.source.nbytes)
-                _read_exact(sources.fd(tensor.source.path), raw, tensor.source.offset)
+                read_exact(sources.fd(tensor.source.path), memoryview(raw.numpy()), tensor.source.offset, tensor.source.path)
                 value = raw.view(torch_dtype(tensor.source.dtype)).view(tensor.source.shape)
             out = _produce(tensor, value, buffers, device)
             pieces = _nf4_pieces(tensor, out, slots) if tensor.to_nf4 else [out]
@@ -295,7 +295,7 @@ def _produce(tensor: TensorPlan, source: torch.Tensor, buffers: _Buffers, device
         # Once the value lives in the fp32 buffer the read buffer is free: the result goes there, and a
         # thread holds two tensor-sized buffers, not three.
         role = "in" if value.data_ptr() != source.data_ptr() and source.device.type == "cpu" else "out"
-        nbytes = value.numel() * torch.empty(0, dtype=out_dtype).element_size()
+        nbytes = value.numel() * dtype_size(tensor.dtype)
         out = buffers.get(role, nbytes).view(out_dtype).view(value.shape).copy_(value)
     if out_dtype == torch.float16 and not all_finite(out) and all_finite(value):
         raise LorafuseError(f"{tensor.name} overflows {tensor.dtype} (values up to {value.abs().max().item():.3g}); use --dtype bf16 or fp32")
@@ -317,16 +317,6 @@ def all_finite(t: torch.Tensor) -> bool:
         return True
     total = t.sum(dtype=torch.float32).item()
     return math.isfinite(total) or bool(torch.isfinite(t).all())
-
-
-def _read_exact(fd: int, buf: torch.Tensor, offset: int) -> None:
-    view = memoryview(buf.numpy())
-    done = 0
-    while done < len(view):
-        got = os.preadv(fd, [view[done:]], offset + done)
-        if got <= 0:
-            raise LorafuseError("a base file is shorter than its header says (truncated?); re-download it")
-        done += got
 
 
 def _write_bytes(fd: int, data: memoryview, offset: int) -> None:

@@ -421,18 +421,18 @@ def describe(plan: Plan, verbose: bool = False) -> list[str]:
     copied = [t for t in tensors if t.is_copy]
     how = ", ".join(f"{n} {label}" for label, n in sorted(plan.counts.items())) or "nothing"
     lines = [
-        f"base     {plan.base.folder}  ({len(plan.base.tensors)} tensors, {_size(plan.base.total_bytes)} in {len(plan.base.weight_files)} file(s))",
+        f"base     {plan.base.folder}  ({len(plan.base.tensors)} tensors, {human_size(plan.base.total_bytes)} in {len(plan.base.weight_files)} file(s))",
         f"adapter  {plan.adapter.folder}  ({variant} r={config.get('r')} alpha={config.get('lora_alpha')}"
         f"{' rsLoRA' if config.get('use_rslora') else ''}, {len(plan.adapter.tensors)} tensors)",
         f"changes  {len(plan.merged)} base tensors: {how}",
-        f"copies   {len(copied)} tensors as raw bytes ({_size(sum(t.source.nbytes for t in copied))})",
-        f"output   {len(plan.shards)} shard(s), {_size(plan.output_bytes)}, dtype {plan.dtype}"
+        f"copies   {len(copied)} tensors as raw bytes ({human_size(sum(t.source.nbytes for t in copied))})",
+        f"output   {len(plan.shards)} shard(s), {human_size(plan.output_bytes)}, dtype {plan.dtype}"
         + (f" -> {plan.out}" if plan.out else ""),
-        f"memory   about {_size(plan.peak_memory)} of tensors in flight at most (plus the Python runtime)",
+        f"memory   about {human_size(plan.peak_memory)} of tensors in flight at most (plus the Python runtime)",
     ]
     free = plan.disk_free
     if free is not None:
-        lines.append(f"disk     needs {_size(plan.output_bytes)}, {_size(free)} free")
+        lines.append(f"disk     needs {human_size(plan.output_bytes)}, {human_size(free)} free")
     lines += [f"note     {n}" for n in plan.notes]
     if verbose:
         for t in plan.merged:
@@ -440,7 +440,8 @@ def describe(plan: Plan, verbose: bool = False) -> list[str]:
     return lines
 
 
-def _size(n: int) -> str:
+def human_size(n: int) -> str:
+    """Bytes as a person reads them: 1.23 GB, 456.00 MB."""
     for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
         if n >= scale:
             return f"{n / scale:.2f} {unit}"
