@@ -17,10 +17,12 @@ from .errors import LorafuseError
 from .execute import disk_error, write_shards
 from .manifest import Ledger, fingerprint, write_manifest
 from .output import check_target, exclusive, publish, staging_folder, write_metadata
-from .plan import Plan, human_size, make_plan
+from .plan import Plan, make_plan
 from .publish import HubPublisher
+from .units import human_size
 
 DISK_MARGIN = 64 << 20  # room for config, tokenizer files and the file system's own overhead
+DOWNLOADS = "downloads"  # in the staging folder: base shards fetched for a --low-disk merge
 
 
 @dataclass
@@ -50,7 +52,7 @@ def plan(base: str | os.PathLike | None, adapter: str | os.PathLike, out: str | 
 def merge(base: str | os.PathLike | None, adapter: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "auto",
           max_shard_size: int | str = "5GB", save_method: str = "merged_16bit", device: str = "cpu", force: bool = False,
           resume: bool = False, push_to_hub: str | None = None, private: bool = False, revision: str | None = None,
-          commit_message: str | None = None,
+          commit_message: str | None = None, low_disk: bool = False,
           on_plan: Callable[[Plan], None] | None = None,
           on_progress: Callable[[int], None] | None = None) -> MergeReport:
     """Merge ADAPTER into BASE and write a standalone model to OUT.
@@ -63,34 +65,36 @@ def merge(base: str | os.PathLike | None, adapter: str | os.PathLike, out: str |
     with the same inputs and settings; `resume=True` insists that there is such a run to continue.
     `push_to_hub="org/name"` uploads each shard as soon as it is finished and publishes the whole model
     as one commit at the end (on `revision`, in a `private` repo if it is new).
+    Base shards the cache lacks are downloaded into the cache as the merge reaches them; `low_disk=True`
+    downloads them into the staging folder instead and deletes each once merged, and with `push_to_hub`
+    deletes each output shard once uploaded too (OUT then holds all but the shards).
     """
     started = time.perf_counter()
     out = Path(out)
     check_target(out, force)
     with exclusive(out):  # a second merge into OUT would wipe this one's staging folder
-        the_plan = make_plan(base, adapter, out, dtype=dtype, max_shard_size=max_shard_size, save_method=save_method)
+        staging = staging_folder(out)
+        the_plan = make_plan(base, adapter, out, dtype=dtype, max_shard_size=max_shard_size, save_method=save_method,
+                             scratch=staging / DOWNLOADS if low_disk else None)
         torch_device = _device(device)
         settings = _settings(the_plan, device)
-        staging = staging_folder(out)
         print_ = fingerprint(the_plan, settings)
         finished = Ledger(staging, print_).shards if staging.is_dir() else {}
-        needed = the_plan.output_bytes - sum(entry["size"] for entry in finished.values())  # a resume needs only the rest
-        free = the_plan.disk_free
-        if free is not None and free < needed + DISK_MARGIN:
-            raise LorafuseError(
-                f"the output needs {human_size(needed)} more but only {human_size(free)} is free on the disk holding {out.absolute().parent}"
-            )
+        done = sum(entry["size"] for entry in finished.values())  # a resume needs room only for the rest
+        hold = _check_disk(the_plan, out, done, low_disk, pushing=bool(push_to_hub))
         if on_plan:
             on_plan(the_plan)
-        hub = HubPublisher(push_to_hub, private=private, revision=revision, commit_message=commit_message).start() \
-            if push_to_hub else None  # before any work: a bad token or repo fails now
+        hub = HubPublisher(push_to_hub, private=private, revision=revision, commit_message=commit_message,
+                           delete_uploaded=low_disk).start() if push_to_hub else None  # a bad token or repo fails now
         ledger = _open_ledger(staging, print_, resume)
         try:
             counters = write_shards(the_plan, staging, torch_device, ledger, on_progress,
-                                    on_shard_done=(lambda path, sha: hub.shard_done(path, sha256=sha)) if hub else None)
+                                    on_shard_done=(lambda path, sha: hub.shard_done(path, sha256=sha)) if hub else None,
+                                    hold=hold, before_shard=hub.wait if hub and low_disk else None)
+            shutil.rmtree(staging / DOWNLOADS, ignore_errors=True)
             try:
                 write_metadata(the_plan, staging, settings)
-                write_manifest(the_plan, staging, settings, {name: entry["sha256"] for name, entry in ledger.shards.items()})
+                write_manifest(the_plan, staging, settings, ledger.shards)
                 if hub:
                     hub.wait()  # uploads read the shards from the staging folder, which is about to move
                 publish(staging, out, keep_until_renamed=ledger.path)
@@ -111,6 +115,48 @@ def merge(base: str | os.PathLike | None, adapter: str | os.PathLike, out: str |
             hub_url=hub_url,
             **vars(counters),
         )
+
+
+def _check_disk(plan: Plan, out: Path, done: int, low_disk: bool, pushing: bool) -> int | None:
+    """Refuse a merge the disks cannot hold, saying what would fit; return how many downloaded base shards
+    a --low-disk merge keeps at once (one more than it must when the disk has room: the next downloads
+    while the current one is merged)."""
+    out_need, cache_need = plan.disk_needs(low_disk, pushing)
+    out_need = max(out_need - done, 0) + DISK_MARGIN
+    free = plan.disk_free
+    if free is None:
+        return None
+    hint = ""
+    if not low_disk and plan.disk_needs(True, pushing)[0] + DISK_MARGIN <= free:
+        hint = f", or pass --low-disk (needs {human_size(plan.disk_needs(True, pushing)[0])})"
+    if cache_need:
+        cache = _existing(Path(_hf_cache()))
+        if os.stat(cache).st_dev == os.stat(_existing(out.absolute())).st_dev:
+            out_need += cache_need
+        elif shutil.disk_usage(cache).free < cache_need + DISK_MARGIN:
+            raise LorafuseError(f"downloading the base needs {human_size(cache_need)} in the Hugging Face cache {cache} but "
+                                f"only {human_size(shutil.disk_usage(cache).free)} is free there; free space, point "
+                                f"HF_HUB_CACHE at another disk{hint}")
+    if free < out_need:
+        what = "the output and the downloads need" if out_need > plan.output_bytes + DISK_MARGIN and cache_need \
+            else "the output needs"
+        raise LorafuseError(f"{what} {human_size(out_need - DISK_MARGIN)} more but only {human_size(free)} is free "
+                            f"on the disk holding {out.absolute().parent}; free space{hint}")
+    if not low_disk or not plan.base.remote:
+        return None
+    return plan.download_hold + (free >= out_need + plan.largest_download)
+
+
+def _hf_cache() -> str:
+    from huggingface_hub import constants
+
+    return constants.HF_HUB_CACHE
+
+
+def _existing(path: Path) -> Path:
+    while not path.exists():
+        path = path.parent
+    return path
 
 
 def _open_ledger(staging: Path, print_: str, resume: bool) -> Ledger:

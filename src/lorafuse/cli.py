@@ -47,6 +47,9 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--force", action="store_true", help="replace OUT if it exists")
     m.add_argument("--resume", action="store_true",
                    help="insist on continuing an interrupted run of this merge (a rerun continues one anyway)")
+    m.add_argument("--low-disk", action="store_true",
+                   help="download base shards the cache lacks next to OUT and delete each once merged (the cache is "
+                        "not filled); with --push-to-hub, also delete each output shard once uploaded")
     m.add_argument("--push-to-hub", metavar="REPO", help="upload each shard as it is finished and publish OUT as one commit to REPO")
     m.add_argument("--private", action="store_true", help="with --push-to-hub: create REPO private")
     m.add_argument("--revision", metavar="BRANCH", help="with --push-to-hub: commit to BRANCH (created if missing)")
@@ -106,8 +109,7 @@ def _positional(args) -> None:
 
 def _plan(args) -> int:
     _positional(args)
-    if not _inputs_cached(args):
-        return 0
+    _show_cache_status(args)
     the_plan = plan(args.base, args.adapter, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size,
                     save_method=args.save_method)
     if args.json:
@@ -117,16 +119,14 @@ def _plan(args) -> int:
     return 0
 
 
-def _inputs_cached(args) -> bool:
-    """For inputs named by repo id: what is cached and what a merge would download. A plan needs the
-    tensor headers, so it goes on only when everything is cached (a plan downloads nothing)."""
+def _show_cache_status(args) -> None:
+    """For inputs named by repo id: what is cached and what a merge would download. The plan itself then
+    fetches only the small files (config, index, tokenizer, the adapter) and reads shard headers by range
+    requests: no base shard is downloaded."""
     from .sources.hub import base_from_adapter, cache_status, describe_status, parse_spec
 
-    complete = True
     for spec, kind in ((args.adapter, "adapter"), (args.base, "model")):
         if spec is None:
-            if not complete:
-                break
             spec = base_from_adapter(resolve_adapter(args.adapter))
             if spec is None:
                 raise LorafuseError(f"{args.adapter} names no base model (base_model_name_or_path); pass BASE")
@@ -135,11 +135,6 @@ def _inputs_cached(args) -> bool:
         status = cache_status(spec, kind=kind)
         print(f"{'adapter' if kind == 'adapter' else 'base':<8} {describe_status(status)}",
               file=sys.stderr if args.json else sys.stdout)
-        complete = complete and status["complete"]
-    if not complete:
-        print("plan     the full plan needs the tensor headers: `lorafuse merge` downloads what is missing first",
-              file=sys.stderr if args.json else sys.stdout)
-    return complete
 
 
 def _plan_dict(the_plan) -> dict:
@@ -150,6 +145,10 @@ def _plan_dict(the_plan) -> dict:
         "output_bytes": the_plan.output_bytes,
         "peak_memory": the_plan.peak_memory,
         "disk_free": the_plan.disk_free,
+        "download_bytes": the_plan.base.download_bytes,
+        "disk_needs": {mode: dict(zip(("out", "cache"), the_plan.disk_needs(low_disk=low, pushing=push)))
+                       for mode, low, push in (("default", False, False), ("low_disk", True, False),
+                                               ("low_disk_push", True, True))},
         "config": the_plan.config,
         "notes": the_plan.notes,
     }
@@ -170,7 +169,8 @@ def _merge(args) -> int:
         report = merge(args.base, args.adapter, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size,
                        save_method=args.save_method,
                        device=args.device, force=args.force, resume=args.resume, push_to_hub=args.push_to_hub,
-                       private=args.private, revision=args.revision, commit_message=args.commit_message, on_plan=on_plan, on_progress=(lambda n: bar.update(n)) if show else None)
+                       private=args.private, revision=args.revision, commit_message=args.commit_message,
+                       low_disk=args.low_disk, on_plan=on_plan, on_progress=(lambda n: bar.update(n)) if show else None)
     finally:
         if bar is not None:
             bar.close()
@@ -180,7 +180,8 @@ def _merge(args) -> int:
         print(
             f"done     {report.out}: {report.tensors_merged} merged, {report.tensors_copied} copied, "
             f"{report.tensors_cast} cast, {report.bytes_written / 1e9:.2f} GB in {report.seconds:.1f} s, "
-            f"peak memory {report.peak_memory / 1e9:.2f} GB" + (f"; published {report.hub_url}" if report.hub_url else ""),
+            f"peak memory {report.peak_memory / 1e9:.2f} GB" + (f"; published {report.hub_url}" if report.hub_url else "")
+            + (" (the shards are on the Hub only: --low-disk)" if report.hub_url and args.low_disk else ""),
             file=sys.stderr,
         )
     return 0

@@ -30,6 +30,7 @@ from .formats.safetensors import TensorSlot, dtype_size, read_exact, torch_dtype
 from .manifest import HASH_CHUNK, Ledger
 from .plan import PIPELINE_DEPTH, Plan, TensorPlan
 from .quant import QuantizedTensor, bnb
+from .sources.remote import Downloads
 
 COPY_CHUNK = 64 << 20
 PARTIAL = ".partial"
@@ -58,6 +59,13 @@ class _Files:
                 self._fds[path] = os.open(path, os.O_RDONLY)
             return self._fds[path]
 
+    def close_file(self, path: Path) -> None:
+        """Close one file (about to be deleted: an open descriptor would keep its disk space)."""
+        with self._lock:
+            fd = self._fds.pop(path, None)
+        if fd is not None:
+            os.close(fd)
+
     def close(self) -> None:
         for fd in self._fds.values():
             os.close(fd)
@@ -82,25 +90,33 @@ class _Buffers(threading.local):
 
 def write_shards(plan: Plan, folder: Path, device: torch.device, ledger: Ledger,
                  on_progress: Callable[[int], None] | None = None,
-                 on_shard_done: Callable[[Path, str], None] | None = None) -> Counters:
+                 on_shard_done: Callable[[Path, str], None] | None = None, *,
+                 hold: int | None = None, before_shard: Callable[[], None] | None = None) -> Counters:
     """Write the shards of the plan that the ledger does not hold finished into `folder`.
 
     Each shard is written as `NAME.partial`, and only when its last tensor is in is it fsynced,
     renamed to NAME, hashed and recorded in the ledger: a crash at any point leaves finished shards
     a rerun can trust and partial ones it redoes. `on_shard_done(path, sha256)` hears of each finished
-    shard (resumed ones included) as soon as it is durable, e.g. to upload it while the rest is merged.
+    shard (resumed ones included) as soon as it is durable, e.g. to upload it while the rest is merged;
+    `before_shard()` is called before a new shard is started (to wait for uploads, with --low-disk).
+    Base shards not downloaded yet are fetched ahead of the tensors that read them (at most `hold` at
+    once, each deleted when done with, for --low-disk; see sources.remote).
     """
     counters = Counters()
     lock = threading.Lock()
     sources = _Files()
     buffers = _Buffers()
     open_shards: dict[str, _OpenShard] = {}
+    finished = {s.filename for s in plan.shards if ledger.finished(s.filename, s.size)}
+    needs = [t.downloads for s in plan.shards if s.filename not in finished for t in s.tensors]
+    downloads = Downloads(needs, hold, before_delete=lambda f: sources.close_file(f.path)) if any(needs) else None
 
-    def job(target: _OpenShard, slots: tuple[TensorSlot, ...], tensor: TensorPlan) -> None:
+    def job(target: _OpenShard, slots: tuple[TensorSlot, ...], tensor: TensorPlan, index: int) -> None:
+        if downloads:
+            downloads.wait(index)
         fd = target.fd
         if tensor.is_copy:
-            refs = [ref for _, ref in tensor.source.parts.values()] if isinstance(tensor.source, QuantizedTensor) else [tensor.source]
-            for slot, ref in zip(slots, refs, strict=True):
+            for slot, ref in zip(slots, tensor.source_refs, strict=True):
                 _copy(sources.fd(ref.path), ref.offset, fd, slot.offset, slot.nbytes)
             kind = "tensors_copied"
         else:
@@ -124,6 +140,8 @@ def write_shards(plan: Plan, folder: Path, device: torch.device, ledger: Ledger,
             if on_progress:
                 on_progress(written)
         target.hash.completed(slots[0].offset, slots[-1].offset + slots[-1].nbytes)
+        if downloads:
+            downloads.done(index)
         with lock:
             target.remaining -= 1
             last = target.remaining == 0
@@ -134,14 +152,17 @@ def write_shards(plan: Plan, folder: Path, device: torch.device, ledger: Ledger,
 
     def jobs():
         """Shard by shard, each opened only when the pipeline reaches it."""
+        index = 0
         for shard in plan.shards:
-            if ledger.finished(shard.filename, shard.size):
+            if shard.filename in finished:
                 counters.shards_resumed += 1
                 if on_shard_done:
                     on_shard_done(folder / shard.filename, ledger.shards[shard.filename]["sha256"])
                 if on_progress:
                     on_progress(shard.size - len(shard.header))
                 continue
+            if before_shard:
+                before_shard()
             path = folder / (shard.filename + PARTIAL)
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             try:
@@ -153,7 +174,8 @@ def write_shards(plan: Plan, folder: Path, device: torch.device, ledger: Ledger,
             target = _OpenShard(shard, fd, len(shard.tensors), _RunningHash(path, shard.size, len(shard.header)))
             open_shards[shard.filename] = target
             for slots, tensor in zip(shard.slots, shard.tensors):
-                yield target, slots, tensor
+                yield target, slots, tensor, index
+                index += 1
 
     try:
         with _intra_op_threads(max(1, (os.cpu_count() or 1) // PIPELINE_DEPTH)):
@@ -161,6 +183,8 @@ def write_shards(plan: Plan, folder: Path, device: torch.device, ledger: Ledger,
     except OSError as e:
         raise disk_error(e, folder) from None
     finally:
+        if downloads:
+            downloads.close()
         for target in open_shards.values():
             target.hash.cancel()
             os.close(target.fd)

@@ -41,7 +41,7 @@ def identity(plan: Plan) -> dict:
         "base": {
             "path": str(base.folder),
             "config_sha256": _sha256_bytes(json.dumps(base.config, sort_keys=True).encode()),
-            "files": {p.name: p.stat().st_size for p in base.weight_files},
+            "files": dict(base.file_sizes),
         },
         "adapter": {
             "path": str(adapter.folder),
@@ -54,10 +54,10 @@ def identity(plan: Plan) -> dict:
 def fingerprint(plan: Plan, settings: dict) -> str:
     """Equal for two runs exactly when they would write the same shards: the adapter's weights hashed
     (two checkpoints of one run have equal configs and sizes), each base file by size and mtime (too big
-    to hash on every run), the settings and the output layout; not the names the inputs were given by."""
+    to hash on every run; a Hub repo's files by commit, cached or not), the settings and the output layout; not the names the inputs were given by."""
     ident = identity(plan)
     ident["adapter"]["weights_sha256"] = sha256_file(plan.adapter.weights_file)
-    ident["base"]["mtimes"] = {p.name: p.stat().st_mtime_ns for p in plan.base.weight_files}
+    ident["base"]["mtimes"] = dict(plan.base.file_versions)
     for side in ident.values():
         side.pop("path")
     kept = {k: v for k, v in settings.items() if k not in ("base", "adapter")}
@@ -112,12 +112,14 @@ class Ledger:
         self.path.unlink(missing_ok=True)
 
 
-def write_manifest(plan: Plan, folder: Path, settings: dict, shard_hashes: dict[str, str]) -> None:
-    """Hash every file of the finished output (shards were hashed as they completed)."""
-    files = {}
+def write_manifest(plan: Plan, folder: Path, settings: dict, shards: dict[str, dict]) -> None:
+    """Hash every file of the finished output; `shards` (the ledger's) were hashed as they completed, and
+    may be gone from the folder already (uploaded, with --low-disk)."""
+    files = {name: {"size": entry["size"], "sha256": entry["sha256"]} for name, entry in shards.items()}
     for path in sorted(folder.iterdir()):
-        if path.name in (MANIFEST, LEDGER) or not path.is_file():
+        if path.name in (MANIFEST, LEDGER) or path.name in files or not path.is_file():
             continue
-        files[path.name] = {"size": path.stat().st_size, "sha256": shard_hashes.get(path.name) or sha256_file(path)}
+        files[path.name] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
+    files = dict(sorted(files.items()))
     manifest = {"lorafuse": VERSION, "settings": settings, **identity(plan), "files": files}
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")

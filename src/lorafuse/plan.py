@@ -21,8 +21,10 @@ from .errors import LorafuseError
 from .formats.safetensors import FLOAT_DTYPES, TensorSlot, dtype_size, layout, torch_dtype
 from .patches import LoRA, Patch, Replace, ReplaceRows
 from .quant import QuantizedTensor, bnb, logical_tensors
-from .sources.hub import base_from_adapter, resolve_adapter, resolve_model
+from .sources.hub import base_from_adapter, parse_spec, resolve_adapter, resolve_model_lazily
 from .sources.local import Checkpoint, open_model
+from .sources.remote import RemoteFile, min_hold
+from .units import human_size
 
 DTYPE_NAMES = {"bf16": "BF16", "bfloat16": "BF16", "fp16": "F16", "float16": "F16", "fp32": "F32", "float32": "F32"}
 CONFIG_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
@@ -53,6 +55,18 @@ class TensorPlan:
     dtype: str
     shape: tuple[int, ...]
     to_nf4: bool = False  # written as a bitsandbytes NF4 weight (save_method merged_4bit)
+
+    @property
+    def source_refs(self) -> list:
+        """The stored tensors it is read from."""
+        if isinstance(self.source, QuantizedTensor):
+            return [ref for _, ref in self.source.parts.values()]
+        return [self.source]
+
+    @property
+    def downloads(self) -> list[RemoteFile]:
+        """The files it is read from that are not downloaded yet."""
+        return list(dict.fromkeys(r.remote for r in self.source_refs if r.remote is not None))
 
     @property
     def is_copy(self) -> bool:
@@ -144,11 +158,39 @@ class Plan:
     def merged(self) -> list[TensorPlan]:
         return [t for t in self.tensors if t.patches]
 
+    @property
+    def largest_download(self) -> int:
+        return max((f.size for f in self.base.remote.values()), default=0)
+
+    @property
+    def download_hold(self) -> int:
+        """With --low-disk: how many downloaded base shards must be kept at once (see sources.remote)."""
+        return min_hold([t.downloads for t in self.tensors]) if self.base.remote else 0
+
+    def disk_needs(self, low_disk: bool = False, pushing: bool = False) -> tuple[int, int]:
+        """(bytes on OUT's disk, bytes downloaded into the Hugging Face cache) a merge needs.
+
+        Default: the output, plus the base shards the cache lacks. --low-disk: those shards go to the
+        staging folder and are deleted once merged, so only as many as are in use at once count (one,
+        unless the output order reads two shards back and forth); with --push-to-hub too, each output
+        shard is deleted once uploaded, and the next one waits for that, so two output shards count."""
+        if not low_disk:
+            return self.output_bytes, self.base.download_bytes
+        inputs = self.download_hold * self.largest_download
+        output = self.output_bytes
+        if pushing:
+            output = min(output, 2 * max(s.size for s in self.shards))
+        return output + inputs, 0
+
 
 def make_plan(base: str | os.PathLike | None, adapter: str | os.PathLike, out: str | os.PathLike | None = None, *,
-              dtype: str = "auto", max_shard_size: int | str = "5GB", save_method: str = "merged_16bit") -> Plan:
+              dtype: str = "auto", max_shard_size: int | str = "5GB", save_method: str = "merged_16bit",
+              scratch: Path | None = None) -> Plan:
     """Open base and adapter (folders, or repo ids resolved through the Hugging Face cache), match every
-    adapter tensor, and lay out the output. BASE None: the base the adapter names."""
+    adapter tensor, and lay out the output. BASE None: the base the adapter names.
+
+    Base shards the cache lacks are planned from their headers and downloaded by the executor when it
+    needs them: into the cache, or into `scratch` (--low-disk)."""
     out_dtype = _parse_dtype(dtype)
     if save_method not in SAVE_METHODS:
         raise LorafuseError(f"--save-method {save_method!r} is not one of {', '.join(SAVE_METHODS)}")
@@ -157,8 +199,8 @@ def make_plan(base: str | os.PathLike | None, adapter: str | os.PathLike, out: s
         base = base_from_adapter(adapter_dir)
         if base is None:
             raise LorafuseError(f"{adapter} names no base model (base_model_name_or_path); pass BASE")
-    base_dir = resolve_model(base)
-    checkpoint = open_model(base_dir)
+    base_dir, remote = resolve_model_lazily(base, scratch=scratch)
+    checkpoint = open_model(base_dir, remote, commit=base_dir.name if parse_spec(base) else None)
     adapter_obj = open_adapter(adapter_dir)
     out_path = Path(out) if out is not None else None
     if out_path is not None:
@@ -430,9 +472,7 @@ def describe(plan: Plan, verbose: bool = False) -> list[str]:
         + (f" -> {plan.out}" if plan.out else ""),
         f"memory   about {human_size(plan.peak_memory)} of tensors in flight at most (plus the Python runtime)",
     ]
-    free = plan.disk_free
-    if free is not None:
-        lines.append(f"disk     needs {human_size(plan.output_bytes)}, {human_size(free)} free")
+    lines += _describe_disk(plan)
     lines += [f"note     {n}" for n in plan.notes]
     if verbose:
         for t in plan.merged:
@@ -440,9 +480,19 @@ def describe(plan: Plan, verbose: bool = False) -> list[str]:
     return lines
 
 
-def human_size(n: int) -> str:
-    """Bytes as a person reads them: 1.23 GB, 456.00 MB."""
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.2f} {unit}"
-    return f"{n} B"
+def _describe_disk(plan: Plan) -> list[str]:
+    """What each mode needs on disk, so a user whose disk cannot hold two copies knows what to pass."""
+    remote = plan.base.remote
+    lines = []
+    if remote:
+        lines.append(f"download {len(remote)} base shard(s) not in the cache, {human_size(plan.base.download_bytes)}, "
+                     "each fetched when the merge reaches it")
+    out, cache = plan.disk_needs()
+    free = plan.disk_free
+    text = f"disk     needs {human_size(out)} for the output" + (f" + {human_size(cache)} in the cache" if cache else "")
+    lines.append(text + (f"; {human_size(free)} free" if free is not None else ""))
+    for flags, pushing in (("--low-disk", False), ("--low-disk --push-to-hub", True)):
+        need = plan.disk_needs(low_disk=True, pushing=pushing)[0]
+        if need < out + cache:
+            lines.append(f"         {flags}: {human_size(need)}")
+    return lines

@@ -12,8 +12,9 @@ import json
 import math
 import os
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -65,16 +66,22 @@ class TensorRef:
     nbytes: int
     dtype: str
     shape: tuple[int, ...]
+    # A Hub file not downloaded yet (sources.remote.RemoteFile): `path` is where it will be.
+    remote: object = field(default=None, compare=False, repr=False)
 
     @property
     def numel(self) -> int:
         return math.prod(self.shape)
 
     def read(self) -> torch.Tensor:
-        """Read the tensor with positioned reads; the result owns its memory."""
-        buf = bytearray(self.nbytes)
-        with open(self.path, "rb", buffering=0) as f:
-            read_exact(f.fileno(), memoryview(buf), self.offset, self.path)
+        """Read the tensor with positioned reads; the result owns its memory. Planning reads a few small
+        tensors (quant states) of files not downloaded yet: those come by an HTTP range request."""
+        if self.remote is not None and not self.path.is_file():
+            buf = bytearray(self.remote.read(self.offset, self.nbytes))
+        else:
+            buf = bytearray(self.nbytes)
+            with open(self.path, "rb", buffering=0) as f:
+                read_exact(f.fileno(), memoryview(buf), self.offset, self.path)
         return bytes_to_tensor(buf, self.dtype, self.shape)
 
 
@@ -110,18 +117,26 @@ def read_header(path: str | os.PathLike) -> Header:
     path = Path(path)
     try:
         size = path.stat().st_size
-        with open(path, "rb") as f:
-            prefix = f.read(8)
-            if len(prefix) < 8:
-                raise _bad(path, "file is shorter than the 8-byte header length")
-            (n,) = struct.unpack("<Q", prefix)
-            if n > MAX_HEADER_BYTES:
-                raise _bad(path, f"header length {n} exceeds the {MAX_HEADER_BYTES}-byte limit")
-            if 8 + n > size:
-                raise _bad(path, f"header length {n} runs past the end of the {size}-byte file (truncated?)")
-            raw = f.read(n)
+        with open(path, "rb", buffering=0) as f:
+            return parse_header(path, size, lambda offset, n: os.pread(f.fileno(), n, offset))
     except OSError as e:
         raise LorafuseError(f"cannot read {path}: {e.strerror}") from None
+
+
+def parse_header(path: Path, size: int, read: Callable[[int, int], bytes], remote=None) -> Header:
+    """Validate the header of the `size`-byte file `path`, whose bytes `read(offset, n)` returns (from the
+    disk, or by HTTP range requests for a file not downloaded yet; its refs then carry that `remote`)."""
+    prefix = read(0, 8)
+    if len(prefix) < 8:
+        raise _bad(path, "file is shorter than the 8-byte header length")
+    (n,) = struct.unpack("<Q", prefix)
+    if n > MAX_HEADER_BYTES:
+        raise _bad(path, f"header length {n} exceeds the {MAX_HEADER_BYTES}-byte limit")
+    if 8 + n > size:
+        raise _bad(path, f"header length {n} runs past the end of the {size}-byte file (truncated?)")
+    raw = read(8, n)
+    if len(raw) < n:
+        raise _bad(path, f"header length {n} runs past the end of the file (truncated?)")
     try:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -144,7 +159,7 @@ def read_header(path: str | os.PathLike) -> Header:
             what = "overlaps the previous tensor" if begin < cursor else "leaves a gap before it"
             raise _bad(path, f"tensor {name!r} {what} (offset {begin}, expected {cursor})")
         cursor = end
-        tensors[name] = TensorRef(path, data_start + begin, end - begin, dtype, shape)
+        tensors[name] = TensorRef(path, data_start + begin, end - begin, dtype, shape, remote)
     if data_start + cursor != size:
         raise _bad(path, f"data section is {size - data_start} bytes but the tensors cover {cursor} (truncated?)")
     return Header(path, data_start, tensors, metadata)

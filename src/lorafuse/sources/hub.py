@@ -30,6 +30,8 @@ from pathlib import Path, PurePosixPath
 from ..errors import LorafuseError
 from ..formats.folder import INDEX, SINGLE, TOKENIZER_FILE, is_weight_file
 from ..formats.jsonfile import read_json
+from ..units import human_size
+from .remote import RemoteFile
 
 CONFIG = "config.json"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -94,42 +96,51 @@ def base_from_adapter(adapter_folder: str | os.PathLike) -> str | None:
 def resolve_model(spec: str | os.PathLike, *, what: str = "base model") -> Path:
     """A folder holding the model: `spec` itself when local, else the cache's snapshot folder of the repo,
     after downloading whatever of config, index, shards and non-weight files is not cached yet."""
-    return _resolve(spec, MODEL, what)
+    return _resolve(spec, MODEL, what)[0]
+
+
+def resolve_model_lazily(spec: str | os.PathLike, *, scratch: Path | None = None,
+                         what: str = "base model") -> tuple[Path, dict[str, RemoteFile]]:
+    """Like resolve_model, but shards the cache lacks are not downloaded: they come back as RemoteFiles,
+    by file name, to be fetched while the merge streams (into the cache, or into `scratch` for --low-disk).
+    Offline, or with the Hub down, every file must be cached, as for resolve_model."""
+    return _resolve(spec, MODEL, what, lazy=True, scratch=scratch)
 
 
 def resolve_adapter(spec: str | os.PathLike, *, what: str = "adapter") -> Path:
     """Same for a PEFT adapter: adapter_config.json, adapter_model.safetensors (or .bin if that is all
     the repo has) and the adapter's tokenizer files."""
-    return _resolve(spec, ADAPTER, what)
+    return _resolve(spec, ADAPTER, what)[0]
 
 
-def _resolve(spec, kind: str, what: str) -> Path:
+def _resolve(spec, kind: str, what: str, lazy: bool = False,
+             scratch: Path | None = None) -> tuple[Path, dict[str, RemoteFile]]:
     parsed = parse_spec(spec)
     if parsed is None:
-        return Path(os.path.expanduser(os.fspath(spec)))
+        return Path(os.path.expanduser(os.fspath(spec))), {}
     repo_id, revision = parsed
     rev = revision or "main"
     label = f"{what} {repo_id}@{rev}"
     if _offline():
-        return _from_cache(repo_id, rev, kind, label, "HF_HUB_OFFLINE is set; run once online or unset HF_HUB_OFFLINE")
+        return _from_cache(repo_id, rev, kind, label, "HF_HUB_OFFLINE is set; run once online or unset HF_HUB_OFFLINE"), {}
     from huggingface_hub import HfApi
 
     api = HfApi()
     try:
-        info = api.model_info(repo_id, revision=rev, timeout=_timeout())
+        info = api.model_info(repo_id, revision=rev, timeout=hub_timeout())
     except Exception as e:
         error, why = _hub_error(e, repo_id, rev, what)
         if why is None and not isinstance(error, _Fallback):
             raise error from None
-        return _from_cache(repo_id, rev, kind, label, why, None if why else error)
+        return _from_cache(repo_id, rev, kind, label, why, None if why else error), {}
 
     for _ in range(3):  # the branch may move between our listing and snapshot_download's
         names = {s.rfilename for s in info.siblings or []}
         meta, weights = _select(kind, names, label)
-        folder = _download(repo_id, rev, meta + (weights or []), label, what)
+        folder = _download(repo_id, rev, meta + ([] if lazy or weights is None else weights), label, what)
         if folder.name == info.sha:
             break
-        info = _call(lambda: api.model_info(repo_id, revision=folder.name, timeout=_timeout()), repo_id, rev, what)
+        info = call_hub(lambda: api.model_info(repo_id, revision=folder.name, timeout=hub_timeout()), repo_id, rev, what)
     else:
         raise LorafuseError(f"{label} keeps changing on the Hub while lorafuse reads it; pin a commit: {repo_id}@<commit>")
     if weights is None:
@@ -138,11 +149,16 @@ def _resolve(spec, kind: str, what: str) -> Path:
         if absent:
             raise LorafuseError(f"{label}: {INDEX} names {_few(absent)}, which the repo does not have; "
                                 "the repo is broken at this revision, pick another one")
+    remote = {}
+    if lazy:
+        remote = {w: RemoteFile(repo_id, w, folder.name, (scratch or folder) / w, scratch)
+                  for w in weights if not (folder / w).is_file()}
+    elif not all((folder / w).is_file() for w in weights):
         _download(repo_id, folder.name, weights, label, what)
-    missing = [f for f in meta + weights if not (folder / f).is_file()]
+    missing = [f for f in meta + weights if f not in remote and not (folder / f).is_file()]
     if missing:  # huggingface_hub said it downloaded them: the cache was changed under us
         raise LorafuseError(f"{label}: {_few(missing)} missing from {folder} after the download; run again")
-    return folder
+    return folder, remote
 
 
 def _select(kind: str, names: set[str], label: str) -> tuple[list[str], list[str] | None]:
@@ -188,12 +204,12 @@ def _download(repo_id: str, revision: str, files: list[str], label: str, what: s
     """snapshot_download of exactly `files`: cached ones are reused, missing ones fetched (in parallel)."""
     from huggingface_hub import snapshot_download
 
-    folder = _call(lambda: snapshot_download(repo_id, revision=revision, allow_patterns=[glob.escape(f) for f in files]),
+    folder = call_hub(lambda: snapshot_download(repo_id, revision=revision, allow_patterns=[glob.escape(f) for f in files]),
                    repo_id, revision, what, label=label, downloading=files)
     return Path(folder)
 
 
-def _call(fn, repo_id: str, rev: str, what: str, *, label: str | None = None, downloading: list[str] | None = None):
+def call_hub(fn, repo_id: str, rev: str, what: str, *, label: str | None = None, downloading: list[str] | None = None):
     """Run a huggingface_hub call, turning its exceptions into one-line LorafuseErrors."""
     try:
         return fn()
@@ -278,7 +294,7 @@ def _cache_dir() -> Path:
     return Path(constants.HF_HUB_CACHE)
 
 
-def _timeout() -> float:
+def hub_timeout() -> float:
     """Seconds to wait for a Hub API answer (huggingface_hub's own session waits for ever): HF_HUB_ETAG_TIMEOUT, at least 10."""
     from huggingface_hub import constants
 
@@ -322,7 +338,7 @@ def cache_status(spec: str | os.PathLike, *, kind: str = MODEL, what: str | None
         from huggingface_hub import HfApi
 
         try:
-            info = HfApi().model_info(repo_id, revision=rev, files_metadata=True, timeout=3 * _timeout())
+            info = HfApi().model_info(repo_id, revision=rev, files_metadata=True, timeout=3 * hub_timeout())
         except Exception as e:
             error, why = _hub_error(e, repo_id, rev, what)
             if why is None and not isinstance(error, _Fallback):
@@ -371,7 +387,7 @@ def _remote_shards(repo_id: str, sha: str, label: str, what: str) -> list[str]:
     from huggingface_hub import hf_hub_download
 
     with tempfile.TemporaryDirectory(prefix="lorafuse-index-") as tmp:
-        path = _call(lambda: hf_hub_download(repo_id, INDEX, revision=sha, local_dir=tmp, cache_dir=tmp),
+        path = call_hub(lambda: hf_hub_download(repo_id, INDEX, revision=sha, local_dir=tmp, cache_dir=tmp),
                      repo_id, sha, what, label=label, downloading=[INDEX])
         return _shards(Path(path), label)
 
@@ -389,7 +405,7 @@ def describe_status(status: dict) -> str:
     elif total:
         size = status["download_bytes"]
         text = f"{where}: {len(status['missing'])} of {total} files to download" + (
-            f", {size / 1e9:.2f} GB" if size is not None else "")
+            f", {human_size(size)}" if size is not None else "")
     else:
         text = f"{where}: not cached"
     return text + (f" ({status['note']})" if status["note"] and not status["complete"] else "")

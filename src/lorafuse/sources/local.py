@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from ..errors import LorafuseError
 from ..formats.folder import INDEX, SINGLE
 from ..formats.jsonfile import read_json
-from ..formats.safetensors import TensorRef, read_header
-
+from ..formats.safetensors import Header, TensorRef, read_header
+from .remote import RemoteFile
 
 
 @dataclass
@@ -18,24 +19,37 @@ class Checkpoint:
     config: dict
     tensors: dict[str, TensorRef]  # in file order
     weight_files: list[Path]
+    file_sizes: dict[str, int]  # weight file name -> bytes
+    file_versions: dict[str, str]  # weight file name -> what changes when its content may have: mtime, or Hub commit
+    remote: dict[str, RemoteFile]  # weight files not downloaded yet, by name
 
     @property
     def total_bytes(self) -> int:
         return sum(t.nbytes for t in self.tensors.values())
 
+    @property
+    def download_bytes(self) -> int:
+        return sum(f.size for f in self.remote.values())
 
-def open_model(folder: str | Path) -> Checkpoint:
-    """Read config.json and every safetensors header of a model folder; no tensor data is read."""
+
+def open_model(folder: str | Path, remote: dict[str, RemoteFile] | None = None, commit: str | None = None) -> Checkpoint:
+    """Read config.json and every safetensors header of a model folder; no tensor data is read.
+
+    `remote`: shards of a Hub repo at `commit` not downloaded yet; their headers come by range requests."""
     folder = Path(folder)
+    remote = remote or {}
     if not folder.is_dir():
         raise LorafuseError(f"base model folder {folder} does not exist")
     config = read_json(folder / "config.json", "base model")
-    files, weight_map = _weight_files(folder)
+    files, weight_map = _weight_files(folder, remote)
+    pending = {f.path: f for f in remote.values()}
     for path in files:
-        _check_inside(folder, path)
+        if path not in pending:
+            _check_inside(folder, path)
+    headers = _headers(files, pending)
     tensors: dict[str, TensorRef] = {}
     for path in files:
-        for name, ref in read_header(path).tensors.items():
+        for name, ref in headers[path].tensors.items():
             if name in tensors:
                 raise LorafuseError(f"tensor {name!r} appears in both {tensors[name].path.name} and {path.name}; the checkpoint is inconsistent")
             tensors[name] = ref
@@ -44,7 +58,16 @@ def open_model(folder: str | Path) -> Checkpoint:
     for name, file in weight_map.items():
         if name not in tensors or tensors[name].path.name != PurePosixPath(file).name:
             raise LorafuseError(f"{INDEX} places {name} in {file}, but that file does not hold it; re-download the model")
-    return Checkpoint(folder, config, tensors, files)
+    sizes = {p.name: pending[p].size if p in pending else p.stat().st_size for p in files}
+    versions = {p.name: commit or str(p.stat().st_mtime_ns) for p in files}
+    return Checkpoint(folder, config, tensors, files, sizes, versions, remote)
+
+
+def _headers(files: list[Path], pending: dict[Path, RemoteFile]) -> dict[Path, Header]:
+    """Every file's header; those of remote files are fetched a few at a time (each is a round trip)."""
+    with ThreadPoolExecutor(8) as pool:
+        fetched = dict(zip(pending, pool.map(lambda f: f.read_header(), pending.values())))
+    return {path: fetched[path] if path in pending else read_header(path) for path in files}
 
 
 def _check_inside(folder: Path, path: Path) -> None:
@@ -62,7 +85,7 @@ def _check_inside(folder: Path, path: Path) -> None:
                         "copy the file into the folder, or keep the model in the Hugging Face cache")
 
 
-def _weight_files(folder: Path) -> tuple[list[Path], dict[str, str]]:
+def _weight_files(folder: Path, remote: dict[str, RemoteFile]) -> tuple[list[Path], dict[str, str]]:
     """The weight files, and the index's tensor -> file map (empty for a single file)."""
     index = folder / INDEX
     if index.is_file():
@@ -75,11 +98,16 @@ def _weight_files(folder: Path) -> tuple[list[Path], dict[str, str]]:
             rel = PurePosixPath(str(name))
             if rel.is_absolute() or ".." in rel.parts or not name:
                 raise LorafuseError(f"{index} names shard {name!r} outside the model folder; refusing to read it")
+            if name in remote:
+                files.append(remote[name].path)
+                continue
             path = folder / rel
             if not path.is_file():
                 raise LorafuseError(f"{index} names shard {name} but {path} is missing; download it again")
             files.append(path)
         return files, weight_map
+    if SINGLE in remote:
+        return [remote[SINGLE].path], {}
     if (folder / SINGLE).is_file():
         return [folder / SINGLE], {}
     if any(folder.glob("*.bin")) or any(folder.glob("*.pth")):

@@ -1,0 +1,269 @@
+"""Base shards downloaded while the merge streams, --low-disk, and plan's disk needs, against the fake Hub.
+
+A base named by repo id whose shards are not cached is planned from the shards' headers (HTTP range
+requests) and each shard is downloaded by huggingface_hub when the stream reaches it. With --low-disk,
+shards go to the staging folder and are deleted once merged; with --push-to-hub too, output shards are
+deleted once uploaded. The tests measure the peak disk use: every file under HF_HOME and the work folder,
+summed just before each deletion (the only moments the total can stop growing) and at the end.
+
+Runs in process, with huggingface_hub's constants pointed at the fake Hub and a fresh cache (as
+test_hub_push does); the tests of test_hub_sources run the same code paths in child processes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import threading
+from pathlib import Path
+
+import pytest
+from peft import LoraConfig
+
+import lorafuse
+from conftest import make_adapter, read_tensors, same_bytes
+from hub_server import HubRepo, HubServer
+from test_hub_sources import loaded_as, save_tokenizer
+
+TOKEN = "hf_lorafuse_test_token"
+SHARD_SIZE = "20KB"  # of the output: several shards, so that --low-disk with --push-to-hub has something to drop
+
+
+@pytest.fixture(scope="module")
+def folders(tiny_base, tmp_path_factory):
+    """A base in many small shards (as a user pushed it) and a LoRA trained on `org/many`."""
+    root = tmp_path_factory.mktemp("low-disk")
+    base = root / "many"
+    shutil.copytree(tiny_base("llama", "fp32", max_shard_size="16KB"), base)
+    save_tokenizer(base)
+    assert len(list(base.glob("model-*.safetensors"))) >= 6
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)
+    adapter = make_adapter(base, root / "adapter", config, model=loaded_as(base, "org/many"))
+    local = root / "local"  # the reference: the same merge of the local folders
+    lorafuse.merge(base, adapter, local, max_shard_size=SHARD_SIZE)
+    return {"base": base, "adapter": adapter, "local": local}
+
+
+@pytest.fixture
+def hub(folders, monkeypatch, tmp_path):
+    from huggingface_hub import constants
+
+    many, adapter = HubRepo("org/many"), HubRepo("org/adapter")
+    many.commit(folders["base"])
+    adapter.commit(folders["adapter"])
+    with HubServer([many, adapter], token=TOKEN, max_seconds=120) as server:
+        monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+        monkeypatch.setenv("HF_TOKEN", TOKEN)
+        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-home" / "hub"))
+        monkeypatch.setattr(constants, "ENDPOINT", server.url)
+        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", server.url + "/{repo_id}/resolve/{revision}/{filename}")
+        monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # the test session runs offline
+        monkeypatch.setattr(constants, "HF_HUB_DISABLE_PROGRESS_BARS", True)
+        yield server
+
+
+class DiskUse:
+    """Peak bytes of the files under `roots`: summed before every deletion and on `measure()`."""
+
+    def __init__(self, monkeypatch, *roots: Path) -> None:
+        self.roots, self.peak, self.lock = roots, 0, threading.Lock()
+        real = os.unlink
+
+        def unlink(path, *args, **kwargs):
+            self.measure()
+            return real(path, *args, **kwargs)
+
+        monkeypatch.setattr(os, "unlink", unlink)
+        monkeypatch.setattr(os, "remove", unlink)
+
+    def total(self) -> int:
+        total = 0
+        for root in self.roots:
+            for folder, _, names in os.walk(root):
+                for name in names:
+                    try:
+                        total += os.lstat(os.path.join(folder, name)).st_size  # a link counts as its few bytes
+                    except FileNotFoundError:
+                        pass
+        return total
+
+    def measure(self) -> int:
+        now = self.total()
+        with self.lock:
+            self.peak = max(self.peak, now)
+        return now
+
+
+def shard_sizes(folder: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_size for p in folder.glob("model-*.safetensors")}
+
+
+def cached_shards(cache: Path) -> list[Path]:
+    return sorted(p for p in cache.rglob("model-*.safetensors"))
+
+
+def same_output(out: Path, local: Path) -> None:
+    mine, theirs = read_tensors(out), read_tensors(local)
+    assert mine.keys() == theirs.keys() and all(same_bytes(mine[k], theirs[k]) for k in mine)
+    assert json.loads((out / "config.json").read_text()) == json.loads((local / "config.json").read_text())
+
+
+def shard_gets(server: HubServer, status: int) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for method, path, code in server.requests("GET"):
+        if "/org/many/resolve/" in path and path.endswith(".safetensors") and code == status:
+            name = path.rsplit("/", 1)[1]
+            counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
+def test_shards_are_downloaded_as_the_stream_needs_them(hub, folders, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    cache, work = Path(constants.HF_HUB_CACHE), tmp_path / "work"
+    work.mkdir()
+    disk = DiskUse(monkeypatch, cache.parent, work)
+    seen = {}
+
+    def on_plan(plan):
+        seen["cached"] = cached_shards(cache)
+        seen["download"] = plan.base.download_bytes
+
+    lorafuse.merge("org/many", "org/adapter", work / "out", max_shard_size=SHARD_SIZE, on_plan=on_plan)
+    inputs = shard_sizes(folders["base"])
+    assert seen == {"cached": [], "download": sum(inputs.values())}  # planned from the headers alone
+    assert shard_gets(hub, 200) == {name: 1 for name in inputs}  # each shard downloaded once, by huggingface_hub
+    assert set(shard_gets(hub, 206)) == set(inputs)  # its header first, by a range request
+    assert {p.name for p in cached_shards(cache)} == set(inputs)  # into the cache, where the next merge finds them
+    same_output(work / "out", folders["local"])
+    output = sum(shard_sizes(work / "out").values())
+    assert disk.measure() >= sum(inputs.values()) + output  # the whole base and the whole output
+
+    hub.reset()  # a second merge reads the cache and downloads nothing
+    lorafuse.merge("org/many", "org/adapter", work / "again", max_shard_size=SHARD_SIZE)
+    assert shard_gets(hub, 200) == {} and shard_gets(hub, 206) == {}
+
+
+def test_low_disk_keeps_about_one_input_shard(hub, folders, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    from lorafuse.cli import main
+
+    cache, work = Path(constants.HF_HUB_CACHE), tmp_path / "work"
+    work.mkdir()
+    disk = DiskUse(monkeypatch, cache.parent, work)
+    assert main(["merge", "org/many", "org/adapter", str(work / "out"), "--max-shard-size", SHARD_SIZE, "--low-disk",
+                 "--quiet"]) == 0
+    final = disk.measure()
+    inputs = shard_sizes(folders["base"])
+    output = sum(shard_sizes(work / "out").values())
+    same_output(work / "out", folders["local"])
+    assert cached_shards(cache) == []  # the cache got the small files only
+    assert sorted(p.name for p in work.iterdir()) == ["out"]  # no staging folder, no downloads left
+    assert shard_gets(hub, 200) == {name: 1 for name in inputs}
+    # At most two input shards at once (the one merged and the next, prefetched), besides the output and
+    # the small files that stay (config, index, tokenizer, in the cache and in OUT).
+    small = final - output
+    assert disk.peak <= output + 2 * max(inputs.values()) + small, (disk.peak, output, inputs, small)
+    assert disk.peak < output + sum(inputs.values())
+
+
+def test_low_disk_push_keeps_two_output_shards(hub, folders, tmp_path, monkeypatch):
+    """--low-disk --push-to-hub: the merged model never exists whole on the local disk; the Hub gets
+    exactly the files of the local merge, in one commit."""
+    from huggingface_hub import constants
+
+    cache, work = Path(constants.HF_HUB_CACHE), tmp_path / "work"
+    work.mkdir()
+    disk = DiskUse(monkeypatch, cache.parent, work)
+    report = lorafuse.merge("org/many", "org/adapter", work / "out", max_shard_size=SHARD_SIZE, low_disk=True,
+                            push_to_hub="me/merged")
+    final = disk.measure()
+    local = folders["local"]
+    outputs, inputs = shard_sizes(local), shard_sizes(folders["base"])
+    assert len(outputs) >= 4 and report.hub_url
+    repo = hub.repos["me/merged"]
+    assert len(hub.pushes) == 1
+    published = {k: v for k, v in repo.files().items() if k != ".gitattributes"}
+    out = work / "out"
+    assert shard_sizes(out) == {}  # uploaded, then deleted
+    assert {k: v for k, v in published.items() if k.startswith("model-")} == {
+        name: (local / name).read_bytes() for name in outputs}
+    assert {k: v for k, v in published.items() if not k.startswith("model-")} == {
+        p.name: p.read_bytes() for p in out.iterdir()}
+    manifest = json.loads((out / "lorafuse-manifest.json").read_text())
+    assert {name: manifest["files"][name]["size"] for name in outputs} == outputs  # the manifest still lists them
+    small = final
+    assert disk.peak <= 2 * max(outputs.values()) + 2 * max(inputs.values()) + small, (disk.peak, outputs, inputs)
+    assert disk.peak < sum(outputs.values()) + max(inputs.values())
+
+
+def test_plan_says_what_each_mode_needs(hub, folders, tmp_path, capsys):
+    from lorafuse.cli import main
+    from lorafuse.units import human_size
+
+    assert main(["plan", "org/many", "org/adapter", str(tmp_path / "out"), "--max-shard-size", SHARD_SIZE]) == 0
+    text = capsys.readouterr().out
+    inputs = shard_sizes(folders["base"])
+    outputs = shard_sizes(folders["local"])
+    assert shard_gets(hub, 200) == {}  # a plan downloads no shard: headers only
+    assert set(shard_gets(hub, 206)) == set(inputs)
+    assert re.search(r"base     org/many@main \(commit \w+\): (\d+) of \1 files to download, ", text)
+    assert f"download {len(inputs)} base shard(s) not in the cache" in text
+
+    plan = lorafuse.plan("org/many", "org/adapter", tmp_path / "out", max_shard_size=SHARD_SIZE)
+    output = sum(outputs.values())
+    assert plan.output_bytes == output and plan.base.download_bytes == sum(inputs.values())
+    assert plan.disk_needs() == (output, sum(inputs.values()))
+    assert plan.disk_needs(low_disk=True) == (output + max(inputs.values()), 0)
+    assert plan.disk_needs(low_disk=True, pushing=True) == (2 * max(outputs.values()) + max(inputs.values()), 0)
+    assert f"--low-disk: {human_size(plan.disk_needs(low_disk=True)[0])}" in text
+    assert f"--low-disk --push-to-hub: {human_size(plan.disk_needs(low_disk=True, pushing=True)[0])}" in text
+
+
+def test_a_disk_too_small_for_the_default_suggests_low_disk(hub, folders, tmp_path, monkeypatch, capsys):
+    """Room for the output and one input shard, not for the whole base in the cache too: the default
+    refuses before any work and names --low-disk, which then merges."""
+    from lorafuse.api import DISK_MARGIN
+    from lorafuse.cli import main
+
+    plan = lorafuse.plan("org/many", "org/adapter", tmp_path / "out", max_shard_size=SHARD_SIZE)
+    need = plan.disk_needs(low_disk=True)[0] + plan.largest_download + DISK_MARGIN  # with room to prefetch one
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=need))
+    hub.reset()
+    args = ["merge", "org/many", "org/adapter", str(tmp_path / "out"), "--max-shard-size", SHARD_SIZE]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "the output and the downloads need" in err and "pass --low-disk (needs" in err, err
+    assert not (tmp_path / "out").exists() and shard_gets(hub, 200) == {}  # refused before downloading anything
+    assert main(args + ["--low-disk", "--quiet"]) == 0
+    same_output(tmp_path / "out", folders["local"])
+
+
+def test_interrupted_low_disk_push_resumes(hub, folders, tmp_path):
+    """Stopped part way, a --low-disk --push-to-hub merge has uploaded some shards and deleted them; run
+    again, it redoes those shards (their inputs are gone) but the Hub is not sent them twice, and the
+    repo changes once, with exactly the files of the local merge."""
+    out = tmp_path / "out"
+    written = []
+
+    def stop_after_three_shards(n):
+        written.append(n)
+        if len(written) == 9:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        lorafuse.merge("org/many", "org/adapter", out, max_shard_size=SHARD_SIZE, low_disk=True,
+                       push_to_hub="me/merged", on_progress=stop_after_three_shards)
+    assert not out.exists() and hub.pushes == [] and hub.uploads
+    uploaded = list(hub.uploads)
+    lorafuse.merge("org/many", "org/adapter", out, max_shard_size=SHARD_SIZE, low_disk=True, push_to_hub="me/merged")
+    assert len(hub.pushes) == 1 and len(hub.uploads) == len(set(hub.uploads)) and hub.uploads[:len(uploaded)] == uploaded
+    local = folders["local"]
+    published = {k: v for k, v in hub.repos["me/merged"].files().items() if k.startswith("model-")}
+    assert published == {name: (local / name).read_bytes() for name in shard_sizes(local)}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf-home", "out"]  # no staging folder left
