@@ -46,14 +46,26 @@ def folders(tiny_base, tmp_path_factory):
     return {"base": base, "adapter": adapter, "local": local}
 
 
+@pytest.fixture(scope="module")
+def nf4(artefacts, tmp_path_factory):
+    """A bitsandbytes NF4 base saved by transformers, its QLoRA adapter, and their merge from local folders."""
+    from test_quantized_bases import BNB, bnb_checkpoint
+
+    base, adapter = bnb_checkpoint(artefacts, BNB[0])
+    local = tmp_path_factory.mktemp("nf4") / "out"
+    lorafuse.merge(base, adapter, local)
+    return {"base": base, "adapter": adapter, "local": local}
+
+
 @pytest.fixture
-def hub(folders, monkeypatch, tmp_path):
+def hub(folders, nf4, monkeypatch, tmp_path):
     from huggingface_hub import constants
 
-    many, adapter = HubRepo("org/many"), HubRepo("org/adapter")
+    many, adapter, nf4_repo = HubRepo("org/many"), HubRepo("org/adapter"), HubRepo("org/nf4")
     many.commit(folders["base"])
     adapter.commit(folders["adapter"])
-    with HubServer([many, adapter], token=TOKEN, max_seconds=120) as server:
+    nf4_repo.commit(nf4["base"])
+    with HubServer([many, adapter, nf4_repo], token=TOKEN, max_seconds=120) as server:
         monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
         monkeypatch.setenv("HF_TOKEN", TOKEN)
         monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-home" / "hub"))
@@ -102,7 +114,7 @@ def shard_sizes(folder: Path) -> dict[str, int]:
 
 
 def cached_shards(cache: Path) -> list[Path]:
-    return sorted(p for p in cache.rglob("model-*.safetensors"))
+    return sorted(p for p in cache.rglob("model*.safetensors"))
 
 
 def same_output(out: Path, local: Path) -> None:
@@ -111,10 +123,10 @@ def same_output(out: Path, local: Path) -> None:
     assert json.loads((out / "config.json").read_text()) == json.loads((local / "config.json").read_text())
 
 
-def shard_gets(server: HubServer, status: int) -> dict[str, int]:
+def shard_gets(server: HubServer, status: int, repo: str = "org/many") -> dict[str, int]:
     counts: dict[str, int] = {}
     for method, path, code in server.requests("GET"):
-        if "/org/many/resolve/" in path and path.endswith(".safetensors") and code == status:
+        if f"/{repo}/resolve/" in path and path.endswith(".safetensors") and code == status:
             name = path.rsplit("/", 1)[1]
             counts[name] = counts.get(name, 0) + 1
     return counts
@@ -267,3 +279,18 @@ def test_interrupted_low_disk_push_resumes(hub, folders, tmp_path):
     published = {k: v for k, v in hub.repos["me/merged"].files().items() if k.startswith("model-")}
     assert published == {name: (local / name).read_bytes() for name in shard_sizes(local)}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf-home", "out"]  # no staging folder left
+
+
+def test_a_4bit_base_is_planned_by_range_requests(hub, nf4, tmp_path):
+    """Planning a bitsandbytes base reads each weight's quant state: from a shard not downloaded yet,
+    those few bytes come by range requests, and the shard itself is downloaded once, when merged."""
+    from huggingface_hub import constants
+
+    seen = {}
+    lorafuse.merge("org/nf4", nf4["adapter"], tmp_path / "out", low_disk=True,
+                   on_plan=lambda plan: seen.update(gets=shard_gets(hub, 200, "org/nf4"), ranges=shard_gets(hub, 206, "org/nf4")))
+    assert seen["gets"] == {} and seen["ranges"]["model.safetensors"] > 1  # header and quant states
+    assert shard_gets(hub, 200, "org/nf4") == {"model.safetensors": 1}
+    assert cached_shards(Path(constants.HF_HUB_CACHE)) == []
+    mine, theirs = read_tensors(tmp_path / "out"), read_tensors(nf4["local"])
+    assert mine.keys() == theirs.keys() and all(same_bytes(mine[k], theirs[k]) for k in mine)
