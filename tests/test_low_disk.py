@@ -294,3 +294,68 @@ def test_a_4bit_base_is_planned_by_range_requests(hub, nf4, tmp_path):
     assert cached_shards(Path(constants.HF_HUB_CACHE)) == []
     mine, theirs = read_tensors(tmp_path / "out"), read_tensors(nf4["local"])
     assert mine.keys() == theirs.keys() and all(same_bytes(mine[k], theirs[k]) for k in mine)
+
+
+class FakeRemote:
+    """Stands in for RemoteFile in the scheduler tests: a download writes the file, and the disk is watched."""
+
+    def __init__(self, folder: Path, name: str, disk: dict) -> None:
+        self.path, self.name, self.disk, self.downloads = folder / name, name, disk, 0
+
+    def download(self) -> None:
+        self.path.write_bytes(b"x")
+        self.downloads += 1
+        with self.disk["lock"]:
+            self.disk["now"] += 1
+            self.disk["peak"] = max(self.disk["peak"], self.disk["now"])
+
+    def delete(self) -> None:
+        self.path.unlink()
+        with self.disk["lock"]:
+            self.disk["now"] -= 1
+
+
+@pytest.mark.parametrize("hold", [None, "least", "one more"])
+def test_download_scheduler_keeps_at_most_hold_files(tmp_path, hold):
+    """Jobs in output order on two threads, as the executor runs them: shards a..e in order, then the
+    first shard again (an untied head reads the embedding's shard), and a tensor split over two shards.
+    With a hold, files on disk never exceed it and a file read again much later is fetched again."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from lorafuse.sources.remote import Downloads, min_hold
+
+    disk = {"now": 0, "peak": 0, "lock": threading.Lock()}
+    a, b, c, d, e = (FakeRemote(tmp_path, n, disk) for n in "abcde")
+    needs = [[a]] * 5 + [[b]] * 5 + [[b, c]] + [[c]] * 5 + [[d]] * 5 + [[e]] * 20 + [[a]]
+    assert min_hold(needs) == 2  # b and c at once
+    limit = {None: None, "least": min_hold(needs), "one more": min_hold(needs) + 1}[hold]
+    downloads = Downloads(needs, limit)
+
+    def job(i):
+        downloads.wait(i)
+        assert all(f.path.is_file() for f in needs[i])
+        downloads.done(i)
+
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(job, range(len(needs))))
+    downloads.close()
+    if limit is None:  # into the cache: each fetched once, none deleted
+        assert [f.downloads for f in (a, b, c, d, e)] == [1, 1, 1, 1, 1] and disk["now"] == 5
+    else:
+        assert [f.downloads for f in (a, b, c, d, e)] == [2, 1, 1, 1, 1] and disk["now"] == 0
+        assert disk["peak"] <= limit
+
+
+def test_download_errors_reach_the_jobs(tmp_path):
+    from lorafuse.errors import LorafuseError
+    from lorafuse.sources.remote import Downloads
+
+    class Broken(FakeRemote):
+        def download(self):
+            raise LorafuseError("downloading x failed: the Hub answered 503")
+
+    broken = Broken(tmp_path, "x", {})
+    downloads = Downloads([[broken]], hold=1)
+    with pytest.raises(LorafuseError, match="503"):
+        downloads.wait(0)
+    downloads.close()

@@ -152,10 +152,12 @@ class Downloads:
                 self._cond.notify_all()
 
     def close(self) -> None:
+        """Stop fetching. After a failure or Ctrl-C a download in flight is not waited for: huggingface_hub
+        keeps what it has (`.incomplete`) for the next run, and the daemon thread ends with the process."""
         with self._cond:
             self._stop = True
             self._cond.notify_all()
-        self._thread.join()
+        self._thread.join(timeout=1)
 
     def _fetch(self) -> None:
         try:
