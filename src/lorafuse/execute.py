@@ -19,7 +19,7 @@ import os
 import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -82,14 +82,16 @@ def write_shards(plan: Plan, folder: Path, device: str, ledger: Ledger,
         fd = target.fd
         if tensor.is_copy:
             refs = [ref for _, ref in tensor.source.parts.values()] if isinstance(tensor.source, QuantizedTensor) else [tensor.source]
-            for slot, ref in zip(slots, refs, strict=True):
-                _copy(sources.fd(ref.path), ref.offset, fd, slot.offset, slot.nbytes)
+            with target.writing:
+                for slot, ref in zip(slots, refs, strict=True):
+                    _copy(sources.fd(ref.path), ref.offset, fd, slot.offset, slot.nbytes)
             kind = "tensors_copied"
         else:
             source_fd = None if isinstance(tensor.source, QuantizedTensor) else sources.fd(tensor.source.path)
             pieces = compute.output_bytes(tensor, slots, source_fd, buffers, device)
-            for slot, piece in zip(slots, pieces, strict=True):
-                _write_bytes(fd, piece, slot.offset)
+            with target.writing:
+                for slot, piece in zip(slots, pieces, strict=True):
+                    _write_bytes(fd, piece, slot.offset)
             kind = "tensors_merged" if tensor.patches else "tensors_cast"
         written = sum(slot.nbytes for slot in slots)
         _start_writeback(fd, slots[0].offset, written)
@@ -168,6 +170,9 @@ class _OpenShard:
     fd: int
     remaining: int  # tensors still to write
     hash: "_RunningHash"
+    # One writer at a time: the kernel serializes writes to a file anyway (inode lock), and a thread
+    # waiting for that lock spins on a core while the holder copies, where one waiting here sleeps.
+    writing: threading.Lock = field(default_factory=threading.Lock)
 
 
 class _RunningHash:
