@@ -14,22 +14,20 @@ import contextlib
 import ctypes
 import errno
 import hashlib
-import math
+import importlib
 import os
 import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
-import torch
-
 from .errors import LorafuseError
-from .formats.safetensors import TensorSlot, dtype_size, read_exact, torch_dtype
+from .formats.safetensors import TensorSlot
 from .manifest import HASH_CHUNK, Ledger
 from .plan import PIPELINE_DEPTH, Plan, TensorPlan
-from .quant import QuantizedTensor, bnb
+from .quant import QuantizedTensor
 from .sources.remote import Downloads
 
 COPY_CHUNK = 64 << 20
@@ -71,24 +69,7 @@ class _Files:
             os.close(fd)
 
 
-class _Buffers(threading.local):
-    """One thread's reusable byte buffers, grown to the largest tensor it has handled.
-
-    Reusing them avoids allocating (and page-faulting in) fresh memory for every tensor, and keeps the
-    process's resident memory at a few largest tensors however many tensors pass through.
-    """
-
-    def __init__(self) -> None:
-        self.pool: dict[str, torch.Tensor] = {}
-
-    def get(self, role: str, nbytes: int) -> torch.Tensor:
-        buf = self.pool.get(role)
-        if buf is None or buf.numel() < nbytes:
-            self.pool[role] = buf = torch.empty(nbytes, dtype=torch.uint8)
-        return buf[:nbytes]
-
-
-def write_shards(plan: Plan, folder: Path, device: torch.device, ledger: Ledger,
+def write_shards(plan: Plan, folder: Path, device: str, ledger: Ledger,
                  on_progress: Callable[[int], None] | None = None,
                  on_shard_done: Callable[[Path, str], None] | None = None, *,
                  hold: int | None = None, before_shard: Callable[[], None] | None = None) -> Counters:
@@ -105,31 +86,28 @@ def write_shards(plan: Plan, folder: Path, device: torch.device, ledger: Ledger,
     counters = Counters()
     lock = threading.Lock()
     sources = _Files()
-    buffers = _Buffers()
     open_shards: dict[str, _OpenShard] = {}
     finished = {s.filename for s in plan.shards if ledger.finished(s.filename, s.size)}
     needs = [t.downloads for s in plan.shards if s.filename not in finished for t in s.tensors]
     downloads = Downloads(needs, hold, before_delete=lambda f: sources.close_file(f.path)) if any(needs) else None
+    compute = buffers = None  # the torch side, loaded when the first tensor that needs it comes up
+    torch_threads = contextlib.ExitStack()
 
     def job(target: _OpenShard, slots: tuple[TensorSlot, ...], tensor: TensorPlan, index: int) -> None:
         if downloads:
             downloads.wait(index)
         fd = target.fd
         if tensor.is_copy:
-            for slot, ref in zip(slots, tensor.source_refs, strict=True):
-                _copy(sources.fd(ref.path), ref.offset, fd, slot.offset, slot.nbytes)
+            with target.writing:
+                for slot, ref in zip(slots, tensor.source_refs, strict=True):
+                    _copy(sources.fd(ref.path), ref.offset, fd, slot.offset, slot.nbytes)
             kind = "tensors_copied"
         else:
-            if isinstance(tensor.source, QuantizedTensor):
-                value = tensor.source.dequantize()
-            else:
-                raw = buffers.get("in", tensor.source.nbytes)
-                read_exact(sources.fd(tensor.source.path), memoryview(raw.numpy()), tensor.source.offset, tensor.source.path)
-                value = raw.view(torch_dtype(tensor.source.dtype)).view(tensor.source.shape)
-            out = _produce(tensor, value, buffers, device)
-            pieces = _nf4_pieces(tensor, out, slots) if tensor.to_nf4 else [out]
-            for slot, piece in zip(slots, pieces, strict=True):
-                _write_bytes(fd, memoryview(piece.reshape(-1).view(torch.uint8).numpy()), slot.offset)
+            source_fd = None if isinstance(tensor.source, QuantizedTensor) else sources.fd(tensor.source.path)
+            pieces = compute.output_bytes(tensor, slots, source_fd, buffers, device)
+            with target.writing:
+                for slot, piece in zip(slots, pieces, strict=True):
+                    _write_bytes(fd, piece, slot.offset)
             kind = "tensors_merged" if tensor.patches else "tensors_cast"
         written = sum(slot.nbytes for slot in slots)
         _start_writeback(fd, slots[0].offset, written)
@@ -152,6 +130,7 @@ def write_shards(plan: Plan, folder: Path, device: torch.device, ledger: Ledger,
 
     def jobs():
         """Shard by shard, each opened only when the pipeline reaches it."""
+        nonlocal compute, buffers
         index = 0
         for shard in plan.shards:
             if shard.filename in finished:
@@ -174,11 +153,15 @@ def write_shards(plan: Plan, folder: Path, device: torch.device, ledger: Ledger,
             target = _OpenShard(shard, fd, len(shard.tensors), _RunningHash(path, shard.size, len(shard.header)))
             open_shards[shard.filename] = target
             for slots, tensor in zip(shard.slots, shard.tensors):
+                if compute is None and not tensor.is_copy:  # waits for torch; the copies before went on meanwhile
+                    compute = importlib.import_module(".compute", __package__)
+                    buffers = compute.Buffers()
+                    torch_threads.enter_context(compute.intra_op_threads(max(1, (os.cpu_count() or 1) // PIPELINE_DEPTH)))
                 yield target, slots, tensor, index
                 index += 1
 
     try:
-        with _intra_op_threads(max(1, (os.cpu_count() or 1) // PIPELINE_DEPTH)):
+        with torch_threads:
             _run_bounded(job, jobs())
     except OSError as e:
         raise disk_error(e, folder) from None
@@ -211,6 +194,9 @@ class _OpenShard:
     fd: int
     remaining: int  # tensors still to write
     hash: "_RunningHash"
+    # One writer at a time: the kernel serializes writes to a file anyway (inode lock), and a thread
+    # waiting for that lock spins on a core while the holder copies, where one waiting here sleeps.
+    writing: threading.Lock = field(default_factory=threading.Lock)
 
 
 class _RunningHash:
@@ -271,18 +257,6 @@ class _RunningHash:
         self.thread.join()
 
 
-@contextlib.contextmanager
-def _intra_op_threads(n: int):
-    """Give each pipeline thread its share of the cores: more torch threads than cores makes their
-    OpenMP teams spin against each other (measured: 2 workers x 2 threads on 2 cores is slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def _run_bounded(job: Callable, jobs: Iterable[tuple]) -> None:
     """Run jobs on PIPELINE_DEPTH threads, submitting only a few ahead so memory stays bounded."""
     with ThreadPoolExecutor(PIPELINE_DEPTH, thread_name_prefix="lorafuse") as pool:
@@ -297,50 +271,6 @@ def _run_bounded(job: Callable, jobs: Iterable[tuple]) -> None:
         except BaseException:
             pool.shutdown(wait=True, cancel_futures=True)
             raise
-
-
-def _produce(tensor: TensorPlan, source: torch.Tensor, buffers: _Buffers, device: torch.device) -> torch.Tensor:
-    """One tensor's output value: the base value patched in fp32 and rounded once to the output dtype."""
-    out_dtype = torch_dtype(tensor.dtype)
-    value = source
-    if tensor.patches:
-        if device.type == "cpu" and source.dtype != torch.float32:  # fp32 sources are patched in place
-            value = buffers.get("fp32", source.numel() * 4).view(torch.float32).view(source.shape).copy_(source)
-        else:
-            value = source.to(device=device, dtype=torch.float32)
-        for patch in tensor.patches:
-            value = patch.apply(value)
-        if not all_finite(value):
-            origins = ", ".join(o for p in tensor.patches for o in p.origins)
-            raise LorafuseError(f"merging {tensor.name} gives NaN or Inf values; the adapter tensors ({origins}) are broken")
-    if value.dtype == out_dtype and value.device.type == "cpu":
-        out = value
-    else:
-        # Once the value lives in the fp32 buffer the read buffer is free: the result goes there, and a
-        # thread holds two tensor-sized buffers, not three.
-        role = "in" if value.data_ptr() != source.data_ptr() and source.device.type == "cpu" else "out"
-        nbytes = value.numel() * dtype_size(tensor.dtype)
-        out = buffers.get(role, nbytes).view(out_dtype).view(value.shape).copy_(value)
-    if out_dtype == torch.float16 and not all_finite(out) and all_finite(value):
-        raise LorafuseError(f"{tensor.name} overflows {tensor.dtype} (values up to {value.abs().max().item():.3g}); use --dtype bf16 or fp32")
-    return out
-
-
-def _nf4_pieces(tensor: TensorPlan, value: torch.Tensor, slots: tuple[TensorSlot, ...]) -> list[torch.Tensor]:
-    """The merged 16-bit weight quantized as bitsandbytes does, in the order of its planned slots."""
-    parts = bnb.quantize_4bit(value)
-    pieces = [parts[slot.name[len(tensor.name):]] for slot in slots]
-    pieces[-1] = bnb.pad_quant_state(pieces[-1], slots[-1].nbytes)
-    return pieces
-
-
-def all_finite(t: torch.Tensor) -> bool:
-    """A NaN or Inf anywhere makes the fp32 sum non-finite: one fast reduction instead of a mask.
-    Only a sum that overflows from finite values (beyond 3e38) takes the exact path."""
-    if not t.is_floating_point():
-        return True
-    total = t.sum(dtype=torch.float32).item()
-    return math.isfinite(total) or bool(torch.isfinite(t).all())
 
 
 def _write_bytes(fd: int, data: memoryview, offset: int) -> None:

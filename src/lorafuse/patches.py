@@ -9,10 +9,12 @@ output dtype: at least as close to the exact result as PEFT's merge, which round
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from .errors import LorafuseError
+
+if TYPE_CHECKING:
+    import torch
 
 
 def _load(ref, like: torch.Tensor) -> torch.Tensor:
@@ -129,6 +131,8 @@ class LoRA:
         else:
             w.addmm_(B, A, alpha=self.scale)
         if self.magnitude is not None:
+            import torch
+
             m = _load(self.magnitude, w)
             if transposed:  # norm over the rows of each column (output feature)
                 w.mul_((m / torch.linalg.vector_norm(w, dim=0)).view(1, -1))
@@ -190,6 +194,8 @@ class ReplaceRows:
         return tuple(shape)
 
     def apply(self, w: torch.Tensor) -> torch.Tensor:
+        import torch
+
         index = torch.tensor(self.indices, device=w.device)
         return w.index_copy_(0, index, _load(self.rows, w))
 

@@ -20,7 +20,7 @@ from .adapters.peft import Adapter, open_adapter, patches_by_tensor
 from .errors import LorafuseError
 from .formats.safetensors import FLOAT_DTYPES, TensorSlot, dtype_size, layout, torch_dtype
 from .patches import LoRA, Patch, Replace, ReplaceRows
-from .quant import QuantizedTensor, bnb, logical_tensors
+from .quant import QuantizedTensor, logical_tensors
 from .sources.hub import base_from_adapter, parse_spec, resolve_adapter, resolve_model_lazily
 from .sources.local import Checkpoint, open_model
 from .sources.remote import RemoteFile, min_hold
@@ -83,6 +83,8 @@ class TensorPlan:
         if self.is_copy and isinstance(self.source, QuantizedTensor):
             return [(key, ref.dtype, tuple(ref.shape)) for key, ref in self.source.parts.values()]
         if self.to_nf4:
+            from .quant import bnb
+
             return [(self.name + suffix, dtype, shape)
                     for suffix, dtype, shape in bnb.layout_4bit(self.shape, torch_dtype(self.dtype))]
         return [(self.name, self.dtype, self.shape)]

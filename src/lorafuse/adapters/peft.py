@@ -14,13 +14,15 @@ import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..errors import LorafuseError
 from ..formats.jsonfile import read_json
-from ..formats.safetensors import TORCH_TO_NAME, read_header
+from ..formats.safetensors import dtype_name, read_header
 from ..patches import AddBias, LoRA, Patch, Replace, ReplaceRows
+
+if TYPE_CHECKING:
+    import torch
 
 PREFIX = "base_model.model."
 # Initialisations that change the base weights themselves: their adapters only merge exactly into the
@@ -49,7 +51,7 @@ class MemoryRef:
 
     @property
     def dtype(self) -> str:
-        return TORCH_TO_NAME[self.tensor.dtype]
+        return dtype_name(self.tensor.dtype)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -102,6 +104,8 @@ def open_adapter(folder: str | Path) -> Adapter:
 
 def _load_pickle(path: Path) -> dict:
     """Load a pickle checkpoint without ever running code from it (weights_only=True)."""
+    import torch
+
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

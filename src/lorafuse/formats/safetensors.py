@@ -14,36 +14,38 @@ import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
-
-import torch
+from typing import TYPE_CHECKING, Callable
 
 from ..errors import LorafuseError
+
+if TYPE_CHECKING:
+    import torch
 
 MAX_HEADER_BYTES = 100_000_000  # the reference implementation's limit
 ALIGNMENT = 8  # writers pad the header so that data starts 8-byte aligned
 
-# safetensors dtype name -> (bytes per element, torch dtype or None where torch has none)
-DTYPES: dict[str, tuple[int, torch.dtype | None]] = {
-    "BOOL": (1, torch.bool),
-    "U8": (1, torch.uint8),
-    "I8": (1, torch.int8),
-    "F8_E4M3": (1, getattr(torch, "float8_e4m3fn", None)),
-    "F8_E5M2": (1, getattr(torch, "float8_e5m2", None)),
-    "F8_E8M0": (1, getattr(torch, "float8_e8m0fnu", None)),
-    "I16": (2, torch.int16),
-    "U16": (2, getattr(torch, "uint16", None)),
-    "F16": (2, torch.float16),
-    "BF16": (2, torch.bfloat16),
-    "I32": (4, torch.int32),
-    "U32": (4, getattr(torch, "uint32", None)),
-    "F32": (4, torch.float32),
-    "I64": (8, torch.int64),
-    "U64": (8, getattr(torch, "uint64", None)),
-    "F64": (8, torch.float64),
+# safetensors dtype name -> (bytes per element, the torch dtype's name). Names, not torch dtypes: planning
+# needs no torch, so a merge can plan and copy while torch is still loading.
+DTYPES: dict[str, tuple[int, str]] = {
+    "BOOL": (1, "bool"),
+    "U8": (1, "uint8"),
+    "I8": (1, "int8"),
+    "F8_E4M3": (1, "float8_e4m3fn"),
+    "F8_E5M2": (1, "float8_e5m2"),
+    "F8_E8M0": (1, "float8_e8m0fnu"),
+    "I16": (2, "int16"),
+    "U16": (2, "uint16"),
+    "F16": (2, "float16"),
+    "BF16": (2, "bfloat16"),
+    "I32": (4, "int32"),
+    "U32": (4, "uint32"),
+    "F32": (4, "float32"),
+    "I64": (8, "int64"),
+    "U64": (8, "uint64"),
+    "F64": (8, "float64"),
 }
 FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
-TORCH_TO_NAME = {t: name for name, (_, t) in DTYPES.items() if t is not None}
+NAME_OF_TORCH_DTYPE = {attr: name for name, (_, attr) in DTYPES.items()}
 
 
 def dtype_size(dtype: str) -> int:
@@ -51,10 +53,17 @@ def dtype_size(dtype: str) -> int:
 
 
 def torch_dtype(dtype: str) -> torch.dtype:
-    t = DTYPES[dtype][1]
+    import torch
+
+    t = getattr(torch, DTYPES[dtype][1], None)
     if t is None:
         raise LorafuseError(f"dtype {dtype} cannot be computed on by this torch version; upgrade torch")
     return t
+
+
+def dtype_name(t: torch.dtype) -> str:
+    """The safetensors name of a torch dtype."""
+    return NAME_OF_TORCH_DTYPE[str(t).removeprefix("torch.")]
 
 
 @dataclass(frozen=True)
@@ -96,6 +105,8 @@ def read_exact(fd: int, buf: memoryview, offset: int, path: Path) -> None:
 
 
 def bytes_to_tensor(buf: bytearray | memoryview, dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
+    import torch
+
     t = torch_dtype(dtype)
     if len(buf) == 0:
         return torch.empty(shape, dtype=t)
@@ -117,8 +128,12 @@ def read_header(path: str | os.PathLike) -> Header:
     path = Path(path)
     try:
         size = path.stat().st_size
-        with open(path, "rb", buffering=0) as f:
-            return parse_header(path, size, lambda offset, n: os.pread(f.fileno(), n, offset))
+        with open(path, "rb") as f:
+            def read(offset: int, n: int) -> bytes:
+                f.seek(offset)
+                return f.read(n)
+
+            return parse_header(path, size, read)
     except OSError as e:
         raise LorafuseError(f"cannot read {path}: {e.strerror}") from None
 

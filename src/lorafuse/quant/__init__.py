@@ -8,14 +8,23 @@ A new format is one module with a `claim(tensors, config)` function, listed in F
 
 from __future__ import annotations
 
-from ..errors import LorafuseError
-from . import bnb, fp8
-from .base import QuantizedTensor
-from .bnb import dequantize_4bit, dequantize_4bit_saved, dequantize_int8, parse_quant_state, quantize_4bit
-from .fp8 import dequantize_fp8_block, dequantize_fp8_scaled, quantize_fp8_block
+import importlib
 
-# quantization_config.quant_method -> the module that reads it
-FORMATS = {"bitsandbytes": bnb, "fp8": fp8, "fbgemm_fp8": fp8, "compressed-tensors": fp8}
+from ..errors import LorafuseError
+from .base import QuantizedTensor
+
+# quantization_config.quant_method -> the module that reads it, imported only for a quantized base (the
+# modules need torch, which a plain merge loads in the background while it plans)
+FORMATS = {"bitsandbytes": "bnb", "fp8": "fp8", "fbgemm_fp8": "fp8", "compressed-tensors": "fp8"}
+# what the package offers from those modules, imported on first use
+EXPORTS = {"dequantize_4bit": "bnb", "dequantize_4bit_saved": "bnb", "dequantize_int8": "bnb", "parse_quant_state": "bnb",
+           "quantize_4bit": "bnb", "dequantize_fp8_block": "fp8", "dequantize_fp8_scaled": "fp8", "quantize_fp8_block": "fp8"}
+
+
+def __getattr__(name: str):
+    if name in EXPORTS:
+        return getattr(importlib.import_module(f".{EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def logical_tensors(tensors: dict, config: dict) -> tuple[dict, str | None]:
@@ -30,7 +39,7 @@ def logical_tensors(tensors: dict, config: dict) -> tuple[dict, str | None]:
             f"the base model is quantized with {method!r}, which lorafuse cannot read; "
             f"supported: {', '.join(sorted(FORMATS))}, or pass the 16-bit model as BASE"
         )
-    claimed = FORMATS[method].claim(tensors, config)
+    claimed = importlib.import_module(f".{FORMATS[method]}", __name__).claim(tensors, config)
     if not claimed:
         raise LorafuseError(
             f"the base model is quantized with {method!r}, but in a layout lorafuse cannot read (no bitsandbytes "

@@ -356,7 +356,7 @@ def _decode_int8(parts: Mapping[str, torch.Tensor]) -> torch.Tensor:
 
 
 def _safetensors_name(dtype) -> str:
-    from ..formats.safetensors import TORCH_TO_NAME
+    from ..formats.safetensors import dtype_name
 
     t = dtype if isinstance(dtype, torch.dtype) else _torch_dtype(str(dtype).removeprefix("torch."))
-    return TORCH_TO_NAME[t]
+    return dtype_name(t)

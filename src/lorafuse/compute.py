@@ -1,0 +1,107 @@
+"""One output tensor that is not a raw copy: read, dequantize or cast, patch in fp32, round once.
+
+Everything that needs torch lives here, so that the executor can plan, copy untouched tensors and hash
+while torch is still loading (a merge from the command line starts that import on a thread of its own).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import threading
+
+import torch
+
+from .errors import LorafuseError
+from .formats.safetensors import TensorSlot, dtype_size, read_exact, torch_dtype
+from .plan import TensorPlan
+from .quant import QuantizedTensor
+
+
+class Buffers(threading.local):
+    """One thread's reusable byte buffers, grown to the largest tensor it has handled.
+
+    Reusing them avoids allocating (and page-faulting in) fresh memory for every tensor, and keeps the
+    process's resident memory at a few largest tensors however many tensors pass through.
+    """
+
+    def __init__(self) -> None:
+        self.pool: dict[str, torch.Tensor] = {}
+
+    def get(self, role: str, nbytes: int) -> torch.Tensor:
+        buf = self.pool.get(role)
+        if buf is None or buf.numel() < nbytes:
+            self.pool[role] = buf = torch.empty(nbytes, dtype=torch.uint8)
+        return buf[:nbytes]
+
+
+def output_bytes(tensor: TensorPlan, slots: tuple[TensorSlot, ...], source_fd: int, buffers: Buffers,
+                 device: str) -> list[memoryview]:
+    """The bytes of each of the tensor's slots (one, or a 4-bit weight's parts), in the thread's buffers."""
+    if isinstance(tensor.source, QuantizedTensor):
+        value = tensor.source.dequantize()
+    else:
+        raw = buffers.get("in", tensor.source.nbytes)
+        read_exact(source_fd, memoryview(raw.numpy()), tensor.source.offset, tensor.source.path)
+        value = raw.view(torch_dtype(tensor.source.dtype)).view(tensor.source.shape)
+    out = _produce(tensor, value, buffers, torch.device(device))
+    pieces = _nf4_pieces(tensor, out, slots) if tensor.to_nf4 else [out]
+    return [memoryview(piece.reshape(-1).view(torch.uint8).numpy()) for piece in pieces]
+
+
+@contextlib.contextmanager
+def intra_op_threads(n: int):
+    """Give each pipeline thread its share of the cores: more torch threads than cores makes their
+    OpenMP teams spin against each other (measured: 2 workers x 2 threads on 2 cores is slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _produce(tensor: TensorPlan, source: torch.Tensor, buffers: Buffers, device: torch.device) -> torch.Tensor:
+    """One tensor's output value: the base value patched in fp32 and rounded once to the output dtype."""
+    out_dtype = torch_dtype(tensor.dtype)
+    value = source
+    if tensor.patches:
+        if device.type == "cpu" and source.dtype != torch.float32:  # fp32 sources are patched in place
+            value = buffers.get("fp32", source.numel() * 4).view(torch.float32).view(source.shape).copy_(source)
+        else:
+            value = source.to(device=device, dtype=torch.float32)
+        for patch in tensor.patches:
+            value = patch.apply(value)
+        if not all_finite(value):
+            origins = ", ".join(o for p in tensor.patches for o in p.origins)
+            raise LorafuseError(f"merging {tensor.name} gives NaN or Inf values; the adapter tensors ({origins}) are broken")
+    if value.dtype == out_dtype and value.device.type == "cpu":
+        out = value
+    else:
+        # Once the value lives in the fp32 buffer the read buffer is free: the result goes there, and a
+        # thread holds two tensor-sized buffers, not three.
+        role = "in" if value.data_ptr() != source.data_ptr() and source.device.type == "cpu" else "out"
+        nbytes = value.numel() * dtype_size(tensor.dtype)
+        out = buffers.get(role, nbytes).view(out_dtype).view(value.shape).copy_(value)
+    if out_dtype == torch.float16 and not all_finite(out) and all_finite(value):
+        raise LorafuseError(f"{tensor.name} overflows {tensor.dtype} (values up to {value.abs().max().item():.3g}); use --dtype bf16 or fp32")
+    return out
+
+
+def _nf4_pieces(tensor: TensorPlan, value: torch.Tensor, slots: tuple[TensorSlot, ...]) -> list[torch.Tensor]:
+    """The merged 16-bit weight quantized as bitsandbytes does, in the order of its planned slots."""
+    from .quant import bnb
+
+    parts = bnb.quantize_4bit(value)
+    pieces = [parts[slot.name[len(tensor.name):]] for slot in slots]
+    pieces[-1] = bnb.pad_quant_state(pieces[-1], slots[-1].nbytes)
+    return pieces
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """A NaN or Inf anywhere makes the fp32 sum non-finite: one fast reduction instead of a mask.
+    Only a sum that overflows from finite values (beyond 3e38) takes the exact path."""
+    if not t.is_floating_point():
+        return True
+    total = t.sum(dtype=torch.float32).item()
+    return math.isfinite(total) or bool(torch.isfinite(t).all())
