@@ -18,7 +18,7 @@ from .errors import LorafuseError
 from .execute import disk_error, write_shards
 from .manifest import Ledger, fingerprint, write_manifest
 from .output import check_target, exclusive, publish, staging_folder, write_metadata
-from .plan import Plan, make_plan
+from .plan import Plan, existing_ancestor, make_plan
 from .publish import HubPublisher
 from .units import human_size
 
@@ -124,24 +124,23 @@ def _check_disk(plan: Plan, out: Path, done: int, low_disk: bool, pushing: bool)
     a --low-disk merge keeps at once (one more than it must when the disk has room: the next downloads
     while the current one is merged)."""
     out_need, cache_need = plan.disk_needs(low_disk, pushing)
-    out_need = max(out_need - done, 0) + DISK_MARGIN
+    if not (low_disk and pushing):  # finished shards are on the disk already (with both, they were uploaded and deleted)
+        out_need = max(out_need - done, 0)
+    out_need += DISK_MARGIN
     free = plan.disk_free
-    if free is None:
-        return None
-    hint = ""
+    hint, what = "", "the output needs"
     if not low_disk and plan.disk_needs(True, pushing)[0] + DISK_MARGIN <= free:
         hint = f", or pass --low-disk (needs {human_size(plan.disk_needs(True, pushing)[0])})"
     if cache_need:
-        cache = _existing(Path(_hf_cache()))
-        if os.stat(cache).st_dev == os.stat(_existing(out.absolute())).st_dev:
+        cache = existing_ancestor(Path(_hf_cache()))
+        if os.stat(cache).st_dev == os.stat(existing_ancestor(out.absolute())).st_dev:
             out_need += cache_need
+            what = "the output and the downloads need"
         elif shutil.disk_usage(cache).free < cache_need + DISK_MARGIN:
             raise LorafuseError(f"downloading the base needs {human_size(cache_need)} in the Hugging Face cache {cache} but "
                                 f"only {human_size(shutil.disk_usage(cache).free)} is free there; free space, point "
                                 f"HF_HUB_CACHE at another disk{hint}")
     if free < out_need:
-        what = "the output and the downloads need" if out_need > plan.output_bytes + DISK_MARGIN and cache_need \
-            else "the output needs"
         raise LorafuseError(f"{what} {human_size(out_need - DISK_MARGIN)} more but only {human_size(free)} is free "
                             f"on the disk holding {out.absolute().parent}; free space{hint}")
     if not low_disk or not plan.base.remote:
@@ -153,12 +152,6 @@ def _hf_cache() -> str:
     from huggingface_hub import constants
 
     return constants.HF_HUB_CACHE
-
-
-def _existing(path: Path) -> Path:
-    while not path.exists():
-        path = path.parent
-    return path
 
 
 def _open_ledger(staging: Path, print_: str, resume: bool) -> Ledger:

@@ -149,12 +149,7 @@ class Plan:
 
     @property
     def disk_free(self) -> int | None:
-        if self.out is None:
-            return None
-        probe = self.out.absolute()
-        while not probe.exists():
-            probe = probe.parent
-        return shutil.disk_usage(probe).free
+        return None if self.out is None else shutil.disk_usage(existing_ancestor(self.out.absolute())).free
 
     @property
     def merged(self) -> list[TensorPlan]:
@@ -183,6 +178,13 @@ class Plan:
         if pushing:
             output = min(output, 2 * max(s.size for s in self.shards))
         return output + inputs, 0
+
+
+def existing_ancestor(path: Path) -> Path:
+    """The path itself, or its nearest parent that exists: where a folder about to be made will live."""
+    while not path.exists():
+        path = path.parent
+    return path
 
 
 def make_plan(base: str | os.PathLike | None, adapter: str | os.PathLike, out: str | os.PathLike | None = None, *,
