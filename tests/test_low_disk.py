@@ -258,8 +258,8 @@ def test_a_disk_too_small_for_the_default_suggests_low_disk(hub, folders, tmp_pa
 
 def test_interrupted_low_disk_push_resumes(hub, folders, tmp_path):
     """Stopped part way, a --low-disk --push-to-hub merge has uploaded some shards and deleted them; run
-    again, it redoes those shards (their inputs are gone) but the Hub is not sent them twice, and the
-    repo changes once, with exactly the files of the local merge."""
+    again, it does not merge those again (the Hub holds them), uploads only the rest, and the repo
+    changes once, with exactly the files of the local merge."""
     out = tmp_path / "out"
     written = []
 
@@ -273,7 +273,9 @@ def test_interrupted_low_disk_push_resumes(hub, folders, tmp_path):
                        push_to_hub="me/merged", on_progress=stop_after_three_shards)
     assert not out.exists() and hub.pushes == [] and hub.uploads
     uploaded = list(hub.uploads)
-    lorafuse.merge("org/many", "org/adapter", out, max_shard_size=SHARD_SIZE, low_disk=True, push_to_hub="me/merged")
+    report = lorafuse.merge("org/many", "org/adapter", out, max_shard_size=SHARD_SIZE, low_disk=True,
+                            push_to_hub="me/merged")
+    assert report.shards_resumed == len(uploaded) and report.shards == len(shard_sizes(folders["local"]))
     assert len(hub.pushes) == 1 and len(hub.uploads) == len(set(hub.uploads)) and hub.uploads[:len(uploaded)] == uploaded
     local = folders["local"]
     published = {k: v for k, v in hub.repos["me/merged"].files().items() if k.startswith("model-")}

@@ -89,6 +89,9 @@ def merge(base: str | os.PathLike | None, adapter: str | os.PathLike, out: str |
         hub = HubPublisher(push_to_hub, private=private, revision=revision, commit_message=commit_message,
                            delete_uploaded=low_disk).start() if push_to_hub else None  # a bad token or repo fails now
         ledger = _open_ledger(staging, print_, resume)
+        if hub and low_disk:  # an earlier run's shards that went up and were deleted need not be merged again
+            ledger.uploaded = {name for name, entry in ledger.shards.items()
+                               if not (staging / name).exists() and hub.adopt(name, entry["sha256"], entry["size"])}
         try:
             counters = write_shards(the_plan, staging, torch_device, ledger, on_progress,
                                     on_shard_done=(lambda path, sha: hub.shard_done(path, sha256=sha)) if hub else None,

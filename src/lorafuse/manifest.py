@@ -76,6 +76,7 @@ class Ledger:
         self.path = staging / LEDGER
         self.fingerprint = print_
         self.shards: dict[str, dict] = {}
+        self.uploaded: set[str] = set()  # finished shards the Hub holds and the disk no longer does (--low-disk)
         self._lock = threading.Lock()  # shards finish on different threads
         try:
             saved = json.loads(self.path.read_text())
@@ -89,9 +90,12 @@ class Ledger:
         return bool(self.shards)
 
     def finished(self, filename: str, size: int) -> bool:
-        """A shard counts as finished only if it is there, whole, and hashes as recorded."""
+        """A shard counts as finished only if it is there, whole, and hashes as recorded (or the Hub holds
+        it: see `uploaded`)."""
         with self._lock:
             entry = self.shards.get(filename)
+        if filename in self.uploaded and entry and entry.get("size") == size:
+            return True
         path = self.path.parent / filename
         ok = bool(entry) and path.is_file() and path.stat().st_size == size == entry.get("size") \
             and sha256_file(path) == entry.get("sha256")

@@ -59,7 +59,29 @@ class HubPublisher:
         self._raise_pending()
         if self._thread is None:
             raise RuntimeError("HubPublisher.start() was not called")
-        self._queue.put((Path(path), path_in_repo or Path(path).name, sha256))
+        name = path_in_repo or Path(path).name
+        with self._lock:
+            adopted = name in self._ops and self._ops[name][1] is None
+        if not adopted:
+            self._queue.put((Path(path), name, sha256))
+
+    def adopt(self, path_in_repo: str, sha256: str, size: int) -> bool:
+        """Commit a file an earlier, interrupted run uploaded and then deleted locally (--low-disk), if the
+        Hub still holds it: an LFS batch request answers without an upload action for objects it has."""
+        from huggingface_hub import CommitOperationAdd
+        from huggingface_hub.lfs import UploadInfo, post_lfs_batch_info
+
+        info = UploadInfo(sha256=bytes.fromhex(sha256), size=size, sample=b"")
+        with self._hub_errors(f"check {path_in_repo}"):
+            actions, errors, _ = post_lfs_batch_info([info], token=self.token, repo_type="model", repo_id=self.repo_id,
+                                                     revision=self.revision, endpoint=self.endpoint)
+        if errors or len(actions) != 1 or actions[0].get("actions"):
+            return False
+        op = CommitOperationAdd(path_in_repo=path_in_repo, path_or_fileobj=b"")
+        op.upload_info, op._upload_mode, op._is_uploaded = info, "lfs", True
+        with self._lock:
+            self._ops[path_in_repo] = (op, None, None)
+        return True
 
     def wait(self) -> None:
         """Block until every queued shard is pre-uploaded; raise the first upload error."""
