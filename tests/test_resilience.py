@@ -270,6 +270,24 @@ def test_running_hash_of_ranges_completed_out_of_order(tmp_path):
     assert running.hexdigest() == hashlib.sha256(data).hexdigest()
 
 
+def test_running_hash_takes_the_writers_bytes_when_they_extend_the_prefix(tmp_path):
+    """Ranges handed over with their bytes (hashed from memory when they extend the prefix, read back
+    when written ahead of it) give the file's SHA-256, whichever way each range was hashed."""
+    import hashlib
+
+    from lorafuse.execute import _RunningHash
+
+    path = tmp_path / "f"
+    data = os.urandom(100)
+    path.write_bytes(data)
+    view = memoryview(data)
+    running = _RunningHash(path, 100, 10)
+    for start, end, pieces in [(10, 30, [view[10:20], view[20:30]]), (50, 60, [view[50:60]]), (30, 50, [view[30:50]]),
+                               (60, 70, []), (70, 100, [view[70:100]])]:
+        running.completed(start, end, pieces)
+    assert running.hexdigest() == hashlib.sha256(data).hexdigest()
+
+
 
 def test_immutable_output_folder_is_refused(inputs, tmp_path):
     """Root passes permission checks, but not an immutable folder (chattr +i): the same refusal path."""

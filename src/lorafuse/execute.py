@@ -97,6 +97,7 @@ def write_shards(plan: Plan, folder: Path, device: str, ledger: Ledger,
         if downloads:
             downloads.wait(index)
         fd = target.fd
+        pieces = ()  # copied bytes never pass through memory: the hashing thread reads them back
         if tensor.is_copy:
             with target.writing:
                 for slot, ref in zip(slots, tensor.source_refs, strict=True):
@@ -117,7 +118,7 @@ def write_shards(plan: Plan, folder: Path, device: str, ledger: Ledger,
             counters.bytes_written += written
             if on_progress:
                 on_progress(written)
-        target.hash.completed(slots[0].offset, slots[-1].offset + slots[-1].nbytes)
+        target.hash.completed(slots[0].offset, slots[-1].offset + slots[-1].nbytes, pieces)
         if downloads:
             downloads.done(index)
         with lock:
@@ -200,8 +201,10 @@ class _OpenShard:
 
 
 class _RunningHash:
-    """SHA-256 of a file written out of order, computed on a thread of its own as the complete prefix
-    grows (read back from the page cache), so that hashing overlaps the merge instead of following it."""
+    """SHA-256 of a file written out of order, computed as the complete prefix grows, so that hashing
+    overlaps the merge instead of following it. A writer whose tensor extends the prefix hashes it from
+    its own buffer; the rest (copies, tensors written ahead of the prefix) a thread of its own reads back
+    from the page cache."""
 
     def __init__(self, path: Path, size: int, done_prefix: int) -> None:
         self.size, self.prefix, self.hashed = size, done_prefix, 0
@@ -214,23 +217,37 @@ class _RunningHash:
         self.thread = threading.Thread(target=self._run, name="lorafuse-hash", daemon=True)
         self.thread.start()
 
-    def completed(self, start: int, end: int) -> None:
+    def completed(self, start: int, end: int, pieces: Iterable[memoryview] = ()) -> None:
+        """[start, end) is written; `pieces` are its bytes when the writer still holds them."""
         if end == start:  # an empty tensor: nothing to hash, and it must not shadow a range at `start`
             return
+        own = False
         with self.cond:
+            if self.prefix == start and sum(len(p) for p in pieces) == end - start:
+                # Everything before is written: wait for the thread to hash it (one tensor at most),
+                # then hash these bytes here, which spares reading them back (0.1 s per GB).
+                self.cond.wait_for(lambda: self.hashed == start or self.cancelled or self.error is not None)
+                own = self.hashed == start
+        if own:  # outside the lock: the thread idles until the prefix passes `start`, so the digest is ours
+            for piece in pieces:
+                self.digest.update(piece)
+        with self.cond:
+            if own:
+                self.hashed = end
             self.ready[start] = end
             while self.prefix in self.ready:
                 self.prefix = self.ready.pop(self.prefix)
-            self.cond.notify()
+            self.cond.notify_all()
 
     def _run(self) -> None:
         buf = bytearray(HASH_CHUNK)
         view = memoryview(buf)
         try:
-            while self.hashed < self.size:
+            while True:
                 with self.cond:
-                    self.cond.wait_for(lambda: self.cancelled or self.prefix > self.hashed)
-                    if self.cancelled:
+                    self.cond.notify_all()  # a writer may be waiting for the prefix hashed so far
+                    self.cond.wait_for(lambda: self.cancelled or self.prefix > self.hashed or self.hashed == self.size)
+                    if self.cancelled or self.hashed == self.size:
                         return
                     upto = self.prefix
                 while self.hashed < upto:
@@ -240,7 +257,9 @@ class _RunningHash:
                     self.digest.update(view[:n])
                     self.hashed += n
         except BaseException as e:  # handed to the thread that asks for the digest
-            self.error = e
+            with self.cond:
+                self.error = e
+                self.cond.notify_all()
         finally:
             os.close(self.fd)
 
