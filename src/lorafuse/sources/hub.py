@@ -7,11 +7,13 @@ never copied. Only the files a merge needs are fetched, and only those not cache
 the safetensors index and the shards it names (or model.safetensors), and the non-weight files
 (tokenizer, generation config, chat template, custom code); never the other weight formats a repo
 may carry (*.bin, *.pth, *.gguf, original/, consolidated.safetensors, ...). Every download, and so
-every write into the cache, is done by huggingface_hub itself (`snapshot_download`), which honours
-HF_HOME / HF_HUB_CACHE, HF_HUB_OFFLINE, HF_TOKEN and HF_ENDPOINT.
+every write into the cache, is done by huggingface_hub itself (`snapshot_download`, `hf_hub_download`),
+which honours HF_HOME / HF_HUB_CACHE, HF_HUB_OFFLINE, HF_TOKEN and HF_ENDPOINT.
 
 Online, one model-info call resolves the revision to a commit and lists the repo; then
-`snapshot_download(allow_patterns=<exact names>)` fetches what is missing. Offline (HF_HUB_OFFLINE=1),
+`snapshot_download(allow_patterns=<exact names>)` fetches what is missing. For a merge's base
+(`resolve_model_lazily`) the missing shards are left out: they come back as RemoteFiles, planned
+from their headers and downloaded while the merge streams (see remote.py). Offline (HF_HUB_OFFLINE=1),
 or when the Hub cannot be reached, the cache alone answers: it works when every needed file is
 cached, and otherwise fails naming the missing files. Repo-not-found, gated and private repos fall
 back to the cache the same way, as huggingface_hub does, and fail with their own message when the
