@@ -361,3 +361,83 @@ def test_download_errors_reach_the_jobs(tmp_path):
     with pytest.raises(LorafuseError, match="503"):
         downloads.wait(0)
     downloads.close()
+
+
+def test_a_failed_job_wakes_the_jobs_waiting_for_downloads(tmp_path):
+    """hold=1: job 0 holds the only slot and fails without releasing it; job 1, waiting for the next file,
+    gets job 0's error instead of waiting for ever."""
+    from lorafuse.errors import LorafuseError
+    from lorafuse.sources.remote import Downloads
+
+    disk = {"now": 0, "peak": 0, "lock": threading.Lock()}
+    a, b = FakeRemote(tmp_path, "a", disk), FakeRemote(tmp_path, "b", disk)
+    downloads = Downloads([[a], [b]], hold=1)
+    downloads.wait(0)
+    got = []
+    waiter = threading.Thread(target=lambda: got.append(pytest.raises(LorafuseError, downloads.wait, 1)))
+    waiter.start()
+    downloads.abort(LorafuseError("merging x gives NaN or Inf values"))
+    waiter.join(10)
+    assert not waiter.is_alive() and "NaN" in str(got[0].value) and not b.path.exists()
+    downloads.close()
+
+
+def test_a_failing_tensor_stops_a_low_disk_merge(hub, folders, tmp_path, monkeypatch):
+    """An error part way (here: a tensor that cannot be computed) ends a --low-disk merge with that error,
+    however the other worker and the downloads stand; nothing is left but what a resume can use."""
+    from lorafuse import compute
+    from lorafuse.errors import LorafuseError
+
+    real = compute.output_bytes
+
+    def output_bytes(tensor, *args):
+        if tensor.name.endswith("layers.1.self_attn.v_proj.weight"):
+            raise LorafuseError(f"merging {tensor.name} gives NaN or Inf values")
+        return real(tensor, *args)
+
+    monkeypatch.setattr(compute, "output_bytes", output_bytes)
+    result = []
+
+    def run():
+        try:
+            lorafuse.merge("org/many", "org/adapter", tmp_path / "out", max_shard_size=SHARD_SIZE, low_disk=True)
+        except LorafuseError as e:
+            result.append(e)
+
+    merging = threading.Thread(target=run, daemon=True)
+    merging.start()
+    merging.join(60)
+    assert not merging.is_alive(), "the merge hung after a failing tensor"
+    assert result and "NaN or Inf" in str(result[0]) and not (tmp_path / "out").exists()
+
+
+def test_a_failed_commit_is_retried_without_merging_again(hub, folders, tmp_path, monkeypatch):
+    """The final commit fails (the Hub answers an error): with --low-disk the shards exist only on the Hub, so
+    the staging folder and its ledger stay, and the same command commits them without merging again."""
+    from lorafuse.errors import LorafuseError
+    from lorafuse.publish import HubPublisher
+
+    real = HubPublisher.finish
+
+    def finish_while_down(self, *args, **kwargs):
+        hub.down = 400  # an error huggingface_hub does not retry (a 5xx is retried for seconds)
+        try:
+            return real(self, *args, **kwargs)
+        finally:
+            hub.down = None
+
+    monkeypatch.setattr(HubPublisher, "finish", finish_while_down)
+    out = tmp_path / "out"
+    with pytest.raises(LorafuseError, match="HTTP 400"):
+        lorafuse.merge("org/many", "org/adapter", out, max_shard_size=SHARD_SIZE, low_disk=True, push_to_hub="me/merged")
+    assert not out.exists() and hub.pushes == []
+    monkeypatch.setattr(HubPublisher, "finish", real)
+    hub.reset()
+    report = lorafuse.merge("org/many", "org/adapter", out, max_shard_size=SHARD_SIZE, low_disk=True,
+                            push_to_hub="me/merged")
+    local = folders["local"]
+    assert report.shards_resumed == report.shards == len(shard_sizes(local))  # nothing merged again
+    assert shard_gets(hub, 200) == {}  # nor downloaded
+    assert len(hub.pushes) == 1
+    published = {k: v for k, v in hub.repos["me/merged"].files().items() if k.startswith("model-")}
+    assert published == {name: (local / name).read_bytes() for name in shard_sizes(local)}

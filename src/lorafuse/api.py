@@ -82,7 +82,10 @@ def merge(base: str | os.PathLike | None, adapter: str | os.PathLike, out: str |
         settings = _settings(the_plan, device)
         print_ = fingerprint(the_plan, settings)
         finished = Ledger(staging, print_).shards if staging.is_dir() else {}
-        done = sum(entry["size"] for entry in finished.values())  # a resume needs room only for the rest
+        # A resume needs room only for the rest: what an interrupted run left (finished shards, base shards
+        # fetched for --low-disk) already takes its share.
+        done = sum(entry["size"] for name, entry in finished.items() if (staging / name).is_file()) \
+            + _bytes_under(staging / DOWNLOADS)
         hold = _check_disk(the_plan, out, done, low_disk, pushing=bool(push_to_hub))
         if on_plan:
             on_plan(the_plan)
@@ -100,12 +103,15 @@ def merge(base: str | os.PathLike | None, adapter: str | os.PathLike, out: str |
             try:
                 write_metadata(the_plan, staging, settings)
                 write_manifest(the_plan, staging, settings, ledger.shards)
-                if hub:
-                    hub.wait()  # uploads read the shards from the staging folder, which is about to move
+            except OSError as e:
+                raise disk_error(e, staging) from None
+            # The commit goes first: if it fails, the staging folder and its ledger are still there, and a
+            # rerun commits without merging again (with --low-disk the shards exist only on the Hub).
+            hub_url = hub.finish(staging, skip={ledger.path.name}) if hub else None
+            try:
                 publish(staging, out, keep_until_renamed=ledger.path)
             except OSError as e:
                 raise disk_error(e, staging) from None
-            hub_url = hub.finish(out) if hub else None
         except BaseException:
             if hub:
                 hub.close()
@@ -123,13 +129,11 @@ def merge(base: str | os.PathLike | None, adapter: str | os.PathLike, out: str |
 
 
 def _check_disk(plan: Plan, out: Path, done: int, low_disk: bool, pushing: bool) -> int | None:
-    """Refuse a merge the disks cannot hold, saying what would fit; return how many downloaded base shards
+    """Refuse a merge the disks cannot hold (`done`: bytes of it already there), saying what would fit; return how many downloaded base shards
     a --low-disk merge keeps at once (one more than it must when the disk has room: the next downloads
     while the current one is merged)."""
     out_need, cache_need = plan.disk_needs(low_disk, pushing)
-    if not (low_disk and pushing):  # finished shards are on the disk already (with both, they were uploaded and deleted)
-        out_need = max(out_need - done, 0)
-    out_need += DISK_MARGIN
+    out_need = max(out_need - done, 0) + DISK_MARGIN
     free = plan.disk_free
     hint, what = "", "the output needs"
     if not low_disk and plan.disk_needs(True, pushing)[0] + DISK_MARGIN <= free:
@@ -149,6 +153,10 @@ def _check_disk(plan: Plan, out: Path, done: int, low_disk: bool, pushing: bool)
     if not low_disk or not plan.base.remote:
         return None
     return plan.download_hold + (free >= out_need + plan.largest_download)
+
+
+def _bytes_under(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else 0
 
 
 def _hf_cache() -> str:

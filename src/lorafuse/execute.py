@@ -92,8 +92,26 @@ def write_shards(plan: Plan, folder: Path, device: str, ledger: Ledger,
     downloads = Downloads(needs, hold, before_delete=lambda f: sources.close_file(f.path)) if any(needs) else None
     compute = buffers = None  # the torch side, loaded when the first tensor that needs it comes up
     torch_threads = contextlib.ExitStack()
+    handed_over = threading.Condition()  # a shard finished and passed to on_shard_done
+    unfinished: set[str] = set()  # shards opened and not handed over yet
+    failed: list[BaseException] = []
 
-    def job(target: _OpenShard, slots: tuple[TensorSlot, ...], tensor: TensorPlan, index: int) -> None:
+    def stop(error: BaseException) -> None:
+        """A job failed or the merge was interrupted: wake everything that waits for other jobs."""
+        with handed_over:
+            failed.append(error)
+            handed_over.notify_all()
+        if downloads:
+            downloads.abort(error)
+
+    def job(*args) -> None:
+        try:
+            merge_tensor(*args)
+        except BaseException as e:
+            stop(e)
+            raise
+
+    def merge_tensor(target: _OpenShard, slots: tuple[TensorSlot, ...], tensor: TensorPlan, index: int) -> None:
         if downloads:
             downloads.wait(index)
         fd = target.fd
@@ -128,6 +146,9 @@ def write_shards(plan: Plan, folder: Path, device: str, ledger: Ledger,
             _finish_shard(folder, open_shards.pop(target.shard.filename), ledger)
             if on_shard_done:
                 on_shard_done(folder / target.shard.filename, ledger.shards[target.shard.filename]["sha256"])
+            with handed_over:
+                unfinished.discard(target.shard.filename)
+                handed_over.notify_all()
 
     def jobs():
         """Shard by shard, each opened only when the pipeline reaches it."""
@@ -141,7 +162,11 @@ def write_shards(plan: Plan, folder: Path, device: str, ledger: Ledger,
                 if on_progress:
                     on_progress(shard.size - len(shard.header))
                 continue
-            if before_shard:
+            if before_shard:  # only the previous shard may still be open: at most two on disk
+                with handed_over:
+                    handed_over.wait_for(lambda: failed or len(unfinished) <= 1)
+                if failed:
+                    return
                 before_shard()
             path = folder / (shard.filename + PARTIAL)
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -153,6 +178,7 @@ def write_shards(plan: Plan, folder: Path, device: str, ledger: Ledger,
                 raise
             target = _OpenShard(shard, fd, len(shard.tensors), _RunningHash(path, shard.size, len(shard.header)))
             open_shards[shard.filename] = target
+            unfinished.add(shard.filename)
             for slots, tensor in zip(shard.slots, shard.tensors):
                 if compute is None and not tensor.is_copy:  # waits for torch; the copies before went on meanwhile
                     compute = importlib.import_module(".compute", __package__)
@@ -163,7 +189,7 @@ def write_shards(plan: Plan, folder: Path, device: str, ledger: Ledger,
 
     try:
         with torch_threads:
-            _run_bounded(job, jobs())
+            _run_bounded(job, jobs(), on_failure=stop)
     except OSError as e:
         raise disk_error(e, folder) from None
     finally:
@@ -276,8 +302,9 @@ class _RunningHash:
         self.thread.join()
 
 
-def _run_bounded(job: Callable, jobs: Iterable[tuple]) -> None:
-    """Run jobs on PIPELINE_DEPTH threads, submitting only a few ahead so memory stays bounded."""
+def _run_bounded(job: Callable, jobs: Iterable[tuple], on_failure: Callable[[BaseException], None]) -> None:
+    """Run jobs on PIPELINE_DEPTH threads, submitting only a few ahead so memory stays bounded.
+    `on_failure` hears first of an error here (Ctrl-C included), so that jobs waiting on others stop."""
     with ThreadPoolExecutor(PIPELINE_DEPTH, thread_name_prefix="lorafuse") as pool:
         pending: deque = deque()
         try:
@@ -287,7 +314,8 @@ def _run_bounded(job: Callable, jobs: Iterable[tuple]) -> None:
                 pending.append(pool.submit(job, *args))
             while pending:
                 pending.popleft().result()
-        except BaseException:
+        except BaseException as e:
+            on_failure(e)
             pool.shutdown(wait=True, cancel_futures=True)
             raise
 

@@ -88,10 +88,9 @@ class HubPublisher:
         self._queue.join()
         self._raise_pending()
 
-    def finish(self, folder: Path) -> str:
-        """Commit every file under `folder` (and the pre-uploaded shards deleted from it) in one commit.
-
-        Returns the commit URL."""
+    def finish(self, folder: Path, skip: set[str] = frozenset()) -> str:
+        """Commit every file under `folder` but those named in `skip` (and the pre-uploaded shards deleted
+        from it) in one commit. Returns the commit URL."""
         from huggingface_hub import CommitOperationAdd
 
         self.wait()
@@ -99,7 +98,7 @@ class HubPublisher:
         folder = Path(folder)
         operations = {}
         for path in sorted(folder.rglob("*")):
-            if not path.is_file() or path.name.endswith(PARTIAL_SUFFIX):
+            if not path.is_file() or path.name.endswith(PARTIAL_SUFFIX) or path.name in skip:
                 continue
             name = path.relative_to(folder).as_posix()
             with self._lock:

@@ -65,25 +65,29 @@ class RemoteFile:
             self.path.unlink(missing_ok=True)
 
     def _get(self, start: int, end: int) -> tuple[bytes, int]:
-        """(bytes start..end, the file's size) by an HTTP range request."""
-        from huggingface_hub import hf_hub_url
+        """(bytes start..end, the file's size) by an HTTP range request. Streamed, so that a server that
+        ignores the range is caught before it sends a whole shard."""
+        from huggingface_hub import constants, hf_hub_url
         from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
 
         from .hub import call_hub, hub_timeout
 
         url = hf_hub_url(self.repo_id, self.filename, revision=self.commit)
 
-        def get():
-            response = get_session().get(url, headers={**build_hf_headers(), "Range": f"bytes={start}-{end}"},
-                                         follow_redirects=True, timeout=hub_timeout())
-            hf_raise_for_status(response)
-            return response
+        def get() -> tuple[bytes, str]:
+            headers = {**build_hf_headers(), "Range": f"bytes={start}-{end}"}
+            with get_session().stream("GET", url, headers=headers, follow_redirects=True, timeout=hub_timeout()) as response:
+                if response.status_code >= 400:
+                    response.read()
+                    hf_raise_for_status(response)
+                if response.status_code != 206:
+                    raise LorafuseError(f"{constants.ENDPOINT} answered a range request for {self.filename} with the "
+                                        "whole file; lorafuse plans from shard headers and needs range requests, as the "
+                                        "Hub answers them: check HF_ENDPOINT")
+                return response.read(), response.headers.get("Content-Range", "")
 
-        response = call_hub(get, self.repo_id, self.commit, "base model")
-        data = response.content
-        if response.status_code == 200:  # no range support: the whole (small) file
-            return data[start:end + 1], len(data)
-        total = response.headers.get("Content-Range", "").rpartition("/")[2]
+        data, content_range = call_hub(get, self.repo_id, self.commit, "base model")
+        total = content_range.rpartition("/")[2]
         if not total.isdigit():
             raise LorafuseError(f"the Hub answered a range request for {self.filename} without the file's size; "
                                 "check HF_ENDPOINT")
@@ -105,7 +109,7 @@ class Downloads:
     def __init__(self, needs: list[list[RemoteFile]], hold: int | None = None,
                  before_delete: Callable[[RemoteFile], None] | None = None) -> None:
         self.runs = _runs(needs, self.GAP)
-        self.hold = hold
+        self.hold = None if hold is None else max(hold, min_hold(needs))  # fewer would wait for ever
         self._before_delete = before_delete
         self._run_of: dict[tuple[int, int], int] = {}  # (job, file id) -> run index
         for r, (file, jobs) in enumerate(self.runs):
@@ -150,6 +154,13 @@ class Downloads:
                 self._held -= 1
                 self._released[r] = True
                 self._cond.notify_all()
+
+    def abort(self, error: BaseException) -> None:
+        """A job failed: jobs waiting for files get `error` too, and nothing more is fetched."""
+        with self._cond:
+            self._error = self._error or error
+            self._stop = True
+            self._cond.notify_all()
 
     def close(self) -> None:
         """Stop fetching. After a failure or Ctrl-C a download in flight is not waited for: huggingface_hub
