@@ -62,7 +62,7 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--json", action="store_true", help="print the report as JSON")
     m.set_defaults(run=_merge)
 
-    p = commands.add_parser("plan", help="dry run: what a merge would do and cost; nothing is written",
+    p = commands.add_parser("plan", help="dry run: what a merge would do and cost; no base shard is downloaded, nothing is written to OUT",
                             usage="lorafuse plan [options] [BASE] ADAPTER [OUT]")
     _inputs(p, "[BASE] ADAPTER [OUT]", {3: ("base", "adapter", "out"), 2: ("base", "adapter"), 1: ("adapter",)})
     p.add_argument("--verbose", "-v", action="store_true", help="list every changed tensor")
