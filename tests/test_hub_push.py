@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from conftest import make_adapter
-from hub_server import HubServer
+from hub_server import HubServer, use_in_process
 from lorafuse.errors import LorafuseError
 from lorafuse.publish import HubPublisher
 
@@ -56,16 +56,9 @@ def sha(data: bytes) -> str:
 
 @pytest.fixture
 def hub(monkeypatch, tmp_path):
-    from huggingface_hub import constants
-
     with HubServer([], token=TOKEN, max_seconds=120) as server:
         monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
-        monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
-        monkeypatch.setattr(constants, "ENDPOINT", server.url)
-        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", server.url + "/{repo_id}/resolve/{revision}/{filename}")
-        monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
-        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # the test session runs offline
-        monkeypatch.setattr(constants, "HF_HUB_DISABLE_PROGRESS_BARS", True)
+        use_in_process(server, monkeypatch)
         yield server
 
 

@@ -24,7 +24,7 @@ from peft import LoraConfig
 
 import lorafuse
 from conftest import make_adapter, read_tensors, same_bytes
-from hub_server import HubRepo, HubServer
+from hub_server import HubRepo, HubServer, use_in_process
 from test_hub_sources import loaded_as, save_tokenizer
 
 TOKEN = "hf_lorafuse_test_token"
@@ -66,14 +66,9 @@ def hub(folders, nf4, monkeypatch, tmp_path):
     adapter.commit(folders["adapter"])
     nf4_repo.commit(nf4["base"])
     with HubServer([many, adapter, nf4_repo], token=TOKEN, max_seconds=120) as server:
-        monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+        use_in_process(server, monkeypatch)
         monkeypatch.setenv("HF_TOKEN", TOKEN)
         monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-home" / "hub"))
-        monkeypatch.setattr(constants, "ENDPOINT", server.url)
-        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", server.url + "/{repo_id}/resolve/{revision}/{filename}")
-        monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
-        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # the test session runs offline
-        monkeypatch.setattr(constants, "HF_HUB_DISABLE_PROGRESS_BARS", True)
         yield server
 
 

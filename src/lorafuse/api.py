@@ -129,24 +129,25 @@ def merge(base: str | os.PathLike | None, adapter: str | os.PathLike, out: str |
 
 
 def _check_disk(plan: Plan, out: Path, done: int, low_disk: bool, pushing: bool) -> int | None:
-    """Refuse a merge the disks cannot hold (`done`: bytes of it already there), saying what would fit; return how many downloaded base shards
-    a --low-disk merge keeps at once (one more than it must when the disk has room: the next downloads
-    while the current one is merged)."""
+    """Refuse a merge the disks cannot hold (`done`: bytes of it already there), saying what would fit.
+    Returns how many downloaded base shards a --low-disk merge keeps at once: one more than it must when
+    the disk has room, so that the next downloads while the current one is merged."""
     out_need, cache_need = plan.disk_needs(low_disk, pushing)
     out_need = max(out_need - done, 0) + DISK_MARGIN
     free = plan.disk_free
-    hint, what = "", "the output needs"
-    if not low_disk and plan.disk_needs(True, pushing)[0] + DISK_MARGIN <= free:
-        hint = f", or pass --low-disk (needs {human_size(plan.disk_needs(True, pushing)[0])})"
+    low_disk_need = plan.disk_needs(True, pushing)[0]
+    hint = f", or pass --low-disk (needs {human_size(low_disk_need)})" \
+        if not low_disk and low_disk_need + DISK_MARGIN <= free else ""
+    what = "the output needs"
     if cache_need:
         cache = existing_ancestor(Path(_hf_cache()))
         if os.stat(cache).st_dev == os.stat(existing_ancestor(out.absolute())).st_dev:
             out_need += cache_need
             what = "the output and the downloads need"
-        elif shutil.disk_usage(cache).free < cache_need + DISK_MARGIN:
+        elif (cache_free := shutil.disk_usage(cache).free) < cache_need + DISK_MARGIN:
             raise LorafuseError(f"downloading the base needs {human_size(cache_need)} in the Hugging Face cache {cache} but "
-                                f"only {human_size(shutil.disk_usage(cache).free)} is free there; free space, point "
-                                f"HF_HUB_CACHE at another disk{hint}")
+                                f"only {human_size(cache_free)} is free there; free space, point HF_HUB_CACHE at "
+                                f"another disk{hint}")
     if free < out_need:
         raise LorafuseError(f"{what} {human_size(out_need - DISK_MARGIN)} more but only {human_size(free)} is free "
                             f"on the disk holding {out.absolute().parent}; free space{hint}")

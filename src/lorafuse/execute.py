@@ -178,7 +178,8 @@ def write_shards(plan: Plan, folder: Path, device: str, ledger: Ledger,
                 raise
             target = _OpenShard(shard, fd, len(shard.tensors), _RunningHash(path, shard.size, len(shard.header)))
             open_shards[shard.filename] = target
-            unfinished.add(shard.filename)
+            with handed_over:
+                unfinished.add(shard.filename)
             for slots, tensor in zip(shard.slots, shard.tensors):
                 if compute is None and not tensor.is_copy:  # waits for torch; the copies before went on meanwhile
                     compute = importlib.import_module(".compute", __package__)

@@ -34,8 +34,14 @@ class RemoteFile:
     def read_header(self) -> Header:
         """The file's header, validated like a local one, from one or two range requests."""
         self._prefix, self.size = self._get(0, PREFIX_BYTES - 1)
-        header = parse_header(self.path, self.size, self.read, remote=self)
-        self._header_bytes = self.read(0, header.data_start)
+        parts = []  # the length, then the JSON: kept to check the download against
+
+        def read(offset: int, n: int) -> bytes:
+            parts.append(self.read(offset, n))
+            return parts[-1]
+
+        header = parse_header(self.path, self.size, read, remote=self)
+        self._header_bytes = b"".join(parts)
         return header
 
     def read(self, offset: int, n: int) -> bytes:
