@@ -380,17 +380,17 @@ def test_a_failed_job_wakes_the_jobs_waiting_for_downloads(tmp_path):
 def test_a_failing_tensor_stops_a_low_disk_merge(hub, folders, tmp_path, monkeypatch):
     """An error part way (here: a tensor that cannot be computed) ends a --low-disk merge with that error,
     however the other worker and the downloads stand; nothing is left but what a resume can use."""
-    from lorafuse import compute
+    from lorafuse.compute import rows
     from lorafuse.errors import LorafuseError
 
-    real = compute.output_bytes
+    real = rows.Producer.output_bytes
 
-    def output_bytes(tensor, *args):
+    def output_bytes(self, tensor, *args):
         if tensor.name.endswith("layers.1.self_attn.v_proj.weight"):
             raise LorafuseError(f"merging {tensor.name} gives NaN or Inf values")
-        return real(tensor, *args)
+        return real(self, tensor, *args)
 
-    monkeypatch.setattr(compute, "output_bytes", output_bytes)
+    monkeypatch.setattr(rows.Producer, "output_bytes", output_bytes)
     result = []
 
     def run():

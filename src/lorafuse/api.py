@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
+from .compute import needs_torch
 from .errors import LorafuseError
 from .execute import disk_error, write_shards
 from .manifest import Ledger, fingerprint, write_manifest
@@ -71,13 +72,14 @@ def merge(base: str | os.PathLike | None, adapter: str | os.PathLike, out: str |
     deletes each output shard once uploaded too (OUT then holds all but the shards).
     """
     started = time.perf_counter()
-    _load_torch_in_background()
     out = Path(out)
     check_target(out, force)
     with exclusive(out):  # a second merge into OUT would wipe this one's staging folder
         staging = staging_folder(out)
         the_plan = make_plan(base, adapter, out, dtype=dtype, max_shard_size=max_shard_size, save_method=save_method,
                              scratch=staging / DOWNLOADS if low_disk else None)
+        if device != "cpu" or any(not t.is_copy and needs_torch(t, device) for t in the_plan.tensors):
+            _load_torch_in_background()
         torch_device = _device(device)
         settings = _settings(the_plan, device)
         print_ = fingerprint(the_plan, settings)
@@ -196,7 +198,8 @@ def _settings(plan: Plan, device: str) -> dict:
 def _load_torch_in_background() -> None:
     """Import torch (1.3-1.8 s, mostly holding the GIL) on a thread of its own, so that what releases the
     GIL meanwhile (copying untouched tensors, hashing them, the adapter's fingerprint) overlaps it. The
-    first tensor that needs torch waits for the import. The cyclic garbage collector stays off during the
+    first tensor that needs torch waits for the import (a merge that needs no torch never starts it: the
+    import would hold the GIL the numpy path needs). The cyclic garbage collector stays off during the
     import and then leaves what exists alone (gc.freeze): it would rescan torch's hundred thousand new
     objects again and again (0.2-0.3 s in all)."""
     if "torch" in sys.modules:

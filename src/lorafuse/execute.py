@@ -1,7 +1,7 @@
 """Carry out a plan: read, patch in fp32, cast and write each tensor at its planned offset.
 
 Every output offset is known from the plan, so tensors are written with positioned writes in any
-order by a small pool of threads (file I/O and torch kernels release the GIL): reading one tensor
+order by a small pool of threads (file I/O, numpy and torch kernels release the GIL): reading one tensor
 overlaps computing and writing another, and at most PIPELINE_DEPTH tensors are in memory at once,
 each in buffers its thread reuses. Untouched tensors are copied file to file inside the kernel
 (copy_file_range), never decoded. Written ranges are handed to the disk at once (sync_file_range),
@@ -14,7 +14,6 @@ import contextlib
 import ctypes
 import errno
 import hashlib
-import importlib
 import os
 import threading
 from collections import deque
@@ -23,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
+from . import compute
 from .errors import LorafuseError
 from .formats.safetensors import TensorSlot
 from .manifest import HASH_CHUNK, Ledger
@@ -90,7 +90,7 @@ def write_shards(plan: Plan, folder: Path, device: str, ledger: Ledger,
     finished = {s.filename for s in plan.shards if ledger.finished(s.filename, s.size)}
     needs = [t.downloads for s in plan.shards if s.filename not in finished for t in s.tensors]
     downloads = Downloads(needs, hold, before_delete=lambda f: sources.close_file(f.path)) if any(needs) else None
-    compute = buffers = None  # the torch side, loaded when the first tensor that needs it comes up
+    producers = {}  # needs torch -> the path's Producer, made when the first tensor that takes it comes up
     torch_threads = contextlib.ExitStack()
     handed_over = threading.Condition()  # a shard finished and passed to on_shard_done
     unfinished: set[str] = set()  # shards opened and not handed over yet
@@ -123,7 +123,7 @@ def write_shards(plan: Plan, folder: Path, device: str, ledger: Ledger,
             kind = "tensors_copied"
         else:
             source_fd = None if isinstance(tensor.source, QuantizedTensor) else sources.fd(tensor.source.path)
-            pieces = compute.output_bytes(tensor, slots, source_fd, buffers, device)
+            pieces = producers[compute.needs_torch(tensor, device)].output_bytes(tensor, slots, source_fd)
             with target.writing:
                 for slot, piece in zip(slots, pieces, strict=True):
                     _write_bytes(fd, piece, slot.offset)
@@ -152,7 +152,6 @@ def write_shards(plan: Plan, folder: Path, device: str, ledger: Ledger,
 
     def jobs():
         """Shard by shard, each opened only when the pipeline reaches it."""
-        nonlocal compute, buffers
         index = 0
         for shard in plan.shards:
             if shard.filename in finished:
@@ -181,10 +180,11 @@ def write_shards(plan: Plan, folder: Path, device: str, ledger: Ledger,
             with handed_over:
                 unfinished.add(shard.filename)
             for slots, tensor in zip(shard.slots, shard.tensors):
-                if compute is None and not tensor.is_copy:  # waits for torch; the copies before went on meanwhile
-                    compute = importlib.import_module(".compute", __package__)
-                    buffers = compute.Buffers()
-                    torch_threads.enter_context(compute.intra_op_threads(max(1, (os.cpu_count() or 1) // PIPELINE_DEPTH)))
+                torch_needed = not tensor.is_copy and compute.needs_torch(tensor, device)
+                if not tensor.is_copy and torch_needed not in producers:  # torch's waits for the import
+                    producers[torch_needed] = compute.producer(torch_needed, device)
+                    if torch_needed:
+                        torch_threads.enter_context(producers[True].intra_op_threads(max(1, (os.cpu_count() or 1) // PIPELINE_DEPTH)))
                 yield target, slots, tensor, index
                 index += 1
 

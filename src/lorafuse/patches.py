@@ -4,17 +4,26 @@ Each patch changes one base tensor. `out_shape` checks it against the base tenso
 data is read; `apply` changes an fp32 tensor in place (or returns a new one when the shape changes).
 Deltas are computed in fp32 and added to the fp32 base value, then the result is rounded once to the
 output dtype: at least as close to the exact result as PEFT's merge, which rounds the delta first.
+
+Patches that change each row of W independently of the others (`rowwise`) also have `row_update`: the
+same arithmetic in numpy on a block of rows, for the path that needs no torch (compute/rows.py). The
+weight is then seen as a matrix, rows × the rest (a vector is one row).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from .errors import LorafuseError
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
+
+    # update(block, first_row, scratch): change W's rows [first_row, first_row + len(block)), held in
+    # `block` (fp32, in place); `scratch` is fp32 of the block's shape, free to use
+    RowUpdate = Callable[[np.ndarray, int, np.ndarray], None]
 
 
 def _load(ref, like: torch.Tensor) -> torch.Tensor:
@@ -36,6 +45,7 @@ class Replace:
     source: object
     origin: str
     label = "replace"
+    rowwise = True  # the numpy path reads the replacing tensor instead of the base
 
     @property
     def refs(self) -> tuple:
@@ -78,6 +88,10 @@ class LoRA:
     @property
     def label(self) -> str:
         return "dora" if self.magnitude is not None else "lora"
+
+    @property
+    def rowwise(self) -> bool:
+        return self.magnitude is None  # DoRA's norm mixes rows
 
     @property
     def refs(self) -> tuple:
@@ -140,6 +154,25 @@ class LoRA:
                 w.mul_((m / torch.linalg.vector_norm(w, dim=1)).view(-1, 1))
         return w
 
+    def row_update(self, shape: tuple[int, ...]) -> RowUpdate:
+        """W[rows] += (s·B)[rows] @ A, or (s·Aᵀ)[rows] @ Bᵀ when W is stored input-major."""
+        import numpy as np
+
+        from .compute.rows import fp32
+
+        A, B = fp32(self.A), fp32(self.B)
+        A, B = A.reshape(A.shape[0], -1), B.reshape(B.shape[0], -1)  # a convolution's kernel joins its inputs
+        if self.transposed(shape):
+            left, right = np.ascontiguousarray(A.T), np.ascontiguousarray(B.T)
+        else:
+            left, right = B, A
+        left *= np.float32(self.scale)
+
+        def update(block: np.ndarray, start: int, scratch: np.ndarray) -> None:
+            np.matmul(left[start:start + len(block)], right, out=scratch)
+            block += scratch
+        return update
+
 
 @dataclass(frozen=True)
 class AddBias:
@@ -149,6 +182,7 @@ class AddBias:
     scale: float
     origin: str
     label = "lora_bias"
+    rowwise = True
 
     @property
     def refs(self) -> tuple:
@@ -166,6 +200,17 @@ class AddBias:
     def apply(self, w: torch.Tensor) -> torch.Tensor:
         return w.add_(_load(self.bias, w), alpha=self.scale)
 
+    def row_update(self, shape: tuple[int, ...]) -> RowUpdate:
+        import numpy as np
+
+        from .compute.rows import fp32
+
+        delta = fp32(self.bias).reshape(1, -1) * np.float32(self.scale)  # a vector: one row
+
+        def update(block: np.ndarray, start: int, scratch: np.ndarray) -> None:
+            block += delta
+        return update
+
 
 @dataclass(frozen=True)
 class ReplaceRows:
@@ -175,6 +220,7 @@ class ReplaceRows:
     indices: tuple[int, ...]
     origin: str
     label = "rows"
+    rowwise = True
 
     @property
     def refs(self) -> tuple:
@@ -198,6 +244,19 @@ class ReplaceRows:
 
         index = torch.tensor(self.indices, device=w.device)
         return w.index_copy_(0, index, _load(self.rows, w))
+
+    def row_update(self, shape: tuple[int, ...]) -> RowUpdate:
+        import numpy as np
+
+        from .compute.rows import fp32
+
+        rows = fp32(self.rows).reshape(len(self.indices), -1)
+        index = np.asarray(self.indices)
+
+        def update(block: np.ndarray, start: int, scratch: np.ndarray) -> None:
+            inside = (index >= start) & (index < start + len(block))
+            block[index[inside] - start] = rows[inside]
+        return update
 
 
 Patch = Replace | LoRA | AddBias | ReplaceRows

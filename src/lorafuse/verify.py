@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from .errors import LorafuseError
-from .compute import all_finite
+from .compute.tensors import all_finite
 from .formats.safetensors import FLOAT_DTYPES, read_header, torch_dtype
 from .manifest import MANIFEST, sha256_file
 from .plan import make_plan

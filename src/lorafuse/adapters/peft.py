@@ -64,6 +64,13 @@ class MemoryRef:
     def read(self) -> torch.Tensor:
         return self.tensor
 
+    def read_into(self, buf: bytearray | memoryview) -> bytearray | memoryview:
+        import torch  # loaded already: the pickle needed it
+
+        if self.nbytes:
+            memoryview(buf)[:] = self.tensor.contiguous().view(-1).view(torch.uint8).numpy()
+        return buf
+
 
 @dataclass
 class Adapter:

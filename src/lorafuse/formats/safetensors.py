@@ -83,15 +83,18 @@ class TensorRef:
         return math.prod(self.shape)
 
     def read(self) -> torch.Tensor:
-        """Read the tensor with positioned reads; the result owns its memory. Planning reads a few small
-        tensors (quant states) of files not downloaded yet: those come by an HTTP range request."""
+        """Read the tensor with positioned reads; the result owns its memory."""
+        return bytes_to_tensor(self.read_into(bytearray(self.nbytes)), self.dtype, self.shape)
+
+    def read_into(self, buf: bytearray | memoryview) -> bytearray | memoryview:
+        """Fill `buf` (nbytes long) with the tensor's bytes. Planning reads a few small tensors (quant states)
+        of files not downloaded yet: those come by an HTTP range request."""
         if self.remote is not None and not self.path.is_file():
-            buf = bytearray(self.remote.read(self.offset, self.nbytes))
+            memoryview(buf)[:] = self.remote.read(self.offset, self.nbytes)
         else:
-            buf = bytearray(self.nbytes)
             with open(self.path, "rb", buffering=0) as f:
                 read_exact(f.fileno(), memoryview(buf), self.offset, self.path)
-        return bytes_to_tensor(buf, self.dtype, self.shape)
+        return buf
 
 
 def read_exact(fd: int, buf: memoryview, offset: int, path: Path) -> None:

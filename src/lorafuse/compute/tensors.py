@@ -1,7 +1,6 @@
-"""One output tensor that is not a raw copy: read, dequantize or cast, patch in fp32, round once.
-
-Everything that needs torch lives here, so that the executor can plan, copy untouched tensors and hash
-while torch is still loading (a merge from the command line starts that import on a thread of its own).
+"""The torch path: dequantize or cast, patch in fp32 (DoRA too), round once, or quantize to 4 bits; on the
+CPU or a GPU. A merge that needs it starts importing torch on a thread of its own once planned, and
+copies untouched tensors (and hashes them) meanwhile.
 """
 
 from __future__ import annotations
@@ -12,10 +11,10 @@ import threading
 
 import torch
 
-from .errors import LorafuseError
-from .formats.safetensors import TensorSlot, dtype_size, read_exact, torch_dtype
-from .plan import TensorPlan
-from .quant import QuantizedTensor
+from ..formats.safetensors import TensorSlot, dtype_size, read_exact, torch_dtype
+from ..plan import TensorPlan
+from ..quant import QuantizedTensor
+from . import not_finite, overflows
 
 
 class Buffers(threading.local):
@@ -35,30 +34,36 @@ class Buffers(threading.local):
         return buf[:nbytes]
 
 
-def output_bytes(tensor: TensorPlan, slots: tuple[TensorSlot, ...], source_fd: int, buffers: Buffers,
-                 device: str) -> list[memoryview]:
-    """The bytes of each of the tensor's slots (one, or a 4-bit weight's parts), in the thread's buffers."""
-    if isinstance(tensor.source, QuantizedTensor):
-        value = tensor.source.dequantize()
-    else:
-        raw = buffers.get("in", tensor.source.nbytes)
-        read_exact(source_fd, memoryview(raw.numpy()), tensor.source.offset, tensor.source.path)
-        value = raw.view(torch_dtype(tensor.source.dtype)).view(tensor.source.shape)
-    out = _produce(tensor, value, buffers, torch.device(device))
-    pieces = _nf4_pieces(tensor, out, slots) if tensor.to_nf4 else [out]
-    return [memoryview(piece.reshape(-1).view(torch.uint8).numpy()) for piece in pieces]
+class Producer:
+    """Produces tensors on `device`, each worker thread in buffers of its own."""
 
+    def __init__(self, device: str) -> None:
+        self.device = torch.device(device)
+        self.buffers = Buffers()
 
-@contextlib.contextmanager
-def intra_op_threads(n: int):
-    """Give each pipeline thread its share of the cores: more torch threads than cores makes their
-    OpenMP teams spin against each other (measured: 2 workers x 2 threads on 2 cores is slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+    def output_bytes(self, tensor: TensorPlan, slots: tuple[TensorSlot, ...], source_fd: int | None) -> list[memoryview]:
+        """The bytes of each of the tensor's slots (one, or a 4-bit weight's parts), in the thread's buffers."""
+        if isinstance(tensor.source, QuantizedTensor):
+            value = tensor.source.dequantize()
+        else:
+            raw = self.buffers.get("in", tensor.source.nbytes)
+            read_exact(source_fd, memoryview(raw.numpy()), tensor.source.offset, tensor.source.path)
+            value = raw.view(torch_dtype(tensor.source.dtype)).view(tensor.source.shape)
+        out = _produce(tensor, value, self.buffers, self.device)
+        pieces = _nf4_pieces(tensor, out, slots) if tensor.to_nf4 else [out]
+        return [memoryview(piece.reshape(-1).view(torch.uint8).numpy()) for piece in pieces]
+
+    @staticmethod
+    @contextlib.contextmanager
+    def intra_op_threads(n: int):
+        """Give each pipeline thread its share of the cores: more torch threads than cores makes their
+        OpenMP teams spin against each other (measured: 2 workers x 2 threads on 2 cores is slower)."""
+        before = torch.get_num_threads()
+        torch.set_num_threads(n)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(before)
 
 
 def _produce(tensor: TensorPlan, source: torch.Tensor, buffers: Buffers, device: torch.device) -> torch.Tensor:
@@ -73,8 +78,7 @@ def _produce(tensor: TensorPlan, source: torch.Tensor, buffers: Buffers, device:
         for patch in tensor.patches:
             value = patch.apply(value)
         if not all_finite(value):
-            origins = ", ".join(o for p in tensor.patches for o in p.origins)
-            raise LorafuseError(f"merging {tensor.name} gives NaN or Inf values; the adapter tensors ({origins}) are broken")
+            raise not_finite(tensor)
     if value.dtype == out_dtype and value.device.type == "cpu":
         out = value
     else:
@@ -84,13 +88,13 @@ def _produce(tensor: TensorPlan, source: torch.Tensor, buffers: Buffers, device:
         nbytes = value.numel() * dtype_size(tensor.dtype)
         out = buffers.get(role, nbytes).view(out_dtype).view(value.shape).copy_(value)
     if out_dtype == torch.float16 and not all_finite(out) and all_finite(value):
-        raise LorafuseError(f"{tensor.name} overflows {tensor.dtype} (values up to {value.abs().max().item():.3g}); use --dtype bf16 or fp32")
+        raise overflows(tensor, value.abs().max().item())
     return out
 
 
 def _nf4_pieces(tensor: TensorPlan, value: torch.Tensor, slots: tuple[TensorSlot, ...]) -> list[torch.Tensor]:
     """The merged 16-bit weight quantized as bitsandbytes does, in the order of its planned slots."""
-    from .quant import bnb
+    from ..quant import bnb
 
     parts = bnb.quantize_4bit(value)
     pieces = [parts[slot.name[len(tensor.name):]] for slot in slots]

@@ -1,0 +1,118 @@
+"""The numpy path: a plain LoRA, a bias update, replaced rows or a cast of a 16/32-bit float tensor, on the CPU.
+
+The tensor is seen as a matrix (rows × the rest) and done one block of rows at a time, in fp32 buffers
+that stay in the CPU's cache: widen to fp32, apply the patches (each changes rows independently: see
+patches.py), check for NaN and Inf, round once to the output dtype. Rounding is to nearest, ties to even,
+as torch rounds; a merge made of these tensors needs no torch at all.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+
+import numpy as np
+
+from ..formats.safetensors import TensorRef, TensorSlot, dtype_size, read_exact
+from ..patches import Replace
+from ..plan import TensorPlan
+from . import BLOCK_VALUES, not_finite, overflows
+
+STORED = {"BF16": np.uint16, "F16": np.float16, "F32": np.float32}  # the numpy type that holds the bytes
+BF16_NAN = 0x7FC0  # the quiet NaN (torch writes this or 0xFFFF, depending on the kernel)
+
+
+class Producer:
+    """Produces tensors in numpy, each worker thread in buffers of its own, grown to the largest tensor."""
+
+    def __init__(self, device: str) -> None:
+        self._local = threading.local()
+
+    def _buffer(self, role: str, nbytes: int) -> np.ndarray:
+        pool = self._local.__dict__.setdefault("pool", {})
+        buf = pool.get(role)
+        if buf is None or buf.nbytes < nbytes:
+            pool[role] = buf = np.empty(nbytes, dtype=np.uint8)
+        return buf[:nbytes]
+
+    def output_bytes(self, tensor: TensorPlan, slots: tuple[TensorSlot, ...], source_fd: int) -> list[memoryview]:
+        source, patches = tensor.source, tensor.patches
+        for i, patch in enumerate(tensor.patches):  # a replacing tensor is read instead; only later patches apply
+            if isinstance(patch, Replace):
+                source, patches = patch.source, tensor.patches[i + 1:]
+        raw = self._buffer("in", source.nbytes)
+        if source is tensor.source:
+            read_exact(source_fd, memoryview(raw), source.offset, source.path)
+        else:
+            source.read_into(memoryview(raw))
+        rows, cols = matrix_shape(tensor.shape)
+        src = raw.view(STORED[source.dtype]).reshape(rows, cols)
+        # The result overwrites rows already read when it is no wider than the source: one tensor buffer.
+        nbytes = rows * cols * dtype_size(tensor.dtype)
+        out_raw = raw[:nbytes] if dtype_size(tensor.dtype) <= dtype_size(source.dtype) else self._buffer("out", nbytes)
+        out = out_raw.view(STORED[tensor.dtype]).reshape(rows, cols)
+        updates = [patch.row_update(tensor.shape) for patch in patches]
+        step = max(1, BLOCK_VALUES // max(1, cols))
+        block = self._buffer("block", step * cols * 4).view(np.float32)
+        scratch = self._buffer("scratch", step * cols * 4).view(np.float32)
+        with np.errstate(over="ignore", invalid="ignore"):  # NaN, Inf and overflow are checked for below
+            for start in range(0, rows, step):
+                n = min(rows - start, step) * cols
+                self._block(tensor, source.dtype, src[start:start + step], start, updates,
+                            block[:n].reshape(-1, cols), scratch[:n].reshape(-1, cols), out[start:start + step])
+        return [memoryview(out_raw)]
+
+    @staticmethod
+    def _block(tensor: TensorPlan, source_dtype: str, stored: np.ndarray, start: int, updates: list,
+               block: np.ndarray, scratch: np.ndarray, out: np.ndarray) -> None:
+        """Rows [start, start + len(block)): widen, patch, check, round."""
+        widen(stored, source_dtype, block)
+        for update in updates:
+            update(block, start, scratch)
+        finite = math.isfinite(float(block.sum())) or bool(np.isfinite(block).all())
+        if not finite and tensor.patches:
+            raise not_finite(tensor)
+        nan = np.isnan(block) if not finite and tensor.dtype == "BF16" else None
+        narrow(block, tensor.dtype, out, scratch.view(np.uint32))
+        if nan is not None:
+            out[nan] = BF16_NAN
+        if tensor.dtype == "F16" and finite and not np.isfinite(out).all():
+            raise overflows(tensor, float(np.abs(block).max()))
+
+
+def matrix_shape(shape: tuple[int, ...]) -> tuple[int, int]:
+    """A tensor as rows × the rest: a vector is one row, a convolution's kernel joins its inputs."""
+    if len(shape) < 2:
+        return 1, math.prod(shape)
+    return shape[0], math.prod(shape[1:])
+
+
+def widen(stored: np.ndarray, dtype: str, out: np.ndarray) -> None:
+    """fp32 values of stored BF16 / F16 / F32 values (exact: every such value is an fp32 value)."""
+    if dtype == "BF16":  # a bf16 is the top half of an fp32
+        np.left_shift(stored, 16, out=out.view(np.uint32), dtype=np.uint32)
+    else:
+        np.copyto(out, stored)
+
+
+def narrow(values: np.ndarray, dtype: str, out: np.ndarray, scratch: np.ndarray) -> None:
+    """Round fp32 `values` to nearest, ties to even, into `out` (stored BF16 / F16 / F32); `values` and
+    `scratch` (uint32, the same shape) are spoilt."""
+    if dtype != "BF16":
+        np.copyto(out, values, casting="same_kind")  # numpy rounds to fp16 to nearest even, as torch does
+        return
+    bits = values.view(np.uint32)  # add 0x7FFF plus the lowest kept bit, then drop the low half
+    np.right_shift(bits, 16, out=scratch)
+    scratch &= 1
+    scratch += 0x7FFF
+    bits += scratch
+    bits >>= 16
+    np.copyto(out, bits, casting="unsafe")
+
+
+def fp32(ref: TensorRef) -> np.ndarray:
+    """An adapter tensor read as fp32, in its own memory."""
+    stored = np.frombuffer(ref.read_into(bytearray(ref.nbytes)), dtype=STORED[ref.dtype]).reshape(ref.shape)
+    out = np.empty(ref.shape, dtype=np.float32)
+    widen(stored, ref.dtype, out)
+    return out

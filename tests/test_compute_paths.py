@@ -1,0 +1,128 @@
+"""The two compute paths: numpy for plain LoRA, biases, replaced rows and casts on the CPU, torch for the rest.
+
+The numpy path is what the PEFT oracle matrix (test_merge_vs_peft) now exercises for every plain variant;
+here it is held to torch's own rounding, bit for bit, and the torch path (still used for DoRA, quantized
+bases, 4-bit output and the GPU) is held to the numpy one on every plain variant of that matrix, so both
+stay tied to PEFT. Also: which path a merge takes, and that a plain merge never imports torch.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import lorafuse
+from lorafuse.compute import needs_torch, rows, tensors
+from conftest import read_tensors
+from test_merge_vs_peft import TENSOR_SLACK, VARIANTS, get_adapter
+
+MANTISSA_BITS = {"BF16": 7, "F16": 10, "F32": 23}
+TORCH_OF = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+
+
+def edge_values() -> np.ndarray:
+    """fp32 values where rounding is delicate, plus a million random finite bit patterns."""
+    rng = np.random.default_rng(0)
+    special = []
+    for exponent in (0, 1, 0x40, 0x7E, 0x7F, 0xFE):  # subnormals, small, around 1, the largest binade
+        for low in (0x0000, 0x0001, 0x7FFF, 0x8000, 0x8001, 0xFFFF):
+            for kept in (0x00, 0x01, 0x7E, 0x7F):  # the kept mantissa bits: even, odd, and carrying over
+                special.append((exponent << 23) | (kept << 16) | low)
+    special += [0x7F800000, 0x7F7FFFFF, 0x00000000]  # inf, the largest finite, zero
+    bits = np.array(special, dtype=np.uint32)
+    bits = np.concatenate([bits, bits | 0x80000000, rng.integers(0, 2**32, 1 << 20, dtype=np.uint32)])
+    values = bits.view(np.float32)
+    return values[~np.isnan(values)]
+
+
+@pytest.mark.parametrize("dtype", ["BF16", "F16"])
+def test_rounding_matches_torch_bit_for_bit(dtype):
+    """narrow() rounds fp32 to 16 bits as torch does: ties to even, overflow to inf, subnormals, -0."""
+    values = edge_values()
+    out = np.empty(values.shape, dtype=rows.STORED[dtype])
+    with np.errstate(over="ignore"):  # overflow to inf is one of the cases
+        rows.narrow(values.copy(), dtype, out, np.empty(values.shape, dtype=np.uint32))
+    want = torch.from_numpy(values).to(TORCH_OF[dtype]).view(torch.int16).numpy().view(np.uint16)
+    got = out.view(np.uint16)
+    assert np.array_equal(got, want), f"{np.count_nonzero(got != want)} of {values.size} values differ"
+
+
+def test_widening_is_exact():
+    stored = np.arange(1 << 16, dtype=np.uint16)  # every bf16 value
+    got = np.empty(stored.shape, dtype=np.float32)
+    rows.widen(stored, "BF16", got)
+    want = torch.from_numpy(stored.view(np.int16)).view(torch.bfloat16).float().numpy()
+    assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
+
+
+def test_a_cast_keeps_nan_and_inf(tiny_base, adapter_of, tmp_path):
+    """A base tensor holding NaN and Inf, cast fp32 -> bf16 by the numpy path: NaN stays NaN (torch itself
+    writes 0x7FC0 or 0xFFFF, depending on the kernel), and every other value gets torch's bytes."""
+    from safetensors.numpy import load_file, save_file
+
+    base = tmp_path / "base"
+    base.mkdir()
+    src = tiny_base("llama", "fp32")
+    for f in src.iterdir():
+        if f.suffix != ".safetensors":
+            (base / f.name).write_bytes(f.read_bytes())
+    weights = load_file(src / "model.safetensors")
+    name = "model.norm.weight"
+    poison = weights[name].copy()
+    poison[:4] = np.array([0x7FC00000, 0xFFA00001, 0x7F800000, 0xFF800000], dtype=np.uint32).view(np.float32)
+    save_file({**weights, name: poison}, base / "model.safetensors", metadata={"format": "pt"})
+    lorafuse.merge(base, adapter_of("lora-llama"), tmp_path / "out", dtype="bf16")
+    got = read_tensors(tmp_path / "out")[name]
+    want = torch.from_numpy(poison).to(torch.bfloat16)
+    assert got.dtype == torch.bfloat16 and torch.isnan(got[:2]).all()
+    assert torch.equal(got[2:].view(torch.int16), want[2:].view(torch.int16))
+
+
+@pytest.fixture
+def adapter_of(tiny_base, artefacts):
+    """variant id -> the adapter test_merge_vs_peft saves for that variant (built once per session)."""
+    return lambda variant_id: get_adapter(artefacts, tiny_base, next(v for v in VARIANTS if v.id == variant_id))
+
+
+def ulp(x: torch.Tensor, dtype: str) -> torch.Tensor:
+    """The spacing of `dtype` values at each |x| (x = m·2^e with 0.5 <= m < 1)."""
+    return torch.ldexp(torch.ones_like(x), torch.frexp(x).exponent - 1 - MANTISSA_BITS[dtype])
+
+
+def values(stored: bytes | memoryview, dtype: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(stored), dtype=TORCH_OF[dtype]).double()
+
+
+PLAIN = [v for v in VARIANTS if "dora" not in v.id]
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("variant", PLAIN, ids=[v.id for v in PLAIN])
+def test_numpy_and_torch_paths_agree(variant, dtype, tiny_base, adapter_of, one_torch_thread):
+    """Every tensor the numpy path produces, the torch path produces too, within one ulp of the output
+    dtype plus TENSOR_SLACK (2e-7 of the tensor's scale, the fp32 arithmetic's own error, which shows
+    where W + ΔW cancels), and for 16-bit files mostly identical: the paths differ only in how the fp32
+    sum is rounded (torch fuses it into addmm)."""
+    plan = lorafuse.plan(tiny_base(variant.model, dtype), adapter_of(variant.id))
+    produced = [t for t in plan.tensors if not t.is_copy]
+    assert produced and not any(needs_torch(t, "cpu") for t in produced)
+    numpy_path, torch_path = rows.Producer("cpu"), tensors.Producer("cpu")
+    differing = total = 0
+    for tensor in produced:
+        fd = os.open(tensor.source.path, os.O_RDONLY)
+        try:
+            a = values(numpy_path.output_bytes(tensor, (), fd)[0], tensor.dtype)
+            b = values(torch_path.output_bytes(tensor, (), fd)[0], tensor.dtype)
+        finally:
+            os.close(fd)
+        worst = ((a - b).abs() - ulp(a, tensor.dtype) - TENSOR_SLACK * a.abs().max()).max().item()
+        assert worst <= 0, f"{tensor.name}: the paths differ by more than an ulp"
+        differing += torch.count_nonzero(a != b).item()
+        total += a.numel()
+    if dtype == "bf16":
+        assert differing <= total / 100, f"{differing} of {total} values differ"
