@@ -22,6 +22,7 @@ from conftest import read_tensors
 from test_merge_vs_peft import TENSOR_SLACK, VARIANTS, get_adapter
 
 MANTISSA_BITS = {"BF16": 7, "F16": 10, "F32": 23}
+MIN_EXPONENT = {"BF16": -125, "F16": -13, "F32": -125}  # frexp's exponent of the smallest normal value
 TORCH_OF = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
 
 
@@ -52,17 +53,21 @@ def test_rounding_matches_torch_bit_for_bit(dtype):
     assert np.array_equal(got, want), f"{np.count_nonzero(got != want)} of {values.size} values differ"
 
 
-def test_widening_is_exact():
-    stored = np.arange(1 << 16, dtype=np.uint16)  # every bf16 value
+@pytest.mark.parametrize("dtype", ["BF16", "F16"])
+def test_widening_is_exact(dtype):
+    stored = np.arange(1 << 16, dtype=np.uint16).view(rows.STORED[dtype])  # every 16-bit value
     got = np.empty(stored.shape, dtype=np.float32)
-    rows.widen(stored, "BF16", got)
-    want = torch.from_numpy(stored.view(np.int16)).view(torch.bfloat16).float().numpy()
-    assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
+    rows.widen(stored, dtype, got)
+    want = torch.from_numpy(stored.view(np.int16)).view(TORCH_OF[dtype]).float().numpy()
+    finite = np.isfinite(want)
+    assert np.array_equal(got.view(np.uint32)[finite], want.view(np.uint32)[finite])
+    assert np.isnan(got[~finite & np.isnan(want)]).all()
 
 
-def test_a_cast_keeps_nan_and_inf(tiny_base, adapter_of, tmp_path):
+def test_a_cast_keeps_nan_and_inf_and_empty_tensors(tiny_base, adapter_of, tmp_path):
     """A base tensor holding NaN and Inf, cast fp32 -> bf16 by the numpy path: NaN stays NaN (torch itself
-    writes 0x7FC0 or 0xFFFF, depending on the kernel), and every other value gets torch's bytes."""
+    writes 0x7FC0 or 0xFFFF, depending on the kernel), and every other value gets torch's bytes. Empty
+    tensors are cast too."""
     from safetensors.numpy import load_file, save_file
 
     base = tmp_path / "base"
@@ -75,12 +80,15 @@ def test_a_cast_keeps_nan_and_inf(tiny_base, adapter_of, tmp_path):
     name = "model.norm.weight"
     poison = weights[name].copy()
     poison[:4] = np.array([0x7FC00000, 0xFFA00001, 0x7F800000, 0xFF800000], dtype=np.uint32).view(np.float32)
-    save_file({**weights, name: poison}, base / "model.safetensors", metadata={"format": "pt"})
+    empty = {"extra.empty": np.zeros((0,), np.float32), "extra.no_columns": np.zeros((5, 0), np.float32)}
+    save_file({**weights, name: poison, **empty}, base / "model.safetensors", metadata={"format": "pt"})
     lorafuse.merge(base, adapter_of("lora-llama"), tmp_path / "out", dtype="bf16")
-    got = read_tensors(tmp_path / "out")[name]
-    want = torch.from_numpy(poison).to(torch.bfloat16)
+    out = read_tensors(tmp_path / "out")
+    got, want = out[name], torch.from_numpy(poison).to(torch.bfloat16)
     assert got.dtype == torch.bfloat16 and torch.isnan(got[:2]).all()
     assert torch.equal(got[2:].view(torch.int16), want[2:].view(torch.int16))
+    assert {k: (tuple(out[k].shape), out[k].dtype) for k in empty} == \
+        {"extra.empty": ((0,), torch.bfloat16), "extra.no_columns": ((5, 0), torch.bfloat16)}
 
 
 @pytest.fixture
@@ -90,8 +98,11 @@ def adapter_of(tiny_base, artefacts):
 
 
 def ulp(x: torch.Tensor, dtype: str) -> torch.Tensor:
-    """The spacing of `dtype` values at each |x| (x = m·2^e with 0.5 <= m < 1)."""
-    return torch.ldexp(torch.ones_like(x), torch.frexp(x).exponent - 1 - MANTISSA_BITS[dtype])
+    """The spacing of `dtype` values at each |x| (x = m·2^e with 0.5 <= m < 1; subnormals and zero have
+    the spacing of the smallest normal binade)."""
+    exponent = torch.frexp(x).exponent.clamp(min=MIN_EXPONENT[dtype])
+    exponent[x == 0] = MIN_EXPONENT[dtype]
+    return torch.ldexp(torch.ones_like(x), exponent - 1 - MANTISSA_BITS[dtype])
 
 
 def values(stored: bytes | memoryview, dtype: str) -> torch.Tensor:
@@ -101,13 +112,18 @@ def values(stored: bytes | memoryview, dtype: str) -> torch.Tensor:
 PLAIN = [v for v in VARIANTS if "dora" not in v.id]
 
 
+@pytest.mark.parametrize("block_values", [None, 97], ids=["one-block", "many-blocks"])
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 @pytest.mark.parametrize("variant", PLAIN, ids=[v.id for v in PLAIN])
-def test_numpy_and_torch_paths_agree(variant, dtype, tiny_base, adapter_of, one_torch_thread):
+def test_numpy_and_torch_paths_agree(variant, dtype, block_values, tiny_base, adapter_of, one_torch_thread,
+                                     monkeypatch):
     """Every tensor the numpy path produces, the torch path produces too, within one ulp of the output
     dtype plus TENSOR_SLACK (2e-7 of the tensor's scale, the fp32 arithmetic's own error, which shows
     where W + ΔW cancels), and for 16-bit files mostly identical: the paths differ only in how the fp32
-    sum is rounded (torch fuses it into addmm)."""
+    sum is rounded (torch fuses it into addmm). The tiny models' tensors fit one block of rows; with
+    blocks of 97 values (one to three rows), each block starts at another row."""
+    if block_values:
+        monkeypatch.setattr(rows, "BLOCK_VALUES", block_values)
     plan = lorafuse.plan(tiny_base(variant.model, dtype), adapter_of(variant.id))
     produced = [t for t in plan.tensors if not t.is_copy]
     assert produced and not any(needs_torch(t, "cpu") for t in produced)
@@ -120,7 +136,8 @@ def test_numpy_and_torch_paths_agree(variant, dtype, tiny_base, adapter_of, one_
             b = values(torch_path.output_bytes(tensor, (), fd)[0], tensor.dtype)
         finally:
             os.close(fd)
-        worst = ((a - b).abs() - ulp(a, tensor.dtype) - TENSOR_SLACK * a.abs().max()).max().item()
+        worst = ((a - b).abs() - ulp(torch.maximum(a.abs(), b.abs()), tensor.dtype)
+                 - TENSOR_SLACK * a.abs().max()).max().item()
         assert worst <= 0, f"{tensor.name}: the paths differ by more than an ulp"
         differing += torch.count_nonzero(a != b).item()
         total += a.numel()

@@ -91,7 +91,7 @@ def write_shards(plan: Plan, folder: Path, device: str, ledger: Ledger,
     needs = [t.downloads for s in plan.shards if s.filename not in finished for t in s.tensors]
     downloads = Downloads(needs, hold, before_delete=lambda f: sources.close_file(f.path)) if any(needs) else None
     producers = {}  # needs torch -> the path's Producer, made when the first tensor that takes it comes up
-    torch_threads = contextlib.ExitStack()
+    thread_limits = contextlib.ExitStack()
     handed_over = threading.Condition()  # a shard finished and passed to on_shard_done
     unfinished: set[str] = set()  # shards opened and not handed over yet
     failed: list[BaseException] = []
@@ -183,13 +183,13 @@ def write_shards(plan: Plan, folder: Path, device: str, ledger: Ledger,
                 torch_needed = not tensor.is_copy and compute.needs_torch(tensor, device)
                 if not tensor.is_copy and torch_needed not in producers:  # torch's waits for the import
                     producers[torch_needed] = compute.producer(torch_needed, device)
-                    if torch_needed:
-                        torch_threads.enter_context(producers[True].intra_op_threads(max(1, (os.cpu_count() or 1) // PIPELINE_DEPTH)))
+                    thread_limits.enter_context(
+                        producers[torch_needed].intra_op_threads(max(1, (os.cpu_count() or 1) // PIPELINE_DEPTH)))
                 yield target, slots, tensor, index
                 index += 1
 
     try:
-        with torch_threads:
+        with thread_limits:
             _run_bounded(job, jobs(), on_failure=stop)
     except OSError as e:
         raise disk_error(e, folder) from None

@@ -12,6 +12,7 @@ weight is then seen as a matrix, rows × the rest (a vector is one row).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
@@ -250,8 +251,8 @@ class ReplaceRows:
 
         from .compute.rows import fp32
 
-        rows = fp32(self.rows).reshape(len(self.indices), -1)
-        index = np.asarray(self.indices)
+        rows = fp32(self.rows).reshape(len(self.indices), math.prod(shape[1:]))
+        index = np.asarray(self.indices, dtype=np.intp)
 
         def update(block: np.ndarray, start: int, scratch: np.ndarray) -> None:
             inside = (index >= start) & (index < start + len(block))

@@ -17,7 +17,7 @@ from pathlib import Path
 from huggingface_hub import split_state_dict_into_shards_factory
 
 from .adapters.peft import Adapter, open_adapter, patches_by_tensor
-from .compute import BLOCK_VALUES, needs_torch
+from .compute import BLOCK_VALUES, matrix_shape, needs_torch
 from .errors import LorafuseError
 from .formats.safetensors import FLOAT_DTYPES, TensorSlot, dtype_size, layout, torch_dtype
 from .patches import LoRA, Patch, Replace, ReplaceRows
@@ -92,19 +92,23 @@ class TensorPlan:
 
     @property
     def work_bytes(self) -> int:
-        """Memory to produce this tensor on the CPU. The numpy path: the source bytes, which the result
-        overwrites unless wider, adapter tensors in fp32 (twice, when transposed) and two blocks of rows.
-        The torch path: the source bytes, the fp32 value, the cast result, adapter tensors in fp32."""
+        """Memory to produce this tensor on the CPU. The numpy path: the bytes it reads (the base tensor or
+        a replacing one), which the result overwrites unless wider, the adapter's factors in fp32 (twice,
+        when transposed) and two blocks of rows. The torch path: the source bytes, the fp32 value, the cast
+        result, adapter tensors in fp32."""
         if self.is_copy:
             return 0
-        numel = max(math.prod(self.shape), self.source.numel)
-        adapter = 4 * sum(math.prod(r.shape) for p in self.patches for r in p.refs)
-        source = max([self.source.nbytes] + [p.source.nbytes for p in self.patches if isinstance(p, Replace)])
         if not needs_torch(self, "cpu"):
-            wider = math.prod(self.shape) * dtype_size(self.dtype) if dtype_size(self.dtype) > dtype_size(self.source.dtype) else 0
-            return source + wider + 2 * adapter + 2 * 4 * BLOCK_VALUES
+            replaced = [p.source for p in self.patches if isinstance(p, Replace)]
+            read = replaced[-1] if replaced else self.source
+            factors = 4 * sum(math.prod(r.shape) for p in self.patches if not isinstance(p, Replace) for r in p.refs)
+            wider = dtype_size(self.dtype) > dtype_size(read.dtype)
+            out = math.prod(self.shape) * dtype_size(self.dtype) if wider else 0
+            return read.nbytes + out + 2 * factors + 2 * 4 * max(BLOCK_VALUES, matrix_shape(self.shape)[1])
+        numel = max(math.prod(self.shape), self.source.numel)
+        adapter = sum(math.prod(r.shape) for p in self.patches for r in p.refs)
         quantizing = numel * 8 if self.to_nf4 else 0
-        return source + numel * (4 + dtype_size(self.dtype)) + adapter + quantizing
+        return self.source.nbytes + numel * (4 + dtype_size(self.dtype)) + 4 * adapter + quantizing
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ This module imports neither numpy nor torch: planning asks it which path is need
 from __future__ import annotations
 
 import importlib
+import math
 
 from ..errors import LorafuseError
 from ..quant import QuantizedTensor
@@ -29,6 +30,14 @@ def needs_torch(tensor, device: str) -> bool:
     refs = [tensor.source] + [ref for patch in tensor.patches for ref in patch.refs]
     return tensor.dtype not in ROW_DTYPES or any(ref.dtype not in ROW_DTYPES for ref in refs) \
         or not all(patch.rowwise for patch in tensor.patches)
+
+
+def matrix_shape(shape: tuple[int, ...]) -> tuple[int, int]:
+    """A tensor as the numpy path sees it, rows × the rest: a vector is one row, a convolution's kernel
+    joins its inputs."""
+    if len(shape) < 2:
+        return 1, math.prod(shape)
+    return shape[0], math.prod(shape[1:])
 
 
 def producer(torch_needed: bool, device: str):
