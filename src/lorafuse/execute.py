@@ -123,10 +123,11 @@ def write_shards(plan: Plan, folder: Path, device: str, ledger: Ledger,
             kind = "tensors_copied"
         else:
             source_fd = None if isinstance(tensor.source, QuantizedTensor) else sources.fd(tensor.source.path)
-            pieces = producers[compute.needs_torch(tensor, device)].output_bytes(tensor, slots, source_fd)
-            with target.writing:
-                for slot, piece in zip(slots, pieces, strict=True):
-                    _write_bytes(fd, piece, slot.offset)
+
+            def write(slot: int, offset: int, data: memoryview) -> None:
+                with target.writing:
+                    _write_bytes(fd, data, slots[slot].offset + offset)
+            pieces = producers[compute.needs_torch(tensor, device)].output_bytes(tensor, slots, source_fd, write)
             kind = "tensors_merged" if tensor.patches else "tensors_cast"
         written = sum(slot.nbytes for slot in slots)
         _start_writeback(fd, slots[0].offset, written)

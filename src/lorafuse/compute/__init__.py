@@ -13,10 +13,15 @@ from __future__ import annotations
 
 import importlib
 import math
+from typing import Callable
+
 
 from ..errors import LorafuseError
 from ..quant import QuantizedTensor
 
+# write(slot, offset, data): put `data` at `offset` in the output slot with that index (a Producer writes a
+# tensor's bytes as it makes them, and returns them all for hashing)
+Write = Callable[[int, int, memoryview], None]
 ROW_DTYPES = {"BF16", "F16", "F32"}  # what the numpy path reads and writes
 # The numpy path's rows per block: 128 Ki fp32 values (512 kB) stay in the L2 cache. A 5632 × 2048 LoRA
 # merge takes 24 ms in blocks of this size, 28 ms in blocks of a quarter of it.
@@ -41,7 +46,7 @@ def matrix_shape(shape: tuple[int, ...]) -> tuple[int, int]:
 
 
 def producer(torch_needed: bool, device: str):
-    """The path's Producer (imported now: the torch one waits for torch): `output_bytes(tensor, slots, fd)`."""
+    """The path's Producer (imported now: the torch one waits for torch): `output_bytes(tensor, slots, fd, write)`."""
     module = importlib.import_module(".tensors" if torch_needed else ".rows", __name__)
     return module.Producer(device)
 

@@ -16,7 +16,7 @@ import numpy as np
 from ..formats.safetensors import TensorRef, TensorSlot, dtype_size, read_exact
 from ..patches import Replace
 from ..plan import TensorPlan
-from . import BLOCK_VALUES, matrix_shape, not_finite, overflows
+from . import BLOCK_VALUES, Write, matrix_shape, not_finite, overflows
 
 STORED = {"BF16": np.uint16, "F16": np.float16, "F32": np.float32}  # the numpy type that holds the bytes
 BF16_NAN = 0x7FC0  # the quiet NaN (torch writes this or 0xFFFF, depending on the kernel)
@@ -44,7 +44,10 @@ class Producer:
 
         return threadpool_limits(limits=n, user_api="blas")
 
-    def output_bytes(self, tensor: TensorPlan, slots: tuple[TensorSlot, ...], source_fd: int) -> list[memoryview]:
+    def output_bytes(self, tensor: TensorPlan, slots: tuple[TensorSlot, ...], source_fd: int,
+                     write: Write) -> list[memoryview]:
+        """Write the tensor's bytes block by block, while each is still in the CPU cache (the kernel then
+        copies it into the page cache from there, not from memory), and return them all."""
         source, patches = tensor.source, tensor.patches
         for i, patch in enumerate(tensor.patches):  # a replacing tensor is read instead; only later patches apply
             if isinstance(patch, Replace):
@@ -56,10 +59,12 @@ class Producer:
             source.read_into(memoryview(raw))
         rows, cols = matrix_shape(tensor.shape)
         if rows * cols == 0:
+            write(0, 0, memoryview(raw[:0]))
             return [memoryview(raw[:0])]
         src = raw.view(STORED[source.dtype]).reshape(rows, cols)
         # The result overwrites rows already read when it is no wider than the source: one tensor buffer.
-        nbytes = rows * cols * dtype_size(tensor.dtype)
+        row_bytes = cols * dtype_size(tensor.dtype)
+        nbytes = rows * row_bytes
         out_raw = raw[:nbytes] if dtype_size(tensor.dtype) <= dtype_size(source.dtype) else self._buffer("out", nbytes)
         out = out_raw.view(STORED[tensor.dtype]).reshape(rows, cols)
         updates = [patch.row_update(tensor.shape) for patch in patches]
@@ -71,6 +76,7 @@ class Producer:
                 n = min(rows - start, step) * cols
                 self._block(tensor, source.dtype, src[start:start + step], start, updates,
                             block[:n].reshape(-1, cols), scratch[:n].reshape(-1, cols), out[start:start + step])
+                write(0, start * row_bytes, memoryview(out_raw[start * row_bytes:(start + step) * row_bytes]))
         return [memoryview(out_raw)]
 
     @staticmethod

@@ -14,7 +14,7 @@ import torch
 from ..formats.safetensors import TensorSlot, dtype_size, read_exact, torch_dtype
 from ..plan import TensorPlan
 from ..quant import QuantizedTensor
-from . import not_finite, overflows
+from . import Write, not_finite, overflows
 
 
 class Buffers(threading.local):
@@ -41,8 +41,10 @@ class Producer:
         self.device = torch.device(device)
         self.buffers = Buffers()
 
-    def output_bytes(self, tensor: TensorPlan, slots: tuple[TensorSlot, ...], source_fd: int | None) -> list[memoryview]:
-        """The bytes of each of the tensor's slots (one, or a 4-bit weight's parts), in the thread's buffers."""
+    def output_bytes(self, tensor: TensorPlan, slots: tuple[TensorSlot, ...], source_fd: int | None,
+                     write: Write) -> list[memoryview]:
+        """Write the bytes of each of the tensor's slots (one, or a 4-bit weight's parts), and return them
+        (in the thread's buffers)."""
         if isinstance(tensor.source, QuantizedTensor):
             value = tensor.source.dequantize()
         else:
@@ -51,7 +53,10 @@ class Producer:
             value = raw.view(torch_dtype(tensor.source.dtype)).view(tensor.source.shape)
         out = _produce(tensor, value, self.buffers, self.device)
         pieces = _nf4_pieces(tensor, out, slots) if tensor.to_nf4 else [out]
-        return [memoryview(piece.reshape(-1).view(torch.uint8).numpy()) for piece in pieces]
+        pieces = [memoryview(piece.reshape(-1).view(torch.uint8).numpy()) for piece in pieces]
+        for slot, piece in enumerate(pieces):
+            write(slot, 0, piece)
+        return pieces
 
     @staticmethod
     @contextlib.contextmanager
