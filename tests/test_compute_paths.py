@@ -147,3 +147,28 @@ def test_numpy_and_torch_paths_agree(variant, dtype, block_values, tiny_base, ad
         total += a.numel()
     if dtype == "bf16":
         assert differing <= total / 100, f"{differing} of {total} values differ"
+
+
+def test_dora_and_gpu_take_torch(tiny_base, adapter_of):
+    dora = next(v for v in VARIANTS if v.id.startswith("dora"))
+    plan = lorafuse.plan(tiny_base(dora.model, "bf16"), adapter_of(dora.id))
+    assert any(needs_torch(t, "cpu") for t in plan.tensors if t.patches)
+    plain = lorafuse.plan(tiny_base("llama", "bf16"), adapter_of("lora-llama"))
+    assert not any(needs_torch(t, "cpu") for t in plain.tensors if t.patches)
+    assert all(needs_torch(t, "cuda") for t in plain.tensors if t.patches)
+
+
+@pytest.mark.parametrize("variant_id, imports_torch",
+                         [("lora-llama", False), ("tokens-llama", False), ("resize-llama", False),
+                          ("fanin-gpt2", False), ("dora-llama", True)])
+def test_only_merges_that_need_torch_import_it(variant_id, imports_torch, tiny_base, adapter_of, tmp_path):
+    """`lorafuse merge` of a plain LoRA (with trainable tokens, a resized vocabulary, Conv1D weights) never
+    imports torch (1.3 s holding the GIL, 200 MB); DoRA does."""
+    variant = next(v for v in VARIANTS if v.id == variant_id)
+    base, adapter = tiny_base(variant.model, "bf16"), adapter_of(variant_id)
+    code = ("import sys; from lorafuse.cli import main; "
+            f"code = main(['merge', {str(base)!r}, {str(adapter)!r}, {str(tmp_path / 'out')!r}, '--quiet']); "
+            "sys.exit(code or 10 * ('torch' in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == (10 if imports_torch else 0), done.stderr
+    assert (tmp_path / "out" / "model.safetensors").is_file()

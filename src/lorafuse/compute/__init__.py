@@ -15,7 +15,6 @@ import importlib
 import math
 from typing import Callable
 
-
 from ..errors import LorafuseError
 from ..quant import QuantizedTensor
 
