@@ -172,7 +172,7 @@ def write_shards(plan: Plan, folder: Path, device: str, ledger: Ledger,
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             try:
                 _write_bytes(fd, memoryview(shard.header), 0)
-                os.ftruncate(fd, shard.size)
+                _allocate(fd, shard.size)
             except OSError:
                 os.close(fd)
                 raise
@@ -349,17 +349,30 @@ def _copy(src: int, src_offset: int, dst: int, dst_offset: int, count: int) -> N
         done += len(chunk)
 
 
-def _libc_sync_file_range():
+def _libc(name: str, *argtypes):
+    """A libc function (Linux), or None where there is none."""
     try:
-        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+        fn = getattr(ctypes.CDLL(None, use_errno=True), name)
     except (AttributeError, OSError):
         return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.argtypes = list(argtypes)
     return fn
 
 
-_SYNC_FILE_RANGE = _libc_sync_file_range()
+_SYNC_FILE_RANGE = _libc("sync_file_range", ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
 SYNC_FILE_RANGE_WRITE = 2  # start writeback of dirty pages in the range, do not wait
+_FALLOCATE = _libc("fallocate", ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+
+
+def _allocate(fd: int, size: int) -> None:
+    """Give the file its full size, its blocks allocated at once where the file system can (fallocate):
+    the workers write tensors out of order, and blocks allocated as each range is flushed would not lie
+    in file order. Elsewhere a sparse file (never posix_fallocate, which would write zeros)."""
+    if _FALLOCATE is not None and size and _FALLOCATE(fd, 0, 0, size) == 0:
+        return
+    if _FALLOCATE is not None and size and ctypes.get_errno() == errno.ENOSPC:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    os.ftruncate(fd, size)
 
 
 def _start_writeback(fd: int, offset: int, nbytes: int) -> None:
