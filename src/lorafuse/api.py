@@ -78,7 +78,7 @@ def merge(base: str | os.PathLike | None, adapter: str | os.PathLike, out: str |
         staging = staging_folder(out)
         the_plan = make_plan(base, adapter, out, dtype=dtype, max_shard_size=max_shard_size, save_method=save_method,
                              scratch=staging / DOWNLOADS if low_disk else None)
-        if device != "cpu" or any(not t.is_copy and needs_torch(t, device) for t in the_plan.tensors):
+        if any(needs_torch(t, device) for t in the_plan.tensors):
             _load_torch_in_background()
         torch_device = _device(device)
         settings = _settings(the_plan, device)

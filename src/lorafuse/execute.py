@@ -111,7 +111,8 @@ def write_shards(plan: Plan, folder: Path, device: str, ledger: Ledger,
             stop(e)
             raise
 
-    def merge_tensor(target: _OpenShard, slots: tuple[TensorSlot, ...], tensor: TensorPlan, index: int) -> None:
+    def merge_tensor(target: _OpenShard, slots: tuple[TensorSlot, ...], tensor: TensorPlan, index: int,
+                     producer) -> None:
         if downloads:
             downloads.wait(index)
         fd = target.fd
@@ -127,7 +128,7 @@ def write_shards(plan: Plan, folder: Path, device: str, ledger: Ledger,
             def write(slot: int, offset: int, data: memoryview) -> None:
                 with target.writing:
                     _write_bytes(fd, data, slots[slot].offset + offset)
-            pieces = producers[compute.needs_torch(tensor, device)].output_bytes(tensor, slots, source_fd, write)
+            pieces = producer.output_bytes(tensor, slots, source_fd, write)
             kind = "tensors_merged" if tensor.patches else "tensors_cast"
         written = sum(slot.nbytes for slot in slots)
         _start_writeback(fd, slots[0].offset, written)
@@ -181,13 +182,17 @@ def write_shards(plan: Plan, folder: Path, device: str, ledger: Ledger,
             with handed_over:
                 unfinished.add(shard.filename)
             for slots, tensor in zip(shard.slots, shard.tensors):
-                torch_needed = not tensor.is_copy and compute.needs_torch(tensor, device)
-                if not tensor.is_copy and torch_needed not in producers:  # torch's waits for the import
-                    producers[torch_needed] = compute.producer(torch_needed, device)
-                    thread_limits.enter_context(
-                        producers[torch_needed].intra_op_threads(max(1, (os.cpu_count() or 1) // PIPELINE_DEPTH)))
-                yield target, slots, tensor, index
+                yield target, slots, tensor, index, None if tensor.is_copy else producer_for(tensor)
                 index += 1
+
+    def producer_for(tensor: TensorPlan):
+        """The Producer of the tensor's path, made the first time the path comes up (torch's waits for the import)."""
+        torch_needed = compute.needs_torch(tensor, device)
+        if torch_needed not in producers:
+            producers[torch_needed] = compute.producer(torch_needed, device)
+            thread_limits.enter_context(
+                producers[torch_needed].intra_op_threads(max(1, (os.cpu_count() or 1) // PIPELINE_DEPTH)))
+        return producers[torch_needed]
 
     try:
         with thread_limits:

@@ -29,7 +29,9 @@ BLOCK_VALUES = 1 << 18
 
 
 def needs_torch(tensor, device: str) -> bool:
-    """Whether producing `tensor` (a plan.TensorPlan that is not a copy) needs the torch path."""
+    """Whether producing `tensor` (a plan.TensorPlan) needs the torch path; a raw copy needs neither."""
+    if tensor.is_copy:
+        return False
     if device != "cpu" or tensor.to_nf4 or isinstance(tensor.source, QuantizedTensor):
         return True
     refs = [tensor.source] + [ref for patch in tensor.patches for ref in patch.refs]

@@ -22,18 +22,28 @@ STORED = {"BF16": np.uint16, "F16": np.float16, "F32": np.float32}  # the numpy 
 BF16_NAN = 0x7FC0  # the quiet NaN (torch writes this or 0xFFFF, depending on the kernel)
 
 
+class Buffers(threading.local):
+    """One thread's reusable byte buffers, grown to the largest tensor it has handled (both paths use them).
+
+    Reusing them avoids allocating (and page-faulting in) fresh memory for every tensor, and keeps the
+    process's resident memory at a few largest tensors however many tensors pass through.
+    """
+
+    def __init__(self) -> None:
+        self.pool: dict[str, np.ndarray] = {}
+
+    def get(self, role: str, nbytes: int) -> np.ndarray:
+        buf = self.pool.get(role)
+        if buf is None or buf.nbytes < nbytes:
+            self.pool[role] = buf = np.empty(nbytes, dtype=np.uint8)
+        return buf[:nbytes]
+
+
 class Producer:
-    """Produces tensors in numpy, each worker thread in buffers of its own, grown to the largest tensor."""
+    """Produces tensors in numpy, each worker thread in buffers of its own."""
 
     def __init__(self, device: str) -> None:
-        self._local = threading.local()
-
-    def _buffer(self, role: str, nbytes: int) -> np.ndarray:
-        pool = self._local.__dict__.setdefault("pool", {})
-        buf = pool.get(role)
-        if buf is None or buf.nbytes < nbytes:
-            pool[role] = buf = np.empty(nbytes, dtype=np.uint8)
-        return buf[:nbytes]
+        self.buffers = Buffers()
 
     @staticmethod
     def intra_op_threads(n: int):
@@ -52,7 +62,7 @@ class Producer:
         for i, patch in enumerate(tensor.patches):  # a replacing tensor is read instead; only later patches apply
             if isinstance(patch, Replace):
                 source, patches = patch.source, tensor.patches[i + 1:]
-        raw = self._buffer("in", source.nbytes)
+        raw = self.buffers.get("in", source.nbytes)
         if source is tensor.source:
             read_exact(source_fd, memoryview(raw), source.offset, source.path)
         else:
@@ -65,12 +75,12 @@ class Producer:
         # The result overwrites rows already read when it is no wider than the source: one tensor buffer.
         row_bytes = cols * dtype_size(tensor.dtype)
         nbytes = rows * row_bytes
-        out_raw = raw[:nbytes] if dtype_size(tensor.dtype) <= dtype_size(source.dtype) else self._buffer("out", nbytes)
+        out_raw = raw[:nbytes] if dtype_size(tensor.dtype) <= dtype_size(source.dtype) else self.buffers.get("out", nbytes)
         out = out_raw.view(STORED[tensor.dtype]).reshape(rows, cols)
         updates = [patch.row_update(tensor.shape) for patch in patches]
         step = max(1, BLOCK_VALUES // max(1, cols))
-        block = self._buffer("block", step * cols * 4).view(np.float32)
-        scratch = self._buffer("scratch", step * cols * 4).view(np.float32)
+        block = self.buffers.get("block", step * cols * 4).view(np.float32)
+        scratch = self.buffers.get("scratch", step * cols * 4).view(np.float32)
         with np.errstate(over="ignore", invalid="ignore"):  # NaN, Inf and overflow are checked for below
             for start in range(0, rows, step):
                 n = min(rows - start, step) * cols

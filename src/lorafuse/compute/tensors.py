@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-import threading
+from typing import Callable
 
 import torch
 
@@ -15,23 +15,7 @@ from ..formats.safetensors import TensorSlot, dtype_size, read_exact, torch_dtyp
 from ..plan import TensorPlan
 from ..quant import QuantizedTensor
 from . import Write, not_finite, overflows
-
-
-class Buffers(threading.local):
-    """One thread's reusable byte buffers, grown to the largest tensor it has handled.
-
-    Reusing them avoids allocating (and page-faulting in) fresh memory for every tensor, and keeps the
-    process's resident memory at a few largest tensors however many tensors pass through.
-    """
-
-    def __init__(self) -> None:
-        self.pool: dict[str, torch.Tensor] = {}
-
-    def get(self, role: str, nbytes: int) -> torch.Tensor:
-        buf = self.pool.get(role)
-        if buf is None or buf.numel() < nbytes:
-            self.pool[role] = buf = torch.empty(nbytes, dtype=torch.uint8)
-        return buf[:nbytes]
+from .rows import Buffers
 
 
 class Producer:
@@ -41,6 +25,9 @@ class Producer:
         self.device = torch.device(device)
         self.buffers = Buffers()
 
+    def buffer(self, role: str, nbytes: int) -> torch.Tensor:
+        return torch.from_numpy(self.buffers.get(role, nbytes))
+
     def output_bytes(self, tensor: TensorPlan, slots: tuple[TensorSlot, ...], source_fd: int | None,
                      write: Write) -> list[memoryview]:
         """Write the bytes of each of the tensor's slots (one, or a 4-bit weight's parts), and return them
@@ -48,10 +35,10 @@ class Producer:
         if isinstance(tensor.source, QuantizedTensor):
             value = tensor.source.dequantize()
         else:
-            raw = self.buffers.get("in", tensor.source.nbytes)
+            raw = self.buffer("in", tensor.source.nbytes)
             read_exact(source_fd, memoryview(raw.numpy()), tensor.source.offset, tensor.source.path)
             value = raw.view(torch_dtype(tensor.source.dtype)).view(tensor.source.shape)
-        out = _produce(tensor, value, self.buffers, self.device)
+        out = _produce(tensor, value, self.buffer, self.device)
         pieces = _nf4_pieces(tensor, out, slots) if tensor.to_nf4 else [out]
         pieces = [memoryview(piece.reshape(-1).view(torch.uint8).numpy()) for piece in pieces]
         for slot, piece in enumerate(pieces):
@@ -71,13 +58,14 @@ class Producer:
             torch.set_num_threads(before)
 
 
-def _produce(tensor: TensorPlan, source: torch.Tensor, buffers: Buffers, device: torch.device) -> torch.Tensor:
+def _produce(tensor: TensorPlan, source: torch.Tensor, buffer: Callable[[str, int], torch.Tensor],
+             device: torch.device) -> torch.Tensor:
     """One tensor's output value: the base value patched in fp32 and rounded once to the output dtype."""
     out_dtype = torch_dtype(tensor.dtype)
     value = source
     if tensor.patches:
         if device.type == "cpu" and source.dtype != torch.float32:  # fp32 sources are patched in place
-            value = buffers.get("fp32", source.numel() * 4).view(torch.float32).view(source.shape).copy_(source)
+            value = buffer("fp32", source.numel() * 4).view(torch.float32).view(source.shape).copy_(source)
         else:
             value = source.to(device=device, dtype=torch.float32)
         for patch in tensor.patches:
@@ -91,7 +79,7 @@ def _produce(tensor: TensorPlan, source: torch.Tensor, buffers: Buffers, device:
         # thread holds two tensor-sized buffers, not three.
         role = "in" if value.data_ptr() != source.data_ptr() and source.device.type == "cpu" else "out"
         nbytes = value.numel() * dtype_size(tensor.dtype)
-        out = buffers.get(role, nbytes).view(out_dtype).view(value.shape).copy_(value)
+        out = buffer(role, nbytes).view(out_dtype).view(value.shape).copy_(value)
     if out_dtype == torch.float16 and not all_finite(out) and all_finite(value):
         raise overflows(tensor, value.abs().max().item())
     return out
