@@ -47,7 +47,7 @@ def test_rounding_matches_torch_bit_for_bit(dtype):
     values = edge_values()
     out = np.empty(values.shape, dtype=rows.STORED[dtype])
     with np.errstate(over="ignore"):  # overflow to inf is one of the cases
-        rows.narrow(values.copy(), dtype, out, np.empty(values.shape, dtype=np.uint32))
+        rows.narrow(values, out)
     want = torch.from_numpy(values).to(TORCH_OF[dtype]).view(torch.int16).numpy().view(np.uint16)
     got = out.view(np.uint16)
     assert np.array_equal(got, want), f"{np.count_nonzero(got != want)} of {values.size} values differ"
@@ -57,7 +57,7 @@ def test_rounding_matches_torch_bit_for_bit(dtype):
 def test_widening_is_exact(dtype):
     stored = np.arange(1 << 16, dtype=np.uint16).view(rows.STORED[dtype])  # every 16-bit value
     got = np.empty(stored.shape, dtype=np.float32)
-    rows.widen(stored, dtype, got)
+    rows.widen(stored, got)
     want = torch.from_numpy(stored.view(np.int16)).view(TORCH_OF[dtype]).float().numpy()
     finite = np.isfinite(want)
     assert np.array_equal(got.view(np.uint32)[finite], want.view(np.uint32)[finite])
