@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 import lorafuse
+import lorafuse.execute as execute
 from conftest import leftovers, make_adapter, tree_hash
 from lorafuse.manifest import LEDGER, MANIFEST, sha256_file
 from lorafuse.output import staging_folder
@@ -153,6 +154,38 @@ def test_disk_full_part_way_then_resume(inputs, reference, small_disk):
     report = lorafuse.merge(*inputs, out, max_shard_size=SHARD)
     assert report.shards_resumed >= 1
     assert tree_hash(out) == reference
+
+
+def test_shards_are_flushed_while_written_and_a_failed_flush_fails_the_merge(inputs, reference, tmp_path, monkeypatch):
+    """Partial shards are fdatasync'ed during the merge (every FLUSH_BYTES), without changing a byte; a
+    flush that fails is a failed merge, not left to the final fsync, which the kernel may not tell."""
+    import errno
+    import threading
+
+    flushed = []
+    monkeypatch.setattr(execute, "FLUSH_BYTES", 1)
+    monkeypatch.setattr(execute, "_datasync", lambda fd: flushed.append(Path(os.readlink(f"/proc/self/fd/{fd}"))))
+    out = tmp_path / "out"
+    lorafuse.merge(*inputs, out, max_shard_size=SHARD)
+    assert tree_hash(out) == reference
+    assert flushed and {p.parent for p in flushed} == {staging_folder(out)}
+    assert all(p.name.endswith(execute.PARTIAL) for p in flushed)
+
+    tried = threading.Event()
+
+    def failing(fd):
+        tried.set()
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    def finish_after_a_flush(*args):  # shards this small are done before a flush would otherwise run
+        assert tried.wait(30)
+        return finish(*args)
+    finish = execute._finish_shard
+    monkeypatch.setattr(execute, "_datasync", failing)
+    monkeypatch.setattr(execute, "_finish_shard", finish_after_a_flush)
+    with pytest.raises(lorafuse.LorafuseError, match="^I/O error while writing the output: Input/output error$"):
+        lorafuse.merge(*inputs, tmp_path / "failed", max_shard_size=SHARD)
+    assert not (tmp_path / "failed").exists() and not list(staging_folder(tmp_path / "failed").glob("*.partial"))
 
 
 def test_read_only_file_system(inputs, tmp_path):

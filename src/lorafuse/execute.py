@@ -5,7 +5,8 @@ order by a small pool of threads (file I/O, numpy and torch kernels release the 
 overlaps computing and writing another, and at most PIPELINE_DEPTH tensors are in memory at once,
 each in buffers its thread reuses. Untouched tensors are copied file to file inside the kernel
 (copy_file_range), never decoded. Written ranges are handed to the disk at once (sync_file_range),
-so writeback overlaps the work instead of all waiting for the final fsync.
+and made durable every FLUSH_BYTES (fdatasync, on a thread of its own), so writing to disk overlaps the
+work instead of all waiting for the final fsync.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from .quant import QuantizedTensor
 from .sources.remote import Downloads
 
 COPY_CHUNK = 64 << 20
+FLUSH_BYTES = 64 << 20
 PARTIAL = ".partial"
 
 
@@ -132,6 +134,7 @@ def write_shards(plan: Plan, folder: Path, device: str, ledger: Ledger,
             kind = "tensors_merged" if tensor.patches else "tensors_cast"
         written = sum(slot.nbytes for slot in slots)
         _start_writeback(fd, slots[0].offset, written)
+        target.flusher.wrote(written)
         with lock:
             setattr(counters, kind, getattr(counters, kind) + 1)
             counters.bytes_read += tensor.source.nbytes
@@ -177,7 +180,8 @@ def write_shards(plan: Plan, folder: Path, device: str, ledger: Ledger,
             except OSError:
                 os.close(fd)
                 raise
-            target = _OpenShard(shard, fd, len(shard.tensors), _RunningHash(path, shard.size, len(shard.header)))
+            target = _OpenShard(shard, fd, len(shard.tensors), _RunningHash(path, shard.size, len(shard.header)),
+                                _Flusher(fd))
             open_shards[shard.filename] = target
             with handed_over:
                 unfinished.add(shard.filename)
@@ -204,6 +208,7 @@ def write_shards(plan: Plan, folder: Path, device: str, ledger: Ledger,
             downloads.close()
         for target in open_shards.values():
             target.hash.cancel()
+            target.flusher.stop()
             os.close(target.fd)
         sources.close()
         for partial in folder.glob("*" + PARTIAL):
@@ -214,6 +219,9 @@ def write_shards(plan: Plan, folder: Path, device: str, ledger: Ledger,
 def _finish_shard(folder: Path, target: "_OpenShard", ledger: Ledger) -> None:
     """Make a complete shard durable under its real name, then record it as finished."""
     try:
+        flush_error = target.flusher.stop()
+        if flush_error:  # the kernel reports a failed writeback once: the final fsync might not see it
+            raise flush_error
         os.fsync(target.fd)
     finally:
         os.close(target.fd)
@@ -228,6 +236,7 @@ class _OpenShard:
     fd: int
     remaining: int  # tensors still to write
     hash: "_RunningHash"
+    flusher: "_Flusher"
     # One writer at a time: the kernel serializes writes to a file anyway (inode lock), and a thread
     # waiting for that lock spins on a core while the holder copies, where one waiting here sleeps.
     writing: threading.Lock = field(default_factory=threading.Lock)
@@ -309,6 +318,47 @@ class _RunningHash:
         self.thread.join()
 
 
+class _Flusher:
+    """fdatasync an output shard after every FLUSH_BYTES written to it, on a thread of its own, so the
+    disk makes the data durable while the merge goes on instead of all of it at the final fsync (on a
+    virtual disk that flush is the host writing out its cache: 0.8-1.2 s per GB when left to the end).
+    The workers never wait for it; flushes that take longer than FLUSH_BYTES takes to write merge into one."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd, self.unflushed, self.stopped = fd, 0, False
+        self.error: OSError | None = None
+        self.cond = threading.Condition()
+        self.thread = threading.Thread(target=self._run, name="lorafuse-flush", daemon=True)
+        self.thread.start()
+
+    def wrote(self, nbytes: int) -> None:
+        with self.cond:
+            self.unflushed += nbytes
+            if self.unflushed >= FLUSH_BYTES:
+                self.cond.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self.cond:
+                self.cond.wait_for(lambda: self.stopped or self.unflushed >= FLUSH_BYTES)
+                if self.stopped:
+                    return
+                self.unflushed = 0
+            try:
+                _datasync(self.fd)
+            except OSError as e:
+                self.error = e
+                return
+
+    def stop(self) -> OSError | None:
+        """Stop flushing; the error of a failed flush, if one failed."""
+        with self.cond:
+            self.stopped = True
+            self.cond.notify()
+        self.thread.join()
+        return self.error
+
+
 def _run_bounded(job: Callable, jobs: Iterable[tuple], on_failure: Callable[[BaseException], None]) -> None:
     """Run jobs on PIPELINE_DEPTH threads, submitting only a few ahead so memory stays bounded.
     `on_failure` hears first of an error here (Ctrl-C included), so that jobs waiting on others stop."""
@@ -378,6 +428,9 @@ def _allocate(fd: int, size: int) -> None:
     if _FALLOCATE is not None and size and ctypes.get_errno() == errno.ENOSPC:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     os.ftruncate(fd, size)
+
+
+_datasync = getattr(os, "fdatasync", os.fsync)  # macOS has no fdatasync
 
 
 def _start_writeback(fd: int, offset: int, nbytes: int) -> None:
