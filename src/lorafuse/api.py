@@ -78,8 +78,7 @@ def merge(base: str | os.PathLike | None, adapter: str | os.PathLike, out: str |
         staging = staging_folder(out)
         the_plan = make_plan(base, adapter, out, dtype=dtype, max_shard_size=max_shard_size, save_method=save_method,
                              scratch=staging / DOWNLOADS if low_disk else None)
-        if any(needs_torch(t, device) for t in the_plan.tensors):
-            _load_torch_in_background()
+        _import_in_background(the_plan, device)
         torch_device = _device(device)
         settings = _settings(the_plan, device)
         print_ = fingerprint(the_plan, settings)
@@ -195,27 +194,37 @@ def _settings(plan: Plan, device: str) -> dict:
     }
 
 
-def _load_torch_in_background() -> None:
-    """Import torch (1.3-1.8 s, mostly holding the GIL) on a thread of its own, so that what releases the
-    GIL meanwhile (copying untouched tensors, hashing them, the adapter's fingerprint) overlaps it. The
-    first tensor that needs torch waits for the import (a merge that needs no torch never starts it: the
-    import would hold the GIL the numpy path needs). The cyclic garbage collector stays off during the
-    import and then leaves what exists alone (gc.freeze): it would rescan torch's hundred thousand new
-    objects again and again (0.2-0.3 s in all)."""
-    if "torch" in sys.modules:
-        return
+def _import_in_background(plan: Plan, device: str) -> None:
+    """Import the compute paths the plan takes on a thread of its own; the first tensor that needs one
+    waits for it.
+
+    Torch (1.3-1.8 s, mostly holding the GIL) is imported only when a tensor needs it, as it would hold
+    the GIL the numpy path needs; meanwhile what releases the GIL overlaps it (copying untouched tensors,
+    hashing them). The cyclic garbage collector stays off during that import and then leaves what exists
+    alone (gc.freeze): it would rescan torch's hundred thousand new objects again and again (0.2-0.3 s).
+    numpy (0.07 s) is imported here too because a Ctrl-C that lands in the main thread while numpy's C
+    extension loads breaks numpy and comes out as an ImportError; landing while the main thread waits for
+    this thread's import, it is a plain KeyboardInterrupt."""
+    modules = []
+    if any(not t.is_copy and not needs_torch(t, device) for t in plan.tensors):
+        modules.append("lorafuse.compute.rows")
+    if any(needs_torch(t, device) for t in plan.tensors):
+        modules.append("torch")
 
     def load() -> None:
-        collecting = gc.isenabled()
-        gc.disable()
-        try:
-            importlib.import_module("torch")
-        finally:
-            gc.freeze()
-            if collecting:
-                gc.enable()
+        for name in modules:
+            if name in sys.modules:
+                continue
+            collecting = gc.isenabled()
+            gc.disable()
+            try:
+                importlib.import_module(name)
+            finally:
+                gc.freeze()
+                if collecting:
+                    gc.enable()
 
-    threading.Thread(target=load, name="lorafuse-import-torch").start()
+    threading.Thread(target=load, name="lorafuse-import").start()
 
 
 def _device(name: str) -> str:

@@ -19,8 +19,8 @@ from .sources.hub import resolve_adapter
 
 
 def main(argv: list[str] | None = None) -> int:
-    # numpy comes in with torch, and its OpenBLAS threads spin waiting for work it is never given (torch
-    # computes with its own BLAS): one thread, set before numpy loads, spares the cores. Results unchanged.
+    # One OpenBLAS thread, set before numpy loads: the pipeline threads are the parallelism (the Python
+    # API gets the same from threadpoolctl, see compute.rows), and idle OpenBLAS threads spin on the cores.
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     parser = _parser()
     args = parser.parse_args(argv)
