@@ -204,12 +204,13 @@ def _import_in_background(plan: Plan, device: str) -> None:
     alone (gc.freeze): it would rescan torch's hundred thousand new objects again and again (0.2-0.3 s).
     numpy (0.07 s) is imported here too because a Ctrl-C that lands in the main thread while numpy's C
     extension loads breaks numpy and comes out as an ImportError; landing while the main thread waits for
-    this thread's import, it is a plain KeyboardInterrupt."""
+    this thread's import, it is a plain KeyboardInterrupt. Last, what writing the model card needs."""
     modules = []
     if any(not t.is_copy and not needs_torch(t, device) for t in plan.tensors):
         modules.append("lorafuse.compute.rows")
     if any(needs_torch(t, device) for t in plan.tensors):
         modules.append("torch")
+    modules.append("huggingface_hub.repocard_data")
 
     def load() -> None:
         for name in modules:

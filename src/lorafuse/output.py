@@ -16,8 +16,6 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from huggingface_hub import ModelCardData
-
 from .errors import LorafuseError
 from .formats.folder import INDEX, TOKENIZER_FILE, is_weight_file
 from .plan import Plan
@@ -96,6 +94,8 @@ def _carried_files(plan: Plan) -> list[Path]:
 
 def _model_card(plan: Plan, settings: dict) -> str:
     """The README.md that huggingface_hub's ModelCard would save, without importing its Hub client (0.25 s)."""
+    from huggingface_hub import ModelCardData  # 0.05 s, imported while the merge runs (api._import_in_background)
+
     repo_id = _repo_id(plan.base_name) or _repo_id(plan.adapter.base_name or "")
     data = ModelCardData(base_model=repo_id, library_name="transformers", tags=["lorafuse", "merge", "lora"])
     rows = "\n".join(f"| {k} | {v} |" for k, v in settings.items())
