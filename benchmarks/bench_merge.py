@@ -130,14 +130,16 @@ def run_round_robin(jobs: dict[str, tuple[str, Path]], repeats: int, workdir: Pa
     samples: dict[str, list] = {label: [] for label in jobs}
     skipped: dict[str, str] = {}
     labels = list(jobs)
-    for model_dir in {model_dir for _, model_dir in jobs.values()}:
-        read_once(model_dir)
+    warm: set[Path] = set()
     for rep in range(repeats):
         k = rep % len(labels)
         for label in labels[k:] + labels[:k]:
             if label in skipped:
                 continue
             route, model_dir = jobs[label]
+            if model_dir not in warm:  # just before its first run: a sweep's models need not all fit in RAM
+                read_once(model_dir)
+                warm.add(model_dir)
             try:
                 s = run_once(route, model_dir, workdir / "out" / route)
             except RuntimeError as err:

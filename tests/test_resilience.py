@@ -156,36 +156,67 @@ def test_disk_full_part_way_then_resume(inputs, reference, small_disk):
     assert tree_hash(out) == reference
 
 
+def failed_flush(fd):
+    import errno
+
+    raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+
 def test_shards_are_flushed_while_written_and_a_failed_flush_fails_the_merge(inputs, reference, tmp_path, monkeypatch):
     """Partial shards are fdatasync'ed during the merge (every FLUSH_BYTES), without changing a byte; a
     flush that fails is a failed merge, not left to the final fsync, which the kernel may not tell."""
-    import errno
     import threading
 
-    flushed = []
-    monkeypatch.setattr(execute, "FLUSH_BYTES", 1)
-    monkeypatch.setattr(execute, "_datasync", lambda fd: flushed.append(Path(os.readlink(f"/proc/self/fd/{fd}"))))
-    out = tmp_path / "out"
-    lorafuse.merge(*inputs, out, max_shard_size=SHARD)
-    assert tree_hash(out) == reference
-    assert flushed and {p.parent for p in flushed} == {staging_folder(out)}
-    assert all(p.name.endswith(execute.PARTIAL) for p in flushed)
+    flushed, tried = [], threading.Event()
 
-    tried = threading.Event()
-
-    def failing(fd):
+    def flush(fd):
+        flushed.append(os.fstat(fd).st_ino)  # a shard keeps its inode when renamed
         tried.set()
-        raise OSError(errno.EIO, os.strerror(errno.EIO))
 
     def finish_after_a_flush(*args):  # shards this small are done before a flush would otherwise run
         assert tried.wait(30)
         return finish(*args)
     finish = execute._finish_shard
-    monkeypatch.setattr(execute, "_datasync", failing)
+    monkeypatch.setattr(execute, "FLUSH_BYTES", 1)
+    monkeypatch.setattr(execute, "_datasync", flush)
     monkeypatch.setattr(execute, "_finish_shard", finish_after_a_flush)
+    out = tmp_path / "out"
+    lorafuse.merge(*inputs, out, max_shard_size=SHARD)
+    assert tree_hash(out) == reference
+    shards = {path.stat().st_ino for path in out.glob("*.safetensors")}
+    assert flushed and set(flushed) <= shards
+    assert not [t for t in threading.enumerate() if t.name in ("lorafuse-flush", "lorafuse-hash")]
+
+    def failing(fd):
+        tried.set()
+        failed_flush(fd)
+    tried.clear()
+    monkeypatch.setattr(execute, "_datasync", failing)
     with pytest.raises(lorafuse.LorafuseError, match="^I/O error while writing the output: Input/output error$"):
         lorafuse.merge(*inputs, tmp_path / "failed", max_shard_size=SHARD)
     assert not (tmp_path / "failed").exists() and not list(staging_folder(tmp_path / "failed").glob("*.partial"))
+    assert not [t for t in threading.enumerate() if t.name in ("lorafuse-flush", "lorafuse-hash")]
+
+
+def test_a_flush_that_fails_after_the_last_write_fails_the_shard(tmp_path, monkeypatch):
+    """The merge test above may see the failure at the next write; a shard whose last write came before
+    the failed flush must fail when it is finished, and leave no thread behind."""
+    import threading
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(execute, "_datasync", failed_flush)
+    path = tmp_path / "shard.partial"
+    path.write_bytes(b"x" * 10)
+    fd = os.open(path, os.O_WRONLY)
+    flusher = execute._Flusher(fd)
+    flusher.wrote(execute.FLUSH_BYTES)
+    flusher.thread.join(30)  # the flush runs, fails, and ends the flushing thread
+    target = execute._OpenShard(SimpleNamespace(filename="shard"), fd, 0, execute._RunningHash(path, 10, 0), flusher)
+    with pytest.raises(OSError, match="Input/output error"):
+        execute._finish_shard(tmp_path, target, ledger=None)
+    assert not [t for t in threading.enumerate() if t.name in ("lorafuse-flush", "lorafuse-hash")]
+    with pytest.raises(OSError, match="Bad file descriptor"):
+        os.fstat(fd)  # closed
 
 
 def test_read_only_file_system(inputs, tmp_path):

@@ -198,34 +198,43 @@ def _import_in_background(plan: Plan, device: str) -> None:
     """Import the compute paths the plan takes on a thread of its own; the first tensor that needs one
     waits for it.
 
-    Torch (1.3-1.8 s, mostly holding the GIL) is imported only when a tensor needs it, as it would hold
-    the GIL the numpy path needs; meanwhile what releases the GIL overlaps it (copying untouched tensors,
-    hashing them). The cyclic garbage collector stays off during that import and then leaves what exists
-    alone (gc.freeze): it would rescan torch's hundred thousand new objects again and again (0.2-0.3 s).
-    numpy (0.07 s) is imported here too because a Ctrl-C that lands in the main thread while numpy's C
-    extension loads breaks numpy and comes out as an ImportError; landing while the main thread waits for
-    this thread's import, it is a plain KeyboardInterrupt. Last, what writing the model card needs."""
+    numpy (0.07 s; both paths use its buffers) is imported here because a Ctrl-C that lands in the main
+    thread while numpy's C extension loads breaks numpy and comes out as an ImportError; landing while
+    the main thread waits for this thread's import, it is a plain KeyboardInterrupt. Torch (1.3-1.8 s,
+    mostly holding the GIL) only when a tensor needs it, as it would hold the GIL the numpy path needs;
+    meanwhile what releases the GIL overlaps it (copying untouched tensors, hashing them). The cyclic
+    garbage collector stays off during torch's import and then leaves what exists alone (gc.freeze): it
+    would rescan torch's hundred thousand new objects again and again (0.2-0.3 s). Last, what writing the
+    model card needs. An import that fails here fails again, with its message, where it is needed."""
     modules = []
-    if any(not t.is_copy and not needs_torch(t, device) for t in plan.tensors):
+    if not all(t.is_copy for t in plan.tensors):
         modules.append("lorafuse.compute.rows")
-    if any(needs_torch(t, device) for t in plan.tensors):
+    if any(needs_torch(t, device) for t in plan.tensors) and "torch" not in sys.modules:
         modules.append("torch")
     modules.append("huggingface_hub.repocard_data")
 
     def load() -> None:
         for name in modules:
-            if name in sys.modules:
-                continue
-            collecting = gc.isenabled()
-            gc.disable()
             try:
-                importlib.import_module(name)
-            finally:
-                gc.freeze()
-                if collecting:
-                    gc.enable()
+                if name == "torch":
+                    _import_torch()
+                else:
+                    importlib.import_module(name)
+            except ImportError:
+                pass
 
     threading.Thread(target=load, name="lorafuse-import").start()
+
+
+def _import_torch() -> None:
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        importlib.import_module("torch")
+    finally:
+        gc.freeze()
+        if collecting:
+            gc.enable()
 
 
 def _device(name: str) -> str:

@@ -223,6 +223,9 @@ def _finish_shard(folder: Path, target: "_OpenShard", ledger: Ledger) -> None:
         if flush_error:  # the kernel reports a failed writeback once: the final fsync might not see it
             raise flush_error
         os.fsync(target.fd)
+    except BaseException:
+        target.hash.cancel()
+        raise
     finally:
         os.close(target.fd)
     name = target.shard.filename
@@ -326,12 +329,15 @@ class _Flusher:
 
     def __init__(self, fd: int) -> None:
         self.fd, self.unflushed, self.stopped = fd, 0, False
-        self.error: OSError | None = None
+        self.error: BaseException | None = None
         self.cond = threading.Condition()
         self.thread = threading.Thread(target=self._run, name="lorafuse-flush", daemon=True)
         self.thread.start()
 
     def wrote(self, nbytes: int) -> None:
+        """Count bytes written; a flush that failed fails the writer (the merge stops at once)."""
+        if self.error is not None:
+            raise self.error
         with self.cond:
             self.unflushed += nbytes
             if self.unflushed >= FLUSH_BYTES:
@@ -346,11 +352,11 @@ class _Flusher:
                 self.unflushed = 0
             try:
                 _datasync(self.fd)
-            except OSError as e:
+            except BaseException as e:
                 self.error = e
                 return
 
-    def stop(self) -> OSError | None:
+    def stop(self) -> BaseException | None:
         """Stop flushing; the error of a failed flush, if one failed."""
         with self.cond:
             self.stopped = True

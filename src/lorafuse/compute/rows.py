@@ -21,7 +21,7 @@ from ..plan import TensorPlan
 from . import BLOCK_VALUES, Write, matrix_shape, not_finite, overflows
 
 STORED = {"BF16": ml_dtypes.bfloat16, "F16": np.float16, "F32": np.float32}  # the numpy type of the bytes
-BF16_NAN = 0x7FC0  # the quiet NaN (torch writes this or 0xFFFF, depending on the kernel)
+BF16_NAN = 0x7FC0  # the one NaN written (torch writes it or 0xFFFF, by kernel; ml_dtypes keeps the sign)
 
 
 class Buffers(threading.local):
