@@ -156,6 +156,13 @@ def test_disk_full_part_way_then_resume(inputs, reference, small_disk):
     assert tree_hash(out) == reference
 
 
+def shard_threads() -> list:
+    """The flushing and hashing threads of output shards still running."""
+    import threading
+
+    return [t for t in threading.enumerate() if t.name in ("lorafuse-flush", "lorafuse-hash")]
+
+
 def failed_flush(fd):
     import errno
 
@@ -185,7 +192,7 @@ def test_shards_are_flushed_while_written_and_a_failed_flush_fails_the_merge(inp
     assert tree_hash(out) == reference
     shards = {path.stat().st_ino for path in out.glob("*.safetensors")}
     assert flushed and set(flushed) <= shards
-    assert not [t for t in threading.enumerate() if t.name in ("lorafuse-flush", "lorafuse-hash")]
+    assert not shard_threads()
 
     def failing(fd):
         tried.set()
@@ -195,13 +202,12 @@ def test_shards_are_flushed_while_written_and_a_failed_flush_fails_the_merge(inp
     with pytest.raises(lorafuse.LorafuseError, match="^I/O error while writing the output: Input/output error$"):
         lorafuse.merge(*inputs, tmp_path / "failed", max_shard_size=SHARD)
     assert not (tmp_path / "failed").exists() and not list(staging_folder(tmp_path / "failed").glob("*.partial"))
-    assert not [t for t in threading.enumerate() if t.name in ("lorafuse-flush", "lorafuse-hash")]
+    assert not shard_threads()
 
 
 def test_a_flush_that_fails_after_the_last_write_fails_the_shard(tmp_path, monkeypatch):
     """The merge test above may see the failure at the next write; a shard whose last write came before
     the failed flush must fail when it is finished, and leave no thread behind."""
-    import threading
     from types import SimpleNamespace
 
     monkeypatch.setattr(execute, "_datasync", failed_flush)
@@ -214,7 +220,7 @@ def test_a_flush_that_fails_after_the_last_write_fails_the_shard(tmp_path, monke
     target = execute._OpenShard(SimpleNamespace(filename="shard"), fd, 0, execute._RunningHash(path, 10, 0), flusher)
     with pytest.raises(OSError, match="Input/output error"):
         execute._finish_shard(tmp_path, target, ledger=None)
-    assert not [t for t in threading.enumerate() if t.name in ("lorafuse-flush", "lorafuse-hash")]
+    assert not shard_threads()
     with pytest.raises(OSError, match="Bad file descriptor"):
         os.fstat(fd)  # closed
 

@@ -21,6 +21,7 @@ from .manifest import Ledger, fingerprint, write_manifest
 from .output import check_target, exclusive, publish, staging_folder, write_metadata
 from .plan import Plan, existing_ancestor, make_plan
 from .publish import HubPublisher
+from .sources.hub import cache_dir
 from .units import human_size
 
 DISK_MARGIN = 64 << 20  # room for config, tokenizer files and the file system's own overhead
@@ -141,7 +142,7 @@ def _check_disk(plan: Plan, out: Path, done: int, low_disk: bool, pushing: bool)
         if not low_disk and low_disk_need + DISK_MARGIN <= free else ""
     what = "the output needs"
     if cache_need:
-        cache = existing_ancestor(Path(_hf_cache()))
+        cache = existing_ancestor(cache_dir())
         if os.stat(cache).st_dev == os.stat(existing_ancestor(out.absolute())).st_dev:
             out_need += cache_need
             what = "the output and the downloads need"
@@ -159,12 +160,6 @@ def _check_disk(plan: Plan, out: Path, done: int, low_disk: bool, pushing: bool)
 
 def _bytes_under(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else 0
-
-
-def _hf_cache() -> str:
-    from huggingface_hub import constants
-
-    return constants.HF_HUB_CACHE
 
 
 def _open_ledger(staging: Path, print_: str, resume: bool) -> Ledger:

@@ -65,6 +65,15 @@ class TensorPlan:
         return [self.source]
 
     @property
+    def computed_from(self) -> tuple:
+        """(what is read, the patches applied to it): a replacing tensor makes the source and the patches
+        before it moot, so the last one is read, with only the patches after it."""
+        for i in reversed(range(len(self.patches))):
+            if isinstance(self.patches[i], Replace):
+                return self.patches[i].source, self.patches[i + 1:]
+        return self.source, self.patches
+
+    @property
     def downloads(self) -> list[RemoteFile]:
         """The files it is read from that are not downloaded yet."""
         return list(dict.fromkeys(r.remote for r in self.source_refs if r.remote is not None))
@@ -99,9 +108,8 @@ class TensorPlan:
         if self.is_copy:
             return 0
         if not needs_torch(self, "cpu"):
-            replaced = [p.source for p in self.patches if isinstance(p, Replace)]
-            read = replaced[-1] if replaced else self.source
-            factors = 4 * sum(math.prod(r.shape) for p in self.patches if not isinstance(p, Replace) for r in p.refs)
+            read, patches = self.computed_from
+            factors = 4 * sum(math.prod(r.shape) for p in patches for r in p.refs)
             wider = dtype_size(self.dtype) > dtype_size(read.dtype)
             out = math.prod(self.shape) * dtype_size(self.dtype) if wider else 0
             return read.nbytes + out + 2 * factors + 2 * 4 * max(BLOCK_VALUES, matrix_shape(self.shape)[1])

@@ -16,7 +16,6 @@ import ml_dtypes
 import numpy as np
 
 from ..formats.safetensors import TensorRef, TensorSlot, dtype_size, read_exact
-from ..patches import Replace
 from ..plan import TensorPlan
 from . import BLOCK_VALUES, Write, matrix_shape, not_finite, overflows
 
@@ -60,10 +59,7 @@ class Producer:
                      write: Write) -> list[memoryview]:
         """Write the tensor's bytes block by block, while each is still in the CPU cache (the kernel then
         copies it into the page cache from there, not from memory), and return them all."""
-        source, patches = tensor.source, tensor.patches
-        for i, patch in enumerate(tensor.patches):  # a replacing tensor is read instead; only later patches apply
-            if isinstance(patch, Replace):
-                source, patches = patch.source, tensor.patches[i + 1:]
+        source, patches = tensor.computed_from
         raw = self.buffers.get("in", source.nbytes)
         if source is tensor.source:
             read_exact(source_fd, memoryview(raw), source.offset, source.path)

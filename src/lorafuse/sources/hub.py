@@ -230,7 +230,7 @@ def call_hub(fn, repo_id: str, rev: str, what: str, *, label: str | None = None,
 def _from_cache(repo_id: str, rev: str, kind: str, label: str, why: str | None,
                 error: LorafuseError | None = None) -> Path:
     """The cached snapshot when it holds every needed file; else `error`, or a message naming what is missing."""
-    cache = _cache_dir()
+    cache = cache_dir()
     folder = _snapshot(repo_id, rev)
     if folder is None:
         raise error or LorafuseError(f"{label} is not in the cache ({cache}) and {why}")
@@ -266,7 +266,7 @@ def _needed_from_cache(repo_id: str, folder: Path, kind: str, label: str) -> tup
 
 def _snapshot(repo_id: str, rev: str) -> Path | None:
     """The cached snapshot folder of `rev` (a commit, or a branch or tag recorded in refs/), if any."""
-    storage = _cache_dir() / ("models--" + repo_id.replace("/", "--"))
+    storage = cache_dir() / ("models--" + repo_id.replace("/", "--"))
     sha = rev if COMMIT.fullmatch(rev) else None
     if sha is None:
         ref = storage / "refs" / rev
@@ -290,7 +290,7 @@ def _cached_listing(repo_id: str, sha: str) -> dict[str, int | None] | None:
         return None
 
 
-def _cache_dir() -> Path:
+def cache_dir() -> Path:
     from huggingface_hub import constants
 
     return Path(constants.HF_HUB_CACHE)
@@ -329,7 +329,7 @@ def cache_status(spec: str | os.PathLike, *, kind: str = MODEL, what: str | None
     what = what or ("adapter" if kind == ADAPTER else "base model")
     label = f"{what} {repo_id}@{rev}"
     status = {"source": "hub", "spec": os.fspath(spec), "repo_id": repo_id, "revision": rev, "commit": None,
-              "cache": str(_cache_dir()), "online": False, "cached": [], "missing": [], "download_bytes": None,
+              "cache": str(cache_dir()), "online": False, "cached": [], "missing": [], "download_bytes": None,
               "complete": False, "note": None}
     sizes: dict[str, int | None] = {}
     needed: list[str] | None = None
@@ -368,7 +368,7 @@ def cache_status(spec: str | os.PathLike, *, kind: str = MODEL, what: str | None
             raise refused
         if kind == MODEL and not (folder / INDEX).is_file() and INDEX in needed:
             status["note"] += "; the shards are unknown until the index is downloaded"
-    folder = _cache_dir() / ("models--" + repo_id.replace("/", "--")) / "snapshots" / status["commit"]
+    folder = cache_dir() / ("models--" + repo_id.replace("/", "--")) / "snapshots" / status["commit"]
     for name in needed:
         path = folder / name
         if path.is_file():
@@ -383,7 +383,7 @@ def cache_status(spec: str | os.PathLike, *, kind: str = MODEL, what: str | None
 
 def _remote_shards(repo_id: str, sha: str, label: str, what: str) -> list[str]:
     """The shard names of the index: from the cache when it is there, else read through a temporary folder."""
-    cached = _cache_dir() / ("models--" + repo_id.replace("/", "--")) / "snapshots" / sha / INDEX
+    cached = cache_dir() / ("models--" + repo_id.replace("/", "--")) / "snapshots" / sha / INDEX
     if cached.is_file():
         return _shards(cached, label)
     from huggingface_hub import hf_hub_download
@@ -459,7 +459,7 @@ def _hub_error(e: Exception, repo_id: str, rev: str, what: str) -> tuple[Lorafus
                "check the network, proxy or HF_ENDPOINT and run again")
         return LorafuseError(why), why
     if isinstance(e, OSError):  # writing the cache: disk full, permissions
-        return LorafuseError(f"{what} {repo_id}: cannot write to the Hugging Face cache {_cache_dir()} ({e}); "
+        return LorafuseError(f"{what} {repo_id}: cannot write to the Hugging Face cache {cache_dir()} ({e}); "
                              "free some space or point HF_HUB_CACHE at another disk"), None
     raise e
 

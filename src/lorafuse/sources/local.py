@@ -76,9 +76,9 @@ def _check_inside(folder: Path, path: Path) -> None:
     real, root = path.resolve(), folder.resolve()
     if root in real.parents:
         return
-    from huggingface_hub import constants
+    from .hub import cache_dir
 
-    cache = Path(constants.HF_HUB_CACHE).resolve()
+    cache = cache_dir().resolve()
     if cache in root.parents and cache in real.parents:
         return
     raise LorafuseError(f"{path} links outside the model folder (to {real}); refusing to follow it: "
