@@ -30,7 +30,8 @@ from routes import ROUTES  # noqa: E402  (torch-free import)
 from synth import DONE_MARKER  # noqa: E402
 
 PY = sys.executable
-RATIOS = [("lorafuse", "copy"), ("lorafuse", "peft"), ("lorafuse", "shard")]
+RATIOS = [("lorafuse", "copy"), ("lorafuse", "peft"), ("lorafuse", "shard"), ("lorafuse-cuda", "copy"), ("lorafuse-cuda", "lorafuse")]
+DEFAULT_ROUTES = ["lorafuse", "peft", "shard", "copy"]  # lorafuse-cuda on request: it needs a GPU
 
 
 def parse_args() -> argparse.Namespace:
@@ -46,7 +47,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--memory-limit", default=None, help="run each route once under this hard memory limit (cgroup), e.g. 1GB")
     p.add_argument("--sweep-shards", default="500MB,5GB", help="comma-separated")
     args = p.parse_args()
-    default = "lorafuse" if args.sweep else ",".join(ROUTES)
+    default = "lorafuse" if args.sweep else ",".join(DEFAULT_ROUTES)
     args.routes = [r.strip() for r in (args.routes or default).split(",") if r.strip()]
     unknown = set(args.routes) - set(ROUTES)
     if unknown:
@@ -189,8 +190,6 @@ def ratios_table(rows: list[dict]) -> str:
             t = by[a]["median_s"] / by[b]["median_s"]
             m = by[a]["peak_rss_mb"] / by[b]["peak_rss_mb"]
             lines.append(f"| {a} / {b} | {t:.2f}× | {m:.2f}× |")
-        else:
-            lines.append(f"| {a} / {b} | n/a | n/a |")
     return "\n".join(lines)
 
 
@@ -218,9 +217,20 @@ def machine_info() -> dict:
         "cores": os.cpu_count(),
         "RAM": f"{int(ram_kib) / 2**20:.1f} GiB" if ram_kib.isdigit() else "unknown",
         "OS": platform.platform(),
+        "GPU": gpu_name(),
         "python": platform.python_version(),
         **{pkg: version(pkg) for pkg in ("torch", "transformers", "peft", "safetensors", "lorafuse")},
     }
+
+
+def gpu_name() -> str:
+    """The GPUs nvidia-smi sees (torch-free: the driver process stays light)."""
+    try:
+        names = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                               capture_output=True, text=True, timeout=30).stdout.split("\n")
+    except (OSError, subprocess.SubprocessError):
+        return "none"
+    return ", ".join(n.strip() for n in names if n.strip()) or "none"
 
 
 def model_line(info: dict) -> str:

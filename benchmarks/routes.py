@@ -42,6 +42,11 @@ def route_lorafuse(base: Path, adapter: Path, out: Path) -> str:
     return run_command([lorafuse_cli(), "merge", str(base), str(adapter), str(out), "--quiet"])
 
 
+def route_lorafuse_cuda(base: Path, adapter: Path, out: Path) -> str:
+    """The same with the delta arithmetic on a GPU (needs a CUDA build of torch and a GPU)."""
+    return run_command([lorafuse_cli(), "merge", str(base), str(adapter), str(out), "--quiet", "--device", "cuda"])
+
+
 def route_copy(base: Path, adapter: Path, out: Path) -> str:
     """Lower bound: the same bytes, read and written, with no maths."""
     return run_command(["cp", "-r", str(base), str(out)])
@@ -101,7 +106,7 @@ def route_shard(base: Path, adapter: Path, out: Path) -> str:
     return "self"
 
 
-ROUTES = {"lorafuse": route_lorafuse, "peft": route_peft, "shard": route_shard, "copy": route_copy}
+ROUTES = {"lorafuse": route_lorafuse, "lorafuse-cuda": route_lorafuse_cuda, "peft": route_peft, "shard": route_shard, "copy": route_copy}
 
 
 def main() -> None:

@@ -21,12 +21,21 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# Where the oracle tests run lorafuse's arithmetic (--device): the CPU, and a GPU too where there is one.
+# CI has none; run the suite on a GPU machine to check the CUDA path against the same oracles.
+MERGE_DEVICES = ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",)
+
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 
 # Small enough that the whole oracle matrix runs in about a minute on two CPU cores, big enough to
 # have every module kind (GQA attention, gated MLP, biases, Conv1D, tied and untied heads).
 TINY = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2)
+
+
+def device_suffix(device: str) -> str:
+    """Test ids name the device only off the CPU, so CPU-only runs keep their ids."""
+    return "" if device == "cpu" else f"-{device}"
 
 
 def tiny_config(kind: str):

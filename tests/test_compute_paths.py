@@ -18,7 +18,7 @@ import torch
 
 import lorafuse
 from lorafuse.compute import needs_torch, rows, tensors
-from conftest import read_tensors
+from conftest import MERGE_DEVICES, read_tensors
 from test_merge_vs_peft import TENSOR_SLACK, VARIANTS, get_adapter
 
 MANTISSA_BITS = {"BF16": 7, "F16": 10, "F32": 23}
@@ -118,22 +118,24 @@ def values(stored: bytes | memoryview, dtype: str) -> torch.Tensor:
 PLAIN = [v for v in VARIANTS if "dora" not in v.id]
 
 
+@pytest.mark.parametrize("device", MERGE_DEVICES)
 @pytest.mark.parametrize("block_values", [None, 97], ids=["one-block", "many-blocks"])
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 @pytest.mark.parametrize("variant", PLAIN, ids=[v.id for v in PLAIN])
-def test_numpy_and_torch_paths_agree(variant, dtype, block_values, tiny_base, adapter_of, one_torch_thread,
+def test_numpy_and_torch_paths_agree(variant, dtype, block_values, device, tiny_base, adapter_of, one_torch_thread,
                                      monkeypatch):
     """Every tensor the numpy path produces, the torch path produces too, within one ulp of the output
     dtype plus TENSOR_SLACK (2e-7 of the tensor's scale, the fp32 arithmetic's own error, which shows
     where W + ΔW cancels), and for 16-bit files mostly identical: the paths differ only in how the fp32
     sum is rounded (torch fuses it into addmm). The tiny models' tensors fit one block of rows; with
-    blocks of 97 values (one to three rows), each block starts at another row."""
+    blocks of 97 values (one to three rows), each block starts at another row. On a GPU (device cuda) the
+    torch path's arithmetic runs there, and is held to the same bounds."""
     if block_values:
         monkeypatch.setattr(rows, "BLOCK_VALUES", block_values)
     plan = lorafuse.plan(tiny_base(variant.model, dtype), adapter_of(variant.id))
     produced = [t for t in plan.tensors if not t.is_copy]
     assert produced and not any(needs_torch(t, "cpu") for t in produced)
-    numpy_path, torch_path = rows.Producer("cpu"), tensors.Producer("cpu")
+    numpy_path, torch_path = rows.Producer("cpu"), tensors.Producer(device)
     differing = total = 0
     for tensor in produced:
         fd = os.open(tensor.source.path, os.O_RDONLY)

@@ -27,8 +27,8 @@ import pytest
 import torch
 
 import lorafuse
-from conftest import (TORCH_DTYPES, build_model, leftovers, load_model, load_peft, logits, make_adapter,
-                      read_adapter, read_config, read_tensors, same_bytes, save_model, tree_hash)
+from conftest import (MERGE_DEVICES, TORCH_DTYPES, build_model, device_suffix, leftovers, load_model, load_peft, logits,
+                      make_adapter, read_adapter, read_config, read_tensors, same_bytes, save_model, tree_hash)
 
 # --- tolerances ----------------------------------------------------------------------------------
 # Logit tolerances are relative to the logit scale max|logits|. With an fp32 output the merged
@@ -146,7 +146,7 @@ VARIANTS = [
             vocab=160),
 ]
 VARIANT = {v.id: v for v in VARIANTS}
-CASES = [(v, d) for v in VARIANTS for d in v.dtypes]
+CASES = [(v, d, device) for v in VARIANTS for d in v.dtypes for device in MERGE_DEVICES]
 
 
 def input_ids(vocab: int) -> torch.Tensor:
@@ -241,15 +241,15 @@ class Case:
         return bool(read_config(self.base).get("tie_word_embeddings")) and "lm_head.weight" not in self.base_tensors
 
 
-@pytest.fixture(scope="module", params=CASES, ids=[f"{v.id}-{d}" for v, d in CASES])
+@pytest.fixture(scope="module", params=CASES, ids=[f"{v.id}-{d}{device_suffix(dev)}" for v, d, dev in CASES])
 def case(request, tiny_base, artefacts, tmp_path_factory) -> Case:
-    v, dtype = request.param
+    v, dtype, device = request.param
     base = tiny_base(v.model, dtype)
     adapter = get_adapter(artefacts, tiny_base, v)
-    out = tmp_path_factory.mktemp(f"out-{v.id}-{dtype}") / "merged"
+    out = tmp_path_factory.mktemp(f"out-{v.id}-{dtype}{device_suffix(device)}") / "merged"
     try:
         plan = lorafuse.plan(base, adapter, out)
-        report = lorafuse.merge(base, adapter, out)
+        report = lorafuse.merge(base, adapter, out, device=device)
     except lorafuse.LorafuseError as e:
         pytest.fail(f"lorafuse refuses an adapter PEFT saved and loads: {e}")
     return Case(v, dtype, base, adapter, out, plan, report)

@@ -47,6 +47,15 @@ def bnb_parts(packed, state) -> dict[str, torch.Tensor]:
     return {"": packed, **{"." + k: v for k, v in state.as_dict(packed=True).items()}}
 
 
+def bnb_cpu_library() -> bool:
+    """Whether bnb runs its CPU kernels from its CPU library. Where a GPU is visible it loads its CUDA
+    library, whose CPU fp16 dequantize rounds 1 value in about 10^4 one ulp the other way (seen on an H100
+    machine: 6 of 77 400; the CPU library there gives lorafuse's bits exactly)."""
+    from bitsandbytes.cextension import lib
+
+    return "cuda" not in str(getattr(lib, "_name", "")).lower()
+
+
 def bnb_dequantize(packed, state) -> torch.Tensor:
     out = BF.dequantize_4bit(packed, state)
     return out.t() if packed.shape[0] == 1 else out  # undo bnb's "transposed input" shim on tiny tensors
@@ -81,7 +90,12 @@ def check_roundtrip(w, quant_type, blocksize, compress, storage) -> bool:
     for k in ref:
         assert same(mine[k], ref[k]), (k, quant_type, blocksize, tuple(w.shape), w.dtype, compress, storage)
     if not avx512_misindexes(w.shape, blocksize):
-        assert same(q.dequantize_4bit_saved(mine, w.dtype), bnb_dequantize(packed, state))
+        got, want = q.dequantize_4bit_saved(mine, w.dtype), bnb_dequantize(packed, state)
+        if w.dtype == torch.float16 and not bnb_cpu_library():
+            ulps = (bits(got).view(torch.int16).int() - bits(want).view(torch.int16).int()).abs()
+            assert ulps.max() <= 1 and (ulps > 0).sum() * 1000 <= ulps.numel()
+        else:
+            assert same(got, want)
     return True
 
 

@@ -34,7 +34,7 @@ import pytest
 import torch
 
 import lorafuse
-from conftest import (leftovers, load_model, logits, make_adapter, quiet, read_adapter, read_config, read_tensors,
+from conftest import (MERGE_DEVICES, device_suffix, leftovers, load_model, logits, make_adapter, quiet, read_adapter, read_config, read_tensors,
                       same_bytes, save_model, tree_hash)
 from lorafuse.formats.safetensors import TensorRef, read_header
 from lorafuse.quant import QuantizedTensor, quantize_fp8_block
@@ -383,22 +383,23 @@ class Case:
         return read_tensors(self.out)
 
 
-CASES = [pytest.param(v, marks=needs_bnb, id=v.id) for v in BNB] + [pytest.param(v, id=v.id) for v in FP8]
+CASES = [pytest.param((v, device), marks=needs_bnb if v in BNB else (), id=v.id + device_suffix(device))
+         for v in BNB + FP8 for device in MERGE_DEVICES]
 
 
 @pytest.fixture(scope="module", params=CASES)
 def case(request, artefacts, tmp_path_factory) -> Case:
-    v = request.param
+    v, device = request.param
     if isinstance(v, Bnb):
         base, adapter = bnb_checkpoint(artefacts, v)
         plain = llama_base(artefacts, "bf16" if v.dtype == torch.bfloat16 else "fp16")
     else:
         base, adapter = fp8_checkpoint(artefacts, v)
         plain = llama_base(artefacts, "bf16")
-    out = tmp_path_factory.mktemp(f"out-{v.id}") / "merged"
+    out = tmp_path_factory.mktemp(f"out-{v.id}{device_suffix(device)}") / "merged"
     try:
         plan = lorafuse.plan(base, adapter, out)
-        lorafuse.merge(base, adapter, out)
+        lorafuse.merge(base, adapter, out, device=device)
     except lorafuse.LorafuseError as e:
         pytest.fail(f"lorafuse refuses a {v.id} base: {e}")
     return Case(v, base, adapter, out, plan, plain)
@@ -617,8 +618,9 @@ def test_no_read_is_larger_than_one_stored_tensor(variant, artefacts, tmp_path, 
 # --- merged_4bit output and the QLoRA comparison ----------------------------------------------------
 
 @needs_bnb
+@pytest.mark.parametrize("device", MERGE_DEVICES)
 @pytest.mark.parametrize("source", ["16bit", "nf4-double", "int8"])
-def test_merged_4bit_is_what_bitsandbytes_writes(source, artefacts, tmp_path):
+def test_merged_4bit_is_what_bitsandbytes_writes(source, device, artefacts, tmp_path):
     """save_method merged_4bit: transformers + bitsandbytes load OUT as Linear4bit layers whose packed
     weights and statistics are bitsandbytes' own quantize_4bit of the 16-bit merge, bit for bit, and
     whose logits stay within 4-bit quantization error of the 16-bit merge."""
@@ -632,8 +634,8 @@ def test_merged_4bit_is_what_bitsandbytes_writes(source, artefacts, tmp_path):
         base, adapter = bnb_checkpoint(artefacts, next(v for v in BNB if v.id == source))
     plan = lorafuse.plan(base, adapter, save_method="merged_4bit")
     assert any("re-quantized to NF4" in n and "loses precision" in n for n in plan.notes)
-    lorafuse.merge(base, adapter, tmp_path / "m16")
-    lorafuse.merge(base, adapter, tmp_path / "m4", save_method="merged_4bit")
+    lorafuse.merge(base, adapter, tmp_path / "m16", device=device)
+    lorafuse.merge(base, adapter, tmp_path / "m4", save_method="merged_4bit", device=device)
     model, info = AutoModelForCausalLM.from_pretrained(tmp_path / "m4", device_map="cpu", output_loading_info=True)
     assert not any(info.values()), info
     assert all(isinstance(getattr(layer.self_attn, p), bitsandbytes.nn.Linear4bit)

@@ -35,14 +35,15 @@ def reference(inputs, tmp_path_factory):
 
 
 KILL_AFTER_SHARDS = """
-import os, sys
+import os, sys, threading
 import lorafuse.execute as execute
-finish, done = execute._finish_shard, []
+finish, done, one_at_a_time = execute._finish_shard, [], threading.Lock()
 def dying_finish(*args):
-    finish(*args)
-    done.append(1)
-    if len(done) == int(sys.argv[1]):
-        os._exit(137)  # no cleanup at all, as after SIGKILL or a power cut
+    with one_at_a_time:  # shards finish on threads of their own: exactly N are finished at the end
+        finish(*args)
+        done.append(1)
+        if len(done) == int(sys.argv[1]):
+            os._exit(137)  # no cleanup at all, as after SIGKILL or a power cut
 execute._finish_shard = dying_finish
 from lorafuse.cli import main
 sys.exit(main(sys.argv[2:]))
@@ -157,10 +158,10 @@ def test_disk_full_part_way_then_resume(inputs, reference, small_disk):
 
 
 def shard_threads() -> list:
-    """The flushing and hashing threads of output shards still running."""
+    """The flushing, hashing and finishing threads of output shards still running."""
     import threading
 
-    return [t for t in threading.enumerate() if t.name in ("lorafuse-flush", "lorafuse-hash")]
+    return [t for t in threading.enumerate() if t.name in ("lorafuse-flush", "lorafuse-hash", "lorafuse-finish")]
 
 
 def failed_flush(fd):

@@ -2,11 +2,12 @@
 
 Every output offset is known from the plan, so tensors are written with positioned writes in any
 order by a small pool of threads (file I/O, numpy and torch kernels release the GIL): reading one tensor
-overlaps computing and writing another, and at most PIPELINE_DEPTH tensors are in memory at once,
+overlaps computing and writing another, and at most `plan.depth` tensors are in memory at once,
 each in buffers its thread reuses. Untouched tensors are copied file to file inside the kernel
 (copy_file_range), never decoded. Written ranges are handed to the disk at once (sync_file_range),
 and made durable every FLUSH_BYTES (fdatasync, on a thread of its own), so writing to disk overlaps the
-work instead of all waiting for the final fsync.
+work instead of all waiting for the final fsync. A finished shard is made durable and its hash completed
+on a thread of its own while the pipeline goes on to the next: on many cores, shards hash in parallel.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from . import compute
 from .errors import LorafuseError
 from .formats.safetensors import TensorSlot
 from .manifest import HASH_CHUNK, Ledger
-from .plan import PIPELINE_DEPTH, Plan, TensorPlan
+from .plan import Plan, TensorPlan, usable_cores
 from .quant import QuantizedTensor
 from .sources.remote import Downloads
 
@@ -96,6 +97,7 @@ def write_shards(plan: Plan, folder: Path, device: str, ledger: Ledger,
     thread_limits = contextlib.ExitStack()
     handed_over = threading.Condition()  # a shard finished and passed to on_shard_done
     unfinished: set[str] = set()  # shards opened and not handed over yet
+    finishing: list[tuple[threading.Thread, _OpenShard]] = []  # shards written, being made durable
     failed: list[BaseException] = []
 
     def stop(error: BaseException) -> None:
@@ -108,6 +110,8 @@ def write_shards(plan: Plan, folder: Path, device: str, ledger: Ledger,
 
     def job(*args) -> None:
         try:
+            if failed:  # a shard failed to finish: stop here, with its error
+                raise failed[0]
             merge_tensor(*args)
         except BaseException as e:
             stop(e)
@@ -146,14 +150,24 @@ def write_shards(plan: Plan, folder: Path, device: str, ledger: Ledger,
             downloads.done(index)
         with lock:
             target.remaining -= 1
-            last = target.remaining == 0
-        if last:
-            _finish_shard(folder, open_shards.pop(target.shard.filename), ledger)
+            if target.remaining == 0:
+                open_shards.pop(target.shard.filename)
+                finisher = threading.Thread(target=finish, args=(target,), name="lorafuse-finish")
+                finishing.append((finisher, target))
+                finisher.start()
+
+    def finish(target: _OpenShard) -> None:
+        """Make a written shard durable and record it; meanwhile the workers go on with the next."""
+        try:
+            _finish_shard(folder, target, ledger)
             if on_shard_done:
                 on_shard_done(folder / target.shard.filename, ledger.shards[target.shard.filename]["sha256"])
-            with handed_over:
-                unfinished.discard(target.shard.filename)
-                handed_over.notify_all()
+        except BaseException as e:
+            stop(e)
+            return
+        with handed_over:
+            unfinished.discard(target.shard.filename)
+            handed_over.notify_all()
 
     def jobs():
         """Shard by shard, each opened only when the pipeline reaches it."""
@@ -195,17 +209,24 @@ def write_shards(plan: Plan, folder: Path, device: str, ledger: Ledger,
         if torch_needed not in producers:
             producers[torch_needed] = compute.producer(torch_needed, device)
             thread_limits.enter_context(
-                producers[torch_needed].intra_op_threads(max(1, (os.cpu_count() or 1) // PIPELINE_DEPTH)))
+                producers[torch_needed].intra_op_threads(max(1, usable_cores() // plan.depth)))
         return producers[torch_needed]
 
     try:
         with thread_limits:
-            _run_bounded(job, jobs(), on_failure=stop)
+            _run_bounded(job, jobs(), plan.depth, on_failure=stop)
+        for finisher, _ in finishing:
+            finisher.join()
+        if failed:
+            raise failed[0]
     except OSError as e:
         raise disk_error(e, folder) from None
     finally:
         if downloads:
             downloads.close()
+        for finisher, target in finishing:  # only an error leaves one running: its digest is not wanted
+            target.hash.cancel()
+            finisher.join()
         for target in open_shards.values():
             target.hash.cancel()
             target.flusher.stop()
@@ -245,11 +266,17 @@ class _OpenShard:
     writing: threading.Lock = field(default_factory=threading.Lock)
 
 
+class HashCancelled(Exception):
+    """The merge stopped before the shard's hash was complete."""
+
+
 class _RunningHash:
     """SHA-256 of a file written out of order, computed as the complete prefix grows, so that hashing
     overlaps the merge instead of following it. A writer whose tensor extends the prefix hashes it from
-    its own buffer; the rest (copies, tensors written ahead of the prefix) a thread of its own reads back
-    from the page cache."""
+    its own buffer when the hash has caught up; the rest (copies, tensors written ahead of the prefix,
+    tensors written while the hash lags) a thread of its own reads back from the page cache. The workers
+    never wait for it: SHA-256 is one core's work per file (0.8-1.6 GB/s), slower than the merge on many
+    cores."""
 
     def __init__(self, path: Path, size: int, done_prefix: int) -> None:
         self.size, self.prefix, self.hashed = size, done_prefix, 0
@@ -266,13 +293,10 @@ class _RunningHash:
         """[start, end) is written; `pieces` are its bytes when the writer still holds them."""
         if end == start:  # an empty tensor: nothing to hash, and it must not shadow a range at `start`
             return
-        own = False
         with self.cond:
-            if self.prefix == start and sum(len(p) for p in pieces) == end - start:
-                # Everything before is written: wait for the thread to hash it (one tensor at most),
-                # then hash these bytes here, which spares reading them back (0.1 s per GB).
-                self.cond.wait_for(lambda: self.hashed == start or self.cancelled or self.error is not None)
-                own = self.hashed == start
+            # Everything before is written and hashed: hash these bytes here, which spares reading them
+            # back (0.1 s per GB).
+            own = self.prefix == self.hashed == start and sum(len(p) for p in pieces) == end - start
         if own:  # outside the lock: the thread idles until the prefix passes `start`, so the digest is ours
             for piece in pieces:
                 self.digest.update(piece)
@@ -312,6 +336,8 @@ class _RunningHash:
         self.thread.join()
         if self.error is not None:
             raise self.error
+        if self.cancelled:
+            raise HashCancelled()
         return self.digest.hexdigest()
 
     def cancel(self) -> None:
@@ -365,14 +391,15 @@ class _Flusher:
         return self.error
 
 
-def _run_bounded(job: Callable, jobs: Iterable[tuple], on_failure: Callable[[BaseException], None]) -> None:
-    """Run jobs on PIPELINE_DEPTH threads, submitting only a few ahead so memory stays bounded.
+def _run_bounded(job: Callable, jobs: Iterable[tuple], depth: int,
+                 on_failure: Callable[[BaseException], None]) -> None:
+    """Run jobs on `depth` threads, submitting only a few ahead so memory stays bounded.
     `on_failure` hears first of an error here (Ctrl-C included), so that jobs waiting on others stop."""
-    with ThreadPoolExecutor(PIPELINE_DEPTH, thread_name_prefix="lorafuse") as pool:
+    with ThreadPoolExecutor(depth, thread_name_prefix="lorafuse") as pool:
         pending: deque = deque()
         try:
             for args in jobs:
-                if len(pending) >= 2 * PIPELINE_DEPTH:
+                if len(pending) >= 2 * depth:
                     pending.popleft().result()
                 pending.append(pool.submit(job, *args))
             while pending:

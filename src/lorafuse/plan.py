@@ -33,7 +33,7 @@ CASTABLE = {"BF16", "F16", "F32"}
 HEAD = "lm_head.weight"
 CONV1D_MODEL_TYPES = {"gpt2", "openai-gpt", "imagegpt", "decision_transformer"}
 EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight", "tok_embeddings.weight")
-PIPELINE_DEPTH = 2  # tensors in flight at once in the executor
+MAX_PIPELINE_DEPTH = 8
 SAVE_METHODS = ("merged_16bit", "merged_4bit")
 QUANTIZED_NAME = re.compile(r"bnb|4bit|4-bit|8bit|nf4|int4|int8|awq|gptq|fp8", re.IGNORECASE)
 # What transformers writes for BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
@@ -131,6 +131,21 @@ class ShardPlan:
         return len(self.header) + sum(s.nbytes for group in self.slots for s in group)
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (CPU affinity and cgroup cpusets count, not the machine's)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def pipeline_depth() -> int:
+    """Tensors in flight at once: one per two usable cores (the kernel's copies, the hashing and the
+    flushing take the others), at least two (one tensor is computed while another is read or written),
+    at most MAX_PIPELINE_DEPTH (on 16 cores, 8 were 1.6x faster than 2 without hashing)."""
+    return max(2, min(MAX_PIPELINE_DEPTH, usable_cores() // 2))
+
+
 @dataclass
 class Plan:
     """A merge, decided: a plain value that `lorafuse plan` prints and the executor carries out."""
@@ -146,6 +161,7 @@ class Plan:
     save_method: str = "merged_16bit"
     base_name: str = ""  # as the user named them: a folder or a repo id
     adapter_name: str = ""
+    depth: int = field(default_factory=pipeline_depth)  # tensors in flight at once in the executor
 
     @property
     def tensors(self) -> list[TensorPlan]:
@@ -164,7 +180,7 @@ class Plan:
     def peak_memory(self) -> int:
         """Working memory beyond the interpreter: the largest tensors in flight at once."""
         work = sorted((t.work_bytes for t in self.tensors), reverse=True)
-        return sum(work[:PIPELINE_DEPTH])
+        return sum(work[:self.depth])
 
     @property
     def disk_free(self) -> int | None:

@@ -64,10 +64,14 @@ def _produce(tensor: TensorPlan, source: torch.Tensor, buffer: Callable[[str, in
     out_dtype = torch_dtype(tensor.dtype)
     value = source
     if tensor.patches:
-        if device.type == "cpu" and source.dtype != torch.float32:  # fp32 sources are patched in place
+        if device.type != "cpu":
+            # The bus carries the stored bytes and the GPU widens them: a copy between devices that also
+            # converts converts on the CPU, into a temporary of its own.
+            value = source.to(device).to(torch.float32)
+        elif source.dtype != torch.float32:  # fp32 sources are patched in place
             value = buffer("fp32", source.numel() * 4).view(torch.float32).view(source.shape).copy_(source)
         else:
-            value = source.to(device=device, dtype=torch.float32)
+            value = source
         for patch in tensor.patches:
             value = patch.apply(value)
         if not all_finite(value):
@@ -79,7 +83,8 @@ def _produce(tensor: TensorPlan, source: torch.Tensor, buffer: Callable[[str, in
         # thread holds two tensor-sized buffers, not three.
         role = "in" if value.data_ptr() != source.data_ptr() and source.device.type == "cpu" else "out"
         nbytes = value.numel() * dtype_size(tensor.dtype)
-        out = buffer(role, nbytes).view(out_dtype).view(value.shape).copy_(value)
+        rounded = value if value.device.type == "cpu" else value.to(out_dtype)  # on the GPU, as above
+        out = buffer(role, nbytes).view(out_dtype).view(value.shape).copy_(rounded)
     if out_dtype == torch.float16 and not all_finite(out) and all_finite(value):
         raise overflows(tensor, value.abs().max().item())
     return out

@@ -1,0 +1,105 @@
+"""The executor's concurrency: how many tensors are in flight for the cores at hand, and shards that
+finish (fsync, hash, ledger) beside the pipeline instead of in its way."""
+
+import os
+import threading
+
+import pytest
+
+import lorafuse
+import lorafuse.execute as execute
+from conftest import make_adapter, tree_hash
+from test_resilience import shard_threads
+from lorafuse.compute import rows
+from lorafuse.execute import HashCancelled, _RunningHash
+from lorafuse.plan import MAX_PIPELINE_DEPTH, pipeline_depth
+
+SHARD = "8KB"  # the tiny model in about 8 shards
+
+
+@pytest.fixture(scope="module")
+def inputs(tiny_base, artefacts):
+    from peft import LoraConfig
+
+    base = tiny_base("llama", "bf16")
+    config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
+    return base, artefacts.get("pipeline-adapter", lambda d: make_adapter(base, d, config))
+
+
+@pytest.mark.parametrize("cores, depth", [(1, 2), (2, 2), (5, 2), (8, 4), (16, 8), (64, MAX_PIPELINE_DEPTH)])
+def test_depth_follows_the_cores_this_process_may_use(cores, depth, inputs, monkeypatch):
+    """One tensor in flight per two cores (affinity and cgroup cpusets count, not the machine's cores),
+    never fewer than two, never more than MAX_PIPELINE_DEPTH; the plan's memory estimate counts that many."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)))
+    assert pipeline_depth() == depth
+    plan = lorafuse.plan(*inputs)
+    work = sorted((t.work_bytes for t in plan.tensors), reverse=True)
+    assert plan.depth == depth and plan.peak_memory == sum(work[:depth])
+
+
+@pytest.mark.parametrize("depth", [2, 4])
+def test_no_more_tensors_in_flight_than_the_depth(depth, inputs, tmp_path, monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(2 * depth)))
+    produce, lock = rows.Producer.output_bytes, threading.Lock()
+    now, most = [0], [0]
+
+    def counted(*args):
+        with lock:
+            now[0] += 1
+            most[0] = max(most[0], now[0])
+        try:
+            return produce(*args)
+        finally:
+            with lock:
+                now[0] -= 1
+    monkeypatch.setattr(rows.Producer, "output_bytes", counted)
+    lorafuse.merge(*inputs, tmp_path / "out")
+    assert 1 <= most[0] <= depth
+
+
+def test_a_shard_slow_to_finish_holds_up_no_other(inputs, tmp_path, monkeypatch):
+    """The first shard's finish (fsync, the rest of its hash) waits until every other shard is finished:
+    the workers must go on without it. When the worker that wrote a shard's last tensor finished it
+    itself, the pipeline stalled behind it."""
+    shards = len(lorafuse.plan(*inputs, max_shard_size=SHARD).shards)
+    assert shards >= 4
+    finish, others, first = execute._finish_shard, threading.Semaphore(0), threading.Lock()
+
+    def slow_first(folder, target, ledger):
+        if first.acquire(blocking=False):
+            for _ in range(shards - 1):
+                assert others.acquire(timeout=30), "the other shards waited for the first to finish"
+        else:
+            others.release()
+        return finish(folder, target, ledger)
+    monkeypatch.setattr(execute, "_finish_shard", slow_first)
+    for folder in ("slow", "reference"):
+        (tmp_path / folder).mkdir()
+    lorafuse.merge(*inputs, tmp_path / "slow" / "out", max_shard_size=SHARD)
+    monkeypatch.undo()
+    lorafuse.merge(*inputs, tmp_path / "reference" / "out", max_shard_size=SHARD)
+    assert tree_hash(tmp_path / "slow" / "out") == tree_hash(tmp_path / "reference" / "out")
+
+
+def test_a_shard_that_fails_to_finish_fails_the_merge(inputs, tmp_path, monkeypatch):
+    """A finish that fails (here the fsync) on its own thread is the merge's error, and nothing is published."""
+    import errno
+
+    def failing_fsync(fd):
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+    monkeypatch.setattr(execute.os, "fsync", failing_fsync)
+    with pytest.raises(lorafuse.LorafuseError, match="^I/O error while writing the output: Input/output error$"):
+        lorafuse.merge(*inputs, tmp_path / "out", max_shard_size=SHARD)
+    assert not (tmp_path / "out").exists()
+    assert not shard_threads()
+
+
+def test_a_cancelled_hash_gives_no_digest(tmp_path):
+    """A merge that stops while a shard's hash runs must not record a digest of part of the shard."""
+    path = tmp_path / "f"
+    path.write_bytes(os.urandom(100))
+    running = _RunningHash(path, 100, 10)
+    running.completed(10, 50)
+    running.cancel()
+    with pytest.raises(HashCancelled):
+        running.hexdigest()
