@@ -93,7 +93,7 @@ def check_roundtrip(w, quant_type, blocksize, compress, storage) -> bool:
         got, want = q.dequantize_4bit_saved(mine, w.dtype), bnb_dequantize(packed, state)
         if w.dtype == torch.float16 and not bnb_cpu_library():
             ulps = (bits(got).view(torch.int16).int() - bits(want).view(torch.int16).int()).abs()
-            assert ulps.max() <= 1 and (ulps > 0).sum() * 1000 <= ulps.numel()
+            assert ulps.max() <= 1 and (ulps > 0).sum() <= max(1, ulps.numel() // 1000)
         else:
             assert same(got, want)
     return True

@@ -215,10 +215,10 @@ def test_a_flush_that_fails_after_the_last_write_fails_the_shard(tmp_path, monke
     path = tmp_path / "shard.partial"
     path.write_bytes(b"x" * 10)
     fd = os.open(path, os.O_WRONLY)
-    flusher = execute._Flusher(fd)
+    flusher = execute._Flusher(fd).start()
     flusher.wrote(execute.FLUSH_BYTES)
     flusher.thread.join(30)  # the flush runs, fails, and ends the flushing thread
-    target = execute._OpenShard(SimpleNamespace(filename="shard"), fd, 0, execute._RunningHash(path, 10, 0), flusher)
+    target = execute._OpenShard(SimpleNamespace(filename="shard"), fd, 0, execute._RunningHash(path, 10, 0).start(), flusher)
     with pytest.raises(OSError, match="Input/output error"):
         execute._finish_shard(tmp_path, target, ledger=None)
     assert not shard_threads()
@@ -335,7 +335,7 @@ def test_running_hash_of_ranges_completed_out_of_order(tmp_path):
     path = tmp_path / "f"
     data = os.urandom(100)
     path.write_bytes(data)
-    running = _RunningHash(path, 100, 10)
+    running = _RunningHash(path, 100, 10).start()
     for start, end in [(60, 100), (30, 30), (30, 60), (10, 30), (100, 100)]:
         running.completed(start, end)
     assert running.hexdigest() == hashlib.sha256(data).hexdigest()
@@ -352,7 +352,7 @@ def test_running_hash_takes_the_writers_bytes_when_they_extend_the_prefix(tmp_pa
     data = os.urandom(100)
     path.write_bytes(data)
     view = memoryview(data)
-    running = _RunningHash(path, 100, 10)
+    running = _RunningHash(path, 100, 10).start()
     for start, end, pieces in [(10, 30, [view[10:20], view[20:30]]), (50, 60, [view[50:60]]), (30, 50, [view[30:50]]),
                                (60, 70, []), (70, 100, [view[70:100]])]:
         running.completed(start, end, pieces)

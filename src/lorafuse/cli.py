@@ -148,6 +148,7 @@ def _plan_dict(the_plan) -> dict:
         "copied": sum(t.is_copy for t in the_plan.tensors),
         "output_bytes": the_plan.output_bytes,
         "peak_memory": the_plan.peak_memory,
+        "pipeline_depth": the_plan.depth,
         "disk_free": the_plan.disk_free,
         "download_bytes": the_plan.base.download_bytes,
         "disk_needs": {mode: dict(zip(("out", "cache"), the_plan.disk_needs(low_disk=low, pushing=push)))

@@ -79,8 +79,8 @@ def write_shards(plan: Plan, folder: Path, device: str, ledger: Ledger,
     """Write the shards of the plan that the ledger does not hold finished into `folder`.
 
     Each shard is written as `NAME.partial`, and only when its last tensor is in is it fsynced,
-    renamed to NAME, hashed and recorded in the ledger: a crash at any point leaves finished shards
-    a rerun can trust and partial ones it redoes. `on_shard_done(path, sha256)` hears of each finished
+    hashed, renamed to NAME and recorded in the ledger (on a thread of its own, while the workers go on):
+    a crash at any point leaves finished shards a rerun can trust and partial ones it redoes. `on_shard_done(path, sha256)` hears of each finished
     shard (resumed ones included) as soon as it is durable, e.g. to upload it while the rest is merged;
     `before_shard()` is called before a new shard is started (to wait for uploads, with --low-disk).
     Base shards not downloaded yet are fetched ahead of the tensors that read them (at most `hold` at
@@ -151,10 +151,10 @@ def write_shards(plan: Plan, folder: Path, device: str, ledger: Ledger,
         with lock:
             target.remaining -= 1
             if target.remaining == 0:
-                open_shards.pop(target.shard.filename)
                 finisher = threading.Thread(target=finish, args=(target,), name="lorafuse-finish")
+                finisher.start()  # if it cannot start, the shard stays open and is cleaned up as such
+                open_shards.pop(target.shard.filename)
                 finishing.append((finisher, target))
-                finisher.start()
 
     def finish(target: _OpenShard) -> None:
         """Make a written shard durable and record it; meanwhile the workers go on with the next."""
@@ -191,12 +191,15 @@ def write_shards(plan: Plan, folder: Path, device: str, ledger: Ledger,
             try:
                 _write_bytes(fd, memoryview(shard.header), 0)
                 _allocate(fd, shard.size)
-            except OSError:
+            except BaseException:  # Ctrl-C included
                 os.close(fd)
                 raise
+            # Registered before its threads start, so that the cleanup below finds them whenever it stops.
             target = _OpenShard(shard, fd, len(shard.tensors), _RunningHash(path, shard.size, len(shard.header)),
                                 _Flusher(fd))
             open_shards[shard.filename] = target
+            target.hash.start()
+            target.flusher.start()
             with handed_over:
                 unfinished.add(shard.filename)
             for slots, tensor in zip(shard.slots, shard.tensors):
@@ -238,7 +241,8 @@ def write_shards(plan: Plan, folder: Path, device: str, ledger: Ledger,
 
 
 def _finish_shard(folder: Path, target: "_OpenShard", ledger: Ledger) -> None:
-    """Make a complete shard durable under its real name, then record it as finished."""
+    """Make a complete shard durable under its real name, then record it as finished. A merge that
+    stops meanwhile cancels the hash: the shard then keeps its partial name and is redone by a rerun."""
     try:
         flush_error = target.flusher.stop()
         if flush_error:  # the kernel reports a failed writeback once: the final fsync might not see it
@@ -249,9 +253,9 @@ def _finish_shard(folder: Path, target: "_OpenShard", ledger: Ledger) -> None:
         raise
     finally:
         os.close(target.fd)
-    name = target.shard.filename
+    name, digest = target.shard.filename, target.hash.hexdigest()
     os.rename(folder / (name + PARTIAL), folder / name)
-    ledger.record(name, target.shard.size, target.hash.hexdigest())
+    ledger.record(name, target.shard.size, digest)
 
 
 @dataclass
@@ -285,9 +289,13 @@ class _RunningHash:
         self.cond = threading.Condition()
         self.cancelled = False
         self.error: BaseException | None = None
-        self.fd = os.open(path, os.O_RDONLY)
+        self.path, self.fd = path, -1
         self.thread = threading.Thread(target=self._run, name="lorafuse-hash", daemon=True)
+
+    def start(self) -> "_RunningHash":
+        self.fd = os.open(self.path, os.O_RDONLY)
         self.thread.start()
+        return self
 
     def completed(self, start: int, end: int, pieces: Iterable[memoryview] = ()) -> None:
         """[start, end) is written; `pieces` are its bytes when the writer still holds them."""
@@ -344,7 +352,7 @@ class _RunningHash:
         with self.cond:
             self.cancelled = True
             self.cond.notify()
-        self.thread.join()
+        _join_if_started(self.thread)
 
 
 class _Flusher:
@@ -358,7 +366,10 @@ class _Flusher:
         self.error: BaseException | None = None
         self.cond = threading.Condition()
         self.thread = threading.Thread(target=self._run, name="lorafuse-flush", daemon=True)
+
+    def start(self) -> "_Flusher":
         self.thread.start()
+        return self
 
     def wrote(self, nbytes: int) -> None:
         """Count bytes written; a flush that failed fails the writer (the merge stops at once)."""
@@ -387,8 +398,14 @@ class _Flusher:
         with self.cond:
             self.stopped = True
             self.cond.notify()
-        self.thread.join()
+        _join_if_started(self.thread)
         return self.error
+
+
+def _join_if_started(thread: threading.Thread) -> None:
+    """A merge stopped (Ctrl-C) between registering a shard and starting its threads leaves some unstarted."""
+    if thread.ident is not None:
+        thread.join()
 
 
 def _run_bounded(job: Callable, jobs: Iterable[tuple], depth: int,

@@ -509,7 +509,8 @@ def describe(plan: Plan, verbose: bool = False) -> list[str]:
         f"copies   {len(copied)} tensors as raw bytes ({human_size(sum(t.source.nbytes for t in copied))})",
         f"output   {len(plan.shards)} shard(s), {human_size(plan.output_bytes)}, dtype {plan.dtype}"
         + (f" -> {plan.out}" if plan.out else ""),
-        f"memory   about {human_size(plan.peak_memory)} of tensors in flight at most (plus the Python runtime)",
+        f"memory   about {human_size(plan.peak_memory)} for the tensors in flight, {plan.depth} at a time at most "
+        "(plus the Python runtime)",
     ]
     lines += _describe_disk(plan)
     lines += [f"note     {n}" for n in plan.notes]
