@@ -80,8 +80,9 @@ def write_shards(plan: Plan, folder: Path, device: str, ledger: Ledger,
 
     Each shard is written as `NAME.partial`, and only when its last tensor is in is it fsynced,
     hashed, renamed to NAME and recorded in the ledger (on a thread of its own, while the workers go on):
-    a crash at any point leaves finished shards a rerun can trust and partial ones it redoes. `on_shard_done(path, sha256)` hears of each finished
-    shard (resumed ones included) as soon as it is durable, e.g. to upload it while the rest is merged;
+    a crash at any point leaves finished shards a rerun can trust and partial ones it redoes.
+    `on_shard_done(path, sha256)` hears of each finished shard (resumed ones included) as soon as it
+    is durable, e.g. to upload it while the rest is merged;
     `before_shard()` is called before a new shard is started (to wait for uploads, with --low-disk).
     Base shards not downloaded yet are fetched ahead of the tensors that read them (at most `hold` at
     once, each deleted when done with, for --low-disk; see sources.remote).
