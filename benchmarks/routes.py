@@ -15,6 +15,7 @@ import resource
 import shutil
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 SAFETENSORS_META = {"format": "pt"}
@@ -38,13 +39,8 @@ def lorafuse_cli() -> str:
     return str(local) if local.exists() else (shutil.which("lorafuse") or "lorafuse")
 
 
-def route_lorafuse(base: Path, adapter: Path, out: Path) -> str:
-    return run_command([lorafuse_cli(), "merge", str(base), str(adapter), str(out), "--quiet"])
-
-
-def route_lorafuse_cuda(base: Path, adapter: Path, out: Path) -> str:
-    """The same with the delta arithmetic on a GPU (needs a CUDA build of torch and a GPU)."""
-    return run_command([lorafuse_cli(), "merge", str(base), str(adapter), str(out), "--quiet", "--device", "cuda"])
+def route_lorafuse(base: Path, adapter: Path, out: Path, device: str = "cpu") -> str:
+    return run_command([lorafuse_cli(), "merge", str(base), str(adapter), str(out), "--quiet", "--device", device])
 
 
 def route_copy(base: Path, adapter: Path, out: Path) -> str:
@@ -106,7 +102,13 @@ def route_shard(base: Path, adapter: Path, out: Path) -> str:
     return "self"
 
 
-ROUTES = {"lorafuse": route_lorafuse, "lorafuse-cuda": route_lorafuse_cuda, "peft": route_peft, "shard": route_shard, "copy": route_copy}
+ROUTES = {
+    "lorafuse": route_lorafuse,
+    "lorafuse-cuda": partial(route_lorafuse, device="cuda"),  # needs a CUDA build of torch and a GPU
+    "peft": route_peft,
+    "shard": route_shard,
+    "copy": route_copy,
+}
 
 
 def main() -> None:

@@ -10,13 +10,10 @@ import pytest
 import lorafuse
 import lorafuse.execute as execute
 from conftest import make_adapter, tree_hash
-from test_resilience import shard_threads
+from test_resilience import SHARD, failed_flush, shard_threads
 from lorafuse.compute import rows
 from lorafuse.execute import HashCancelled, _RunningHash
 from lorafuse.plan import MAX_PIPELINE_DEPTH, describe, pipeline_depth
-
-SHARD = "8KB"  # the tiny model in about 8 shards
-
 
 @pytest.fixture(scope="module")
 def inputs(tiny_base, artefacts):
@@ -87,11 +84,7 @@ def test_a_shard_slow_to_finish_holds_up_no_other(inputs, tmp_path, monkeypatch)
 
 def test_a_shard_that_fails_to_finish_fails_the_merge(inputs, tmp_path, monkeypatch):
     """A finish that fails (here the fsync) on its own thread is the merge's error, and nothing is published."""
-    import errno
-
-    def failing_fsync(fd):
-        raise OSError(errno.EIO, os.strerror(errno.EIO))
-    monkeypatch.setattr(execute.os, "fsync", failing_fsync)
+    monkeypatch.setattr(execute.os, "fsync", failed_flush)
     with pytest.raises(lorafuse.LorafuseError, match="^I/O error while writing the output: Input/output error$"):
         lorafuse.merge(*inputs, tmp_path / "out", max_shard_size=SHARD)
     assert not (tmp_path / "out").exists()
