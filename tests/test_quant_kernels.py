@@ -49,8 +49,9 @@ def bnb_parts(packed, state) -> dict[str, torch.Tensor]:
 
 def bnb_cpu_library() -> bool:
     """Whether bnb runs its CPU kernels from its CPU library. Where a GPU is visible it loads its CUDA
-    library, whose CPU fp16 dequantize rounds 1 value in about 10^4 one ulp the other way (seen on an H100
-    machine: 6 of 77 400; the CPU library there gives lorafuse's bits exactly)."""
+    library, whose CPU fp16 dequantize rounds some values one ulp the other way (seen on an H100 machine:
+    6 of 77 400 overall, 28 of 6 144 for one FP4 double-quant case; the CPU library there gives lorafuse's
+    bits exactly)."""
     from bitsandbytes.cextension import lib
 
     return "cuda" not in str(getattr(lib, "_name", "")).lower()
@@ -93,7 +94,9 @@ def check_roundtrip(w, quant_type, blocksize, compress, storage) -> bool:
         got, want = q.dequantize_4bit_saved(mine, w.dtype), bnb_dequantize(packed, state)
         if w.dtype == torch.float16 and not bnb_cpu_library():
             ulps = (bits(got).view(torch.int16).int() - bits(want).view(torch.int16).int()).abs()
-            assert ulps.max() <= 1 and (ulps > 0).sum() <= max(1, ulps.numel() // 1000)
+            # A rounding bug of ours (truncating, say) would move about half the values, a wrong code or
+            # scale far more than one ulp.
+            assert ulps.max() <= 1 and (ulps > 0).sum() <= max(1, ulps.numel() // 100)
         else:
             assert same(got, want)
     return True

@@ -33,7 +33,7 @@ class Producer:
         """Write the bytes of each of the tensor's slots (one, or a 4-bit weight's parts), and return them
         (in the thread's buffers)."""
         if isinstance(tensor.source, QuantizedTensor):
-            value = tensor.source.dequantize()
+            value = tensor.source.dequantize(self.device, self.buffer)
         else:
             raw = self.buffer("in", tensor.source.nbytes)
             read_exact(source_fd, memoryview(raw.numpy()), tensor.source.offset, tensor.source.path)

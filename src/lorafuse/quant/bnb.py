@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import LorafuseError
+from .base import Empty, byte_values, lookup_rows
 
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # what bnb's quantize/dequantize_4bit accept
 NESTED_BLOCKSIZE = 256  # quantize_4bit always double-quantizes absmax in blocks of 256
@@ -115,6 +116,7 @@ def dequantize_4bit(
     nested_quant_map: torch.Tensor | None = None,
     nested_blocksize: int = NESTED_BLOCKSIZE,
     offset: float | None = None,
+    empty: Empty | None = None,
 ) -> torch.Tensor:
     """Unpack a bnb 4-bit weight: `quant_map[nibble] * absmax[block]`, computed in float32.
 
@@ -131,8 +133,8 @@ def dequantize_4bit(
     n = math.prod(shape)
     if quant_map.numel() != 16:
         raise LorafuseError(f"a 4-bit quant_map has 16 entries, got {quant_map.numel()}")
-    if blocksize <= 0:
-        raise LorafuseError(f"bitsandbytes blocksize must be positive, got {blocksize}")
+    if blocksize <= 0 or blocksize % 2:
+        raise LorafuseError(f"bitsandbytes blocksize must be a positive even number, got {blocksize}")
     data = packed.contiguous().view(torch.uint8).reshape(-1)  # other quant_storage dtypes hold the same bytes
     if data.numel() * 2 < n:
         raise LorafuseError(f"packed 4-bit weight has {data.numel()} bytes, too few for shape {tuple(shape)}")
@@ -144,14 +146,24 @@ def dequantize_4bit(
             raise LorafuseError("double-quantized absmax needs nested_quant_map and offset too")
         codes = nested_quant_map.to(torch.float32)[absmax.to(torch.long)]
         absmax = _scale_blocks(codes, nested_absmax, nested_blocksize) + torch.tensor(offset, dtype=torch.float32)
-    byte = torch.arange(256)
+    nblocks = -(-n // blocksize)
+    if absmax.numel() < nblocks:
+        raise LorafuseError(f"{n} values in blocks of {blocksize} need {nblocks} scales, got {absmax.numel()}")
+    scales = absmax[:nblocks].to(torch.float32).view(-1, 1)
+    # Each byte's two values (high nibble first) as one 8-byte table entry: one block of bytes is one row.
+    byte = torch.arange(256, device=data.device)
     code = quant_map.to(torch.float32).reshape(-1)
-    pairs = torch.stack([code[byte >> 4], code[byte & 15]], dim=1)  # high nibble comes first
-    values = pairs[data[: (n + 1) // 2].to(torch.long)].reshape(-1)[:n]
-    return _scale_blocks(values, absmax, blocksize).reshape(shape).to(dtype)
+    pairs = torch.stack([code[byte >> 4], code[byte & 15]], dim=1).view(torch.int64).reshape(-1)
+    data = data[: (n + 1) // 2]
+    if n % blocksize:  # the last block is partial: pad it with zero codes, dropped below
+        data = F.pad(data, (0, nblocks * blocksize // 2 - data.numel()))
+    values = lookup_rows(data.view(nblocks, blocksize // 2), pairs,
+                         lambda start, stop, rows: rows.view(torch.float32).mul_(scales[start:stop]), empty)
+    return values.view(torch.float32).reshape(-1)[:n].reshape(shape).to(dtype)
 
 
-def dequantize_4bit_saved(parts: Mapping[str, torch.Tensor], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def dequantize_4bit_saved(parts: Mapping[str, torch.Tensor], dtype: torch.dtype = torch.float32,
+                          empty: Empty | None = None) -> torch.Tensor:
     """Dequantize one saved weight from its tensors, keyed by suffix after `X.weight`.
 
     Keys: "" (the packed weight), ".absmax", ".quant_map", ".quant_state.bitsandbytes__nf4" (or fp4)
@@ -171,7 +183,7 @@ def dequantize_4bit_saved(parts: Mapping[str, torch.Tensor], dtype: torch.dtype 
         nested_absmax=parts[".nested_absmax"] if nested else None,
         nested_quant_map=parts[".nested_quant_map"] if nested else None,
         nested_blocksize=state.get("nested_blocksize", NESTED_BLOCKSIZE),
-        offset=state.get("nested_offset"),
+        offset=state.get("nested_offset"), empty=empty,
     )
 
 
@@ -255,7 +267,8 @@ def pad_quant_state(state: torch.Tensor, length: int) -> torch.Tensor:
 
 
 def dequantize_int8(
-    weight_int8: torch.Tensor, scb: torch.Tensor, weight_format: torch.Tensor | int | None = None
+    weight_int8: torch.Tensor, scb: torch.Tensor, weight_format: torch.Tensor | int | None = None,
+    empty: Empty | None = None,
 ) -> torch.Tensor:
     """LLM.int8 weight to float32: row i is `weight[i] * SCB[i] / 127`.
 
@@ -269,7 +282,9 @@ def dequantize_int8(
     if weight_int8.dtype != torch.int8 or weight_int8.dim() != 2 or scb.numel() != weight_int8.shape[0]:
         raise LorafuseError(f"LLM.int8 expects an int8 (out, in) weight and SCB[out]; got {weight_int8.dtype} "
                             f"{tuple(weight_int8.shape)} and SCB {tuple(scb.shape)}")
-    return weight_int8 * scb.to(torch.float32).view(-1, 1) * 7.874015718698502e-3
+    scb = scb.to(torch.float32).view(-1, 1)
+    return lookup_rows(weight_int8.view(torch.uint8), byte_values(torch.int8, weight_int8.device),
+                       lambda start, stop, rows: rows.mul_(scb[start:stop]).mul_(7.874015718698502e-3), empty)
 
 
 def _scale_blocks(values: torch.Tensor, scales: torch.Tensor, blocksize: int) -> torch.Tensor:
@@ -338,7 +353,7 @@ def claim(tensors: Mapping, config: dict) -> dict:
             parts = {r: (weight + r, tensors[weight + r]) for r in roles}
             parts[key[len(weight):]] = (key, ref)
             found[weight] = QuantizedTensor(weight, f"bnb-{state['quant_type']}", parts, tuple(state["shape"]),
-                                            _safetensors_name(state["dtype"]), dequantize_4bit_saved)
+                                            _safetensors_name(state["dtype"]), _decode_4bit)
         elif key.endswith(".SCB"):
             weight = key[: -len(".SCB")] + ".weight"
             if weight not in tensors or tensors[weight].dtype != "I8":
@@ -351,8 +366,12 @@ def claim(tensors: Mapping, config: dict) -> dict:
     return found
 
 
-def _decode_int8(parts: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    return dequantize_int8(parts[""], parts["SCB"], parts.get("format"))
+def _decode_4bit(parts: Mapping[str, torch.Tensor], empty: Empty | None) -> torch.Tensor:
+    return dequantize_4bit_saved(parts, torch.float32, empty)
+
+
+def _decode_int8(parts: Mapping[str, torch.Tensor], empty: Empty | None) -> torch.Tensor:
+    return dequantize_int8(parts[""], parts["SCB"], parts.get("format"), empty)
 
 
 def _safetensors_name(dtype) -> str:

@@ -14,15 +14,20 @@ inverse, despite the same arithmetic); `X.input_scale`, if present, concerns act
 
 from __future__ import annotations
 
+import math
+from functools import partial
+
 import torch
 
 from ..errors import LorafuseError
+from .base import Empty, byte_values, lookup_rows
 
 FP8_E4M3_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
 
 
 def dequantize_fp8_block(
-    weight_fp8: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int] = (128, 128)
+    weight_fp8: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int] = (128, 128),
+    empty: Empty | None = None,
 ) -> torch.Tensor:
     """float32 `weight[i, j] * scale_inv[i // block[0], j // block[1]]` (leading expert dims allowed).
 
@@ -35,24 +40,41 @@ def dequantize_fp8_block(
     if tuple(scale_inv.shape) != grid:
         raise LorafuseError(f"FP8 weight {tuple(weight_fp8.shape)} with blocks {tuple(block)} needs a scale_inv of "
                             f"shape {grid}, got {tuple(scale_inv.shape)}; check weight_block_size in the config")
-    out = weight_fp8.to(torch.float32)
     col_scale = scale_inv.to(torch.float32).repeat_interleave(bi, dim=-1)[..., :cols]  # (..., out blocks, cols)
-    for r in range(grid[-2]):  # one block row at a time: no full-size scale tensor
-        out[..., r * bo:(r + 1) * bo, :].mul_(col_scale[..., r:r + 1, :])
-    return out
+    col_scale = col_scale.reshape(-1, cols)  # one row per block row of each matrix
+
+    def scale(start: int, stop: int, values: torch.Tensor) -> None:
+        row = start
+        while row < stop:  # the runs of rows that share a block row
+            matrix, local = divmod(row, rows)
+            end = min(stop, row + bo - local % bo, (matrix + 1) * rows)
+            values[row - start:end - start].mul_(col_scale[matrix * grid[-2] + local // bo])
+            row = end
+
+    table = byte_values(torch.float8_e4m3fn, weight_fp8.device)
+    return lookup_rows(_as_matrix(weight_fp8).view(torch.uint8), table, scale, empty).reshape(weight_fp8.shape)
 
 
-def dequantize_fp8_scaled(weight_fp8: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
+def dequantize_fp8_scaled(weight_fp8: torch.Tensor, weight_scale: torch.Tensor,
+                          empty: Empty | None = None) -> torch.Tensor:
     """float32 `weight * weight_scale`, the scale per tensor (1 value) or per output channel."""
     s = weight_scale.to(torch.float32)
     if s.numel() == 1:
-        s = s.reshape(())
+        s, per_row = s.reshape(1, 1), False
     elif weight_fp8.dim() == 2 and s.numel() == weight_fp8.shape[0] and s.dim() in (1, 2):
-        s = s.reshape(-1, 1)
+        s, per_row = s.reshape(-1, 1), True
     else:
         raise LorafuseError(f"FP8 weight_scale of shape {tuple(weight_scale.shape)} is neither per-tensor nor "
                             f"per-channel for a weight of shape {tuple(weight_fp8.shape)}")
-    return weight_fp8.to(torch.float32) * s
+    table = byte_values(torch.float8_e4m3fn, weight_fp8.device)
+    values = lookup_rows(_as_matrix(weight_fp8).view(torch.uint8), table,
+                         lambda start, stop, rows: rows.mul_(s[start:stop] if per_row else s), empty)
+    return values.reshape(weight_fp8.shape)
+
+
+def _as_matrix(t: torch.Tensor) -> torch.Tensor:
+    """Rows of the last dimension (a scalar is one row of one)."""
+    return t.reshape(math.prod(t.shape[:-1]), t.shape[-1]) if t.dim() else t.reshape(1, 1)
 
 
 def quantize_fp8_block(weight: torch.Tensor, block: tuple[int, int] = (128, 128)) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,8 +99,6 @@ def claim(tensors, config: dict) -> dict:
     """FP8 weights by name: `X.weight` F8_E4M3 with `X.weight_scale_inv` (blocks from the config's
     `weight_block_size`) or `X.weight_scale` (per tensor or channel). `X.input_scale` only concerns
     activations and is dropped with the weight's other parts, as is `X.activation_scale`."""
-    from functools import partial
-
     from .base import QuantizedTensor
     from .bnb import _safetensors_name
 
@@ -108,9 +128,9 @@ def claim(tensors, config: dict) -> dict:
     return found
 
 
-def _decode_block(parts, block):
-    return dequantize_fp8_block(parts["weight"], parts["scale_inv"], block)
+def _decode_block(parts, empty, block):
+    return dequantize_fp8_block(parts["weight"], parts["scale_inv"], block, empty)
 
 
-def _decode_scaled(parts):
-    return dequantize_fp8_scaled(parts["weight"], parts["scale"])
+def _decode_scaled(parts, empty):
+    return dequantize_fp8_scaled(parts["weight"], parts["scale"], empty)
