@@ -349,3 +349,35 @@ def test_fp8_scaled_and_errors():
         assert torch.equal(dequantize_fp8_block(w, s.to(e8m0), (128, 128)), w.to(torch.float32) * s)
     with pytest.raises(LorafuseError):
         dequantize_fp8_block(w, torch.ones(2, 1), (128, 128))
+
+
+# --- decoding in steps, into reused memory ------------------------------------------------------------
+
+@needs_bnb
+@pytest.mark.parametrize("step_bytes", [1, 700, 3000])
+def test_steps_and_reused_memory_change_no_bits(monkeypatch, step_bytes):
+    """Dequantizing decodes a few rows per step (`LOOKUP_BYTES` of output, 512 KiB: more than any other
+    test's weight) into memory a thread reuses: small steps, steps that cross FP8 block rows and a
+    dirty buffer give the bits the references give."""
+    from lorafuse.quant import base
+
+    monkeypatch.setattr(base, "LOOKUP_BYTES", step_bytes)
+    dirty = torch.full((1 << 20,), 0xFF, dtype=torch.uint8)  # NaN in every float32 read from it
+    empty = lambda nbytes: dirty[:nbytes]  # noqa: E731
+    torch.manual_seed(11)
+    for shape, blocksize in [((70, 130), 64), ((33, 71), 32), ((5, 300), 256)]:  # partial last blocks too
+        w = torch.randn(shape, dtype=torch.bfloat16)
+        for compress in (False, True):
+            packed, state = BF.quantize_4bit(w, blocksize=blocksize, compress_statistics=compress, quant_type="nf4")
+            with eager():
+                want = bnb_dequantize(packed, state)
+            assert same(q.dequantize_4bit_saved(bnb_parts(packed, state), w.dtype, empty), want)
+    cb, scb, _ = BF.int8_vectorwise_quant(torch.randn(67, 45))
+    assert same(q.dequantize_int8(cb, scb, empty=empty), BF.int8_vectorwise_dequant(cb, scb))
+    for shape, block in FP8_CASES:
+        fp8, scale_inv = quantize_fp8_block(torch.randn(shape, dtype=torch.bfloat16), block)
+        assert same(dequantize_fp8_block(fp8, scale_inv, block, empty), reference_block_dequant(fp8, scale_inv, block))
+    w = (torch.randn(48, 80) * 100).to(torch.float8_e4m3fn)
+    for scale in (torch.tensor(0.01), torch.rand(48) + 0.1):
+        expect = w.to(torch.float32) * (scale.reshape(-1, 1) if scale.numel() > 1 else scale.reshape(()))
+        assert same(dequantize_fp8_scaled(w, scale, empty), expect)
