@@ -30,8 +30,11 @@ from routes import ROUTES  # noqa: E402  (torch-free import)
 from synth import DONE_MARKER  # noqa: E402
 
 PY = sys.executable
-RATIOS = [("lorafuse", "copy"), ("lorafuse", "peft"), ("lorafuse", "shard"), ("lorafuse-cuda", "copy"), ("lorafuse-cuda", "lorafuse")]
+RATIOS = [("lorafuse", "copy"), ("lorafuse", "copy-16bit"), ("lorafuse", "peft"), ("lorafuse", "shard"),
+          ("lorafuse-cuda", "copy"), ("lorafuse-cuda", "lorafuse")]
 DEFAULT_ROUTES = ["lorafuse", "peft", "shard", "copy"]  # lorafuse-cuda on request: it needs a GPU
+# A 4-bit base: the floor is writing the 16-bit output; the shard script cannot read 4-bit weights
+NF4_ROUTES = ["lorafuse", "peft", "copy-16bit", "copy"]
 
 
 def parse_args() -> argparse.Namespace:
@@ -46,8 +49,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--sweep-sizes", default="1,4", help="GB, comma-separated")
     p.add_argument("--memory-limit", default=None, help="run each route once under this hard memory limit (cgroup), e.g. 1GB")
     p.add_argument("--sweep-shards", default="500MB,5GB", help="comma-separated")
+    p.add_argument("--quantize", choices=["none", "nf4"], default="none",
+                   help="nf4: the base is the bf16 model quantized to NF4 by transformers + bitsandbytes")
     args = p.parse_args()
-    default = "lorafuse" if args.sweep else ",".join(DEFAULT_ROUTES)
+    default = "lorafuse" if args.sweep else ",".join(NF4_ROUTES if args.quantize == "nf4" else DEFAULT_ROUTES)
     args.routes = [r.strip() for r in (args.routes or default).split(",") if r.strip()]
     unknown = set(args.routes) - set(ROUTES)
     if unknown:
@@ -58,13 +63,14 @@ def parse_args() -> argparse.Namespace:
 # ---------------------------------------------------------------- inputs
 
 
-def ensure_model(workdir: Path, size_gb: float, shard_size: str) -> Path:
-    """Build base + adapter once per (size, shard size); later runs reuse them."""
-    dest = workdir / "models" / f"llama-{size_gb:g}gb-{shard_size.lower()}"
+def ensure_model(workdir: Path, size_gb: float, shard_size: str, quantize: str = "none") -> Path:
+    """Build base + adapter once per (size, shard size, quantization); later runs reuse them."""
+    dest = workdir / "models" / f"llama-{size_gb:g}gb-{shard_size.lower()}{'' if quantize == 'none' else '-' + quantize}"
     if not (dest / DONE_MARKER).exists():
-        print(f"building synthetic base ({size_gb:g} GB, shards {shard_size}) in {dest} ...", flush=True)
+        print(f"building synthetic base ({size_gb:g} GB, shards {shard_size}, {quantize}) in {dest} ...", flush=True)
         t0 = time.perf_counter()
-        cmd = [PY, str(HERE / "synth.py"), str(dest), "--size-gb", str(size_gb), "--shard-size", shard_size]
+        cmd = [PY, str(HERE / "synth.py"), str(dest), "--size-gb", str(size_gb), "--shard-size", shard_size,
+               "--quantize", quantize]
         subprocess.run(cmd, check=True)
         print(f"  built in {time.perf_counter() - t0:.1f} s", flush=True)
     return dest
@@ -80,6 +86,8 @@ def model_info(model_dir: Path) -> dict:
     meta["base_bytes"] = folder_bytes(base, ".safetensors")
     meta["shards"] = len(list(base.glob("*.safetensors")))
     meta["adapter_bytes"] = folder_bytes(model_dir / "adapter", ".safetensors")
+    if (model_dir / "base-16bit").is_dir():
+        meta["base_16bit_bytes"] = folder_bytes(model_dir / "base-16bit", ".safetensors")
     return meta
 
 
@@ -234,7 +242,9 @@ def gpu_name() -> str:
 
 
 def model_line(info: dict) -> str:
-    return (f"{info['base_bytes'] / 1e9:.2f} GB bf16 in {info['shards']} shard(s) "
+    stored = (f"NF4 (double quantization, from a {info['base_16bit_bytes'] / 1e9:.2f} GB bf16 model)"
+              if info.get("quantize", "none") == "nf4" else "bf16")
+    return (f"{info['base_bytes'] / 1e9:.2f} GB {stored} in {info['shards']} shard(s) "
             f"(max {info['shard_size']}), {info['layers']} layers, hidden {info['hidden']}, "
             f"intermediate {info['intermediate']}, vocab {info['vocab']}; "
             f"LoRA r=16 alpha=32 on q,k,v,o,gate,up,down ({info['adapter_bytes'] / 1e6:.1f} MB)")
@@ -294,7 +304,7 @@ def write_report(out_dir: Path, stem: str, markdown: str, rows: list[dict], titl
 
 
 def compare(args: argparse.Namespace, stem: str) -> None:
-    model_dir = ensure_model(args.workdir, args.size_gb, args.shard_size)
+    model_dir = ensure_model(args.workdir, args.size_gb, args.shard_size, args.quantize)
     info = model_info(model_dir)
     jobs = {route: (route, model_dir) for route in args.routes}
     samples, skipped = run_round_robin(jobs, args.repeats, args.workdir)
@@ -303,14 +313,15 @@ def compare(args: argparse.Namespace, stem: str) -> None:
                + f"- base: {model_line(info)}\n\n## Results\n\n{results_table(rows, skipped)}\n\n"
                + f"## Ratios\n\n{ratios_table(rows)}\n")
     raw = {"model": info, "samples": samples, "skipped": skipped, "machine": machine_info()}
-    write_report(args.out, stem, md_text, rows, f"merge of a {info['base_bytes'] / 1e9:.1f} GB base", raw)
+    what = "an NF4 base" if args.quantize == "nf4" else f"a {info['base_bytes'] / 1e9:.1f} GB base"
+    write_report(args.out, stem, md_text, rows, f"merge of {what}", raw)
 
 
 def sweep(args: argparse.Namespace, stem: str) -> None:
     """Routes (default lorafuse) over model size x shard size: memory should stay flat."""
     sizes = [float(s) for s in args.sweep_sizes.split(",")]
     shards = [s.strip() for s in args.sweep_shards.split(",")]
-    jobs = {f"{route} {size:g} GB / {shard}": (route, ensure_model(args.workdir, size, shard))
+    jobs = {f"{route} {size:g} GB / {shard}": (route, ensure_model(args.workdir, size, shard, args.quantize))
             for route in args.routes for size in sizes for shard in shards}
     samples, skipped = run_round_robin(jobs, args.repeats, args.workdir)
     rows = summarise(samples)
@@ -328,7 +339,7 @@ def capped(args: argparse.Namespace, stem: str) -> None:
     from memcap import memory_cgroup
 
     limit = parse_size(args.memory_limit)
-    model_dir = ensure_model(args.workdir, args.size_gb, args.shard_size)
+    model_dir = ensure_model(args.workdir, args.size_gb, args.shard_size, args.quantize)
     info = model_info(model_dir)
     lines = []
     for route in args.routes:

@@ -48,13 +48,25 @@ def route_copy(base: Path, adapter: Path, out: Path) -> str:
     return run_command(["cp", "-r", str(base), str(out)])
 
 
+def route_copy_16bit(base: Path, adapter: Path, out: Path) -> str:
+    """Lower bound for a quantized base: the 16-bit model it was made from (the bytes a merge writes)."""
+    return route_copy(base.with_name("base-16bit"), adapter, out)
+
+
 def route_peft(base: Path, adapter: Path, out: Path) -> str:
-    """What most people run: load everything, merge in memory, save."""
+    """What most people run: load everything, merge in memory, save. A quantized base is dequantized to
+    bf16 first (transformers' `dequantize()`), so that the output is the 16-bit model lorafuse writes:
+    PEFT's merge into 4-bit layers would quantize the result again."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.bfloat16)
+    quantized = "quantization_config" in json.loads((base / "config.json").read_text())
+    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.bfloat16,
+                                                 **({"device_map": "cpu"} if quantized else {}))
+    if quantized:
+        model = model.dequantize()
+        model._weight_conversions = []  # transformers 5 cannot reverse bnb's loading ops when saving
     model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
     model.save_pretrained(str(out))
     os.sync()
@@ -108,6 +120,7 @@ ROUTES = {
     "peft": route_peft,
     "shard": route_shard,
     "copy": route_copy,
+    "copy-16bit": route_copy_16bit,  # a quantized base's 16-bit original
 }
 
 

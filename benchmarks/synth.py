@@ -3,7 +3,10 @@
 Run as a script (``python synth.py DEST --size-gb 1 --shard-size 5GB``) so the
 benchmark driver never holds the model in its own memory. Both folders are
 written by the real libraries (``save_pretrained``), so every route reads
-exactly what it would read from the Hub.
+exactly what it would read from the Hub. With ``--quantize nf4`` the base is
+what a QLoRA user starts from (an Unsloth ``-bnb-4bit`` upload, say):
+transformers and bitsandbytes quantize the bf16 model to NF4 with double
+quantization and save it; the bf16 model stays beside it as ``base-16bit``.
 """
 
 from __future__ import annotations
@@ -89,18 +92,34 @@ def save_adapter(model, adapter_dir: Path) -> None:
     get_peft_model(model, config).save_pretrained(str(adapter_dir))
 
 
-def build(dest: Path, size_gb: float, shard_size: str) -> None:
-    """Write ``dest/base`` and ``dest/adapter``; atomic via a temp folder + rename."""
+def save_nf4(bf16_dir: Path, dest: Path, shard_size: str) -> None:
+    """The bf16 model quantized by transformers + bitsandbytes on the CPU, as a QLoRA base is saved."""
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                bnb_4bit_compute_dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(str(bf16_dir), quantization_config=config, device_map="cpu",
+                                                 dtype=torch.bfloat16)
+    model.save_pretrained(str(dest), max_shard_size=shard_size)
+
+
+def build(dest: Path, size_gb: float, shard_size: str, quantize: str = "none") -> None:
+    """Write ``dest/base`` and ``dest/adapter`` (and ``dest/base-16bit`` for a quantized base); atomic
+    via a temp folder + rename."""
     tmp = dest.with_name(dest.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     layers = layers_for(size_gb)
     model = random_model(layers)
     model.config._name_or_path = str(dest / "base")  # recorded in adapter_config.json
-    model.save_pretrained(str(tmp / "base"), max_shard_size=shard_size)
+    model.save_pretrained(str(tmp / ("base-16bit" if quantize == "nf4" else "base")), max_shard_size=shard_size)
     save_adapter(model, tmp / "adapter")
+    del model
+    if quantize == "nf4":
+        save_nf4(tmp / "base-16bit", tmp / "base", shard_size)
     meta = {"size_gb": size_gb, "shard_size": shard_size, "layers": layers, "hidden": HIDDEN,
-            "intermediate": INTERMEDIATE, "vocab": VOCAB}
+            "intermediate": INTERMEDIATE, "vocab": VOCAB, "quantize": quantize}
     (tmp / DONE_MARKER).write_text(json.dumps(meta))
     shutil.rmtree(dest, ignore_errors=True)
     tmp.rename(dest)
@@ -111,9 +130,10 @@ def main() -> None:
     parser.add_argument("dest", type=Path)
     parser.add_argument("--size-gb", type=float, default=1.0)
     parser.add_argument("--shard-size", default="5GB")
+    parser.add_argument("--quantize", choices=["none", "nf4"], default="none", help="store the base in 4 bits")
     args = parser.parse_args()
     warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation chatter
-    build(args.dest, args.size_gb, args.shard_size)
+    build(args.dest, args.size_gb, args.shard_size, args.quantize)
 
 
 if __name__ == "__main__":

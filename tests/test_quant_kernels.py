@@ -381,3 +381,7 @@ def test_steps_and_reused_memory_change_no_bits(monkeypatch, step_bytes):
     for scale in (torch.tensor(0.01), torch.rand(48) + 0.1):
         expect = w.to(torch.float32) * (scale.reshape(-1, 1) if scale.numel() > 1 else scale.reshape(()))
         assert same(dequantize_fp8_scaled(w, scale, empty), expect)
+    for shape in [(128, 0), (0, 128), (2, 64, 0)]:  # no values: nothing to decode, the shape kept
+        empty_fp8 = torch.zeros(shape, dtype=torch.float8_e4m3fn)
+        grid = (*shape[:-2], math.ceil(shape[-2] / 128), math.ceil(shape[-1] / 128))
+        assert dequantize_fp8_block(empty_fp8, torch.ones(grid), (128, 128), empty).shape == shape

@@ -79,7 +79,8 @@ def lookup_rows(codes: torch.Tensor, table: torch.Tensor, scale: Callable[[int, 
     step `scale(start, stop, rows)` scales rows [start, stop) in place while they are in the cache.
     The result is in `empty(nbytes)` (uint8, on the codes' device) when given, else in fresh memory.
 
-    The gather takes int32 indices (int64 ones would be 8 bytes per code). On a GPU it is one step.
+    The gather takes int32 indices (int64 ones would be 8 bytes per code). A GPU takes eight steps: each
+    step's index, 4 bytes per code, is then at most an eighth of the result's size.
     """
     import torch
 
@@ -88,7 +89,10 @@ def lookup_rows(codes: torch.Tensor, table: torch.Tensor, scale: Callable[[int, 
         out = torch.empty(rows, width, dtype=table.dtype, device=codes.device)
     else:
         out = empty(rows * width * table.element_size()).view(table.dtype).view(rows, width)
-    step = rows if codes.device.type != "cpu" else max(1, LOOKUP_BYTES // max(1, width * table.element_size()))
+    if codes.device.type == "cpu":
+        step = max(1, LOOKUP_BYTES // max(1, width * table.element_size()))
+    else:
+        step = max(1, -(-rows // 8))
     for start in range(0, rows, step):
         stop = min(rows, start + step)
         torch.index_select(table, 0, codes[start:stop].reshape(-1).int(), out=out[start:stop].view(-1))

@@ -40,6 +40,8 @@ def dequantize_fp8_block(
     if tuple(scale_inv.shape) != grid:
         raise LorafuseError(f"FP8 weight {tuple(weight_fp8.shape)} with blocks {tuple(block)} needs a scale_inv of "
                             f"shape {grid}, got {tuple(scale_inv.shape)}; check weight_block_size in the config")
+    if cols == 0:
+        return weight_fp8.to(torch.float32)
     col_scale = scale_inv.to(torch.float32).repeat_interleave(bi, dim=-1)[..., :cols]  # (..., out blocks, cols)
     col_scale = col_scale.reshape(-1, cols)  # one row per block row of each matrix
 
