@@ -21,8 +21,8 @@ if TYPE_CHECKING:
 Empty = Callable[[int], "torch.Tensor"]  # nbytes -> uint8 tensor to decode into
 
 # Output bytes decoded per step on the CPU: a step's values stay in the CPU's cache from the lookup to
-# the scaling. One 4096 × 4096 NF4 weight on one core: 173 ms as one gather on int64 indices, 34 ms
-# as one gather on int32 indices, 21 ms in steps of 512 KiB (see benchmarks/NOTES.md).
+# the scaling. The gather alone, 8 Mi codes on one core: 158 ms on int64 indices, 31 ms on int32 ones in
+# one step, 9-13 ms in steps of 16-256 Ki codes (see benchmarks/NOTES.md).
 LOOKUP_BYTES = 1 << 19
 
 
@@ -56,8 +56,8 @@ class QuantizedTensor:
         stored bytes cross the bus, a quarter to a half of the weight's 16-bit size).
 
         `buffer(role, nbytes)` lends reusable CPU memory (uint8 tensors) for the stored parts and, on the
-        CPU, the result: fresh memory costs a page fault per 4 KiB, 48 of the 68 ms that dequantizing one
-        4096 × 4096 NF4 weight took on one core.
+        CPU, the result: fresh memory costs a page fault per 4 KiB (one 4096 × 4096 NF4 weight on one core:
+        52-69 ms into fresh memory, 14-16 ms into reused).
         """
         from ..formats.safetensors import torch_dtype
 
