@@ -33,7 +33,7 @@ class QuantizedTensor:
     parts: dict  # role (the format's name for it) -> (checkpoint key, TensorRef)
     shape: tuple[int, ...]
     dtype: str  # safetensors name of the dtype it dequantizes to (the model's dtype)
-    # decode(parts, empty): the float32 weight from its stored parts, in memory from `empty` (see lookup_rows)
+    # decode(parts, empty=...): the float32 weight from its stored parts, in memory from `empty` (lookup_rows)
     decode: Callable[[dict[str, torch.Tensor], Empty | None], torch.Tensor] = field(compare=False, repr=False)
 
     @property
@@ -55,22 +55,22 @@ class QuantizedTensor:
         """The float32 weight, as the format's reference implementation computes it, on `device` (the
         stored bytes cross the bus, a quarter to a half of the weight's 16-bit size).
 
-        `buffer(role, nbytes)` lends reusable CPU memory (uint8 tensors) for the stored parts and, on the
-        CPU, the result: fresh memory costs a page fault per 4 KiB (one 4096 × 4096 NF4 weight on one core:
-        52-69 ms into fresh memory, 14-16 ms into reused).
+        `buffer(role, nbytes)` lends reusable CPU memory (uint8 tensors; fresh ones by default) for the
+        stored parts and, on the CPU, the result: fresh memory costs a page fault per 4 KiB (one
+        4096 × 4096 NF4 weight on one core: 52-69 ms into fresh memory, 14-16 ms into reused).
         """
+        import torch
+
         from ..formats.safetensors import torch_dtype
 
+        buffer = buffer or (lambda role, nbytes: torch.empty(nbytes, dtype=torch.uint8))
         parts = {}
         for role, (_, ref) in self.parts.items():
-            if buffer is None:
-                parts[role] = ref.read().to(device)
-                continue
             raw = buffer(f"stored:{role}", ref.nbytes)
             ref.read_into(memoryview(raw.numpy()))
             parts[role] = raw.view(torch_dtype(ref.dtype)).view(ref.shape).to(device)
-        on_cpu = buffer is not None and str(device) == "cpu"
-        return self.decode(parts, (lambda nbytes: buffer("fp32", nbytes)) if on_cpu else None).reshape(self.shape)
+        on_cpu = torch.device(device).type == "cpu"
+        return self.decode(parts, empty=(lambda nbytes: buffer("fp32", nbytes)) if on_cpu else None).reshape(self.shape)
 
 
 def lookup_rows(codes: torch.Tensor, table: torch.Tensor, scale: Callable[[int, int, torch.Tensor], object],

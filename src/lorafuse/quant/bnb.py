@@ -353,7 +353,7 @@ def claim(tensors: Mapping, config: dict) -> dict:
             parts = {r: (weight + r, tensors[weight + r]) for r in roles}
             parts[key[len(weight):]] = (key, ref)
             found[weight] = QuantizedTensor(weight, f"bnb-{state['quant_type']}", parts, tuple(state["shape"]),
-                                            _safetensors_name(state["dtype"]), _decode_4bit)
+                                            _safetensors_name(state["dtype"]), dequantize_4bit_saved)
         elif key.endswith(".SCB"):
             weight = key[: -len(".SCB")] + ".weight"
             if weight not in tensors or tensors[weight].dtype != "I8":
@@ -364,10 +364,6 @@ def claim(tensors: Mapping, config: dict) -> dict:
             dtype = _safetensors_name(config.get("dtype") or config.get("torch_dtype") or "float16")
             found[weight] = QuantizedTensor(weight, "bnb-int8", parts, tuple(tensors[weight].shape), dtype, _decode_int8)
     return found
-
-
-def _decode_4bit(parts: Mapping[str, torch.Tensor], empty: Empty | None) -> torch.Tensor:
-    return dequantize_4bit_saved(parts, torch.float32, empty)
 
 
 def _decode_int8(parts: Mapping[str, torch.Tensor], empty: Empty | None) -> torch.Tensor:
