@@ -174,14 +174,15 @@ def test_parse_quant_state():
                                      compress_statistics=True, quant_type="nf4")
     blob = state.as_dict(packed=True)["quant_state.bitsandbytes__nf4"]
     parsed = q.parse_quant_state(blob)
-    assert parsed == {"quant_type": "nf4", "blocksize": 128, "dtype": torch.bfloat16, "shape": (64, 96),
-                      "nested": True, "nested_blocksize": 256, "nested_dtype": torch.float32,
+    assert parsed == {"quant_type": "nf4", "blocksize": 128, "dtype": "BF16", "shape": (64, 96),
+                      "nested": True, "nested_blocksize": 256, "nested_dtype": "F32",
                       "nested_offset": state.offset.item()}
     assert q.parse_quant_state(bytes(blob.tolist())) == parsed
     single = q.parse_quant_state(q.quantize_4bit(torch.randn(8, 8), compress_statistics=False)[".quant_state.bitsandbytes__nf4"])
-    assert single["nested"] is False and single["dtype"] == torch.float32
+    assert single["nested"] is False and single["dtype"] == "F32"
     for bad in (b"\xff", b"[]", json.dumps({"quant_type": "nf4"}).encode(),
-                json.dumps({"quant_type": "nf4", "blocksize": 64, "dtype": "bfloat16", "shape": [2], "extra": 1}).encode()):
+                json.dumps({"quant_type": "nf4", "blocksize": 64, "dtype": "bfloat16", "shape": [2], "extra": 1}).encode(),
+                json.dumps({"quant_type": "nf4", "blocksize": 64, "dtype": "int8", "shape": [2]}).encode()):
         with pytest.raises(LorafuseError):
             q.parse_quant_state(bad)
 
@@ -267,7 +268,7 @@ def test_transformers_4bit_checkpoint(base_model, tmp_path, quant_type, double, 
             {".nested_absmax", ".nested_quant_map"} if double else set())
         assert parts[""].dtype == storage and parts[""].shape[1] == 1
         state = q.parse_quant_state(parts[f".quant_state.bitsandbytes__{quant_type}"])
-        assert state["dtype"] == torch.bfloat16 and state["shape"] == tuple(base[name + ".weight"].shape)
+        assert state["dtype"] == "BF16" and state["shape"] == tuple(base[name + ".weight"].shape)
         # what transformers wrote is exactly what quantize_4bit makes from the bf16 base weight ...
         mine = q.quantize_4bit(base[name + ".weight"].to(torch.bfloat16), quant_type=quant_type,
                                compress_statistics=double, quant_storage=storage)
@@ -275,7 +276,7 @@ def test_transformers_4bit_checkpoint(base_model, tmp_path, quant_type, double, 
         # ... and dequantizing it equals bnb's dequantization of the reloaded model's Params4bit
         weight = model.get_submodule(name).weight
         assert isinstance(weight, bitsandbytes.nn.Params4bit)
-        assert same(q.dequantize_4bit_saved(parts, state["dtype"]), BF.dequantize_4bit(weight.data, weight.quant_state))
+        assert same(q.dequantize_4bit_saved(parts, torch.bfloat16), BF.dequantize_4bit(weight.data, weight.quant_state))
     for name in ("lm_head", "model.layers.0.self_attn.o_proj"):  # llm_int8_skip_modules: saved plain
         assert saved[name + ".weight"].dtype == torch.bfloat16
         assert not any(k.startswith(name + ".weight.") for k in saved)
@@ -355,15 +356,25 @@ def test_fp8_scaled_and_errors():
 
 @needs_bnb
 @pytest.mark.parametrize("step_bytes", [1, 700, 3000])
-def test_steps_and_reused_memory_change_no_bits(monkeypatch, step_bytes):
-    """Dequantizing decodes a few rows per step (`LOOKUP_BYTES` of output, 512 KiB: more than any other
-    test's weight) into memory a thread reuses: small steps, steps that cross FP8 block rows and a
-    dirty buffer give the bits the references give."""
-    from lorafuse.quant import base
+def test_decoding_in_pieces_into_reused_memory_changes_no_bits(monkeypatch, step_bytes):
+    """A merge decodes a quantized weight a block of rows at a time (`Lookup.fill`), each block in steps of
+    `LOOKUP_BYTES` of output (512 KiB: more than any other test's weight), into memory a thread reuses.
+    Pieces of 1 and 3 code rows and the whole weight, steps of 1 to 3000 bytes that cross FP8 block rows
+    and expert matrices, and a dirty buffer all give the bits the references give."""
+    from lorafuse.quant import base, fp8
 
     monkeypatch.setattr(base, "LOOKUP_BYTES", step_bytes)
     dirty = torch.full((1 << 20,), 0xFF, dtype=torch.uint8)  # NaN in every float32 read from it
-    empty = lambda nbytes: dirty[:nbytes]  # noqa: E731
+
+    def check(lookup, want):
+        numel = math.prod(lookup.shape)
+        for code_rows in (1, 3, numel):
+            step = code_rows * lookup.width
+            pieces = [lookup.fill(start, min(numel, start + step), dirty).clone() for start in range(0, numel, step)]
+            got = torch.cat(pieces).reshape(lookup.shape) if pieces else lookup.decode()
+            assert same(got.to(want.dtype), want)
+        assert same(lookup.decode(lambda nbytes: dirty[:nbytes]).to(want.dtype), want)
+
     torch.manual_seed(11)
     for shape, blocksize in [((70, 130), 64), ((33, 71), 32), ((5, 300), 256)]:  # partial last blocks too
         w = torch.randn(shape, dtype=torch.bfloat16)
@@ -371,17 +382,17 @@ def test_steps_and_reused_memory_change_no_bits(monkeypatch, step_bytes):
             packed, state = BF.quantize_4bit(w, blocksize=blocksize, compress_statistics=compress, quant_type="nf4")
             with eager():
                 want = bnb_dequantize(packed, state)
-            assert same(q.dequantize_4bit_saved(bnb_parts(packed, state), w.dtype, empty), want)
+            check(q.lookup_4bit_saved(bnb_parts(packed, state)), want)
     cb, scb, _ = BF.int8_vectorwise_quant(torch.randn(67, 45))
-    assert same(q.dequantize_int8(cb, scb, empty=empty), BF.int8_vectorwise_dequant(cb, scb))
+    check(q.lookup_int8(cb, scb), BF.int8_vectorwise_dequant(cb, scb))
     for shape, block in FP8_CASES:
-        fp8, scale_inv = quantize_fp8_block(torch.randn(shape, dtype=torch.bfloat16), block)
-        assert same(dequantize_fp8_block(fp8, scale_inv, block, empty), reference_block_dequant(fp8, scale_inv, block))
+        weight, scale_inv = quantize_fp8_block(torch.randn(shape, dtype=torch.bfloat16), block)
+        check(fp8.lookup_fp8_block(weight, scale_inv, block), reference_block_dequant(weight, scale_inv, block))
     w = (torch.randn(48, 80) * 100).to(torch.float8_e4m3fn)
     for scale in (torch.tensor(0.01), torch.rand(48) + 0.1):
         expect = w.to(torch.float32) * (scale.reshape(-1, 1) if scale.numel() > 1 else scale.reshape(()))
-        assert same(dequantize_fp8_scaled(w, scale, empty), expect)
+        check(fp8.lookup_fp8_scaled(w, scale), expect)
     for shape in [(128, 0), (0, 128), (2, 64, 0)]:  # no values: nothing to decode, the shape kept
         empty_fp8 = torch.zeros(shape, dtype=torch.float8_e4m3fn)
         grid = (*shape[:-2], math.ceil(shape[-2] / 128), math.ceil(shape[-1] / 128))
-        assert dequantize_fp8_block(empty_fp8, torch.ones(grid), (128, 128), empty).shape == shape
+        assert dequantize_fp8_block(empty_fp8, torch.ones(grid), (128, 128)).shape == shape

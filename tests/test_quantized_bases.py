@@ -26,6 +26,8 @@ import copy
 import json
 import os
 import shutil
+import subprocess
+import sys
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -172,6 +174,10 @@ def bnb_checkpoint(artefacts, v: Bnb) -> tuple[Path, Path]:
 
     folder = artefacts.get(("qlora", v.id), build)
     return folder / "base", folder / "adapter"
+
+
+def quantized_checkpoint(artefacts, v: Bnb | Fp8) -> tuple[Path, Path]:
+    return bnb_checkpoint(artefacts, v) if isinstance(v, Bnb) else fp8_checkpoint(artefacts, v)
 
 
 def bnb_model(folder: Path, adapter: Path | None, exact: bool):
@@ -567,10 +573,7 @@ def test_no_read_is_larger_than_one_stored_tensor(variant, artefacts, tmp_path, 
     the executor's _read_exact use) and every TensorRef.read, and require each read of the base file to
     lie inside one tensor's bytes, none to exceed the largest stored tensor, and the reads to cover all
     the quantized parts (so the hooks did see the data)."""
-    if isinstance(variant, Bnb):
-        base, adapter = bnb_checkpoint(artefacts, variant)
-    else:
-        base, adapter = fp8_checkpoint(artefacts, variant)
+    base, adapter = quantized_checkpoint(artefacts, variant)
     (weights,) = base.glob("*.safetensors")
     header = read_header(weights)
     spans = sorted((r.offset, r.offset + r.nbytes) for r in header.tensors.values())
@@ -606,13 +609,45 @@ def test_no_read_is_larger_than_one_stored_tensor(variant, artefacts, tmp_path, 
 
     from_base = [(off, n) for is_base, off, n in reads if is_base]
     assert from_base, "no read of the base file was seen: the hooks missed the executor's reads"
-    assert max(n for _, n in from_base) <= largest and max(ref_reads) <= largest
+    assert max(n for _, n in from_base) <= largest and max(ref_reads, default=0) <= largest
     for off, n in from_base:
         assert any(lo <= off and off + n <= hi for lo, hi in spans), f"a read of {n} bytes at {off} spans tensors"
     plan = lorafuse.plan(base, adapter)
     parts = [ref for t in plan.tensors if isinstance(t.source, QuantizedTensor) for _, ref in t.source.parts.values()]
     assert sum(n for _, n in from_base) >= sum(r.nbytes for r in parts)
     assert all(any(off == r.offset for off, _ in from_base) for r in parts)
+
+
+@pytest.mark.parametrize("variant", MEMORY_CASES)
+def test_quantized_weights_are_decoded_a_block_of_rows_at_a_time(variant, artefacts, tmp_path, monkeypatch):
+    """On the CPU a quantized weight is decoded, patched and rounded a block of rows at a time, as a 16-bit
+    one is: the worker threads ask for blocks of rows and never for a float32 copy of a whole weight."""
+    from lorafuse.compute import rows
+
+    base, adapter = quantized_checkpoint(artefacts, variant)
+    roles, real_get = set(), rows.Buffers.get
+
+    def get(self, role, nbytes):
+        roles.add(role)
+        return real_get(self, role, nbytes)
+
+    monkeypatch.setattr(rows.Buffers, "get", get)
+    lorafuse.merge(base, adapter, tmp_path / "out")
+    assert "block" in roles and any(role.startswith("stored:") for role in roles)
+    assert "fp32" not in roles, roles
+
+
+@pytest.mark.parametrize("variant", MEMORY_CASES)
+def test_planning_a_quantized_base_needs_no_torch(variant, artefacts):
+    """Claiming quantized weights reads their headers and quant states as bytes: `lorafuse plan` never
+    imports torch, so a merge starts copying the untouched tensors while torch loads (1.3-1.7 s here)."""
+    base, adapter = quantized_checkpoint(artefacts, variant)
+    code = ("import sys; from lorafuse.cli import main; "
+            f"code = main(['plan', {str(base)!r}, {str(adapter)!r}]); sys.exit(code or 10 * ('torch' in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    method = read_config(base)["quantization_config"]["quant_method"]
+    assert f"quantized ({method}): its weights are dequantized" in done.stdout, done.stdout
 
 
 # --- merged_4bit output and the QLoRA comparison ----------------------------------------------------

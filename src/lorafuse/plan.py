@@ -17,9 +17,9 @@ from pathlib import Path
 from huggingface_hub import split_state_dict_into_shards_factory
 
 from .adapters.peft import Adapter, open_adapter, patches_by_tensor
-from .compute import BLOCK_VALUES, matrix_shape, needs_torch
+from .compute import BLOCK_VALUES, in_rows, matrix_shape
 from .errors import LorafuseError
-from .formats.safetensors import FLOAT_DTYPES, TensorSlot, dtype_size, layout, torch_dtype
+from .formats.safetensors import FLOAT_DTYPES, TensorSlot, dtype_size, layout
 from .patches import LoRA, Patch, Replace, ReplaceRows
 from .quant import QuantizedTensor, logical_tensors
 from .sources.hub import base_from_adapter, parse_spec, resolve_adapter, resolve_model_lazily
@@ -96,21 +96,21 @@ class TensorPlan:
             from .quant import bnb
 
             return [(self.name + suffix, dtype, shape)
-                    for suffix, dtype, shape in bnb.layout_4bit(self.shape, torch_dtype(self.dtype))]
+                    for suffix, dtype, shape in bnb.layout_4bit(self.shape, self.dtype)]
         return [(self.name, self.dtype, self.shape)]
 
     @property
     def work_bytes(self) -> int:
-        """Memory to produce this tensor on the CPU. The numpy path: the bytes it reads (the base tensor or
-        a replacing one), which the result overwrites unless wider, the adapter's factors in fp32 (twice,
-        when transposed) and two blocks of rows. The torch path: the source bytes, the fp32 value, the cast
-        result, adapter tensors in fp32."""
+        """Memory to produce this tensor on the CPU. In rows: the bytes it reads (the base tensor, a
+        replacing one or a quantized weight's parts), which the result overwrites unless wider (a quantized
+        weight's always is), the adapter's factors in fp32 (twice, when transposed) and two blocks of rows.
+        The torch path: the source bytes, the fp32 value, the cast result, adapter tensors in fp32."""
         if self.is_copy:
             return 0
-        if not needs_torch(self, "cpu"):
+        if in_rows(self, "cpu"):
             read, patches = self.computed_from
             factors = 4 * sum(math.prod(r.shape) for p in patches for r in p.refs)
-            wider = dtype_size(self.dtype) > dtype_size(read.dtype)
+            wider = isinstance(read, QuantizedTensor) or dtype_size(self.dtype) > dtype_size(read.dtype)
             out = math.prod(self.shape) * dtype_size(self.dtype) if wider else 0
             return read.nbytes + out + 2 * factors + 2 * 4 * max(BLOCK_VALUES, matrix_shape(self.shape)[1])
         numel = max(math.prod(self.shape), self.source.numel)

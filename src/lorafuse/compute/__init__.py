@@ -1,10 +1,11 @@
 """Producing the output tensors that are not raw copies, by one of two paths chosen from the plan alone.
 
 Most are a plain LoRA, a bias update, replaced rows or a cast of a 16/32-bit float tensor on the CPU:
-numpy does those (`rows`), so a merge made only of them never imports torch, which costs 1.3 s holding
-the GIL before the first merged tensor and 200 MB of memory. Dequantizing, DoRA, 4-bit output and the
-GPU take torch (`tensors`). Which path a tensor takes depends on the plan and the device, never on
-timing, so the same merge always writes the same bytes.
+numpy does those a block of rows at a time (`rows`), so a merge made only of them never imports torch,
+which costs 1.3 s holding the GIL before the first merged tensor and 200 MB of memory. A quantized
+weight with such patches goes the same way, its rows decoded a block at a time by torch. DoRA, 4-bit
+output and the GPU take torch on whole tensors (`tensors`). Which path a tensor takes depends on the
+plan and the device, never on timing, so the same merge always writes the same bytes.
 
 This module imports neither numpy nor torch: planning asks it which path is needed.
 """
@@ -28,15 +29,25 @@ ROW_DTYPES = {"BF16", "F16", "F32"}  # what the numpy path reads and writes
 BLOCK_VALUES = 1 << 18
 
 
+def in_rows(tensor, device: str) -> bool:
+    """Whether `tensor` (a plan.TensorPlan, not a raw copy) is made a block of rows at a time: on the CPU,
+    16/32-bit floats in and out, every patch rowwise, read from a stored tensor or a quantized weight."""
+    if device != "cpu" or tensor.to_nf4:
+        return False
+    source, patches = tensor.computed_from
+    refs = [ref for patch in patches for ref in patch.refs]
+    if not isinstance(source, QuantizedTensor):
+        refs.append(source)
+    return tensor.dtype in ROW_DTYPES and all(ref.dtype in ROW_DTYPES for ref in refs) \
+        and all(patch.rowwise for patch in patches)
+
+
 def needs_torch(tensor, device: str) -> bool:
-    """Whether producing `tensor` (a plan.TensorPlan) needs the torch path; a raw copy needs neither."""
+    """Whether producing `tensor` (a plan.TensorPlan) needs torch, and so the torch path's Producer (which
+    hands what is made in rows to the numpy one); a raw copy needs neither."""
     if tensor.is_copy:
         return False
-    if device != "cpu" or tensor.to_nf4 or isinstance(tensor.source, QuantizedTensor):
-        return True
-    refs = [tensor.source] + [ref for patch in tensor.patches for ref in patch.refs]
-    return tensor.dtype not in ROW_DTYPES or any(ref.dtype not in ROW_DTYPES for ref in refs) \
-        or not all(patch.rowwise for patch in tensor.patches)
+    return isinstance(tensor.computed_from[0], QuantizedTensor) or not in_rows(tensor, device)
 
 
 def matrix_shape(shape: tuple[int, ...]) -> tuple[int, int]:

@@ -1,22 +1,26 @@
-"""The numpy path: a plain LoRA, a bias update, replaced rows or a cast of a 16/32-bit float tensor, on the CPU.
+"""The numpy path: a plain LoRA, a bias update, replaced rows or a cast of a 16/32-bit float tensor or of a
+quantized weight, on the CPU.
 
 The tensor is seen as a matrix (rows × the rest) and done one block of rows at a time, in fp32 buffers
-that stay in the CPU's cache: widen to fp32, apply the patches (each changes rows independently: see
-patches.py), check for NaN and Inf, round once to the output dtype. Rounding is to nearest, ties to even,
-as torch rounds; a merge made of these tensors needs no torch at all. bf16 is `ml_dtypes`' numpy type: its
-casts are one compiled pass each way, where integer ops in numpy took five.
+that stay in the CPU's cache: widen to fp32 (or decode: torch's gather, see quant.Lookup), apply the
+patches (each changes rows independently: see patches.py), check for NaN and Inf, round once to the
+output dtype. Rounding is to nearest, ties to even, as torch rounds; a merge of 16/32-bit tensors needs no
+torch at all. bf16 is `ml_dtypes`' numpy type: its casts are one compiled pass each way, where integer
+ops in numpy took five.
 """
 
 from __future__ import annotations
 
 import math
 import threading
+from typing import Callable
 
 import ml_dtypes
 import numpy as np
 
 from ..formats.safetensors import TensorRef, TensorSlot, dtype_size, read_exact
 from ..plan import TensorPlan
+from ..quant import QuantizedTensor
 from . import BLOCK_VALUES, Write, matrix_shape, not_finite, overflows
 
 STORED = {"BF16": ml_dtypes.bfloat16, "F16": np.float16, "F32": np.float32}  # the numpy type of the bytes
@@ -55,43 +59,71 @@ class Producer:
 
         return threadpool_limits(limits=n, user_api="blas")
 
-    def output_bytes(self, tensor: TensorPlan, slots: tuple[TensorSlot, ...], source_fd: int,
+    def output_bytes(self, tensor: TensorPlan, slots: tuple[TensorSlot, ...], source_fd: int | None,
                      write: Write) -> list[memoryview]:
         """Write the tensor's bytes block by block, while each is still in the CPU cache (the kernel then
         copies it into the page cache from there, not from memory), and return them all."""
         source, patches = tensor.computed_from
+        rows, cols = matrix_shape(tensor.shape)
+        if isinstance(source, QuantizedTensor):
+            return self._write_rows(tensor, patches, *self._decoder(source, cols), write)
         raw = self.buffers.get("in", source.nbytes)
         if source is tensor.source:
             read_exact(source_fd, memoryview(raw), source.offset, source.path)
         else:
             source.read_into(memoryview(raw))
-        rows, cols = matrix_shape(tensor.shape)
-        if rows * cols == 0:
-            write(0, 0, memoryview(raw[:0]))
-            return [memoryview(raw[:0])]
-        src = raw.view(STORED[source.dtype]).reshape(rows, cols)
+        stored = raw.view(STORED[source.dtype]).reshape(rows, cols)
+
+        def fill(start: int, stop: int, block: np.ndarray) -> None:
+            widen(stored[start:stop], block[:(stop - start) * cols].reshape(-1, cols))
+
         # The result overwrites rows already read when it is no wider than the source: one tensor buffer.
+        narrower = dtype_size(tensor.dtype) <= dtype_size(source.dtype)
+        return self._write_rows(tensor, patches, fill, 1, write, raw if narrower else None)
+
+    def _decoder(self, source: QuantizedTensor, cols: int) -> tuple[Callable, int]:
+        """fill(start, stop, block) for a quantized weight: its rows [start, stop) decoded into the block by
+        torch, and the rows a block must start at a multiple of (its code rows may span matrix rows)."""
+        import torch
+
+        lookup = source.read("cpu", lambda role, nbytes: torch.from_numpy(self.buffers.get(role, nbytes)))
+
+        def fill(start: int, stop: int, block: np.ndarray) -> None:
+            lookup.fill(start * cols, stop * cols, torch.from_numpy(block.view(np.uint8)))
+
+        width = lookup.width
+        return fill, width // math.gcd(width, cols) if width and cols else 1
+
+    def _write_rows(self, tensor: TensorPlan, patches: tuple, fill: Callable[[int, int, np.ndarray], None],
+                    unit: int, write: Write, out_raw: np.ndarray | None = None) -> list[memoryview]:
+        """Make the tensor a block of rows at a time: `fill(start, stop, block)` puts rows [start, stop) in
+        the block as fp32, then the patches, the check and the rounding, and the rows are written. A block
+        starts at a multiple of `unit` rows; the result goes into `out_raw` when given."""
+        rows, cols = matrix_shape(tensor.shape)
         row_bytes = cols * dtype_size(tensor.dtype)
-        nbytes = rows * row_bytes
-        out_raw = raw[:nbytes] if dtype_size(tensor.dtype) <= dtype_size(source.dtype) else self.buffers.get("out", nbytes)
+        out_raw = out_raw[:rows * row_bytes] if out_raw is not None else self.buffers.get("out", rows * row_bytes)
+        if rows * cols == 0:
+            write(0, 0, memoryview(out_raw))
+            return [memoryview(out_raw)]
         out = out_raw.view(STORED[tensor.dtype]).reshape(rows, cols)
         updates = [patch.row_update(tensor.shape) for patch in patches]
-        step = max(1, BLOCK_VALUES // max(1, cols))
-        block = self.buffers.get("block", step * cols * 4).view(np.float32)
+        step = max(1, BLOCK_VALUES // cols // unit) * unit
+        # room for the whole code rows a quantized block's values lie in (fewer than `unit` rows more)
+        block = self.buffers.get("block", (step + unit) * cols * 4).view(np.float32)
         scratch = self.buffers.get("scratch", step * cols * 4).view(np.float32)
         with np.errstate(over="ignore", invalid="ignore"):  # NaN, Inf and overflow are checked for below
             for start in range(0, rows, step):
                 n = min(rows - start, step) * cols
-                self._block(tensor, src[start:start + step], start, updates,
-                            block[:n].reshape(-1, cols), scratch[:n].reshape(-1, cols), out[start:start + step])
+                fill(start, start + n // cols, block)
+                self._block(tensor, start, updates, block[:n].reshape(-1, cols), scratch[:n].reshape(-1, cols),
+                            out[start:start + step])
                 write(0, start * row_bytes, memoryview(out_raw[start * row_bytes:(start + step) * row_bytes]))
         return [memoryview(out_raw)]
 
     @staticmethod
-    def _block(tensor: TensorPlan, stored: np.ndarray, start: int, updates: list,
-               block: np.ndarray, scratch: np.ndarray, out: np.ndarray) -> None:
-        """Rows [start, start + len(block)): widen, patch, check, round."""
-        widen(stored, block)
+    def _block(tensor: TensorPlan, start: int, updates: list, block: np.ndarray, scratch: np.ndarray,
+               out: np.ndarray) -> None:
+        """Rows [start, start + len(block)), in fp32 in the block: patch, check, round."""
         for update in updates:
             update(block, start, scratch)
         finite = math.isfinite(float(block.sum())) or bool(np.isfinite(block).all())

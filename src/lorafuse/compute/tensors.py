@@ -1,6 +1,7 @@
 """The torch path: dequantize or cast, patch in fp32 (DoRA too), round once, or quantize to 4 bits; on the
 CPU or a GPU. A merge that needs it starts importing torch on a thread of its own once planned, and
-copies untouched tensors (and hashes them) meanwhile.
+copies untouched tensors (and hashes them) meanwhile. A quantized weight that the numpy path can finish
+(`in_rows`) goes to it, to be decoded a block of rows at a time.
 """
 
 from __future__ import annotations
@@ -14,8 +15,7 @@ import torch
 from ..formats.safetensors import TensorSlot, dtype_size, read_exact, torch_dtype
 from ..plan import TensorPlan
 from ..quant import QuantizedTensor
-from . import Write, not_finite, overflows
-from .rows import Buffers
+from . import Write, in_rows, not_finite, overflows, rows
 
 
 class Producer:
@@ -23,7 +23,8 @@ class Producer:
 
     def __init__(self, device: str) -> None:
         self.device = torch.device(device)
-        self.buffers = Buffers()
+        self.in_rows = rows.Producer(device)
+        self.buffers = self.in_rows.buffers
 
     def buffer(self, role: str, nbytes: int) -> torch.Tensor:
         return torch.from_numpy(self.buffers.get(role, nbytes))
@@ -32,6 +33,8 @@ class Producer:
                      write: Write) -> list[memoryview]:
         """Write the bytes of each of the tensor's slots (one, or a 4-bit weight's parts), and return them
         (in the thread's buffers)."""
+        if in_rows(tensor, self.device.type):
+            return self.in_rows.output_bytes(tensor, slots, source_fd, write)
         if isinstance(tensor.source, QuantizedTensor):
             value = tensor.source.dequantize(self.device, self.buffer)
         else:
@@ -48,12 +51,14 @@ class Producer:
     @staticmethod
     @contextlib.contextmanager
     def intra_op_threads(n: int):
-        """Give each pipeline thread its share of the cores: more torch threads than cores makes their
-        OpenMP teams spin against each other (measured: 2 workers x 2 threads on 2 cores is slower)."""
+        """Give each pipeline thread its share of the cores, for torch and for the numpy path's BLAS: more
+        torch threads than cores makes their OpenMP teams spin against each other (measured: 2 workers x 2
+        threads on 2 cores is slower)."""
         before = torch.get_num_threads()
         torch.set_num_threads(n)
         try:
-            yield
+            with rows.Producer.intra_op_threads(n):
+                yield
         finally:
             torch.set_num_threads(before)
 

@@ -3,7 +3,9 @@
 `bnb` reads bitsandbytes 4-bit (NF4/FP4, optionally double-quantized) and LLM.int8 weights as
 transformers saves them; `fp8` reads block-scaled (DeepSeek-V3 / Qwen3-FP8 `weight_scale_inv`) and
 per-tensor or per-channel scaled (`weight_scale`) FP8 weights. Neither needs bitsandbytes or a GPU.
-A new format is one module with a `claim(tensors, config)` function, listed in FORMATS.
+A new format is one module with a `claim(tensors, config)` function, listed in FORMATS. Claiming reads
+headers and quant states without torch, so a quantized base plans (and copies its untouched tensors)
+while torch loads; the functions that compute import torch when called.
 """
 
 from __future__ import annotations
@@ -13,8 +15,7 @@ import importlib
 from ..errors import LorafuseError
 from .base import QuantizedTensor
 
-# quantization_config.quant_method -> the module that reads it, imported only for a quantized base (the
-# modules need torch, which a plain merge loads in the background while it plans)
+# quantization_config.quant_method -> the module that reads it, imported only for a quantized base
 FORMATS = {"bitsandbytes": "bnb", "fp8": "fp8", "fbgemm_fp8": "fp8", "compressed-tensors": "fp8"}
 # what the package offers from those modules, imported on first use
 EXPORTS = {"dequantize_4bit": "bnb", "dequantize_4bit_saved": "bnb", "dequantize_int8": "bnb", "parse_quant_state": "bnb",

@@ -2,11 +2,11 @@
 
 Each format module offers `claim(tensors, config)`: it finds the weights it stores, returns them as
 QuantizedTensor values keyed by the weight's name, and so takes their auxiliary tensors (scales,
-absmax, quant states) out of the plain-tensor namespace. Reading happens only in `dequantize`.
+absmax, quant states) out of the plain-tensor namespace. Reading happens only in `read`.
 
-Every format stores one byte (or two 4-bit codes) per value: `lookup_rows` turns those bytes into float32
-through a 256-entry table, the way the formats' own kernels do, at several times the speed of torch's
-casts and gathers on the CPU.
+Every format stores one byte (or two 4-bit codes) per value: its `decode` gives a `Lookup`, which turns
+those bytes into float32 through a 256-entry table, the way the formats' own kernels do, at several times
+the speed of torch's casts and gathers on the CPU, a block of rows at a time.
 """
 
 from __future__ import annotations
@@ -14,6 +14,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
+
+from ..errors import LorafuseError
+from ..formats.safetensors import FLOAT_DTYPES, NAME_OF_TORCH_DTYPE
 
 if TYPE_CHECKING:
     import torch
@@ -33,8 +36,8 @@ class QuantizedTensor:
     parts: dict  # role (the format's name for it) -> (checkpoint key, TensorRef)
     shape: tuple[int, ...]
     dtype: str  # safetensors name of the dtype it dequantizes to (the model's dtype)
-    # decode(parts, empty=...): the float32 weight from its stored parts, in memory from `empty` (lookup_rows)
-    decode: Callable[[dict[str, torch.Tensor], Empty | None], torch.Tensor] = field(compare=False, repr=False)
+    # decode(parts): the weight's Lookup, from its stored parts (torch tensors keyed by role)
+    decode: Callable[[dict[str, torch.Tensor]], Lookup] = field(compare=False, repr=False)
 
     @property
     def nbytes(self) -> int:
@@ -50,54 +53,96 @@ class QuantizedTensor:
         """The checkpoint tensors it is stored in."""
         return [key for key, _ in self.parts.values()]
 
-    def dequantize(self, device: str | torch.device = "cpu",
-                   buffer: Callable[[str, int], torch.Tensor] | None = None) -> torch.Tensor:
-        """The float32 weight, as the format's reference implementation computes it, on `device` (the
-        stored bytes cross the bus, a quarter to a half of the weight's 16-bit size).
-
-        `buffer(role, nbytes)` lends reusable CPU memory (uint8 tensors; fresh ones by default) for the
-        stored parts and, on the CPU, the result: fresh memory costs a page fault per 4 KiB (one
-        4096 × 4096 NF4 weight on one core: 52-69 ms into fresh memory, 14-16 ms into reused).
-        """
+    def read(self, device: str | torch.device = "cpu",
+             buffer: Callable[[str, int], torch.Tensor] | None = None) -> Lookup:
+        """Read the stored parts onto `device` (only they cross the bus: a quarter to a half of the weight's
+        16-bit size), ready to decode. `buffer(role, nbytes)` lends reusable CPU memory (uint8 tensors;
+        fresh ones by default)."""
         import torch
 
         from ..formats.safetensors import torch_dtype
 
-        buffer = buffer or (lambda role, nbytes: torch.empty(nbytes, dtype=torch.uint8))
         parts = {}
         for role, (_, ref) in self.parts.items():
-            raw = buffer(f"stored:{role}", ref.nbytes)
+            raw = buffer(f"stored:{role}", ref.nbytes) if buffer else torch.empty(ref.nbytes, dtype=torch.uint8)
             ref.read_into(memoryview(raw.numpy()))
             parts[role] = raw.view(torch_dtype(ref.dtype)).view(ref.shape).to(device)
+        return self.decode(parts)
+
+    def dequantize(self, device: str | torch.device = "cpu",
+                   buffer: Callable[[str, int], torch.Tensor] | None = None) -> torch.Tensor:
+        """The float32 weight, as the format's reference implementation computes it, on `device`.
+
+        On the CPU the result goes into `buffer("fp32", nbytes)` when given: fresh memory costs a page
+        fault per 4 KiB (one 4096 × 4096 NF4 weight on one core: 52-69 ms into fresh memory, 14-16 ms
+        into reused).
+        """
+        import torch
+
+        lookup = self.read(device, buffer)
         on_cpu = torch.device(device).type == "cpu"
-        return self.decode(parts, empty=(lambda nbytes: buffer("fp32", nbytes)) if on_cpu else None).reshape(self.shape)
+        return lookup.decode((lambda nbytes: buffer("fp32", nbytes)) if buffer and on_cpu else None)
 
 
-def lookup_rows(codes: torch.Tensor, table: torch.Tensor, scale: Callable[[int, int, torch.Tensor], object],
-                empty: Empty | None = None) -> torch.Tensor:
-    """`table[codes]` for 2-D uint8 `codes` and a 256-entry `table`, a few rows at a time; after each
-    step `scale(start, stop, rows)` scales rows [start, stop) in place while they are in the cache.
-    The result is in `empty(nbytes)` (uint8, on the codes' device) when given, else in fresh memory.
-
-    The gather takes int32 indices (int64 ones would be 8 bytes per code). A GPU takes eight steps: each
-    step's index, 4 bytes per code, is then at most an eighth of the result's size.
+@dataclass(frozen=True)
+class Lookup:
+    """A quantized weight read and ready to decode, in the form every format shares: code row i (uint8)
+    becomes `width` float32 values, `table[codes[i]]`, which `scale(start, stop, rows)` then scales in
+    place (code rows [start, stop)). The weight's values are the first numel of the decoded rows (a
+    4-bit weight's last block may hold padding).
     """
-    import torch
 
-    rows, width = codes.shape
-    if empty is None:
-        out = torch.empty(rows, width, dtype=table.dtype, device=codes.device)
-    else:
-        out = empty(rows * width * table.element_size()).view(table.dtype).view(rows, width)
-    if codes.device.type == "cpu":
-        step = max(1, LOOKUP_BYTES // max(1, width * table.element_size()))
-    else:
-        step = max(1, -(-rows // 8))
-    for start in range(0, rows, step):
-        stop = min(rows, start + step)
-        torch.index_select(table, 0, codes[start:stop].reshape(-1).int(), out=out[start:stop].view(-1))
-        scale(start, stop, out[start:stop])
-    return out
+    codes: torch.Tensor  # 2-D uint8
+    table: torch.Tensor  # 256 entries: float32, or int64 holding a 4-bit byte's two float32 values
+    scale: Callable[[int, int, torch.Tensor], object]
+    shape: tuple[int, ...]
+
+    @property
+    def width(self) -> int:
+        """Values per code row: `fill` starts at a multiple of it."""
+        return self.codes.shape[1] * self.table.element_size() // 4
+
+    def fill(self, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
+        """The flattened weight's values [start, stop) as float32, decoded into `out` (uint8, on the codes'
+        device, with room for the whole code rows they lie in); `start` is a multiple of `width`.
+
+        The gather takes int32 indices (int64 ones would be 8 bytes per code), a few code rows per step
+        on the CPU, each scaled while in the cache. A GPU takes eight steps: each step's index, 4 bytes
+        per code, is then at most an eighth of the result's size.
+        """
+        import torch
+
+        if stop <= start:
+            return out[:0].view(torch.float32)
+        width, size = self.codes.shape[1], self.table.element_size()
+        first, end = start // self.width, -(-stop // self.width)
+        decoded = out[: (end - first) * width * size].view(self.table.dtype).view(end - first, width)
+        if self.codes.device.type == "cpu":
+            step = max(1, LOOKUP_BYTES // (width * size))
+        else:
+            step = max(1, -(-(end - first) // 8))
+        for row in range(first, end, step):
+            last = min(end, row + step)
+            into = decoded[row - first:last - first]
+            torch.index_select(self.table, 0, self.codes[row:last].reshape(-1).int(), out=into.view(-1))
+            self.scale(row, last, into)
+        return decoded.view(torch.float32).reshape(-1)[: stop - start]
+
+    def decode(self, empty: Empty | None = None) -> torch.Tensor:
+        """The whole weight as float32, in `empty(nbytes)` when given, else in fresh memory."""
+        import torch
+
+        nbytes = self.codes.shape[0] * self.width * 4
+        out = empty(nbytes) if empty else torch.empty(nbytes, dtype=torch.uint8, device=self.codes.device)
+        return self.fill(0, math.prod(self.shape), out).reshape(self.shape)
+
+
+def float_dtype(name: object, where: str) -> str:
+    """The safetensors name of a float dtype as checkpoints' JSON names it ("bfloat16", "torch.float16")."""
+    found = NAME_OF_TORCH_DTYPE.get(str(name).removeprefix("torch."))
+    if found not in FLOAT_DTYPES:
+        raise LorafuseError(f"unknown float dtype {name!r} in {where}; the checkpoint is damaged or too new for lorafuse")
+    return found
 
 
 def byte_values(dtype: torch.dtype, device: torch.device) -> torch.Tensor:

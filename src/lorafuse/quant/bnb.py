@@ -27,12 +27,14 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping
-
-import torch
-import torch.nn.functional as F
+from typing import TYPE_CHECKING
 
 from ..errors import LorafuseError
-from .base import Empty, byte_values, lookup_rows
+from ..formats.safetensors import DTYPES
+from .base import Lookup, QuantizedTensor, byte_values, float_dtype
+
+if TYPE_CHECKING:  # the functions that compute import it: claiming weights (planning) needs no torch
+    import torch
 
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # what bnb's quantize/dequantize_4bit accept
 NESTED_BLOCKSIZE = 256  # quantize_4bit always double-quantizes absmax in blocks of 256
@@ -51,6 +53,8 @@ _STATE_KEYS = {"quant_type", "blocksize", "dtype", "shape", "nested_blocksize", 
 
 def code_4bit(quant_type: str) -> torch.Tensor:
     """The 16-entry code bnb saves as `quant_map` (`get_4bit_type`, normalised the same way)."""
+    import torch
+
     data = {"nf4": _NF4, "fp4": _FP4}.get(quant_type)
     if data is None:
         raise LorafuseError(f"unknown bitsandbytes 4-bit quant_type {quant_type!r}; expected 'nf4' or 'fp4'")
@@ -60,6 +64,8 @@ def code_4bit(quant_type: str) -> torch.Tensor:
 
 def dynamic_map() -> torch.Tensor:
     """bnb's signed 8-bit dynamic map (`create_dynamic_map()`), the code of the nested absmax."""
+    import torch
+
     data: list[float] = []
     for i in range(7):  # max_exponent_bits=7, total_bits=8, signed
         boundaries = torch.linspace(0.1, 1, 2**i + 1, dtype=torch.float32)
@@ -70,7 +76,7 @@ def dynamic_map() -> torch.Tensor:
     return torch.tensor(sorted(data + [0] * (256 - len(data))), dtype=torch.float32)
 
 
-def parse_quant_state(packed: torch.Tensor | bytes) -> dict:
+def parse_quant_state(packed: torch.Tensor | bytes | bytearray) -> dict:
     """Decode `X.weight.quant_state.bitsandbytes__{nf4,fp4}`, as `QuantState.from_dict` does.
 
     The tensor is the UTF-8 bytes of `json.dumps` of the non-tensor fields, e.g.
@@ -78,9 +84,10 @@ def parse_quant_state(packed: torch.Tensor | bytes) -> dict:
      "nested_blocksize": 256, "nested_dtype": "float32", "nested_offset": 0.0522...}
     (the `nested_*` fields only with double quantization). `dtype` is the dtype of the weight that
     was quantized, which is also what bnb dequantizes to. Returns those fields with `dtype` and
-    `nested_dtype` as torch dtypes, `shape` as a tuple, and `nested` (bool).
+    `nested_dtype` as safetensors dtype names ("BF16"), `shape` as a tuple, and `nested` (bool).
+    Planning reads the bytes, with no torch.
     """
-    raw = packed if isinstance(packed, bytes) else bytes(packed.reshape(-1).to(torch.uint8).tolist())
+    raw = bytes(packed) if isinstance(packed, (bytes, bytearray)) else bytes(v % 256 for v in packed.reshape(-1).tolist())
     try:
         d = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -90,46 +97,55 @@ def parse_quant_state(packed: torch.Tensor | bytes) -> dict:
     state = {
         "quant_type": d["quant_type"],
         "blocksize": int(d["blocksize"]),
-        "dtype": _torch_dtype(d["dtype"]),
+        "dtype": float_dtype(d["dtype"], "a bitsandbytes quant_state"),
         "shape": tuple(d["shape"]) if d["shape"] is not None else None,
         "nested": "nested_offset" in d,
     }
     if state["quant_type"] not in ("nf4", "fp4") or state["shape"] is None:
         raise LorafuseError(f"unsupported bitsandbytes quant_state {d!r}")
     if state["nested"]:
-        state.update(nested_blocksize=int(d["nested_blocksize"]), nested_dtype=_torch_dtype(d["nested_dtype"]),
+        state.update(nested_blocksize=int(d["nested_blocksize"]), nested_dtype=float_dtype(d["nested_dtype"], "a bitsandbytes quant_state"),
                      nested_offset=float(d["nested_offset"]))
-        if state["nested_dtype"] != torch.float32:  # bnb always double-quantizes float32 absmax
+        if state["nested_dtype"] != "F32":  # bnb always double-quantizes float32 absmax
             raise LorafuseError(f"unsupported bitsandbytes nested_dtype {d['nested_dtype']!r}")
     return state
 
 
-def dequantize_4bit(
+def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, quant_map: torch.Tensor, blocksize: int,
+                    shape: tuple[int, ...], dtype: torch.dtype | None = None, **nested) -> torch.Tensor:
+    """Unpack a bnb 4-bit weight: `quant_map[nibble] * absmax[block]`, computed in float32 (in `dtype`
+    when given). `nested` are `lookup_4bit`'s double-quantization arguments."""
+    values = lookup_4bit(packed, absmax, quant_map, blocksize, shape, **nested).decode()
+    return values if dtype is None else values.to(dtype)
+
+
+def lookup_4bit(
     packed: torch.Tensor,
     absmax: torch.Tensor,
     quant_map: torch.Tensor,
     blocksize: int,
     shape: tuple[int, ...],
-    dtype: torch.dtype = torch.float32,
     *,
     nested_absmax: torch.Tensor | None = None,
     nested_quant_map: torch.Tensor | None = None,
     nested_blocksize: int = NESTED_BLOCKSIZE,
     offset: float | None = None,
-    empty: Empty | None = None,
-) -> torch.Tensor:
-    """Unpack a bnb 4-bit weight: `quant_map[nibble] * absmax[block]`, computed in float32.
+) -> Lookup:
+    """A bnb 4-bit weight ready to decode: `quant_map[nibble] * absmax[block]` in float32, one block per
+    code row.
 
     bnb's CPU kernel (`dequantizeBlockwise4bitCpu`) and its torch fallback
     (`_dequantize_4bit_compute`) both multiply the float32 code value by the float32 block absmax
-    and round that product once to the output dtype. So the default float32 result holds those
-    exact products, and `dtype=torch.bfloat16` (or `.to(bfloat16)` later) is bit-identical to
-    `bitsandbytes.functional.dequantize_4bit`. With double quantization, bnb first rebuilds absmax
+    and round that product once to the output dtype. So the float32 values are those exact products,
+    and rounded to bf16 they are bit-identical to `bitsandbytes.functional.dequantize_4bit`. With double quantization, bnb first rebuilds absmax
     as `nested_quant_map[absmax] * nested_absmax[i // 256]` in float32 (`dequantize_blockwise`),
     then adds `offset` as a float32 scalar (`absmax += quant_state.offset`); so do we.
     One difference: FP4 code 8 gives +0.0 here (its quant_map entry, as in bnb's torch fallback and
     AVX-512 kernel) where bnb's scalar CPU kernel gives -0.0. Equal in every later sum.
     """
+    import torch
+    import torch.nn.functional as F
+
     n = math.prod(shape)
     if quant_map.numel() != 16:
         raise LorafuseError(f"a 4-bit quant_map has 16 entries, got {quant_map.numel()}")
@@ -155,21 +171,26 @@ def dequantize_4bit(
     code = quant_map.to(torch.float32).reshape(-1)
     pairs = torch.stack([code[byte >> 4], code[byte & 15]], dim=1).view(torch.int64).reshape(-1)
     data = data[: (n + 1) // 2]
-    if n % blocksize:  # the last block is partial: pad it with zero codes, dropped below
+    if n % blocksize:  # the last block is partial: pad it with zero codes, decoded but not part of the weight
         data = F.pad(data, (0, nblocks * blocksize // 2 - data.numel()))
-    values = lookup_rows(data.view(nblocks, blocksize // 2), pairs,
-                         lambda start, stop, rows: rows.view(torch.float32).mul_(scales[start:stop]), empty)
-    return values.view(torch.float32).reshape(-1)[:n].reshape(shape).to(dtype)
+    return Lookup(data.view(nblocks, blocksize // 2), pairs,
+                  lambda start, stop, rows: rows.view(torch.float32).mul_(scales[start:stop]), tuple(shape))
 
 
-def dequantize_4bit_saved(parts: Mapping[str, torch.Tensor], dtype: torch.dtype = torch.float32,
-                          empty: Empty | None = None) -> torch.Tensor:
+def dequantize_4bit_saved(parts: Mapping[str, torch.Tensor], dtype: torch.dtype | None = None) -> torch.Tensor:
     """Dequantize one saved weight from its tensors, keyed by suffix after `X.weight`.
 
     Keys: "" (the packed weight), ".absmax", ".quant_map", ".quant_state.bitsandbytes__nf4" (or fp4)
     and, with double quantization, ".nested_absmax" and ".nested_quant_map": the layout that
-    `quantize_4bit` returns. Pass `dtype=parse_quant_state(...)["dtype"]` for bnb's exact output.
+    `quantize_4bit` returns. Pass `dtype=torch_dtype(parse_quant_state(...)["dtype"])` for bnb's exact
+    output (float32 by default).
     """
+    values = lookup_4bit_saved(parts).decode()
+    return values if dtype is None else values.to(dtype)
+
+
+def lookup_4bit_saved(parts: Mapping[str, torch.Tensor]) -> Lookup:
+    """`lookup_4bit` of one saved weight's tensors, keyed as `dequantize_4bit_saved` takes them."""
     qs = [k for k in parts if k.startswith("." + QUANT_STATE_PREFIX)]
     if len(qs) != 1:
         raise LorafuseError(f"expected exactly one {QUANT_STATE_PREFIX}* tensor, found {sorted(qs)}")
@@ -178,12 +199,12 @@ def dequantize_4bit_saved(parts: Mapping[str, torch.Tensor], dtype: torch.dtype 
     if missing - parts.keys():
         raise LorafuseError(f"bitsandbytes 4-bit weight lacks {sorted(missing - parts.keys())}")
     nested = state["nested"]
-    return dequantize_4bit(
-        parts[""], parts[".absmax"], parts[".quant_map"], state["blocksize"], state["shape"], dtype,
+    return lookup_4bit(
+        parts[""], parts[".absmax"], parts[".quant_map"], state["blocksize"], state["shape"],
         nested_absmax=parts[".nested_absmax"] if nested else None,
         nested_quant_map=parts[".nested_quant_map"] if nested else None,
         nested_blocksize=state.get("nested_blocksize", NESTED_BLOCKSIZE),
-        offset=state.get("nested_offset"), empty=empty,
+        offset=state.get("nested_offset"),
     )
 
 
@@ -193,7 +214,7 @@ def quantize_4bit(
     quant_type: str = "nf4",
     blocksize: int = 64,
     compress_statistics: bool = True,
-    quant_storage: torch.dtype = torch.uint8,
+    quant_storage: torch.dtype | None = None,
 ) -> dict[str, torch.Tensor]:
     """Quantize like `bitsandbytes.functional.quantize_4bit` on the CPU; return what transformers saves.
 
@@ -201,8 +222,12 @@ def quantize_4bit(
     copies bnb's torch kernel (`backends/default/ops.py`, `quantize_4bit`: scale by the reciprocal
     of the block absmax, bucketize against the code's midpoints). With `compress_statistics`,
     absmax minus its mean is quantized with the dynamic map in blocks of 256, emulating the C
-    kernel `quantize_cpu_impl` (see `_quantize_blockwise`).
+    kernel `quantize_cpu_impl` (see `_quantize_blockwise`). `quant_storage` is uint8 by default.
     """
+    import torch
+    import torch.nn.functional as F
+
+    quant_storage = quant_storage or torch.uint8
     if blocksize not in BLOCKSIZES:
         raise LorafuseError(f"bitsandbytes blocksize must be one of {BLOCKSIZES}, got {blocksize}")
     if weight.dtype not in (torch.bfloat16, torch.float16, torch.float32):
@@ -242,9 +267,10 @@ def quantize_4bit(
 _FLOAT_TEXT = -2.2250738585072014e-308
 
 
-def layout_4bit(shape: tuple[int, ...], dtype: torch.dtype, *, quant_type: str = "nf4", blocksize: int = 64,
+def layout_4bit(shape: tuple[int, ...], dtype: str, *, quant_type: str = "nf4", blocksize: int = 64,
                 nested: bool = True) -> list[tuple[str, str, tuple[int, ...]]]:
-    """(suffix, safetensors dtype, shape) of every tensor `quantize_4bit` returns, known before quantizing.
+    """(suffix, safetensors dtype, shape) of every tensor `quantize_4bit` returns for a weight of safetensors
+    dtype `dtype`, known before quantizing.
 
     Only the quant state's JSON length depends on the data (the text of nested_offset): it gets room
     for the longest float, and `pad_quant_state` fills the rest with spaces, which JSON ignores.
@@ -254,7 +280,7 @@ def layout_4bit(shape: tuple[int, ...], dtype: torch.dtype, *, quant_type: str =
     entries = [("", "U8", ((n + 1) // 2, 1)), (".absmax", "U8" if nested else "F32", (blocks,)), (".quant_map", "F32", (16,))]
     if nested:
         entries += [(".nested_absmax", "F32", (-(-blocks // NESTED_BLOCKSIZE),)), (".nested_quant_map", "F32", (256,))]
-    state = {"quant_type": quant_type, "blocksize": blocksize, "dtype": str(dtype)[6:], "shape": list(shape)}
+    state = {"quant_type": quant_type, "blocksize": blocksize, "dtype": DTYPES[dtype][1], "shape": list(shape)}
     if nested:
         state.update(nested_blocksize=NESTED_BLOCKSIZE, nested_dtype="float32", nested_offset=_FLOAT_TEXT)
     entries.append(("." + QUANT_STATE_PREFIX + quant_type, "U8", (len(json.dumps(state).encode()),)))
@@ -263,18 +289,25 @@ def layout_4bit(shape: tuple[int, ...], dtype: torch.dtype, *, quant_type: str =
 
 def pad_quant_state(state: torch.Tensor, length: int) -> torch.Tensor:
     """The quant state JSON bytes padded with spaces to the length `layout_4bit` reserved."""
+    import torch.nn.functional as F
+
     return F.pad(state, (0, length - state.numel()), value=ord(" "))
 
 
-def dequantize_int8(
-    weight_int8: torch.Tensor, scb: torch.Tensor, weight_format: torch.Tensor | int | None = None,
-    empty: Empty | None = None,
-) -> torch.Tensor:
-    """LLM.int8 weight to float32: row i is `weight[i] * SCB[i] / 127`.
+def dequantize_int8(weight_int8: torch.Tensor, scb: torch.Tensor,
+                    weight_format: torch.Tensor | int | None = None) -> torch.Tensor:
+    """LLM.int8 weight to float32: row i is `weight[i] * SCB[i] / 127`. See `lookup_int8`."""
+    return lookup_int8(weight_int8, scb, weight_format).decode()
+
+
+def lookup_int8(weight_int8: torch.Tensor, scb: torch.Tensor, weight_format: torch.Tensor | int | None = None) -> Lookup:
+    """An LLM.int8 weight ready to decode, row i as `weight[i] * SCB[i] / 127`.
 
     Written exactly as bnb's `int8_vectorwise_dequant` (`A * stats.view(-1, 1) * 7.874015718698502e-3`,
     the multiplication PEFT's `dequantize_bnb_weight` uses too), so the float32 result is bit-identical.
     """
+    import torch
+
     fmt = weight_format.item() if isinstance(weight_format, torch.Tensor) else weight_format
     if fmt not in (None, INT8_ROW_FORMAT, "row"):
         raise LorafuseError(f"LLM.int8 weight_format {fmt!r} is not the row-major layout; "
@@ -283,12 +316,15 @@ def dequantize_int8(
         raise LorafuseError(f"LLM.int8 expects an int8 (out, in) weight and SCB[out]; got {weight_int8.dtype} "
                             f"{tuple(weight_int8.shape)} and SCB {tuple(scb.shape)}")
     scb = scb.to(torch.float32).view(-1, 1)
-    return lookup_rows(weight_int8.view(torch.uint8), byte_values(torch.int8, weight_int8.device),
-                       lambda start, stop, rows: rows.mul_(scb[start:stop]).mul_(7.874015718698502e-3), empty)
+    return Lookup(weight_int8.view(torch.uint8), byte_values(torch.int8, weight_int8.device),
+                  lambda start, stop, rows: rows.mul_(scb[start:stop]).mul_(7.874015718698502e-3), tuple(weight_int8.shape))
 
 
 def _scale_blocks(values: torch.Tensor, scales: torch.Tensor, blocksize: int) -> torch.Tensor:
     """values[i] * scales[i // blocksize] in float32 (values is fresh, so it is scaled in place)."""
+    import torch
+    import torch.nn.functional as F
+
     n = values.numel()
     nblocks = -(-n // blocksize)
     if scales.numel() < nblocks:
@@ -307,6 +343,9 @@ def _quantize_blockwise(a: torch.Tensor, code: torch.Tensor, blocksize: int) -> 
     the compiled kernel fuses the last multiply-add (vfmadd, one rounding; unfused rounding gave
     the same index for every float32 we enumerated, but we follow the binary). All-zero blocks give 0.
     """
+    import torch
+    import torch.nn.functional as F
+
     n = a.numel()
     nblocks = -(-n // blocksize)
     blocks = F.pad(a.float(), (0, nblocks * blocksize - n)).view(nblocks, blocksize)
@@ -325,27 +364,19 @@ def _quantize_blockwise(a: torch.Tensor, code: torch.Tensor, blocksize: int) -> 
     return q.reshape(-1)[:n], absmax
 
 
-def _torch_dtype(name: str) -> torch.dtype:
-    t = getattr(torch, str(name), None)
-    if not isinstance(t, torch.dtype):
-        raise LorafuseError(f"unknown dtype {name!r} in bitsandbytes quant_state")
-    return t
-
-
-
 def claim(tensors: Mapping, config: dict) -> dict:
     """The 4-bit and LLM.int8 weights of a transformers-saved bitsandbytes checkpoint, by weight name.
 
     Roles are the key suffixes after `X.weight` (what `dequantize_4bit_saved` takes), and for
     LLM.int8 "" (the int8 weight), "SCB" (`X.SCB`) and "format" (`X.weight_format`).
     """
-    from .base import QuantizedTensor
-
     found = {}
     for key, ref in tensors.items():
         if ".weight." + QUANT_STATE_PREFIX in key:
             weight = key[: key.index(".weight.") + len(".weight")]
-            state = parse_quant_state(ref.read())
+            if ref.dtype not in ("U8", "I8"):
+                raise LorafuseError(f"{key} is {ref.dtype}, not the uint8 JSON bitsandbytes writes; the checkpoint is damaged")
+            state = parse_quant_state(ref.read_into(bytearray(ref.nbytes)))
             roles = ["", ".absmax", ".quant_map"] + ([".nested_absmax", ".nested_quant_map"] if state["nested"] else [])
             missing = [weight + r for r in roles if weight + r not in tensors]
             if missing:
@@ -353,7 +384,7 @@ def claim(tensors: Mapping, config: dict) -> dict:
             parts = {r: (weight + r, tensors[weight + r]) for r in roles}
             parts[key[len(weight):]] = (key, ref)
             found[weight] = QuantizedTensor(weight, f"bnb-{state['quant_type']}", parts, tuple(state["shape"]),
-                                            _safetensors_name(state["dtype"]), dequantize_4bit_saved)
+                                            state["dtype"], lookup_4bit_saved)
         elif key.endswith(".SCB"):
             weight = key[: -len(".SCB")] + ".weight"
             if weight not in tensors or tensors[weight].dtype != "I8":
@@ -361,17 +392,10 @@ def claim(tensors: Mapping, config: dict) -> dict:
             parts = {"": (weight, tensors[weight]), "SCB": (key, ref)}
             if f"{weight}_format" in tensors:
                 parts["format"] = (f"{weight}_format", tensors[f"{weight}_format"])
-            dtype = _safetensors_name(config.get("dtype") or config.get("torch_dtype") or "float16")
+            dtype = float_dtype(config.get("dtype") or config.get("torch_dtype") or "float16", "config.json")
             found[weight] = QuantizedTensor(weight, "bnb-int8", parts, tuple(tensors[weight].shape), dtype, _decode_int8)
     return found
 
 
-def _decode_int8(parts: Mapping[str, torch.Tensor], empty: Empty | None) -> torch.Tensor:
-    return dequantize_int8(parts[""], parts["SCB"], parts.get("format"), empty)
-
-
-def _safetensors_name(dtype) -> str:
-    from ..formats.safetensors import dtype_name
-
-    t = dtype if isinstance(dtype, torch.dtype) else _torch_dtype(str(dtype).removeprefix("torch."))
-    return dtype_name(t)
+def _decode_int8(parts: Mapping[str, torch.Tensor]) -> Lookup:
+    return lookup_int8(parts[""], parts["SCB"], parts.get("format"))

@@ -16,32 +16,42 @@ from __future__ import annotations
 
 import math
 from functools import partial
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..errors import LorafuseError
-from .base import Empty, byte_values, lookup_rows
+from .base import Lookup, QuantizedTensor, byte_values, float_dtype
+
+if TYPE_CHECKING:  # the functions that compute import it: claiming weights (planning) needs no torch
+    import torch
 
 FP8_E4M3_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
 
 
-def dequantize_fp8_block(
-    weight_fp8: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int] = (128, 128),
-    empty: Empty | None = None,
-) -> torch.Tensor:
+def dequantize_fp8_block(weight_fp8: torch.Tensor, scale_inv: torch.Tensor,
+                         block: tuple[int, int] = (128, 128)) -> torch.Tensor:
     """float32 `weight[i, j] * scale_inv[i // block[0], j // block[1]]` (leading expert dims allowed).
+    See `lookup_fp8_block`."""
+    return lookup_fp8_block(weight_fp8, scale_inv, block).decode()
+
+
+def lookup_fp8_block(weight_fp8: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int] = (128, 128)) -> Lookup:
+    """A block-scaled FP8 weight ready to decode, one row per code row:
+    `weight[i, j] * scale_inv[i // block[0], j // block[1]]` in float32.
 
     The float32 product is what DeepSeek-V3's kernel computes before storing it in the model dtype,
     so `.to(torch.bfloat16)` of the result equals its `weight_dequant` output.
     """
+    import torch
+
     bo, bi = block
     *lead, rows, cols = weight_fp8.shape
     grid = (*lead, -(-rows // bo), -(-cols // bi))
     if tuple(scale_inv.shape) != grid:
         raise LorafuseError(f"FP8 weight {tuple(weight_fp8.shape)} with blocks {tuple(block)} needs a scale_inv of "
                             f"shape {grid}, got {tuple(scale_inv.shape)}; check weight_block_size in the config")
-    if cols == 0:
-        return weight_fp8.to(torch.float32)
+    codes, table = _as_matrix(weight_fp8).view(torch.uint8), byte_values(torch.float8_e4m3fn, weight_fp8.device)
+    if cols == 0:  # no values, nothing to scale
+        return Lookup(codes, table, lambda start, stop, values: None, tuple(weight_fp8.shape))
     col_scale = scale_inv.to(torch.float32).repeat_interleave(bi, dim=-1)[..., :cols]  # (..., out blocks, cols)
     col_scale = col_scale.reshape(-1, cols)  # one row per block row of each matrix
 
@@ -53,13 +63,18 @@ def dequantize_fp8_block(
             values[row - start:end - start].mul_(col_scale[matrix * grid[-2] + local // bo])
             row = end
 
-    table = byte_values(torch.float8_e4m3fn, weight_fp8.device)
-    return lookup_rows(_as_matrix(weight_fp8).view(torch.uint8), table, scale, empty).reshape(weight_fp8.shape)
+    return Lookup(codes, table, scale, tuple(weight_fp8.shape))
 
 
-def dequantize_fp8_scaled(weight_fp8: torch.Tensor, weight_scale: torch.Tensor,
-                          empty: Empty | None = None) -> torch.Tensor:
+def dequantize_fp8_scaled(weight_fp8: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
     """float32 `weight * weight_scale`, the scale per tensor (1 value) or per output channel."""
+    return lookup_fp8_scaled(weight_fp8, weight_scale).decode()
+
+
+def lookup_fp8_scaled(weight_fp8: torch.Tensor, weight_scale: torch.Tensor) -> Lookup:
+    """A per-tensor or per-channel scaled FP8 weight ready to decode, `weight * weight_scale` in float32."""
+    import torch
+
     s = weight_scale.to(torch.float32)
     if s.numel() == 1:
         s, per_row = s.reshape(1, 1), False
@@ -69,9 +84,8 @@ def dequantize_fp8_scaled(weight_fp8: torch.Tensor, weight_scale: torch.Tensor,
         raise LorafuseError(f"FP8 weight_scale of shape {tuple(weight_scale.shape)} is neither per-tensor nor "
                             f"per-channel for a weight of shape {tuple(weight_fp8.shape)}")
     table = byte_values(torch.float8_e4m3fn, weight_fp8.device)
-    values = lookup_rows(_as_matrix(weight_fp8).view(torch.uint8), table,
-                         lambda start, stop, rows: rows.mul_(s[start:stop] if per_row else s), empty)
-    return values.reshape(weight_fp8.shape)
+    return Lookup(_as_matrix(weight_fp8).view(torch.uint8), table,
+                  lambda start, stop, rows: rows.mul_(s[start:stop] if per_row else s), tuple(weight_fp8.shape))
 
 
 def _as_matrix(t: torch.Tensor) -> torch.Tensor:
@@ -86,6 +100,8 @@ def quantize_fp8_block(weight: torch.Tensor, block: tuple[int, int] = (128, 128)
     blocks are partial), weight = clamp(w / scale_inv, -448, 448) rounded to e4m3. All-zero blocks get
     scale 1, as transformers' `Fp8Quantize` does. For building test checkpoints.
     """
+    import torch
+
     bo, bi = block
     *lead, rows, cols = weight.shape
     gr, gc = -(-rows // bo), -(-cols // bi)
@@ -101,12 +117,9 @@ def claim(tensors, config: dict) -> dict:
     """FP8 weights by name: `X.weight` F8_E4M3 with `X.weight_scale_inv` (blocks from the config's
     `weight_block_size`) or `X.weight_scale` (per tensor or channel). `X.input_scale` only concerns
     activations and is dropped with the weight's other parts, as is `X.activation_scale`."""
-    from .base import QuantizedTensor
-    from .bnb import _safetensors_name
-
     qconfig = config.get("quantization_config") or {}
     block = qconfig.get("weight_block_size", (128, 128))  # null: one scale per tensor (FineGrainedFP8)
-    dtype = _safetensors_name(config.get("dtype") or config.get("torch_dtype") or "bfloat16")
+    dtype = float_dtype(config.get("dtype") or config.get("torch_dtype") or "bfloat16", "config.json")
     found = {}
     for key, ref in tensors.items():
         if ref.dtype != "F8_E4M3" or not key.endswith(".weight"):
@@ -130,9 +143,9 @@ def claim(tensors, config: dict) -> dict:
     return found
 
 
-def _decode_block(parts, empty, block):
-    return dequantize_fp8_block(parts["weight"], parts["scale_inv"], block, empty)
+def _decode_block(parts, block):
+    return lookup_fp8_block(parts["weight"], parts["scale_inv"], block)
 
 
-def _decode_scaled(parts, empty):
-    return dequantize_fp8_scaled(parts["weight"], parts["scale"], empty)
+def _decode_scaled(parts):
+    return lookup_fp8_scaled(parts["weight"], parts["scale"])
