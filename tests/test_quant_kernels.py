@@ -276,7 +276,7 @@ def test_transformers_4bit_checkpoint(base_model, tmp_path, quant_type, double, 
         # ... and dequantizing it equals bnb's dequantization of the reloaded model's Params4bit
         weight = model.get_submodule(name).weight
         assert isinstance(weight, bitsandbytes.nn.Params4bit)
-        assert same(q.dequantize_4bit_saved(parts, torch.bfloat16), BF.dequantize_4bit(weight.data, weight.quant_state))
+        assert same(q.dequantize_4bit_saved(parts, state["dtype"]), BF.dequantize_4bit(weight.data, weight.quant_state))
     for name in ("lm_head", "model.layers.0.self_attn.o_proj"):  # llm_int8_skip_modules: saved plain
         assert saved[name + ".weight"].dtype == torch.bfloat16
         assert not any(k.startswith(name + ".weight.") for k in saved)

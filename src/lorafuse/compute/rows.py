@@ -66,7 +66,7 @@ class Producer:
         source, patches = tensor.computed_from
         rows, cols = matrix_shape(tensor.shape)
         if isinstance(source, QuantizedTensor):
-            return self._write_rows(tensor, patches, *self._decoder(source, cols), write)
+            return self._write_rows(tensor, patches, *self._decoder(source, cols), write=write)
         raw = self.buffers.get("in", source.nbytes)
         if source is tensor.source:
             read_exact(source_fd, memoryview(raw), source.offset, source.path)
@@ -79,11 +79,12 @@ class Producer:
 
         # The result overwrites rows already read when it is no wider than the source: one tensor buffer.
         narrower = dtype_size(tensor.dtype) <= dtype_size(source.dtype)
-        return self._write_rows(tensor, patches, fill, 1, write, raw if narrower else None)
+        return self._write_rows(tensor, patches, fill, write=write, out_raw=raw if narrower else None)
 
-    def _decoder(self, source: QuantizedTensor, cols: int) -> tuple[Callable, int]:
+    def _decoder(self, source: QuantizedTensor, cols: int) -> tuple[Callable, int, int]:
         """fill(start, stop, block) for a quantized weight: its rows [start, stop) decoded into the block by
-        torch, and the rows a block must start at a multiple of (its code rows may span matrix rows)."""
+        torch; the rows a block must start at a multiple of (its code rows may span matrix rows); and the
+        values a block needs room for beyond its rows (the rest of the code row its last value lies in)."""
         import torch
 
         lookup = source.read("cpu", lambda role, nbytes: torch.from_numpy(self.buffers.get(role, nbytes)))
@@ -92,13 +93,15 @@ class Producer:
             lookup.fill(start * cols, stop * cols, torch.from_numpy(block.view(np.uint8)))
 
         width = lookup.width
-        return fill, width // math.gcd(width, cols) if width and cols else 1
+        unit = width // math.gcd(width, cols) if width and cols else 1
+        return fill, unit, width if unit > 1 else 0
 
     def _write_rows(self, tensor: TensorPlan, patches: tuple, fill: Callable[[int, int, np.ndarray], None],
-                    unit: int, write: Write, out_raw: np.ndarray | None = None) -> list[memoryview]:
+                    unit: int = 1, room: int = 0, *, write: Write, out_raw: np.ndarray | None = None) -> list[memoryview]:
         """Make the tensor a block of rows at a time: `fill(start, stop, block)` puts rows [start, stop) in
         the block as fp32, then the patches, the check and the rounding, and the rows are written. A block
-        starts at a multiple of `unit` rows; the result goes into `out_raw` when given."""
+        starts at a multiple of `unit` rows and has `room` values to spare; the result goes into `out_raw`
+        when given."""
         rows, cols = matrix_shape(tensor.shape)
         row_bytes = cols * dtype_size(tensor.dtype)
         out_raw = out_raw[:rows * row_bytes] if out_raw is not None else self.buffers.get("out", rows * row_bytes)
@@ -108,9 +111,8 @@ class Producer:
         out = out_raw.view(STORED[tensor.dtype]).reshape(rows, cols)
         updates = [patch.row_update(tensor.shape) for patch in patches]
         step = max(1, BLOCK_VALUES // cols // unit) * unit
-        # room for the whole code rows a quantized block's values lie in (fewer than `unit` rows more)
-        block = self.buffers.get("block", (step + unit) * cols * 4).view(np.float32)
-        scratch = self.buffers.get("scratch", step * cols * 4).view(np.float32)
+        block = self.buffers.get("block", (min(step, rows) * cols + room) * 4).view(np.float32)
+        scratch = self.buffers.get("scratch", min(step, rows) * cols * 4).view(np.float32)
         with np.errstate(over="ignore", invalid="ignore"):  # NaN, Inf and overflow are checked for below
             for start in range(0, rows, step):
                 n = min(rows - start, step) * cols

@@ -30,7 +30,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from ..errors import LorafuseError
-from ..formats.safetensors import DTYPES
+from ..formats.safetensors import DTYPES, torch_dtype
 from .base import Lookup, QuantizedTensor, byte_values, float_dtype
 
 if TYPE_CHECKING:  # the functions that compute import it: claiming weights (planning) needs no torch
@@ -112,11 +112,17 @@ def parse_quant_state(packed: torch.Tensor | bytes | bytearray) -> dict:
 
 
 def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, quant_map: torch.Tensor, blocksize: int,
-                    shape: tuple[int, ...], dtype: torch.dtype | None = None, **nested) -> torch.Tensor:
-    """Unpack a bnb 4-bit weight: `quant_map[nibble] * absmax[block]`, computed in float32 (in `dtype`
-    when given). `nested` are `lookup_4bit`'s double-quantization arguments."""
-    values = lookup_4bit(packed, absmax, quant_map, blocksize, shape, **nested).decode()
-    return values if dtype is None else values.to(dtype)
+                    shape: tuple[int, ...], dtype: torch.dtype | str | None = None, **nested) -> torch.Tensor:
+    """Unpack a bnb 4-bit weight: `quant_map[nibble] * absmax[block]`, computed in float32 (rounded to
+    `dtype`, a torch dtype or a safetensors name, when given). `nested` are `lookup_4bit`'s
+    double-quantization arguments."""
+    return _rounded(lookup_4bit(packed, absmax, quant_map, blocksize, shape, **nested).decode(), dtype)
+
+
+def _rounded(values: torch.Tensor, dtype: torch.dtype | str | None) -> torch.Tensor:
+    if dtype is None:
+        return values
+    return values.to(torch_dtype(dtype) if isinstance(dtype, str) else dtype)
 
 
 def lookup_4bit(
@@ -177,16 +183,15 @@ def lookup_4bit(
                   lambda start, stop, rows: rows.view(torch.float32).mul_(scales[start:stop]), tuple(shape))
 
 
-def dequantize_4bit_saved(parts: Mapping[str, torch.Tensor], dtype: torch.dtype | None = None) -> torch.Tensor:
+def dequantize_4bit_saved(parts: Mapping[str, torch.Tensor], dtype: torch.dtype | str | None = None) -> torch.Tensor:
     """Dequantize one saved weight from its tensors, keyed by suffix after `X.weight`.
 
     Keys: "" (the packed weight), ".absmax", ".quant_map", ".quant_state.bitsandbytes__nf4" (or fp4)
     and, with double quantization, ".nested_absmax" and ".nested_quant_map": the layout that
-    `quantize_4bit` returns. Pass `dtype=torch_dtype(parse_quant_state(...)["dtype"])` for bnb's exact
-    output (float32 by default).
+    `quantize_4bit` returns. Pass `dtype=parse_quant_state(...)["dtype"]` for bnb's exact output (float32
+    by default).
     """
-    values = lookup_4bit_saved(parts).decode()
-    return values if dtype is None else values.to(dtype)
+    return _rounded(lookup_4bit_saved(parts).decode(), dtype)
 
 
 def lookup_4bit_saved(parts: Mapping[str, torch.Tensor]) -> Lookup:
