@@ -43,6 +43,13 @@ class Buffers(threading.local):
             self.pool[role] = buf = np.empty(nbytes, dtype=np.uint8)
         return buf[:nbytes]
 
+    def tensor(self, role: str, nbytes: int):
+        """`get` as a torch uint8 tensor sharing the memory (the torch path's buffers, and the stored parts
+        of a quantized weight)."""
+        import torch
+
+        return torch.from_numpy(self.get(role, nbytes))
+
 
 class Producer:
     """Produces tensors in numpy, each worker thread in buffers of its own."""
@@ -87,7 +94,7 @@ class Producer:
         values a block needs room for beyond its rows (the rest of the code row its last value lies in)."""
         import torch
 
-        lookup = source.read("cpu", lambda role, nbytes: torch.from_numpy(self.buffers.get(role, nbytes)))
+        lookup = source.read("cpu", self.buffers.tensor)
 
         def fill(start: int, stop: int, block: np.ndarray) -> None:
             lookup.fill(start * cols, stop * cols, torch.from_numpy(block.view(np.uint8)))

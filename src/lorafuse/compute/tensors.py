@@ -23,18 +23,15 @@ class Producer:
 
     def __init__(self, device: str) -> None:
         self.device = torch.device(device)
-        self.in_rows = rows.Producer(device)
-        self.buffers = self.in_rows.buffers
-
-    def buffer(self, role: str, nbytes: int) -> torch.Tensor:
-        return torch.from_numpy(self.buffers.get(role, nbytes))
+        self.numpy_path = rows.Producer(device)
+        self.buffer = self.numpy_path.buffers.tensor  # (role, nbytes) -> this thread's reused uint8 tensor
 
     def output_bytes(self, tensor: TensorPlan, slots: tuple[TensorSlot, ...], source_fd: int | None,
                      write: Write) -> list[memoryview]:
         """Write the bytes of each of the tensor's slots (one, or a 4-bit weight's parts), and return them
         (in the thread's buffers)."""
         if in_rows(tensor, self.device.type):
-            return self.in_rows.output_bytes(tensor, slots, source_fd, write)
+            return self.numpy_path.output_bytes(tensor, slots, source_fd, write)
         if isinstance(tensor.source, QuantizedTensor):
             value = tensor.source.dequantize(self.device, self.buffer)
         else:

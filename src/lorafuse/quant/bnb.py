@@ -104,7 +104,8 @@ def parse_quant_state(packed: torch.Tensor | bytes | bytearray) -> dict:
     if state["quant_type"] not in ("nf4", "fp4") or state["shape"] is None:
         raise LorafuseError(f"unsupported bitsandbytes quant_state {d!r}")
     if state["nested"]:
-        state.update(nested_blocksize=int(d["nested_blocksize"]), nested_dtype=float_dtype(d["nested_dtype"], "a bitsandbytes quant_state"),
+        state.update(nested_blocksize=int(d["nested_blocksize"]),
+                     nested_dtype=float_dtype(d["nested_dtype"], "a bitsandbytes quant_state"),
                      nested_offset=float(d["nested_offset"]))
         if state["nested_dtype"] != "F32":  # bnb always double-quantizes float32 absmax
             raise LorafuseError(f"unsupported bitsandbytes nested_dtype {d['nested_dtype']!r}")
@@ -143,9 +144,9 @@ def lookup_4bit(
     bnb's CPU kernel (`dequantizeBlockwise4bitCpu`) and its torch fallback
     (`_dequantize_4bit_compute`) both multiply the float32 code value by the float32 block absmax
     and round that product once to the output dtype. So the float32 values are those exact products,
-    and rounded to bf16 they are bit-identical to `bitsandbytes.functional.dequantize_4bit`. With double quantization, bnb first rebuilds absmax
-    as `nested_quant_map[absmax] * nested_absmax[i // 256]` in float32 (`dequantize_blockwise`),
-    then adds `offset` as a float32 scalar (`absmax += quant_state.offset`); so do we.
+    and rounded to bf16 they are bit-identical to `bitsandbytes.functional.dequantize_4bit`. With double
+    quantization, bnb first rebuilds absmax as `nested_quant_map[absmax] * nested_absmax[i // 256]` in
+    float32 (`dequantize_blockwise`), then adds `offset` as a float32 scalar (`absmax += quant_state.offset`); so do we.
     One difference: FP4 code 8 gives +0.0 here (its quant_map entry, as in bnb's torch fallback and
     AVX-512 kernel) where bnb's scalar CPU kernel gives -0.0. Equal in every later sum.
     """
