@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import lorafuse
-from lorafuse.compute import needs_torch, rows, tensors
+from lorafuse.compute import needs_torch, rows, tensors, threads_per_worker
 from conftest import MERGE_DEVICES, read_tensors
 from test_merge_vs_peft import TENSOR_SLACK, VARIANTS, get_adapter
 
@@ -160,6 +160,40 @@ def test_dora_and_gpu_take_torch(tiny_base, adapter_of):
     plain = lorafuse.plan(tiny_base("llama", "bf16"), adapter_of("lora-llama"))
     assert not any(needs_torch(t, "cpu") for t in plain.tensors if t.patches)
     assert all(needs_torch(t, "cuda") for t in plain.tensors if t.patches)
+
+
+@pytest.mark.parametrize("variant_id, device, whole", [("lora-llama", "cpu", False), ("resize-llama", "cpu", False),
+                                                      ("dora-llama", "cpu", True), ("lora-llama", "cuda", True)])
+def test_workers_share_the_cores_only_for_whole_tensors(variant_id, device, whole, tiny_base, adapter_of,
+                                                        tmp_path, monkeypatch):
+    """Each pipeline thread runs its kernels (numpy's BLAS, torch's) on one thread when every tensor is
+    made in rows (a thread team spins more than it works on 1 MB blocks), on its share of the cores when
+    torch takes some tensor whole: seen from inside the workers of a real merge given 16 cores each."""
+    from threadpoolctl import threadpool_info
+
+    from lorafuse import execute
+
+    variant = next(v for v in VARIANTS if v.id == variant_id)
+    base, adapter = tiny_base(variant.model, "bf16"), adapter_of(variant_id)
+    plan = lorafuse.plan(base, adapter)
+    assert threads_per_worker(plan.tensors, device, 32, 4) == (8 if whole else 1)
+    if device != "cpu":
+        return
+    monkeypatch.setattr(execute, "usable_cores", lambda: 16 * plan.depth)
+    seen = set()
+
+    def blas_threads(self, *args, _real=rows.Producer.output_bytes):
+        seen.update(api["num_threads"] for api in threadpool_info() if api["user_api"] == "blas")
+        return _real(self, *args)
+
+    def torch_threads(self, *args, _real=tensors.Producer.output_bytes):
+        seen.add(torch.get_num_threads())
+        return _real(self, *args)
+
+    monkeypatch.setattr(rows.Producer, "output_bytes", blas_threads)
+    monkeypatch.setattr(tensors.Producer, "output_bytes", torch_threads)
+    lorafuse.merge(base, adapter, tmp_path / "out")
+    assert seen == ({16} if whole else {1})
 
 
 @pytest.mark.parametrize("variant_id, imports_torch",

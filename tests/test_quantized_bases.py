@@ -621,20 +621,26 @@ def test_no_read_is_larger_than_one_stored_tensor(variant, artefacts, tmp_path, 
 @pytest.mark.parametrize("variant", MEMORY_CASES)
 def test_quantized_weights_are_decoded_a_block_of_rows_at_a_time(variant, artefacts, tmp_path, monkeypatch):
     """On the CPU a quantized weight is decoded, patched and rounded a block of rows at a time, as a 16-bit
-    one is: the worker threads ask for blocks of rows and never for a float32 copy of a whole weight."""
+    one is: the worker threads ask for blocks of rows and never for a float32 copy of a whole weight, and
+    decode them on one thread each, however many cores there are (16 cores, 2 GB NF4 base: 8 s of CPU
+    where teams of two threads spun 35-42 s)."""
+    from lorafuse import execute
     from lorafuse.compute import rows
 
     base, adapter = quantized_checkpoint(artefacts, variant)
-    roles, real_get = set(), rows.Buffers.get
+    roles, threads, real_get = set(), set(), rows.Buffers.get
 
     def get(self, role, nbytes):
         roles.add(role)
+        threads.add(torch.get_num_threads())
         return real_get(self, role, nbytes)
 
     monkeypatch.setattr(rows.Buffers, "get", get)
+    monkeypatch.setattr(execute, "usable_cores", lambda: 64)
     lorafuse.merge(base, adapter, tmp_path / "out")
     assert "block" in roles and any(role.startswith("stored:") for role in roles)
     assert "fp32" not in roles, roles
+    assert threads == {1}, threads
 
 
 @pytest.mark.parametrize("variant", MEMORY_CASES)

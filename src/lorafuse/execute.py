@@ -95,6 +95,7 @@ def write_shards(plan: Plan, folder: Path, device: str, ledger: Ledger,
     needs = [t.downloads for s in plan.shards if s.filename not in finished for t in s.tensors]
     downloads = Downloads(needs, hold, before_delete=lambda f: sources.close_file(f.path)) if any(needs) else None
     producers = {}  # needs torch -> the path's Producer, made when the first tensor that takes it comes up
+    threads = compute.threads_per_worker(plan.tensors, device, usable_cores(), plan.depth)
     thread_limits = contextlib.ExitStack()
     handed_over = threading.Condition()  # a shard finished and passed to on_shard_done
     unfinished: set[str] = set()  # shards opened and not handed over yet
@@ -212,8 +213,7 @@ def write_shards(plan: Plan, folder: Path, device: str, ledger: Ledger,
         torch_needed = compute.needs_torch(tensor, device)
         if torch_needed not in producers:
             producers[torch_needed] = compute.producer(torch_needed, device)
-            thread_limits.enter_context(
-                producers[torch_needed].intra_op_threads(max(1, usable_cores() // plan.depth)))
+            thread_limits.enter_context(producers[torch_needed].intra_op_threads(threads))
         return producers[torch_needed]
 
     try:

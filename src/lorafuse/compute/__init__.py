@@ -50,6 +50,16 @@ def needs_torch(tensor, device: str) -> bool:
     return isinstance(tensor.computed_from[0], QuantizedTensor) or not in_rows(tensor, device)
 
 
+def threads_per_worker(tensors, device: str, cores: int, depth: int) -> int:
+    """Intra-op threads for each of `depth` pipeline threads (torch's and numpy's BLAS): one where every
+    computed tensor is made in rows, since a team of threads spins more than it works on a block of 1 MB
+    (16 cores, 2 GB NF4 base: 35-42 s of CPU and 3.7-4.7 s with two each, 8 s and 2.8-3.8 s with one);
+    the worker's share of the cores where some tensor takes torch whole (DoRA, 4-bit output, the GPU).
+    The settings are the process's, so in a merge that has both, the rows get that share too."""
+    whole = any(not t.is_copy and not in_rows(t, device) for t in tensors)
+    return max(1, cores // depth) if whole else 1
+
+
 def matrix_shape(shape: tuple[int, ...]) -> tuple[int, int]:
     """A tensor as the numpy path sees it, rows × the rest: a vector is one row, a convolution's kernel
     joins its inputs."""
