@@ -1,11 +1,13 @@
 """Where a merge's time goes: one merge in this process, its main functions timed per thread.
 
-    python benchmarks/phases.py BASE ADAPTER [--device cuda] [--depth N] [--no-hash] [--runs 3]
+    python benchmarks/phases.py BASE ADAPTER [--device cuda] [--max-shard-size 5GB] [--depth N]
+                                             [--no-hash] [--timeline] [--runs 3]
 
 Prints, per run, the wall time and the CPU time of the process (user + system, all threads), then the
-seconds each worker spent in each phase, summed over threads. `--depth` changes the number of pipeline
-threads and `--no-hash` skips the output's SHA-256 (for measuring only: the manifest then holds a wrong
-digest): both are experiments, not options of lorafuse.
+seconds each worker spent in each phase, summed over threads; with `--timeline`, when each output shard
+was opened, got its last byte and finished hashing (and the CPU time of its hashing thread). `--depth`
+changes the number of pipeline threads and `--no-hash` skips the output's SHA-256 (for measuring only:
+the manifest then holds a wrong digest): both are experiments, not options of lorafuse.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from lorafuse import api, execute
 from lorafuse.compute import rows
 
 SPENT: dict[str, float] = collections.defaultdict(float)
+EVENTS: list[tuple[float, str, str]] = []  # (time, what, shard) for --timeline
 
 
 def timed(name: str, fn):
@@ -53,7 +56,6 @@ def instrument(no_hash: bool) -> None:
     execute._write_bytes = timed("pwrite", execute._write_bytes)
     execute._copy = timed("copy_file_range", execute._copy)
     execute._start_writeback = timed("sync_file_range", execute._start_writeback)
-    execute._RunningHash.completed = timed("hash in workers (and waits for it)", execute._RunningHash.completed)
     execute._finish_shard = timed("finish shard (fsync, wait for hash)", execute._finish_shard)
     if no_hash:
         init = execute._RunningHash.__init__
@@ -62,6 +64,23 @@ def instrument(no_hash: bool) -> None:
             init(self, *args)
             self.digest = NoHash()
         execute._RunningHash.__init__ = without_digest
+    start, completed, run = execute._RunningHash.start, execute._RunningHash.completed, execute._RunningHash._run
+
+    def noted_start(self):
+        EVENTS.append((time.perf_counter(), "opened", self.path.name))
+        return start(self)
+
+    def noted_completed(self, *args):
+        completed(self, *args)
+        if self.prefix == self.size:
+            EVENTS.append((time.perf_counter(), "last byte", self.path.name))
+
+    def noted_run(self):
+        cpu = time.thread_time()
+        run(self)
+        EVENTS.append((time.perf_counter(), f"hashed ({time.thread_time() - cpu:.2f} s of CPU)", self.path.name))
+    execute._RunningHash.start, execute._RunningHash._run = noted_start, noted_run
+    execute._RunningHash.completed = timed("hash in workers (and waits for it)", noted_completed)
     try:
         from lorafuse.compute import tensors
     except ImportError:  # no torch
@@ -75,6 +94,8 @@ def main() -> None:
     p.add_argument("base", type=Path)
     p.add_argument("adapter", type=Path)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--max-shard-size", default="5GB")
+    p.add_argument("--timeline", action="store_true", help="when each output shard opened, was written, was hashed")
     p.add_argument("--depth", type=int, default=None, help="pipeline threads (default: lorafuse's)")
     p.add_argument("--no-hash", action="store_true")
     p.add_argument("--runs", type=int, default=3)
@@ -91,17 +112,21 @@ def main() -> None:
     try:
         for run in range(args.runs):
             SPENT.clear()
+            EVENTS.clear()
             out = work / "out"
             shutil.rmtree(out, ignore_errors=True)
             os.sync()
             before, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
-            lorafuse.merge(args.base, args.adapter, out, device=args.device)
+            lorafuse.merge(args.base, args.adapter, out, device=args.device, max_shard_size=args.max_shard_size)
             wall, after = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF)
             user, system = after.ru_utime - before.ru_utime, after.ru_stime - before.ru_stime
             print(f"run {run + 1}: wall {wall:.2f} s, CPU {user:.2f} user + {system:.2f} system "
                   f"({(user + system) / wall:.1f} cores busy on average), {threading.active_count()} threads left")
             for name, seconds in sorted(SPENT.items(), key=lambda kv: -kv[1]):
                 print(f"    {name:<40} {seconds:7.2f} s")
+            if args.timeline:
+                for at, what, shard in sorted(EVENTS):
+                    print(f"    {at - t0:6.2f} s  {shard.removesuffix(execute.PARTIAL):<36} {what}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

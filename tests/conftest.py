@@ -211,6 +211,14 @@ class _Cache:
         return self.items[key]
 
 
+@pytest.fixture(params=[2, 16], ids=["2-cores", "16-cores"])
+def cores(request, monkeypatch):
+    """This process seen as having 2 cores (2 tensors in flight, one output shard written at a time) or
+    16 (8 in flight, 4 shards side by side)."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(request.param)))
+    return request.param
+
+
 @pytest.fixture
 def one_torch_thread():
     """Tiny models: waking a second intra-op thread costs far more than the work (10x here)."""

@@ -209,3 +209,33 @@ def test_merge_with_push_to_hub(hub, tiny_base, tmp_path, monkeypatch):
     assert len(commits(hub)) == 1
     assert {k: v for k, v in repo.files().items() if k != ".gitattributes"} == files(out)
     assert sorted(hub.uploads) == sorted(sha(p.read_bytes()) for p in shards(out))
+
+
+def test_low_disk_push_writes_one_shard_at_a_time(cores, hub, tiny_base, tmp_path, monkeypatch):
+    """--low-disk --push-to-hub keeps at most two output shards on disk, each next one waiting for the
+    previous one's upload: so even where shards are otherwise written side by side (16 cores), they are
+    written one at a time (side by side, the wait for uploads would wait for shards not yet written)."""
+    import lorafuse
+    import lorafuse.execute as execute
+    from peft import LoraConfig
+
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    base = tiny_base("llama", "fp32")
+    adapter = make_adapter(base, tmp_path / "adapter",
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], init_lora_weights=False))
+    tensor_order, asked, outcome = execute._tensor_order, [], []
+    monkeypatch.setattr(execute, "_tensor_order", lambda shards, at_once: asked.append(at_once) or tensor_order(shards, at_once))
+
+    def run() -> None:
+        try:
+            outcome.append(lorafuse.merge(base, adapter, tmp_path / "out", max_shard_size="20KB", low_disk=True,
+                                          push_to_hub=REPO))
+        except BaseException as e:
+            outcome.append(e)
+    merging = threading.Thread(target=run, daemon=True)
+    merging.start()
+    merging.join(timeout=120)
+    assert outcome and not isinstance(outcome[0], BaseException), outcome or "the merge hung"
+    assert asked == [1] and outcome[0].shards >= 3
+    assert shards(tmp_path / "out") == []  # uploaded, then deleted
+    assert len(commits(hub)) == 1 and len(hub.uploads) == outcome[0].shards

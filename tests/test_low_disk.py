@@ -127,7 +127,7 @@ def shard_gets(server: HubServer, status: int, repo: str = "org/many") -> dict[s
     return counts
 
 
-def test_shards_are_downloaded_as_the_stream_needs_them(hub, folders, tmp_path, monkeypatch):
+def test_shards_are_downloaded_as_the_stream_needs_them(cores, hub, folders, tmp_path, monkeypatch):
     from huggingface_hub import constants
 
     cache, work = Path(constants.HF_HUB_CACHE), tmp_path / "work"
@@ -154,7 +154,7 @@ def test_shards_are_downloaded_as_the_stream_needs_them(hub, folders, tmp_path, 
     assert shard_gets(hub, 200) == {} and shard_gets(hub, 206) == {}
 
 
-def test_low_disk_keeps_about_one_input_shard(hub, folders, tmp_path, monkeypatch):
+def test_low_disk_keeps_about_one_input_shard(cores, hub, folders, tmp_path, monkeypatch):
     from huggingface_hub import constants
 
     from lorafuse.cli import main
@@ -178,7 +178,7 @@ def test_low_disk_keeps_about_one_input_shard(hub, folders, tmp_path, monkeypatc
     assert disk.peak < output + sum(inputs.values())
 
 
-def test_low_disk_push_keeps_two_output_shards(hub, folders, tmp_path, monkeypatch):
+def test_low_disk_push_keeps_two_output_shards(cores, hub, folders, tmp_path, monkeypatch):
     """--low-disk --push-to-hub: the merged model never exists whole on the local disk; the Hub gets
     exactly the files of the local merge, in one commit."""
     from huggingface_hub import constants

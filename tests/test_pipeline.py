@@ -82,6 +82,57 @@ def test_a_shard_slow_to_finish_holds_up_no_other(inputs, tmp_path, monkeypatch)
     assert tree_hash(tmp_path / "slow" / "out") == tree_hash(tmp_path / "reference" / "out")
 
 
+@pytest.mark.parametrize("shard_size", [SHARD, "16KB"])  # 1-4 and 1-8 tensors per shard
+@pytest.mark.parametrize("at_once", [1, 2, 3, 50])
+def test_shards_side_by_side_share_the_bytes_fairly(at_once, shard_size, inputs):
+    """The workers' order: every tensor once, each shard's in file order; at most `at_once` shards begun
+    and not finished; and over any stretch in which two shards are both open, the bytes given to each
+    differ by at most a tensor of each, so their hashes keep the same pace (a shard opened late is not
+    given every turn until it catches up). One at a time is the plan's order."""
+    shards = lorafuse.plan(*inputs, max_shard_size=shard_size).shards
+    order = execute._tensor_order(shards, at_once)
+    assert sorted((shards.index(s), i) for s, i in order) == [(k, i) for k, s in enumerate(shards) for i in range(len(s.tensors))]
+    assert [i for s, i in order if s is shards[1]] == list(range(len(shards[1].tensors)))
+    if at_once == 1:
+        assert order == [(s, i) for s in shards for i in range(len(s.tensors))]
+    sizes = [sum(slot.nbytes for slot in s.slots[i]) for s, i in order]
+    first = {id(s): order.index((s, 0)) for s in shards}
+    last = {id(s): max(step for step, (t, _) in enumerate(order) if t is s) for s in shards}
+    started_unfinished = [sum(first[id(s)] <= step < last[id(s)] for s in shards) for step in range(len(order))]
+    assert max(started_unfinished) <= at_once and (max(started_unfinished) > 1) == (at_once > 1)
+    largest = {id(s): max(sum(slot.nbytes for slot in slots) for slots in s.slots) for s in shards}
+    for a, b in ((a, b) for a in shards for b in shards if a is not b):
+        start, end = max(first[id(a)], first[id(b)]), min(last[id(a)], last[id(b)])
+        for i in range(start, end + 1):
+            for j in range(i, end + 1):
+                given = {id(s): sum(n for (t, _), n in zip(order[i:j + 1], sizes[i:j + 1]) if t is s) for s in (a, b)}
+                assert abs(given[id(a)] - given[id(b)]) <= largest[id(a)] + largest[id(b)]
+
+
+def test_on_many_cores_shards_are_written_side_by_side(inputs, tmp_path, monkeypatch):
+    """On 16 cores the workers take the tensors of four shards in turn, so four shards hash at once (one
+    core each), and the bytes are those of a merge that writes one shard at a time."""
+    run_bounded, taken = execute._run_bounded, []
+
+    def recorded(job, jobs, depth, on_failure):
+        def noted():
+            for target, slots, tensor, *rest in jobs:
+                taken.append((target.shard.filename, tensor.name))
+                yield (target, slots, tensor, *rest)
+        return run_bounded(job, noted(), depth, on_failure)
+    monkeypatch.setattr(execute, "_run_bounded", recorded)
+    plan, orders = lorafuse.plan(*inputs, max_shard_size=SHARD), {}
+    for cores, at_once in ((16, 4), (2, 1)):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)))
+        taken.clear()
+        (tmp_path / str(cores)).mkdir()
+        lorafuse.merge(*inputs, tmp_path / str(cores) / "out", max_shard_size=SHARD)
+        orders[cores] = [(s.filename, s.tensors[i].name) for s, i in execute._tensor_order(plan.shards, at_once)]
+        assert taken == orders[cores]
+    assert orders[16] != orders[2]
+    assert tree_hash(tmp_path / "16" / "out") == tree_hash(tmp_path / "2" / "out")
+
+
 def test_a_shard_that_fails_to_finish_fails_the_merge(inputs, tmp_path, monkeypatch):
     """A finish that fails (here the fsync) on its own thread is the merge's error, and nothing is published."""
     monkeypatch.setattr(execute.os, "fsync", failed_flush)
@@ -91,10 +142,10 @@ def test_a_shard_that_fails_to_finish_fails_the_merge(inputs, tmp_path, monkeypa
     assert not shard_threads()
 
 
-def test_ctrl_c_while_a_shard_finishes_leaves_it_to_the_rerun(inputs, tmp_path, monkeypatch):
-    """Ctrl-C stops the hashing of shards still being finished: those keep their partial name and are
-    deleted, so every shard in the staging folder under its real name is one the ledger vouches for, and
-    a rerun redoes the others."""
+def test_ctrl_c_while_a_shard_finishes_leaves_it_to_the_rerun(cores, inputs, tmp_path, monkeypatch):
+    """Ctrl-C stops the hashing of shards still being finished, and of those still being written (on 16
+    cores, several at once): those keep their partial name and are deleted, so every shard in the staging
+    folder under its real name is one the ledger vouches for, and a rerun redoes the others."""
     import _thread
     import json
 

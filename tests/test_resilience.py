@@ -36,6 +36,8 @@ def reference(inputs, tmp_path_factory):
 
 KILL_AFTER_SHARDS = """
 import os, sys, threading
+if os.environ.get("LORAFUSE_TEST_CORES"):  # e.g. 16: four shards written side by side
+    os.sched_getaffinity = lambda pid: set(range(int(os.environ["LORAFUSE_TEST_CORES"])))
 import lorafuse.execute as execute
 finish, done, one_at_a_time = execute._finish_shard, [], threading.Lock()
 def dying_finish(*args):
@@ -50,15 +52,21 @@ sys.exit(main(sys.argv[2:]))
 """
 
 
-def _run_killed(after: int, *argv) -> int:
-    return subprocess.run([sys.executable, "-c", KILL_AFTER_SHARDS, str(after), *map(str, argv)], capture_output=True).returncode
+def _run_killed(after: int, *argv, cores: int | None = None) -> int:
+    env = {**os.environ, "LORAFUSE_TEST_CORES": str(cores or "")}  # None: the machine's
+    return subprocess.run([sys.executable, "-c", KILL_AFTER_SHARDS, str(after), *map(str, argv)], capture_output=True,
+                          env=env).returncode
 
 
-def test_killed_merge_resumes_to_identical_output(inputs, reference, tmp_path, capsys):
+def test_killed_merge_resumes_to_identical_output(cores, inputs, reference, tmp_path, capsys):
+    """Killed once three shards are finished (with 16 cores, while others are half written beside them),
+    a rerun keeps those three and redoes the rest, to the same bytes."""
     out = tmp_path / "out"
-    assert _run_killed(3, "merge", *inputs, out, "--max-shard-size", SHARD, "--quiet") == 137
+    assert _run_killed(3, "merge", *inputs, out, "--max-shard-size", SHARD, "--quiet", cores=cores) == 137
     staging = staging_folder(out)
     assert not out.exists() and len(json.loads((staging / LEDGER).read_text())["shards"]) == 3
+    if cores == 16:  # four open at a time while tensors are left: one at least was cut off half written
+        assert list(staging.glob("*.partial"))
     report = lorafuse.merge(*inputs, out, max_shard_size=SHARD, resume=True)
     assert report.shards_resumed == 3 and report.shards > 3
     assert tree_hash(out) == reference
@@ -154,6 +162,27 @@ def test_disk_full_part_way_then_resume(inputs, reference, small_disk):
     os.truncate(filler, filler.stat().st_size - (target - free))
     report = lorafuse.merge(*inputs, out, max_shard_size=SHARD)
     assert report.shards_resumed >= 1
+    assert tree_hash(out) == reference
+
+
+def test_a_killed_run_s_half_written_shards_leave_room_for_the_rerun(cores, inputs, reference, small_disk):
+    """A merge killed with shards half written (16 cores: several side by side) leaves them at full
+    size on disk; a rerun deletes them before it checks for room, so room for what is left is enough."""
+    from lorafuse.api import DISK_MARGIN
+
+    out, filler = small_disk / "out", small_disk / "filler"
+    assert _run_killed(3, "merge", *inputs, out, "--max-shard-size", SHARD, "--quiet", cores=cores) == 137
+    staging = staging_folder(out)
+    partial = sum(p.stat().st_blocks * 512 for p in staging.glob("*.partial"))
+    finished = sum(e["size"] for e in json.loads((staging / LEDGER).read_text())["shards"].values())
+    left = lorafuse.plan(*inputs, max_shard_size=SHARD).output_bytes - finished
+    stat = os.statvfs(small_disk)
+    page, free = stat.f_frsize, stat.f_bavail * stat.f_frsize
+    assert partial >= page or cores == 2, "too little half written to tell the checks apart"
+    # Free space short of the room the rest needs (DISK_MARGIN + left) by less than the partial shards hold.
+    filler.write_bytes(b"\0" * (free - -(-(DISK_MARGIN + left - partial) // page) * page))
+    report = lorafuse.merge(*inputs, out, max_shard_size=SHARD)
+    assert report.shards_resumed == 3
     assert tree_hash(out) == reference
 
 

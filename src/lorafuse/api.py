@@ -16,7 +16,7 @@ from typing import Callable
 
 from .compute import needs_torch
 from .errors import LorafuseError
-from .execute import disk_error, write_shards
+from .execute import PARTIAL, disk_error, write_shards
 from .manifest import Ledger, fingerprint, write_manifest
 from .output import check_target, exclusive, publish, staging_folder, write_metadata
 from .plan import Plan, existing_ancestor, make_plan
@@ -84,6 +84,8 @@ def merge(base: str | os.PathLike | None, adapter: str | os.PathLike, out: str |
         settings = _settings(the_plan, device)
         print_ = fingerprint(the_plan, settings)
         finished = Ledger(staging, print_).shards if staging.is_dir() else {}
+        for partial in staging.glob("*" + PARTIAL):  # a killed run's unfinished shards, redone from scratch:
+            partial.unlink()                          # their room is free for the rest
         # A resume needs room only for the rest: what an interrupted run left (finished shards, base shards
         # fetched for --low-disk) already takes its share.
         done = sum(entry["size"] for name, entry in finished.items() if (staging / name).is_file()) \

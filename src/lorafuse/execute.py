@@ -7,7 +7,8 @@ each in buffers its thread reuses. Untouched tensors are copied file to file ins
 (copy_file_range), never decoded. Written ranges are handed to the disk at once (sync_file_range),
 and made durable every FLUSH_BYTES (fdatasync, on a thread of its own), so writing to disk overlaps the
 work instead of all waiting for the final fsync. A finished shard is made durable and its hash completed
-on a thread of its own while the pipeline goes on to the next: on many cores, shards hash in parallel.
+on a thread of its own while the pipeline goes on. On many cores several shards are written side by
+side, so that their hashes (one core each) run at once.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import contextlib
 import ctypes
 import errno
 import hashlib
+import heapq
 import os
 import threading
 from collections import deque
@@ -28,7 +30,7 @@ from . import compute
 from .errors import LorafuseError
 from .formats.safetensors import TensorSlot
 from .manifest import HASH_CHUNK, Ledger
-from .plan import Plan, TensorPlan, usable_cores
+from .plan import Plan, ShardPlan, TensorPlan, usable_cores
 from .quant import QuantizedTensor
 from .sources.remote import Downloads
 
@@ -76,7 +78,9 @@ def write_shards(plan: Plan, folder: Path, device: str, ledger: Ledger,
                  on_progress: Callable[[int], None] | None = None,
                  on_shard_done: Callable[[Path, str], None] | None = None, *,
                  hold: int | None = None, before_shard: Callable[[], None] | None = None) -> Counters:
-    """Write the shards of the plan that the ledger does not hold finished into `folder`.
+    """Write the shards of the plan that the ledger does not hold finished into `folder`: several side
+    by side on many cores (`shards_at_once`), one at a time while base shards are downloaded or when
+    each must wait for the previous one's upload (`before_shard`).
 
     Each shard is written as `NAME.partial`, and only when its last tensor is in is it fsynced,
     hashed, renamed to NAME and recorded in the ledger (on a thread of its own, while the workers go on):
@@ -92,7 +96,13 @@ def write_shards(plan: Plan, folder: Path, device: str, ledger: Ledger,
     sources = _Files()
     open_shards: dict[str, _OpenShard] = {}
     finished = {s.filename for s in plan.shards if ledger.finished(s.filename, s.size)}
-    needs = [t.downloads for s in plan.shards if s.filename not in finished for t in s.tensors]
+    todo = [s for s in plan.shards if s.filename not in finished]
+    # A base still to download is merged at the network's pace, in the order of its files; --low-disk
+    # counts its room for one output shard at a time.
+    downloading = any(t.downloads for s in todo for t in s.tensors)
+    at_once = 1 if downloading or before_shard else shards_at_once(plan.depth)
+    order = _tensor_order(todo, at_once)
+    needs = [shard.tensors[i].downloads for shard, i in order]
     downloads = Downloads(needs, hold, before_delete=lambda f: sources.close_file(f.path)) if any(needs) else None
     producers = {}  # needs torch -> the path's Producer, made when the first tensor that takes it comes up
     threads = compute.threads_per_worker(plan.tensors, device, usable_cores(), plan.depth)
@@ -172,8 +182,7 @@ def write_shards(plan: Plan, folder: Path, device: str, ledger: Ledger,
             handed_over.notify_all()
 
     def jobs():
-        """Shard by shard, each opened only when the pipeline reaches it."""
-        index = 0
+        """The tensors in `order`, each shard opened when its first tensor comes up."""
         for shard in plan.shards:
             if shard.filename in finished:
                 counters.shards_resumed += 1
@@ -181,32 +190,38 @@ def write_shards(plan: Plan, folder: Path, device: str, ledger: Ledger,
                     on_shard_done(folder / shard.filename, ledger.shards[shard.filename]["sha256"])
                 if on_progress:
                     on_progress(shard.size - len(shard.header))
-                continue
-            if before_shard:  # only the previous shard may still be open: at most two on disk
-                with handed_over:
-                    handed_over.wait_for(lambda: failed or len(unfinished) <= 1)
-                if failed:
-                    return
-                before_shard()
-            path = folder / (shard.filename + PARTIAL)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            try:
-                _write_bytes(fd, memoryview(shard.header), 0)
-                _allocate(fd, shard.size)
-            except BaseException:  # Ctrl-C included
-                os.close(fd)
-                raise
-            # Registered before its threads start, so that the cleanup below finds them whenever it stops.
-            target = _OpenShard(shard, fd, len(shard.tensors), _RunningHash(path, shard.size, len(shard.header)),
-                                _Flusher(fd))
-            open_shards[shard.filename] = target
-            target.hash.start()
-            target.flusher.start()
-            with handed_over:
-                unfinished.add(shard.filename)
-            for slots, tensor in zip(shard.slots, shard.tensors):
-                yield target, slots, tensor, index, None if tensor.is_copy else producer_for(tensor)
-                index += 1
+        targets = {}
+        for index, (shard, i) in enumerate(order):
+            if i == 0:
+                if before_shard:  # only the previous shard may still be open: at most two on disk
+                    with handed_over:
+                        handed_over.wait_for(lambda: failed or len(unfinished) <= 1)
+                    if failed:
+                        return
+                    before_shard()
+                targets[shard.filename] = open_shard(shard)
+            tensor = shard.tensors[i]
+            yield targets[shard.filename], shard.slots[i], tensor, index, None if tensor.is_copy else producer_for(tensor)
+
+    def open_shard(shard) -> _OpenShard:
+        """Create the shard's partial file, header written and size allocated, with its hash and flusher running."""
+        path = folder / (shard.filename + PARTIAL)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            _write_bytes(fd, memoryview(shard.header), 0)
+            _allocate(fd, shard.size)
+        except BaseException:  # Ctrl-C included
+            os.close(fd)
+            raise
+        # Registered before its threads start, so that the cleanup below finds them whenever it stops.
+        target = _OpenShard(shard, fd, len(shard.tensors), _RunningHash(path, shard.size, len(shard.header)),
+                            _Flusher(fd))
+        open_shards[shard.filename] = target
+        target.hash.start()
+        target.flusher.start()
+        with handed_over:
+            unfinished.add(shard.filename)
+        return target
 
     def producer_for(tensor: TensorPlan):
         """The Producer of the tensor's path, made the first time the path comes up (torch's waits for the import)."""
@@ -239,6 +254,43 @@ def write_shards(plan: Plan, folder: Path, device: str, ledger: Ledger,
         for partial in folder.glob("*" + PARTIAL):
             partial.unlink()
     return counters
+
+
+def shards_at_once(depth: int) -> int:
+    """Output shards to write side by side. A shard's SHA-256 is one core's work (0.8-1.6 GB/s), slower
+    than the merge on many cores: written one after another, the last shard is still hashing long after
+    its last byte. One shard per two pipeline threads lets that many hash at once; on few cores (depth 2
+    or 3) one at a time, as the CPU is the limit there anyway."""
+    return max(1, depth // 2)
+
+
+def _tensor_order(shards: list[ShardPlan], at_once: int) -> list[tuple[ShardPlan, int]]:
+    """The order in which the workers take the tensors, as (shard, index of its tensor): `at_once` shards
+    open at a time, sharing the bytes fairly (each next tensor from the open shard that has been given
+    the fewest, a newly opened shard starting level with the one it replaces), so that each shard's
+    hash has the same pace to keep; the next shard opens when one is done. Positioned writes make the
+    bytes independent of the order."""
+    order: list[tuple[ShardPlan, int]] = []
+    queue: list[tuple[int, int, int]] = []  # (bytes given, counted from a common start; shard's position; next tensor)
+    upcoming = iter(range(len(shards)))
+
+    def open_next(level: int) -> None:
+        position = next(upcoming, None)
+        if position is not None:
+            heapq.heappush(queue, (level, position, 0))
+
+    for _ in range(at_once):
+        open_next(0)
+    while queue:
+        given, position, i = heapq.heappop(queue)
+        shard = shards[position]
+        order.append((shard, i))
+        given += sum(slot.nbytes for slot in shard.slots[i])
+        if i + 1 < len(shard.tensors):
+            heapq.heappush(queue, (given, position, i + 1))
+        else:
+            open_next(given)
+    return order
 
 
 def _finish_shard(folder: Path, target: "_OpenShard", ledger: Ledger) -> None:
