@@ -103,7 +103,7 @@ def write_shards(plan: Plan, folder: Path, device: str, ledger: Ledger,
     at_once = 1 if downloading or before_shard else shards_at_once(plan.depth)
     order = _tensor_order(todo, at_once)
     needs = [shard.tensors[i].downloads for shard, i in order]
-    downloads = Downloads(needs, hold, before_delete=lambda f: sources.close_file(f.path)) if any(needs) else None
+    downloads = Downloads(needs, hold, before_delete=lambda f: sources.close_file(f.path)) if downloading else None
     producers = {}  # needs torch -> the path's Producer, made when the first tensor that takes it comes up
     threads = compute.threads_per_worker(plan.tensors, device, usable_cores(), plan.depth)
     thread_limits = contextlib.ExitStack()

@@ -114,11 +114,11 @@ class Lookup:
 
         if stop <= start:
             return out[:0].view(torch.float32)
-        width, size = self.codes.shape[1], self.table.element_size()
+        entries, size = self.codes.shape[1], self.table.element_size()  # table entries per code row, and their size
         first, end = start // self.width, -(-stop // self.width)
-        decoded = out[: (end - first) * width * size].view(self.table.dtype).view(end - first, width)
+        decoded = out[: (end - first) * entries * size].view(self.table.dtype).view(end - first, entries)
         if self.codes.device.type == "cpu":
-            step = max(1, LOOKUP_BYTES // (width * size))
+            step = max(1, LOOKUP_BYTES // (entries * size))
         else:
             step = max(1, -(-(end - first) // 8))
         for row in range(first, end, step):
@@ -147,7 +147,7 @@ def float_dtype(name: object, where: str) -> str:
 
 def byte_values(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """float32 value of each of the 256 bytes read as `dtype` (int8 or an FP8 type): the table that makes
-    `lookup_rows` give exactly `.to(torch.float32)`."""
+    `Lookup.fill` give exactly `.to(torch.float32)`."""
     import torch
 
     return torch.arange(256, dtype=torch.int16, device=device).to(torch.uint8).view(dtype).to(torch.float32)
