@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import lorafuse
+from lorafuse import compute
 from lorafuse.compute import needs_torch, rows, tensors, threads_per_worker
 from conftest import MERGE_DEVICES, read_tensors
 from test_merge_vs_peft import TENSOR_SLACK, VARIANTS, get_adapter
@@ -131,7 +132,7 @@ def test_numpy_and_torch_paths_agree(variant, dtype, block_values, device, tiny_
     blocks of 97 values (one to three rows), each block starts at another row. On a GPU (device cuda) the
     torch path's arithmetic runs there, and is held to the same bounds."""
     if block_values:
-        monkeypatch.setattr(rows, "BLOCK_VALUES", block_values)
+        monkeypatch.setattr(compute, "BLOCK_VALUES", block_values)
     plan = lorafuse.plan(tiny_base(variant.model, dtype), adapter_of(variant.id))
     produced = [t for t in plan.tensors if not t.is_copy]
     assert produced and not any(needs_torch(t, "cpu") for t in produced)

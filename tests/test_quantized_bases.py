@@ -28,7 +28,8 @@ import os
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
@@ -78,21 +79,22 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 # --- helpers ---------------------------------------------------------------------------------------
 
-def llama_base(artefacts, dtype: str) -> Path:
-    """The tiny Llama (seed 0, 1-d parameters randomised as conftest.build_model does) saved in `dtype`."""
+def llama_base(artefacts, dtype: str, **changes) -> Path:
+    """The tiny Llama (seed 0, 1-d parameters randomised as conftest.build_model does) saved in `dtype`,
+    with `changes` to its config."""
     def build(folder: Path) -> Path:
         import transformers as tf
 
         quiet()
         torch.manual_seed(0)
-        model = tf.LlamaForCausalLM(tf.LlamaConfig(**LLAMA))
+        model = tf.LlamaForCausalLM(tf.LlamaConfig(**dict(LLAMA, **changes)))
         with torch.no_grad():
             for p in model.parameters():
                 if p.dim() == 1:
                     p.add_(0.1 * torch.randn_like(p))
         return save_model(model.eval(), folder, dtype)
 
-    return artefacts.get(("qllama", dtype), build)
+    return artefacts.get(("qllama", dtype, *sorted(changes.items())), build)
 
 
 def is_linear_weight(name: str) -> bool:
@@ -140,6 +142,7 @@ class Bnb:
     kwargs: dict  # BitsAndBytesConfig arguments
     dtype: torch.dtype  # the model's dtype when quantized: what its weights dequantize to
     method: str  # lorafuse's name for it
+    model: dict = field(default_factory=dict)  # changes to the tiny Llama's config
 
 
 _4BIT = dict(load_in_4bit=True, bnb_4bit_compute_dtype=torch.bfloat16)
@@ -166,7 +169,7 @@ def bnb_checkpoint(artefacts, v: Bnb) -> tuple[Path, Path]:
         quiet()
         config = tf.BitsAndBytesConfig(**v.kwargs)
         model = tf.AutoModelForCausalLM.from_pretrained(
-            llama_base(artefacts, "bf16" if v.dtype == torch.bfloat16 else "fp16"),
+            llama_base(artefacts, "bf16" if v.dtype == torch.bfloat16 else "fp16", **v.model),
             quantization_config=config, device_map="cpu", dtype=v.dtype)
         model.save_pretrained(folder / "base")
         make_adapter(folder / "base", folder / "adapter", LoraConfig(**LORA), model=model)
@@ -641,6 +644,59 @@ def test_quantized_weights_are_decoded_a_block_of_rows_at_a_time(variant, artefa
     assert "block" in roles and any(role.startswith("stored:") for role in roles)
     assert "fp32" not in roles, roles
     assert threads == {1}, threads
+
+
+# down_proj's rows (136 values) end inside NF4's blocks of 64 values: its blocks of rows start every 8 rows
+ODD_WIDTH = pytest.param(Bnb("nf4-odd-width", BNB[0].kwargs, torch.bfloat16, "bnb-nf4", dict(intermediate_size=136)),
+                         marks=needs_bnb, id="nf4-odd-width")
+
+
+@pytest.mark.parametrize("block_values", [None, 97], ids=["one-block", "many-blocks"])
+@pytest.mark.parametrize("variant", MEMORY_CASES + [ODD_WIDTH])
+def test_the_planned_memory_bounds_what_each_tensor_takes(variant, block_values, artefacts, tmp_path, monkeypatch):
+    """The memory `lorafuse plan` prints holds: each tensor made in rows takes at most its `work_bytes` in
+    buffers and fp32 adapter factors, also where a quantized weight's blocks of codes span rows (its
+    blocks of rows then start every few rows, and hold more of them); and blocks of a few rows (97 values)
+    give the bits that one block gives."""
+    from lorafuse import compute
+    from lorafuse.compute import rows
+
+    base, adapter = quantized_checkpoint(artefacts, variant)
+    if block_values:
+        monkeypatch.setattr(compute, "BLOCK_VALUES", block_values)
+    taken: dict[str, dict[str, int]] = {}  # tensor -> what it took: buffer role or factor -> bytes
+    current = threading.local()
+    real_get, real_fp32, real_output_bytes = rows.Buffers.get, rows.fp32, rows.Producer.output_bytes
+
+    def get(self, role, nbytes):
+        mine = taken[current.name]
+        mine[role] = max(mine.get(role, 0), nbytes)
+        return real_get(self, role, nbytes)
+
+    def fp32(ref):
+        factor = real_fp32(ref)
+        taken[current.name][f"factor {len(taken[current.name])}"] = factor.nbytes
+        return factor
+
+    def output_bytes(self, tensor, *args):
+        current.name, taken[tensor.name] = tensor.name, {}
+        return real_output_bytes(self, tensor, *args)
+
+    monkeypatch.setattr(rows.Buffers, "get", get)
+    monkeypatch.setattr(rows, "fp32", fp32)
+    monkeypatch.setattr(rows.Producer, "output_bytes", output_bytes)
+    lorafuse.merge(base, adapter, tmp_path / "out")
+    planned = {t.name: t.work_bytes for t in lorafuse.plan(base, adapter).tensors}
+    monkeypatch.undo()
+
+    assert any(role == "block" for mine in taken.values() for role in mine), "no tensor was made in rows"
+    for name, mine in taken.items():
+        assert sum(mine.values()) <= planned[name], f"{name} took {mine}, planned {planned[name]} bytes"
+    if block_values:
+        lorafuse.merge(base, adapter, tmp_path / "one-block")
+        assert read_tensors(tmp_path / "out").keys() == read_tensors(tmp_path / "one-block").keys()
+        assert all(same_bits(a, b) for a, b in zip(read_tensors(tmp_path / "out").values(),
+                                                    read_tensors(tmp_path / "one-block").values()))
 
 
 @pytest.mark.parametrize("variant", MEMORY_CASES)

@@ -17,7 +17,7 @@ from pathlib import Path
 from huggingface_hub import split_state_dict_into_shards_factory
 
 from .adapters.peft import Adapter, open_adapter, patches_by_tensor
-from .compute import BLOCK_VALUES, in_rows, matrix_shape
+from .compute import block_shape, in_rows, matrix_shape
 from .errors import LorafuseError
 from .formats.safetensors import FLOAT_DTYPES, TensorSlot, dtype_size, layout
 from .patches import LoRA, Patch, Replace, ReplaceRows
@@ -112,7 +112,9 @@ class TensorPlan:
             factors = 4 * sum(math.prod(r.shape) for p in patches for r in p.refs)
             wider = isinstance(read, QuantizedTensor) or dtype_size(self.dtype) > dtype_size(read.dtype)
             out = math.prod(self.shape) * dtype_size(self.dtype) if wider else 0
-            return read.nbytes + out + 2 * factors + 2 * 4 * max(BLOCK_VALUES, matrix_shape(self.shape)[1])
+            cols = matrix_shape(self.shape)[1]
+            rows, room = block_shape(cols, read.code_width if isinstance(read, QuantizedTensor) else 0)
+            return read.nbytes + out + 2 * factors + 4 * (2 * rows * cols + room)
         numel = max(math.prod(self.shape), self.source.numel)
         adapter = sum(math.prod(r.shape) for p in self.patches for r in p.refs)
         quantizing = numel * 8 if self.to_nf4 else 0

@@ -29,6 +29,16 @@ ROW_DTYPES = {"BF16", "F16", "F32"}  # what the numpy path reads and writes
 BLOCK_VALUES = 1 << 18
 
 
+def block_shape(cols: int, code_width: int = 0) -> tuple[int, int]:
+    """The numpy path's block for a matrix of `cols` columns: (rows per block, values to spare beyond them).
+    A quantized weight whose code rows span matrix rows (`code_width` values each: bnb 4-bit's blocksize)
+    is decoded from the start of a code row: a block then starts at a multiple of the rows that align
+    with code rows, and needs room for the rest of the code row its last value lies in. The plan's memory
+    estimate uses the same shape."""
+    unit = code_width // math.gcd(code_width, cols) if code_width and cols else 1
+    return max(1, BLOCK_VALUES // max(cols, 1) // unit) * unit, code_width if unit > 1 else 0
+
+
 def in_rows(tensor, device: str) -> bool:
     """Whether `tensor` (a plan.TensorPlan, not a raw copy) is made a block of rows at a time: on the CPU,
     16/32-bit floats in and out, every patch rowwise, read from a stored tensor or a quantized weight."""

@@ -21,7 +21,7 @@ import numpy as np
 from ..formats.safetensors import TensorRef, TensorSlot, dtype_size, read_exact
 from ..plan import TensorPlan
 from ..quant import QuantizedTensor
-from . import BLOCK_VALUES, Write, matrix_shape, not_finite, overflows
+from . import Write, block_shape, matrix_shape, not_finite, overflows
 
 STORED = {"BF16": ml_dtypes.bfloat16, "F16": np.float16, "F32": np.float32}  # the numpy type of the bytes
 BF16_NAN = 0x7FC0  # the one NaN written (torch writes it or 0xFFFF, by kernel; ml_dtypes keeps the sign)
@@ -73,7 +73,7 @@ class Producer:
         source, patches = tensor.computed_from
         rows, cols = matrix_shape(tensor.shape)
         if isinstance(source, QuantizedTensor):
-            return self._write_rows(tensor, patches, *self._decoder(source, cols), write=write)
+            return self._write_rows(tensor, patches, self._decoder(source, cols), source.code_width, write=write)
         raw = self.buffers.get("in", source.nbytes)
         if source is tensor.source:
             read_exact(source_fd, memoryview(raw), source.offset, source.path)
@@ -88,10 +88,9 @@ class Producer:
         narrower = dtype_size(tensor.dtype) <= dtype_size(source.dtype)
         return self._write_rows(tensor, patches, fill, write=write, out_raw=raw if narrower else None)
 
-    def _decoder(self, source: QuantizedTensor, cols: int) -> tuple[Callable, int, int]:
+    def _decoder(self, source: QuantizedTensor, cols: int) -> Callable[[int, int, np.ndarray], None]:
         """fill(start, stop, block) for a quantized weight: its rows [start, stop) decoded into the block by
-        torch; the rows a block must start at a multiple of (its code rows may span matrix rows); and the
-        values a block needs room for beyond its rows (the rest of the code row its last value lies in)."""
+        torch (`start` where a code row begins: see compute.block_shape)."""
         import torch
 
         lookup = source.read("cpu", self.buffers.tensor)
@@ -99,16 +98,14 @@ class Producer:
         def fill(start: int, stop: int, block: np.ndarray) -> None:
             lookup.fill(start * cols, stop * cols, torch.from_numpy(block.view(np.uint8)))
 
-        width = lookup.width
-        unit = width // math.gcd(width, cols) if width and cols else 1
-        return fill, unit, width if unit > 1 else 0
+        return fill
 
     def _write_rows(self, tensor: TensorPlan, patches: tuple, fill: Callable[[int, int, np.ndarray], None],
-                    unit: int = 1, room: int = 0, *, write: Write, out_raw: np.ndarray | None = None) -> list[memoryview]:
+                    code_width: int = 0, *, write: Write, out_raw: np.ndarray | None = None) -> list[memoryview]:
         """Make the tensor a block of rows at a time: `fill(start, stop, block)` puts rows [start, stop) in
-        the block as fp32, then the patches, the check and the rounding, and the rows are written. A block
-        starts at a multiple of `unit` rows and has `room` values to spare; the result goes into `out_raw`
-        when given."""
+        the block as fp32, then the patches, the check and the rounding, and the rows are written. Blocks
+        are shaped for a source whose code rows hold `code_width` values (compute.block_shape); the
+        result goes into `out_raw` when given."""
         rows, cols = matrix_shape(tensor.shape)
         row_bytes = cols * dtype_size(tensor.dtype)
         out_raw = out_raw[:rows * row_bytes] if out_raw is not None else self.buffers.get("out", rows * row_bytes)
@@ -117,7 +114,7 @@ class Producer:
             return [memoryview(out_raw)]
         out = out_raw.view(STORED[tensor.dtype]).reshape(rows, cols)
         updates = [patch.row_update(tensor.shape) for patch in patches]
-        step = max(1, BLOCK_VALUES // cols // unit) * unit
+        step, room = block_shape(cols, code_width)
         block = self.buffers.get("block", (min(step, rows) * cols + room) * 4).view(np.float32)
         scratch = self.buffers.get("scratch", min(step, rows) * cols * 4).view(np.float32)
         with np.errstate(over="ignore", invalid="ignore"):  # NaN, Inf and overflow are checked for below

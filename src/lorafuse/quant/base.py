@@ -38,6 +38,9 @@ class QuantizedTensor:
     dtype: str  # safetensors name of the dtype it dequantizes to (the model's dtype)
     # decode(parts): the weight's Lookup, from its stored parts (torch tensors keyed by role)
     decode: Callable[[dict[str, torch.Tensor]], Lookup] = field(compare=False, repr=False)
+    # values per code row of its Lookup where code rows do not follow the weight's rows (bnb 4-bit: the
+    # blocksize, from the quant state); 0 where each code row is (part of) one row
+    code_width: int = 0
 
     @property
     def nbytes(self) -> int:

@@ -390,7 +390,7 @@ def claim(tensors: Mapping, config: dict) -> dict:
             parts = {r: (weight + r, tensors[weight + r]) for r in roles}
             parts[key[len(weight):]] = (key, ref)
             found[weight] = QuantizedTensor(weight, f"bnb-{state['quant_type']}", parts, tuple(state["shape"]),
-                                            state["dtype"], lookup_4bit_saved)
+                                            state["dtype"], lookup_4bit_saved, state["blocksize"])
         elif key.endswith(".SCB"):
             weight = key[: -len(".SCB")] + ".weight"
             if weight not in tensors or tensors[weight].dtype != "I8":
