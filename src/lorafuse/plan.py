@@ -19,7 +19,7 @@ from huggingface_hub import split_state_dict_into_shards_factory
 from .adapters.peft import Adapter, open_adapter, patches_by_tensor
 from .compute import block_shape, in_rows, matrix_shape
 from .errors import LorafuseError
-from .formats.safetensors import FLOAT_DTYPES, TensorSlot, dtype_size, layout
+from .formats.safetensors import FLOAT_DTYPES, TensorSlot, dtype_size, layout, tensor_nbytes
 from .patches import LoRA, Patch, Replace, ReplaceRows
 from .quant import QuantizedTensor, logical_tensors
 from .sources.hub import base_from_adapter, parse_spec, resolve_adapter, resolve_model_lazily
@@ -442,7 +442,7 @@ def _follow_vocab(tensors: list[TensorPlan], config: dict, notes: list[str]) -> 
 
 def _shard(tensors: list[TensorPlan], max_shard_size: int | str) -> list[ShardPlan]:
     """Split by size alone with huggingface_hub's own rule and names, then lay out each file."""
-    sizes = {t.name: sum(math.prod(shape) * dtype_size(d) for _, d, shape in t.entries) for t in tensors}
+    sizes = {t.name: sum(tensor_nbytes(d, shape) for _, d, shape in t.entries) for t in tensors}
     try:
         split = split_state_dict_into_shards_factory(
             sizes, get_storage_size=lambda n: n, filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_size
