@@ -9,13 +9,14 @@ the inputs, which must agree with the output to within one rounding to its dtype
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from .errors import LorafuseError
 from .compute.tensors import all_finite
+from .formats.jsonfile import parse_json
 from .formats.safetensors import FLOAT_DTYPES, read_header, torch_dtype
 from .manifest import MANIFEST, sha256_file
 from .plan import make_plan
@@ -52,10 +53,10 @@ def _check_manifest(out: Path) -> list[str]:
     path = out / MANIFEST
     if not path.is_file():
         return [f"{out} has no {MANIFEST}; only merges written by lorafuse can be checked against one"]
-    try:
-        files = json.loads(path.read_text())["files"]
-    except (ValueError, KeyError, TypeError):
+    manifest = read_json_as(path, _is_manifest)
+    if manifest is None:
         return [f"{path} is not a valid lorafuse manifest"]
+    files = manifest["files"]
     problems = []
     for name, entry in files.items():
         file = out / name
@@ -68,6 +69,30 @@ def _check_manifest(out: Path) -> list[str]:
     return problems
 
 
+def read_json_as(path: Path, valid: Callable[[object], bool]):
+    """The JSON value in `path` if it parses and `valid` accepts it, else None: a damaged file is a
+    problem to report, never an exception."""
+    try:
+        value = parse_json(path.read_bytes(), path)
+    except (LorafuseError, OSError):
+        return None
+    return value if valid(value) else None
+
+
+def _is_manifest(value) -> bool:
+    files = value.get("files") if isinstance(value, dict) else None
+    return isinstance(files, dict) and isinstance(value.get("settings", {}), dict) and all(
+        isinstance(e, dict) and type(e.get("size")) is int and isinstance(e.get("sha256"), str) for e in files.values())
+
+
+def _is_index(value) -> bool:
+    if not isinstance(value, dict) or not isinstance(value.get("metadata"), dict):
+        return False
+    weight_map = value.get("weight_map")
+    return isinstance(weight_map, dict) and all(isinstance(v, str) for v in weight_map.values()) \
+        and type(value["metadata"].get("total_size")) is int
+
+
 def _shard_names(out: Path, problems: list[str]) -> list[str]:
     """The shards the index names, after checking the index against their headers."""
     index = out / INDEX
@@ -76,12 +101,11 @@ def _shard_names(out: Path, problems: list[str]) -> list[str]:
             problems.append(f"{out} has neither {SINGLE} nor {INDEX}")
             return []
         return [SINGLE]
-    try:
-        data = json.loads(index.read_text())
-        weight_map, total = data["weight_map"], data["metadata"]["total_size"]
-    except (ValueError, KeyError, TypeError):
+    data = read_json_as(index, _is_index)
+    if data is None:
         problems.append(f"{INDEX} is not a valid index")
         return []
+    weight_map, total = data["weight_map"], data["metadata"]["total_size"]
     names = sorted(set(weight_map.values()))
     found, size = {}, 0
     for name in names:
@@ -106,7 +130,7 @@ def _shard_names(out: Path, problems: list[str]) -> list[str]:
 
 def _recompute(out: Path, headers: dict, base, adapter, sample: int) -> list[str]:
     """A spread-out sample of merged tensors, recomputed in float64 and compared with OUT."""
-    manifest = json.loads((out / MANIFEST).read_text())["settings"]
+    manifest = read_json_as(out / MANIFEST, _is_manifest).get("settings", {})
     dtype = {"auto": "auto", "F32": "fp32", "BF16": "bf16", "F16": "fp16"}.get(manifest.get("output dtype"), "auto")
     plan = make_plan(base, adapter, dtype=dtype, save_method=manifest.get("save method", "merged_16bit"))
     refs = {k: r for h in headers.values() for k, r in h.tensors.items()}

@@ -13,6 +13,7 @@ import math
 import re
 import warnings
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -143,16 +144,86 @@ def check_config(config: dict, where: Path) -> None:
             f"{where}: init_lora_weights={init!r} changes the base weights at initialisation; "
             "save the adapter with PEFT's path_initial_model_for_weight_conversion to convert it to plain LoRA first"
         )
-    for key in ("r", "lora_alpha"):
-        value = config.get(key)
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
-            raise LorafuseError(f"{where}: {key} must be a positive number, got {value!r}")
+    if not _positive_int(config.get("r")):
+        raise LorafuseError(f"{where}: r must be a positive integer, got {_short(config.get('r'))}; re-save the adapter")
+    if not _positive_number(config.get("lora_alpha")):
+        raise LorafuseError(f"{where}: lora_alpha must be a positive number, got {_short(config.get('lora_alpha'))}; re-save the adapter")
+    for key in ("use_rslora", "use_dora", "fan_in_fan_out"):
+        if not isinstance(config.get(key, False), (bool, type(None))):
+            raise LorafuseError(f"{where}: {key} must be true or false, got {_short(config[key])}; re-save the adapter")
+    name = config.get("base_model_name_or_path")
+    if name is not None and not (isinstance(name, str) and _is_path_text(name)):
+        raise LorafuseError(f"{where}: base_model_name_or_path must be a repo id or a path, got {_short(name)}; "
+                            "fix it, or pass BASE")
+    tokens = config.get("trainable_token_indices")
+    if isinstance(tokens, list) and not _token_list(tokens):
+        raise LorafuseError(f"{where}: trainable_token_indices must list token ids (integers from 0); re-save the adapter")
+    for key, valid, what in (("rank_pattern", _positive_int, "positive integers"), ("alpha_pattern", _positive_number, "positive numbers"),
+                             ("trainable_token_indices", _token_list, "lists of token ids")):
+        patterns = config.get(key) or {}
+        if patterns is tokens and isinstance(tokens, list):
+            continue
+        if not isinstance(patterns, dict) or not all(valid(v) for v in patterns.values()):
+            raise LorafuseError(f"{where}: {key} must map module name patterns to {what}; re-save the adapter")
+        for pattern in patterns:
+            _compile_pattern(pattern, key)
 
 
-def pattern_value(patterns: dict, module: str, default):
+def _positive_int(value) -> bool:
+    return type(value) is int and 0 < value < 2**63
+
+
+def _positive_number(value) -> bool:
+    return type(value) in (int, float) and 0 < value < math.inf and (type(value) is float or value < 2**1023)
+
+
+def _token_list(value) -> bool:
+    return isinstance(value, list) and all(type(i) is int and 0 <= i < 2**63 for i in value)
+
+
+def _is_path_text(text: str) -> bool:
+    """Text that can name a file (no NUL, encodable): a config's base_model_name_or_path is made a path."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return "\0" not in text
+
+
+def _short(value) -> str:
+    """A config value for an error message: on one line, and short whatever its size."""
+    text = repr(value) if not isinstance(value, int) or abs(value) < 10**30 else "a huge integer"
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+# How long one pattern may take to match one module path: sane patterns take microseconds.
+PATTERN_SECONDS = 1.0
+
+
+@lru_cache(maxsize=None)
+def _compile_pattern(key: str, field: str = "rank_pattern"):
+    """PEFT's `(.*\\.)?(key)$`, compiled by the `regex` module: Python's `re` must accept the pattern (PEFT
+    uses re), while `regex` matches it as re does but avoids much catastrophic backtracking and can stop
+    after PATTERN_SECONDS, so that a pattern like `(.*)*x` cannot hang the plan."""
+    import regex
+
+    full = rf"(.*\.)?({key})$"
+    try:
+        re.compile(full)
+        return regex.compile(full)
+    except (re.error, regex.error, RecursionError, OverflowError, ValueError) as e:
+        raise LorafuseError(f"adapter_config.json: {field} key {_short(key)} is not a valid regular expression ({e}); fix it") from None
+
+
+def pattern_value(patterns: dict, module: str, default, field: str = "rank_pattern"):
     """PEFT's get_pattern_key: the first pattern that matches the end of the module path wins."""
     for key, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({key})$", module):
+        try:
+            found = _compile_pattern(key, field).match(module, timeout=PATTERN_SECONDS)
+        except TimeoutError:
+            raise LorafuseError(f"adapter_config.json: {field} key {_short(key)} takes too long to match {module!r} "
+                                "(catastrophic backtracking); simplify the pattern") from None
+        if found:
             return value
     return default
 
@@ -160,7 +231,7 @@ def pattern_value(patterns: dict, module: str, default):
 def scaling(config: dict, module: str) -> tuple[int, float]:
     """(rank, scale) for a module: lora_alpha/r, or lora_alpha/sqrt(r) with rsLoRA (PEFT's update_layer)."""
     r = pattern_value(config.get("rank_pattern"), module, config["r"])
-    alpha = pattern_value(config.get("alpha_pattern"), module, config["lora_alpha"])
+    alpha = pattern_value(config.get("alpha_pattern"), module, config["lora_alpha"], "alpha_pattern")
     return r, alpha / (math.sqrt(r) if config.get("use_rslora") else r)
 
 
@@ -257,7 +328,7 @@ def token_indices(config: dict, module: str) -> list[int]:
     """The token rows a trainable_tokens_delta replaces: a list (for the input embedding) or per-module dict."""
     spec = config.get("trainable_token_indices")
     if isinstance(spec, dict):
-        spec = pattern_value(spec, module, None)
+        spec = pattern_value(spec, module, None, "trainable_token_indices")
     if not isinstance(spec, list) or not all(isinstance(i, int) for i in spec):
         raise LorafuseError(f"adapter has trainable tokens for {module} but trainable_token_indices does not list them")
     return spec

@@ -23,7 +23,6 @@ cache cannot serve them.
 from __future__ import annotations
 
 import glob
-import json
 import os
 import re
 import tempfile
@@ -188,10 +187,7 @@ def _select(kind: str, names: set[str], label: str) -> tuple[list[str], list[str
 
 
 def _shards(index: Path, label: str) -> list[str]:
-    try:
-        weight_map = json.loads(index.read_text()).get("weight_map")
-    except (OSError, ValueError, AttributeError) as e:
-        raise LorafuseError(f"{label}: {INDEX} cannot be read ({e}); the repo is broken at this revision") from None
+    weight_map = read_json(index, label, "the repo is broken at this revision").get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
         raise LorafuseError(f"{label}: {INDEX} has no weight_map; the repo is broken at this revision")
     shards = list(dict.fromkeys(str(v) for v in weight_map.values()))

@@ -41,6 +41,7 @@ def open_model(folder: str | Path, remote: dict[str, RemoteFile] | None = None, 
     if not folder.is_dir():
         raise LorafuseError(f"base model folder {folder} does not exist")
     config = read_json(folder / "config.json", "base model")
+    check_config(config, folder / "config.json")
     files, weight_map = _weight_files(folder, remote)
     pending = {f.path: f for f in remote.values()}
     for path in files:
@@ -61,6 +62,28 @@ def open_model(folder: str | Path, remote: dict[str, RemoteFile] | None = None, 
     sizes = {p.name: pending[p].size if p in pending else p.stat().st_size for p in files}
     versions = {p.name: commit or str(p.stat().st_mtime_ns) for p in files}
     return Checkpoint(folder, config, tensors, files, sizes, versions, remote)
+
+
+def check_config(config: dict, path: Path) -> None:
+    """The config.json fields lorafuse reads must have the types transformers writes: a wrong one
+    would be misread (the string "false" is true) or fail deep inside the plan."""
+    holders = [config] + [config[k] for k in ("text_config", "llm_config", "language_config") if isinstance(config.get(k), dict)]
+    if not all(isinstance(h.get("tie_word_embeddings", False), bool) for h in holders):
+        raise LorafuseError(f"{path}: tie_word_embeddings must be true or false; fix the config")
+    if not isinstance(config.get("model_type", ""), str):
+        raise LorafuseError(f"{path}: model_type must be a string; fix the config")
+    quantization = config.get("quantization_config")
+    if not quantization:
+        return
+    if not isinstance(quantization, dict) or not isinstance(quantization.get("quant_method"), str):
+        raise LorafuseError(f"{path}: quantization_config must be an object naming its quant_method; fix the config")
+    block = quantization.get("weight_block_size")
+    if block is not None and not (isinstance(block, list) and len(block) == 2
+                                  and all(type(b) is int and 0 < b < 2**31 for b in block)):
+        raise LorafuseError(f"{path}: quantization_config.weight_block_size must be two positive integers or null; fix the config")
+    skip = quantization.get("llm_int8_skip_modules")
+    if skip is not None and not (isinstance(skip, list) and all(isinstance(m, str) for m in skip)):
+        raise LorafuseError(f"{path}: quantization_config.llm_int8_skip_modules must list module names or be null; fix the config")
 
 
 def _headers(files: list[Path], pending: dict[Path, RemoteFile]) -> dict[Path, Header]:
@@ -92,10 +115,12 @@ def _weight_files(folder: Path, remote: dict[str, RemoteFile]) -> tuple[list[Pat
         weight_map = read_json(index, "base model").get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise LorafuseError(f"{index} has no weight_map; re-save the model")
+        if not all(isinstance(name, str) for name in weight_map.values()):
+            raise LorafuseError(f"{index}: weight_map must map tensor names to file names; re-save the model")
         names = list(dict.fromkeys(weight_map.values()))
         files = []
         for name in names:
-            rel = PurePosixPath(str(name))
+            rel = PurePosixPath(name)
             if rel.is_absolute() or ".." in rel.parts or not name:
                 raise LorafuseError(f"{index} names shard {name!r} outside the model folder; refusing to read it")
             if name in remote:

@@ -1,0 +1,234 @@
+"""Hostile JSON inputs (config.json, the index, adapter_config.json, the manifest for `verify`): every one
+is a one-line LorafuseError or works, never a traceback and never a hang."""
+
+import json
+import shutil
+import signal
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import lorafuse
+from conftest import make_adapter
+from lorafuse.adapters.peft import pattern_value
+from lorafuse.verify import verify
+
+INDEX = "model.safetensors.index.json"
+DEEP = "[" * 100_000 + "]" * 100_000
+HUGE = "9" * 5000
+
+
+@contextmanager
+def within(seconds: float):
+    """Fail, rather than hang, when the block runs longer than `seconds`."""
+    def expire(*_):
+        raise TimeoutError(f"took more than {seconds} s")
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_base, artefacts):
+    """A tiny Llama in shards with an index, and a LoRA adapter for it."""
+    from peft import LoraConfig
+
+    base = tiny_base("llama", "bf16", max_shard_size="20KB")
+    adapter = artefacts.get("json-adapter", lambda d: make_adapter(
+        base, d, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], init_lora_weights=False)))
+    return base, adapter
+
+
+@pytest.fixture
+def copies(model, tmp_path):
+    base, adapter = model
+    return shutil.copytree(base, tmp_path / "base"), shutil.copytree(adapter, tmp_path / "adapter")
+
+
+def _outcome(base: Path, adapter: Path) -> str | None:
+    """None when the plan works, else the error's message (which must be one line)."""
+    try:
+        with within(10):
+            lorafuse.plan(base, adapter)
+    except lorafuse.LorafuseError as e:
+        assert "\n" not in str(e)
+        return str(e)
+    return None
+
+
+def _edit(path: Path, edit) -> None:
+    """Replace a JSON file with text, or with what `edit` makes of its value."""
+    path.write_text(edit if isinstance(edit, str) else json.dumps(edit(json.loads(path.read_text()))))
+
+
+def _set(key, value):
+    return lambda config: {**config, key: value}
+
+
+def _set_weight_map(value):
+    return lambda index: {**index, "weight_map": value(index["weight_map"]) if callable(value) else value}
+
+
+CASES = [
+    # (file, edit, part of the message)
+    ("base/config.json", "{\"a\":" + DEEP + "}", "nested too deeply"),
+    ("base/config.json", "{\"a\":" + HUGE + "}", "not valid JSON"),
+    ("base/config.json", _set("tie_word_embeddings", "false"), "tie_word_embeddings must be true or false"),
+    ("base/config.json", _set("model_type", ["llama"]), "model_type must be a string"),
+    ("base/config.json", _set("quantization_config", {"quant_method": ["fp8"]}), "naming its quant_method"),
+    ("base/config.json", _set("quantization_config", {"quant_method": "fp8", "weight_block_size": "128"}), "weight_block_size"),
+    ("base/config.json", _set("quantization_config", {"quant_method": "bitsandbytes", "llm_int8_skip_modules": 3}), "llm_int8_skip_modules"),
+    (INDEX, DEEP, "nested too deeply"),
+    (INDEX, _set_weight_map(lambda m: {k: [v] for k, v in m.items()}), "must map tensor names to file names"),
+    (INDEX, _set_weight_map(lambda m: {k: 7 for k in m}), "must map tensor names to file names"),
+    ("adapter/adapter_config.json", DEEP, "nested too deeply"),
+    ("adapter/adapter_config.json", "{\"r\":" + HUGE + "}", "not valid JSON"),
+    ("adapter/adapter_config.json", _set("r", 4.0), "r must be a positive integer"),
+    ("adapter/adapter_config.json", _set("r", 10**400), "r must be a positive integer"),
+    ("adapter/adapter_config.json", _set("lora_alpha", 10**400), "lora_alpha must be a positive number"),
+    ("adapter/adapter_config.json", _set("rank_pattern", {"q_proj": 0}), "rank_pattern must map module name patterns to positive integers"),
+    ("adapter/adapter_config.json", lambda c: {**c, "use_rslora": True, "rank_pattern": {"q_proj": -4}}, "rank_pattern must map"),
+    ("adapter/adapter_config.json", _set("rank_pattern", {"q_proj": "4"}), "rank_pattern must map"),
+    ("adapter/adapter_config.json", _set("rank_pattern", ["q_proj"]), "rank_pattern must map"),
+    ("adapter/adapter_config.json", _set("rank_pattern", {"q_proj(": 4}), "is not a valid regular expression"),
+    ("adapter/adapter_config.json", _set("rank_pattern", {"(" * 2000 + ")" * 2000: 4}), "is not a valid regular expression"),
+    ("adapter/adapter_config.json", _set("alpha_pattern", {"q_proj": None}), "alpha_pattern must map module name patterns to positive numbers"),
+    ("adapter/adapter_config.json", _set("alpha_pattern", {"q_proj": "8"}), "alpha_pattern must map"),
+    ("adapter/adapter_config.json", _set("use_rslora", "false"), "use_rslora must be true or false"),
+    ("adapter/adapter_config.json", _set("use_dora", 1), "use_dora must be true or false"),
+    ("adapter/adapter_config.json", _set("fan_in_fan_out", "yes"), "fan_in_fan_out must be true or false"),
+    ("adapter/adapter_config.json", _set("base_model_name_or_path", 42), "base_model_name_or_path must be a repo id or a path"),
+    ("adapter/adapter_config.json", _set("base_model_name_or_path", "a\0b"), "base_model_name_or_path must be a repo id or a path"),
+    ("adapter/adapter_config.json", _set("trainable_token_indices", [1, "2"]), "trainable_token_indices must list token ids"),
+    ("adapter/adapter_config.json", _set("trainable_token_indices", {"embed_tokens": [-1]}), "trainable_token_indices must map"),
+    ("adapter/adapter_config.json", _set("trainable_token_indices", {"embed[": [1]}), "is not a valid regular expression"),
+]
+
+
+@pytest.mark.parametrize("file, edit, message", CASES, ids=[f"{f.split('/')[-1]}-{m}-{i}" for i, (f, _, m) in enumerate(CASES)])
+def test_bad_json_is_one_line(copies, file, edit, message):
+    base, adapter = copies
+    path = base / file if file == INDEX else base.parent / file
+    _edit(path, edit)
+    assert message in (_outcome(base, adapter) or "")
+
+
+@pytest.mark.parametrize("pattern", [r"(.*)*x", r"(.|\w)*!", r"(.*.*)*!"])
+def test_patterns_that_backtrack_catastrophically_in_re_still_match_quickly(copies, pattern):
+    """`re` takes forever on these against every module path; PEFT's matching gives no match, and so does lorafuse."""
+    base, adapter = copies
+    _edit(adapter / "adapter_config.json", _set("rank_pattern", {pattern: 2, "q_proj": 4}))
+    assert _outcome(base, adapter) is None
+
+
+def test_a_pattern_that_would_hang_is_refused_by_name():
+    with within(10), pytest.raises(lorafuse.LorafuseError, match=r"rank_pattern key '\(a\|a\)\*\$' takes too long"):
+        pattern_value({"(a|a)*$": 4}, "model." + "a" * 40 + "!", 8)
+
+
+def test_patterns_match_as_peft_matches():
+    from peft.utils.other import get_pattern_key
+
+    patterns = {"q_proj": 1, r"layers\.1\..*": 2, "k_proj|v_proj": 3, "(?i:O_PROJ)": 4, r"^model\.layers\.0\.mlp\.up_proj": 5}
+    for module in ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj", "model.layers.0.self_attn.v_proj",
+                   "model.layers.0.self_attn.o_proj", "model.layers.0.mlp.up_proj", "model.layers.0.mlp.gate_proj", "xq_proj"]:
+        key = get_pattern_key(list(patterns), module)
+        assert pattern_value(patterns, module, 0) == patterns.get(key, 0)
+
+
+# -- fuzzing: any JSON value in any field ---------------------------------------------------------------
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.sampled_from([0, -1, 2**63, 2**64, 10**400, 4.0, -0.0, 1e308])
+    | st.floats(allow_nan=True) | st.text(max_size=8) | st.sampled_from(["q_proj", "(.*)*x", "[", "\ud800", "a\0b", "false", "fp8"]),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6) | st.sampled_from(["q_proj", "embed_tokens", "(a+)+$"]), inner, max_size=3),
+    max_leaves=8,
+) | st.integers(120, 140).map(lambda n: json.loads("[" * n + "]" * n))
+
+ADAPTER_FIELDS = ["r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora", "use_dora", "fan_in_fan_out", "target_modules",
+                  "trainable_token_indices", "modules_to_save", "base_model_name_or_path", "peft_type", "init_lora_weights",
+                  "layer_replication", "bias", "lora_bias"]
+CONFIG_FIELDS = ["tie_word_embeddings", "vocab_size", "model_type", "quantization_config", "dtype", "torch_dtype", "text_config",
+                 "hidden_size", "architectures"]
+FUZZ = settings(max_examples=60, deadline=None, derandomize=True, database=None,
+                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+
+
+def _fuzz(path: Path, base: Path, adapter: Path, edit) -> None:
+    original = path.read_text()
+    try:
+        _edit(path, edit)
+        _outcome(base, adapter)
+    finally:
+        path.write_text(original)
+
+
+@FUZZ
+@given(field=st.sampled_from(ADAPTER_FIELDS), value=JSON_VALUES)
+def test_fuzz_adapter_config(copies, field, value):
+    base, adapter = copies
+    _fuzz(adapter / "adapter_config.json", base, adapter, _set(field, value))
+
+
+@FUZZ
+@given(field=st.sampled_from(CONFIG_FIELDS), value=JSON_VALUES, nested=st.sampled_from([None, "quantization_config", "text_config"]))
+def test_fuzz_base_config(copies, field, value, nested):
+    base, adapter = copies
+    edit = _set(field, value) if nested is None else _set(nested, {"quant_method": "fp8", field: value})
+    _fuzz(base / "config.json", base, adapter, edit)
+
+
+@FUZZ
+@given(where=st.sampled_from(["index", "weight_map", "entry", "metadata"]), value=JSON_VALUES)
+def test_fuzz_index(copies, where, value):
+    base, adapter = copies
+    edits = {"index": lambda index: value, "weight_map": _set_weight_map(value),
+             "entry": _set_weight_map(lambda m: {**m, next(iter(m)): value}), "metadata": _set("metadata", value)}
+    _fuzz(base / INDEX, base, adapter, edits[where])
+
+
+@pytest.fixture(scope="module")
+def merged(model, tmp_path_factory):
+    base, adapter = model
+    out = tmp_path_factory.mktemp("merged") / "out"
+    lorafuse.merge(base, adapter, out, max_shard_size="20KB")
+    return out
+
+
+def test_verify_reads_a_malformed_manifest_as_a_problem(merged, tmp_path):
+    out = shutil.copytree(merged, tmp_path / "out")
+    manifest = out / "lorafuse-manifest.json"
+    for text in [DEEP, "{\"files\":" + HUGE + "}", '{"files": []}', '{"files": {"config.json": []}}',
+                 '{"files": {"config.json": {"size": "1", "sha256": "x"}}}', '{"files": {}, "settings": []}']:
+        manifest.write_text(text)
+        with within(10):
+            assert verify(out) == [f"{manifest} is not a valid lorafuse manifest"]
+
+
+@FUZZ
+@given(where=st.sampled_from(["manifest", "files", "entry", "size", "sha256", "settings", "index"]), value=JSON_VALUES)
+def test_fuzz_verify(merged, tmp_path_factory, where, value):
+    out = merged
+    path = out / (INDEX if where == "index" else "lorafuse-manifest.json")
+    edits = {"manifest": lambda m: value, "files": _set("files", value), "settings": _set("settings", value),
+             "entry": lambda m: {**m, "files": {**m["files"], "config.json": value}},
+             "size": lambda m: {**m, "files": {**m["files"], "config.json": {**m["files"]["config.json"], "size": value}}},
+             "sha256": lambda m: {**m, "files": {**m["files"], "config.json": {**m["files"]["config.json"], "sha256": value}}},
+             "index": _set_weight_map(lambda m: {**m, next(iter(m)): value})}
+    original = path.read_text()
+    try:
+        _edit(path, edits[where])
+        with within(10):
+            problems = verify(out)
+        assert all(isinstance(p, str) and "\n" not in p for p in problems)
+    except lorafuse.LorafuseError as e:
+        assert "\n" not in str(e)
+    finally:
+        path.write_text(original)
