@@ -30,6 +30,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from ..errors import LorafuseError
+from ..formats.jsonfile import parse_json
 from ..formats.safetensors import DTYPES, torch_dtype
 from .base import Lookup, QuantizedTensor, byte_values, float_dtype
 
@@ -88,10 +89,7 @@ def parse_quant_state(packed: torch.Tensor | bytes | bytearray) -> dict:
     Planning reads the bytes, with no torch.
     """
     raw = bytes(packed) if isinstance(packed, (bytes, bytearray)) else bytes(v % 256 for v in packed.reshape(-1).tolist())
-    try:
-        d = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise LorafuseError(f"bitsandbytes quant_state is not valid JSON ({e}); the checkpoint is damaged") from None
+    d = parse_json(raw, "a bitsandbytes quant_state", "the checkpoint is damaged")
     if not isinstance(d, dict) or not {"quant_type", "blocksize", "dtype", "shape"} <= d.keys() <= _STATE_KEYS:
         raise LorafuseError(f"unexpected bitsandbytes quant_state {d!r}; was it written by a newer bitsandbytes?")
     state = {
