@@ -68,6 +68,7 @@ class Variant:
     vocab: int | None = None  # resize_token_embeddings(vocab) before get_peft_model
     tied_after: bool | str | None = None  # for tied bases: must the output still be tied? ("either")
     save: dict = field(default_factory=dict)  # PeftModel.save_pretrained kwargs
+    saved_config: dict = field(default_factory=dict)  # adapter_config.json entries as another tool writes them
     dtypes: tuple[str, ...] = ("fp32", "bf16")
 
 
@@ -89,6 +90,10 @@ VARIANTS = [
     # keeps whichever layer came last: here False, from lm_head, while c_proj is a square Conv1D.
     Variant("mixed-conv1d-linear-gpt2", "gpt2", lora(target_modules=["c_attn", "c_proj", "lm_head"]),
             tied_after=False),
+    # PEFT ignores fan_in_fan_out on nn.Linear (it warns and uses False) whatever the config says, here
+    # on square q_proj/o_proj.
+    Variant("fanin-flag-llama", "llama", lora(target_modules=["q_proj", "k_proj", "o_proj"]),
+            saved_config={"fan_in_fan_out": True}),
     Variant("embed-llama", "llama", lora(target_modules=["embed_tokens", "q_proj", "v_proj"])),
     Variant("embed-gemma", "gemma", lora(target_modules=["embed_tokens", "q_proj"]), tied_after=False),
     Variant("embed-gpt2", "gpt2", lora(target_modules=["wte", "c_attn"], fan_in_fan_out=True), tied_after=False),
@@ -162,9 +167,13 @@ def get_adapter(artefacts, tiny_base, v: Variant) -> Path:
     """The adapter of a variant, trained on the fp32 base (the bf16 base is the same model rounded)."""
     from peft import LoraConfig
 
-    return artefacts.get(("adapter", v.id),
-                         lambda d: make_adapter(tiny_base(v.model), d, LoraConfig(**v.config), vocab=v.vocab,
-                                                        **v.save))
+    def build(folder: Path) -> Path:
+        make_adapter(tiny_base(v.model), folder, LoraConfig(**v.config), vocab=v.vocab, **v.save)
+        path = folder / "adapter_config.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), **v.saved_config}))
+        return folder
+
+    return artefacts.get(("adapter", v.id), build)
 
 
 @dataclass

@@ -101,8 +101,8 @@ class LoRA:
     def transposed(self, shape: tuple[int, ...]) -> bool:
         """Whether W is stored input-major (delta = s·(B@A)ᵀ): embeddings and fan-in-fan-out weights.
 
-        For linear layers the shapes decide when they can (PEFT itself flips fan_in_fan_out to match the
-        layer type); the config's fan_in_fan_out decides only for square weights.
+        For linear layers the shapes decide when they can; fan_in_fan_out, which the planner sets from
+        the layer's type as PEFT does (plan._orient), decides for square weights.
         """
         if self.kind == "embedding":
             return True

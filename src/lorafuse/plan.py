@@ -31,7 +31,12 @@ DTYPE_NAMES = {"bf16": "BF16", "bfloat16": "BF16", "fp16": "F16", "float16": "F1
 CONFIG_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
 CASTABLE = {"BF16", "F16", "F32"}
 HEAD = "lm_head.weight"
-CONV1D_MODEL_TYPES = {"gpt2", "openai-gpt", "imagegpt", "decision_transformer"}
+# transformers' model types built with its Conv1D (weights stored in×out), and which of their modules are
+# Conv1D; every other module of theirs, and of every other model type, is an nn.Linear.
+GPT2_CONV1D = frozenset({"c_attn", "q_attn", "c_proj", "c_fc"})
+CONV1D_MODULES = {"gpt2": GPT2_CONV1D, "openai-gpt": GPT2_CONV1D, "imagegpt": GPT2_CONV1D,
+                  "decision_transformer": GPT2_CONV1D, "clvp": frozenset({"c_fc", "c_proj"}),
+                  "clvp_decoder": frozenset({"c_fc", "c_proj"})}
 EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight", "tok_embeddings.weight")
 MAX_PIPELINE_DEPTH = 8
 SAVE_METHODS = ("merged_16bit", "merged_4bit")
@@ -354,17 +359,28 @@ def _resolve_names(checkpoint: Checkpoint, patches: dict, adapter: Adapter) -> d
 
 
 def _orient(patch: Patch, target: str, config: dict) -> Patch:
-    """Whether a linear LoRA's weight is stored in×out (a transformers Conv1D).
+    """Whether a linear LoRA's weight is stored in×out (a transformers Conv1D), as PEFT decides it.
 
-    Shapes decide for non-square weights; for square ones the saved fan_in_fan_out cannot be trusted,
-    since PEFT flips it per layer and saves whichever layer came last. Models built from Conv1D use it
-    for every projection in their blocks, and a plain Linear for the head.
+    PEFT sets fan_in_fan_out per layer from the module's type: False for nn.Linear (with a warning) and
+    True for Conv1D, whatever the config says; it saves whichever value the last layer set. So the saved
+    flag is no evidence: the model type says which modules are Conv1D. Shapes decide for non-square
+    weights anyway (LoRA.transposed); this matters for square ones. Only a model with its own code
+    (auto_map), whose module types lorafuse cannot know, keeps the saved flag.
     """
-    if not isinstance(patch, LoRA) or patch.kind != "linear":
+    if not isinstance(patch, LoRA) or patch.kind != "linear" or config.get("auto_map"):
         return patch
-    if config.get("model_type") in CONV1D_MODEL_TYPES:
-        return replace(patch, fan_in_fan_out=not target.startswith(HEAD.split(".")[0]))
-    return patch
+    conv1d = set().union(*(CONV1D_MODULES.get(t, ()) for t in _model_types(config)))
+    module = target.removesuffix(".weight").rpartition(".")[2]
+    return replace(patch, fan_in_fan_out=module in conv1d)
+
+
+def _model_types(config: dict) -> list[str]:
+    """The model_type of the config and of every config nested in it (an encoder-decoder's decoder)."""
+    found = [config["model_type"]] if isinstance(config.get("model_type"), str) else []
+    for value in config.values():
+        if isinstance(value, dict):
+            found += _model_types(value)
+    return found
 
 
 def _configs(config: dict) -> list[dict]:
