@@ -1,6 +1,7 @@
 """Bad base models and adapters: one-line errors naming the problem, nothing written, inputs untouched."""
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -90,6 +91,29 @@ def no_config(folder):
     (folder / "config.json").unlink()
 
 
+def _secret(folder: Path) -> Path:
+    """A file beside the folder, as ~/.ssh or a credentials file would be."""
+    secret = folder.parent / "secret.json"
+    secret.write_text('{"token": "hf_secret"}')
+    return secret
+
+
+def carried_links_outside(name):
+    def damage(folder):
+        (folder / name).unlink(missing_ok=True)
+        (folder / name).symlink_to(_secret(folder))
+    damage.__name__ = f"{name}_links_outside"
+    return damage
+
+
+def carried_fifo(name):
+    def damage(folder):
+        (folder / name).unlink(missing_ok=True)
+        os.mkfifo(folder / name)
+    damage.__name__ = f"{name}_is_a_fifo"
+    return damage
+
+
 BASE_CASES = [
     (truncated_shard, "truncated"),
     (duplicate_across_shards, "appears in both"),
@@ -99,6 +123,9 @@ BASE_CASES = [
     (index_lies, "does not hold it"),
     (link_outside, "links outside the model folder"),
     (no_config, "has no config.json"),
+    (carried_links_outside("tokenizer.json"), "links outside the model folder"),
+    (carried_links_outside("config.json"), "links outside the model folder"),
+    (carried_fifo("generation_config.json"), "is not a regular file"),
 ]
 
 
@@ -128,6 +155,8 @@ ADAPTER_CASES = [
     (adapter_config(lambda c: {**c, "lora_alpha": "big"}), "lora_alpha must be a positive number"),
     (adapter_config(lambda c: {**c, "peft_type": "LOHA"}), "lorafuse merges LoRA adapters"),
     (nan_in_adapter, "gives NaN or Inf values"),
+    (carried_links_outside("tokenizer_config.json"), "links outside the model folder"),
+    (carried_fifo("chat_template.jinja"), "is not a regular file"),
 ]
 
 
@@ -163,3 +192,24 @@ def test_links_into_the_hugging_face_cache_are_followed(sharded, tmp_path, monke
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
     lorafuse.merge(snapshot, adapter, tmp_path / "out")
     assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_carried_files_in_the_hugging_face_cache_and_subfolders(sharded, tmp_path, monkeypatch):
+    """A cached snapshot's tokenizer links into blobs/ and is carried; a subfolder is not carried."""
+    from huggingface_hub import constants
+
+    base, adapter = sharded
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--org--tiny" / "snapshots" / "abc"
+    blobs = cache / "models--org--tiny" / "blobs"
+    blobs.mkdir(parents=True)
+    shutil.copytree(base, snapshot)
+    (blobs / "0123abcd").write_text('{"version": "1.0"}')
+    (snapshot / "tokenizer.json").symlink_to(blobs / "0123abcd")
+    (snapshot / "original").mkdir()
+    (snapshot / "original" / "params.json").write_text("{}")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    lorafuse.merge(snapshot, adapter, tmp_path / "out")
+    out = tmp_path / "out"
+    assert (out / "tokenizer.json").read_text() == '{"version": "1.0"}' and not (out / "tokenizer.json").is_symlink()
+    assert not (out / "original").exists()

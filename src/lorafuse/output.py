@@ -17,12 +17,9 @@ import tempfile
 from pathlib import Path
 
 from .errors import LorafuseError
-from .formats.folder import INDEX, TOKENIZER_FILE, is_weight_file
+from .formats.folder import INDEX
 from .plan import Plan
 from .sources.hub import parse_spec
-
-NOT_COPIED = {"README.md", "adapter_config.json"}
-
 
 def staging_folder(out: Path) -> Path:
     return out.parent / f".{out.name}.lorafuse-partial"
@@ -70,26 +67,11 @@ def write_metadata(plan: Plan, folder: Path, settings: dict) -> None:
             "weight_map": {slot.name: s.filename for s in plan.shards for group in s.slots for slot in group},
         }
         (folder / INDEX).write_text(json.dumps(index, indent=2) + "\n")
-    for source in _carried_files(plan):
+    for source in plan.carried:
         shutil.copyfile(source, folder / source.name)
     (folder / "config.json").write_text(json.dumps(plan.config, indent=2, sort_keys=True) + "\n")
     with open(folder / "README.md", "w", encoding="utf-8", newline="") as f:
         f.write(_model_card(plan, settings))
-
-
-def _carried_files(plan: Plan) -> list[Path]:
-    """The base's non-weight files, with the adapter's tokenizer files taking precedence."""
-    chosen: dict[str, Path] = {}
-    for path in sorted(plan.base.folder.iterdir()):
-        name = path.name
-        if (path.is_file() and not name.startswith(".") and name not in NOT_COPIED
-                and not is_weight_file(name)):
-            chosen[name] = path
-    for path in sorted(plan.adapter.folder.iterdir()):
-        if path.is_file() and TOKENIZER_FILE.match(path.name):
-            chosen[path.name] = path
-    chosen.pop("config.json", None)
-    return list(chosen.values())
 
 
 def _model_card(plan: Plan, settings: dict) -> str:

@@ -11,6 +11,7 @@ import math
 import os
 import re
 import shutil
+import stat
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -19,11 +20,12 @@ from huggingface_hub import split_state_dict_into_shards_factory
 from .adapters.peft import Adapter, open_adapter, patches_by_tensor
 from .compute import block_shape, in_rows, matrix_shape
 from .errors import LorafuseError
+from .formats.folder import TOKENIZER_FILE, is_weight_file
 from .formats.safetensors import FLOAT_DTYPES, TensorSlot, dtype_size, layout
 from .patches import LoRA, Patch, Replace, ReplaceRows
 from .quant import QuantizedTensor, logical_tensors
 from .sources.hub import base_from_adapter, parse_spec, resolve_adapter, resolve_model_lazily
-from .sources.local import Checkpoint, open_model
+from .sources.local import Checkpoint, _check_inside, open_model
 from .sources.remote import RemoteFile, min_hold
 from .units import human_size
 
@@ -39,6 +41,7 @@ CONV1D_MODULES = {"gpt2": GPT2_CONV1D, "openai-gpt": GPT2_CONV1D, "imagegpt": GP
                   "clvp_decoder": frozenset({"c_fc", "c_proj"})}
 EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight", "tok_embeddings.weight")
 MAX_PIPELINE_DEPTH = 8
+NOT_CARRIED = {"README.md", "adapter_config.json", "config.json"}  # OUT gets its own card and config
 SAVE_METHODS = ("merged_16bit", "merged_4bit")
 QUANTIZED_NAME = re.compile(r"bnb|4bit|4-bit|8bit|nf4|int4|int8|awq|gptq|fp8", re.IGNORECASE)
 # What transformers writes for BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
@@ -168,6 +171,7 @@ class Plan:
     save_method: str = "merged_16bit"
     base_name: str = ""  # as the user named them: a folder or a repo id
     adapter_name: str = ""
+    carried: list[Path] = field(default_factory=list)  # non-weight files copied into OUT (see carried_files)
     depth: int = field(default_factory=pipeline_depth)  # tensors in flight at once in the executor
 
     @property
@@ -292,7 +296,38 @@ def make_plan(base: str | os.PathLike | None, adapter: str | os.PathLike, out: s
             counts[p.label] = counts.get(p.label, 0) + 1
     notes += _base_mismatch(adapter_obj.base_name, str(base), base_dir, quant_method)
     return Plan(checkpoint, adapter_obj, out_path, out_dtype or "auto", shards, config, counts, notes, save_method,
-                str(base), str(adapter))
+                str(base), str(adapter), carried_files(base_dir, adapter_dir))
+
+
+def carried_files(base: Path, adapter: Path) -> list[Path]:
+    """The base's non-weight files, with the adapter's tokenizer files taking precedence (training may
+    have added tokens); subfolders are not carried.
+
+    Whatever is carried lands in OUT, its manifest and a --push-to-hub upload, so each must be a regular
+    file inside its folder, by the rule for weights (sources.local.check_inside): a link elsewhere would
+    publish what it points to, and a FIFO or device would hang or never end. base's config.json is
+    checked too: OUT's config is made from it."""
+    chosen = {"config.json": base / "config.json"}
+    for path in sorted(base.iterdir()):
+        if not path.name.startswith(".") and path.name not in NOT_CARRIED and not is_weight_file(path.name):
+            chosen[path.name] = path
+    for path in sorted(adapter.iterdir()):
+        if TOKENIZER_FILE.match(path.name):
+            chosen[path.name] = path
+    carried = []
+    for name, path in chosen.items():
+        try:
+            mode = path.stat().st_mode
+        except OSError as e:
+            raise LorafuseError(f"{path} cannot be read ({e.strerror.lower()}); remove it or download the model again") from None
+        _check_inside(path.parent, path)
+        if stat.S_ISDIR(mode):
+            continue
+        if not stat.S_ISREG(mode):
+            raise LorafuseError(f"{path} is not a regular file (a FIFO, socket or device); remove it from the folder")
+        if name != "config.json":
+            carried.append(path)
+    return carried
 
 
 def _base_mismatch(trained_on: str | None, base: str, base_dir: Path, quant_method: str | None) -> list[str]:
