@@ -306,6 +306,14 @@ def test_merged_tensors_at_least_as_accurate_as_peft_merge(case):
     assert not failures, "\n".join(failures)
 
 
+def test_verify_recomputes_every_merged_tensor(case):
+    """`lorafuse verify --base --adapter`, whose float64 recomputation shares no arithmetic with the merge,
+    agrees with every tensor of an output (a)-(c) hold for: its formulas are PEFT's for each variant."""
+    from lorafuse.verify import verify
+
+    assert verify(case.out, case.base, case.adapter, sample=len(case.plan.merged)) == []
+
+
 def test_output_files_hold_the_planned_tensors(case):
     """The reference reader finds exactly the planned tensors; untouched ones are byte-identical to the
     base's, whole replacements equal the adapter's tensor; the report counts add up."""

@@ -122,7 +122,7 @@ def test_manifest_records_every_file(inputs, tmp_path):
     assert set(manifest["files"]) == files
     for name, entry in manifest["files"].items():
         assert entry == {"size": (out / name).stat().st_size, "sha256": sha256_file(out / name)}
-    assert manifest["settings"]["output dtype"] == "auto"
+    assert manifest["settings"]["dtype"] == "auto" and manifest["settings"]["max_shard_size"] == SHARD
     assert set(manifest["base"]["files"]) == {"model.safetensors"} and manifest["adapter"]["config_sha256"]
 
 
@@ -330,6 +330,103 @@ def test_verify_recomputes_merged_tensors(inputs, merged):
     _rewrite_manifest(merged)
     assert verify(merged) == []
     assert verify(merged, *inputs, sample=100) == [f"{key} differs from the merge recomputed from base and adapter"]
+
+
+def _wrong_scale(monkeypatch):
+    """The merge's scale off by 10% (as a wrong rsLoRA or pattern rule would make it)."""
+    import lorafuse.adapters.peft as peft
+
+    right = peft.scaling
+    monkeypatch.setattr(peft, "scaling", lambda config, module: (right(config, module)[0], 1.1 * right(config, module)[1]))
+
+
+def _square_transposed(monkeypatch):
+    """Square weights patched input-major, as a wrong fan_in_fan_out rule would do."""
+    from lorafuse.patches import LoRA
+
+    right = LoRA.transposed
+    monkeypatch.setattr(LoRA, "transposed", lambda self, shape: right(self, shape) != (len(set(shape)) == 1))
+
+
+@pytest.mark.parametrize("mistake", [_wrong_scale, _square_transposed])
+def test_verify_recomputes_independently_of_the_merge(inputs, tmp_path, monkeypatch, mistake):
+    """A mistake in the merge's own arithmetic is not repeated by verify's recomputation."""
+    from lorafuse.verify import verify
+
+    mistake(monkeypatch)
+    out = tmp_path / "out"
+    plan = lorafuse.plan(*inputs)
+    lorafuse.merge(*inputs, out)
+    wrong = {t.name for t in plan.merged if mistake is _wrong_scale or len(set(t.shape)) == 1}
+    assert wrong
+    assert verify(out, *inputs, sample=100) == [f"{name} differs from the merge recomputed from base and adapter"
+                                                for name in sorted(wrong, key=[t.name for t in plan.merged].index)]
+
+
+def _edit_manifest(out: Path, edit) -> None:
+    manifest = json.loads((out / MANIFEST).read_text())
+    edit(manifest)
+    (out / MANIFEST).write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("edit, problem", [
+    (lambda m: m.pop("settings"), "has no settings record"),
+    (lambda m: m.update(settings="bf16"), "has no settings record"),
+    (lambda m: m["settings"].pop("save_method"), "missing or invalid save_method"),
+    (lambda m: m["settings"].update(dtype="F32", max_shard_size=None), "missing or invalid dtype, max_shard_size"),
+])
+def test_verify_refuses_a_manifest_without_a_valid_settings_record(inputs, merged, edit, problem):
+    from lorafuse.verify import verify
+
+    _edit_manifest(merged, edit)
+    for problems in verify(merged), verify(merged, *inputs):
+        assert len(problems) == 1 and problem in problems[0], problems
+
+
+def test_verify_plans_the_merge_from_the_settings_record(inputs, merged):
+    """The record says how OUT was made: the same inputs merged with other settings give other files."""
+    from lorafuse.verify import verify
+
+    assert verify(merged, *inputs) == []
+    _edit_manifest(merged, lambda m: m["settings"].update(dtype="fp32"))
+    problems = verify(merged, *inputs)
+    assert problems and all("does not hold the tensors this merge writes there" in p for p in problems)
+    _edit_manifest(merged, lambda m: m["settings"].update(dtype="auto", max_shard_size="5GB"))
+    assert "model.safetensors does not hold the tensors this merge writes there (names, dtypes or shapes differ, " \
+           "or the file should not exist)" in verify(merged, *inputs)
+
+
+@pytest.mark.parametrize("extra", ["model.safetensors", "pytorch_model.bin", "chat_template.jinja",
+                                   "sub/model.safetensors", "link"])
+def test_verify_reports_files_the_manifest_does_not_list(merged, extra):
+    """transformers loads model.safetensors before the index, a .bin, a chat template: none may slip in."""
+    from lorafuse.verify import verify
+
+    path = merged / extra
+    path.parent.mkdir(exist_ok=True)
+    if extra == "link":
+        path.symlink_to(merged / "config.json")
+    else:
+        path.write_bytes(sorted(merged.glob("model-*.safetensors"))[0].read_bytes())
+    problems = verify(merged)
+    assert f"{extra} is not listed in the manifest: the merge did not write it, and transformers may load it; " \
+           "remove it" in problems
+    if extra == "model.safetensors":
+        assert f"{merged} holds both model.safetensors and model.safetensors.index.json: transformers loads " \
+               "model.safetensors alone" in problems
+
+
+def test_verify_reports_a_manifest_that_lists_too_little(merged):
+    from lorafuse.verify import verify
+
+    listed = json.loads((merged / MANIFEST).read_text())["files"]
+    _edit_manifest(merged, lambda m: m.update(files={}))
+    problems = verify(merged)
+    shards = sorted(p.name for p in merged.glob("model-*.safetensors"))
+    for name in ["config.json", "model.safetensors.index.json"] + shards:
+        assert f"{name} is not listed in the manifest" in problems
+    _edit_manifest(merged, lambda m: m.update(files={**listed, "../out/config.json": listed["config.json"]}))
+    assert f"the manifest lists '../out/config.json', which is outside {merged}" in verify(merged)
 
 
 def test_verify_catches_nan_and_index_errors(merged):

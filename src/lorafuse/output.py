@@ -80,7 +80,20 @@ def _model_card(plan: Plan, settings: dict) -> str:
 
     repo_id = _repo_id(plan.base_name) or _repo_id(plan.adapter.base_name or "")
     data = ModelCardData(base_model=repo_id, library_name="transformers", tags=["lorafuse", "merge", "lora"])
-    rows = "\n".join(f"| {k} | {v} |" for k, v in settings.items())
+    config = plan.adapter.config
+    shown = {
+        "base": plan.base_name,
+        "adapter": plan.adapter_name,
+        "r / lora_alpha": f"{config.get('r')} / {config.get('lora_alpha')}",
+        "rsLoRA": bool(config.get("use_rslora")),
+        "patches": ", ".join(f"{n} {k}" for k, n in sorted(plan.counts.items())),
+        "output dtype": plan.dtype,
+        "save method": plan.save_method,
+        "shards": len(plan.shards),
+        "device": settings["device"],
+        "lorafuse": settings["lorafuse"],
+    }
+    rows = "\n".join(f"| {k} | {v} |" for k, v in shown.items())
     return (
         f"---\n{data.to_yaml()}\n---\n\n# {plan.out.name if plan.out else 'merged model'}\n\n"
         f"This model is `{repo_id or plan.base_name}` with the LoRA adapter `{plan.adapter_name}` merged into its weights "

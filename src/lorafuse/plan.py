@@ -172,6 +172,7 @@ class Plan:
     base_name: str = ""  # as the user named them: a folder or a repo id
     adapter_name: str = ""
     carried: list[Path] = field(default_factory=list)  # non-weight files copied into OUT (see carried_files)
+    max_shard_size: int | str = "5GB"  # as given: recorded in the manifest's settings
     depth: int = field(default_factory=pipeline_depth)  # tensors in flight at once in the executor
 
     @property
@@ -296,7 +297,7 @@ def make_plan(base: str | os.PathLike | None, adapter: str | os.PathLike, out: s
             counts[p.label] = counts.get(p.label, 0) + 1
     notes += _base_mismatch(adapter_obj.base_name, str(base), base_dir, quant_method)
     return Plan(checkpoint, adapter_obj, out_path, out_dtype or "auto", shards, config, counts, notes, save_method,
-                str(base), str(adapter), carried_files(base_dir, adapter_dir))
+                str(base), str(adapter), carried_files(base_dir, adapter_dir), max_shard_size)
 
 
 def carried_files(base: Path, adapter: Path) -> list[Path]:
@@ -404,17 +405,17 @@ def _orient(patch: Patch, target: str, config: dict) -> Patch:
     """
     if not isinstance(patch, LoRA) or patch.kind != "linear" or config.get("auto_map"):
         return patch
-    conv1d = set().union(*(CONV1D_MODULES.get(t, ()) for t in _model_types(config)))
+    conv1d = set().union(*(CONV1D_MODULES.get(t, ()) for t in model_types(config)))
     module = target.removesuffix(".weight").rpartition(".")[2]
     return replace(patch, fan_in_fan_out=module in conv1d)
 
 
-def _model_types(config: dict) -> list[str]:
+def model_types(config: dict) -> list[str]:
     """The model_type of the config and of every config nested in it (an encoder-decoder's decoder)."""
     found = [config["model_type"]] if isinstance(config.get("model_type"), str) else []
     for value in config.values():
         if isinstance(value, dict):
-            found += _model_types(value)
+            found += model_types(value)
     return found
 
 
