@@ -177,7 +177,8 @@ def test_bad_input_is_refused_cleanly(sharded, tmp_path, damage, message):
 
 
 def test_links_into_the_hugging_face_cache_are_followed(sharded, tmp_path, monkeypatch):
-    """The cache's snapshot folders link into blobs/: that is the one place links out are expected."""
+    """The cache's snapshot folders link into blobs/: that is the one place links out are expected, for
+    weights and carried files alike (a subfolder is not carried)."""
     from huggingface_hub import constants
 
     base, adapter = sharded
@@ -186,30 +187,16 @@ def test_links_into_the_hugging_face_cache_are_followed(sharded, tmp_path, monke
     blobs = cache / "models--org--tiny" / "blobs"
     blobs.mkdir(parents=True)
     shutil.copytree(base, snapshot)
-    for shard in _shards(snapshot):
-        shard.rename(blobs / shard.name)
-        shard.symlink_to(blobs / shard.name)
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
-    lorafuse.merge(snapshot, adapter, tmp_path / "out")
-    assert (tmp_path / "out" / "model.safetensors").is_file()
-
-
-def test_carried_files_in_the_hugging_face_cache_and_subfolders(sharded, tmp_path, monkeypatch):
-    """A cached snapshot's tokenizer links into blobs/ and is carried; a subfolder is not carried."""
-    from huggingface_hub import constants
-
-    base, adapter = sharded
-    cache = tmp_path / "hub"
-    snapshot = cache / "models--org--tiny" / "snapshots" / "abc"
-    blobs = cache / "models--org--tiny" / "blobs"
-    blobs.mkdir(parents=True)
-    shutil.copytree(base, snapshot)
-    (blobs / "0123abcd").write_text('{"version": "1.0"}')
-    (snapshot / "tokenizer.json").symlink_to(blobs / "0123abcd")
+    (snapshot / "tokenizer.json").write_text('{"version": "1.0"}')
+    for file in _shards(snapshot) + [snapshot / "tokenizer.json"]:
+        file.rename(blobs / file.name)
+        file.symlink_to(blobs / file.name)
     (snapshot / "original").mkdir()
     (snapshot / "original" / "params.json").write_text("{}")
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
     lorafuse.merge(snapshot, adapter, tmp_path / "out")
     out = tmp_path / "out"
+    assert (out / "model.safetensors").is_file()
     assert (out / "tokenizer.json").read_text() == '{"version": "1.0"}' and not (out / "tokenizer.json").is_symlink()
     assert not (out / "original").exists()
+

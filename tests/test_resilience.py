@@ -416,6 +416,18 @@ def test_verify_reports_files_the_manifest_does_not_list(merged, extra):
                "model.safetensors alone" in problems
 
 
+def test_verify_ignores_what_the_hub_client_adds_to_a_download(merged):
+    from lorafuse.verify import verify
+
+    (merged / ".gitattributes").write_text("*.safetensors filter=lfs diff=lfs merge=lfs -text\n")
+    (merged / ".cache" / "huggingface" / "download").mkdir(parents=True)
+    (merged / ".cache" / "huggingface" / "download" / "config.json.metadata").write_text("abc\n")
+    assert verify(merged) == []
+    (merged / ".cache" / "other").write_text("x")
+    assert verify(merged) == [".cache/other is not listed in the manifest: the merge did not write it, and "
+                              "transformers may load it; remove it"]
+
+
 def test_verify_reports_a_manifest_that_lists_too_little(merged):
     from lorafuse.verify import verify
 
