@@ -21,6 +21,7 @@ from .formats.folder import INDEX
 from .plan import Plan
 from .sources.hub import parse_spec
 
+
 def staging_folder(out: Path) -> Path:
     return out.parent / f".{out.name}.lorafuse-partial"
 

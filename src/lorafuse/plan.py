@@ -305,7 +305,7 @@ def carried_files(base: Path, adapter: Path) -> list[Path]:
     have added tokens); subfolders are not carried.
 
     Whatever is carried lands in OUT, its manifest and a --push-to-hub upload, so each must be a regular
-    file inside its folder, by the rule for weights (sources.local.check_inside): a link elsewhere would
+    file inside its folder, by the rule for weights (sources.local._check_inside): a link elsewhere would
     publish what it points to, and a FIFO or device would hang or never end. base's config.json is
     checked too: OUT's config is made from it."""
     chosen = {"config.json": base / "config.json"}

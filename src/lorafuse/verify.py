@@ -46,10 +46,14 @@ def verify(out: str | Path, base: str | Path | None = None, adapter: str | Path 
         raise LorafuseError("pass both --base and --adapter to recompute merged tensors, or neither")
     manifest, problems = _check_manifest(out)
     names = _shard_names(out, problems)
-    listed = manifest.get("files", {})
-    for name in ["config.json"] + ([INDEX] if (out / INDEX).is_file() else []) + names:
-        if name not in listed:
-            problems.append(f"{name} is not listed in the manifest")
+    if manifest:
+        for name in ["config.json"] + ([INDEX] if (out / INDEX).is_file() else []) + names:
+            if name not in manifest["files"]:
+                problems.append(f"{name} is not listed in the manifest")
+        try:
+            settings = read_settings(manifest)
+        except LorafuseError as e:
+            problems.append(str(e))
     headers = {}
     for name in names:
         try:
@@ -60,12 +64,7 @@ def verify(out: str | Path, base: str | Path | None = None, adapter: str | Path 
         for key, ref in header.tensors.items():
             if ref.dtype in FLOAT_DTYPES and not all_finite(ref.read()):
                 problems.append(f"{name}: tensor {key} holds NaN or Inf values")
-    settings = None
-    try:
-        settings = read_settings(manifest) if manifest else None
-    except LorafuseError as e:
-        problems.append(str(e))
-    if base is not None and settings and not problems:
+    if base is not None and not problems:  # a manifest with a valid settings record
         plan = make_plan(base, adapter, dtype=settings["dtype"], save_method=settings["save_method"],
                          max_shard_size=settings["max_shard_size"])
         problems += _check_layout(plan, headers)
