@@ -374,6 +374,26 @@ def test_plan_counts_match_peft_layers(case):
     assert case.plan.counts.get("lora_bias", 0) == bias
 
 
+def test_a_model_with_its_own_code_keeps_the_saved_fan_in_fan_out(tiny_base, artefacts, tmp_path):
+    """lorafuse cannot know the layer types of a model with its own code (auto_map): non-square weights
+    go by their shapes, square ones by the saved fan_in_fan_out (here GPT-2's Conv1D layers, under a
+    model_type transformers does not have)."""
+    from lorafuse.verify import verify
+
+    base, adapter, out = tmp_path / "base", get_adapter(artefacts, tiny_base, VARIANT["fanin-gpt2"]), tmp_path / "out"
+    shutil.copytree(tiny_base("gpt2"), base)
+    config = {**read_config(base), "model_type": "my-gpt2", "auto_map": {"AutoModelForCausalLM": "modeling_my.MyGPT2"}}
+    (base / "config.json").write_text(json.dumps(config))
+    plan = lorafuse.plan(base, adapter)
+    lorafuse.merge(base, adapter, out)
+    exact, got = load_peft(tiny_base("gpt2"), adapter, torch.float64, merge=True).state_dict(), read_tensors(out)
+    assert any(len(set(t.shape)) == 1 for t in plan.merged)  # a square c_proj
+    for t in plan.merged:
+        size = exact[t.name].abs().max().item()
+        assert (got[t.name].double() - exact[t.name]).abs().max().item() <= (HALF_ULP["fp32"] + TENSOR_SLACK) * size, t.name
+    assert verify(out, base, adapter, sample=len(plan.merged)) == []
+
+
 # --- output dtype, sharding, sharded input -------------------------------------------------------
 
 @pytest.mark.parametrize("base_dtype,out_dtype", [("bf16", "fp32"), ("bf16", "fp16"), ("fp32", "fp16"), ("fp32", "bf16")])
@@ -510,6 +530,20 @@ def refuse_rank_mismatch(tiny_base, artefacts, tmp):
     return tiny_base("llama"), adapter, {}, "disagrees with r=5"
 
 
+def refuse_swapped_modules(tiny_base, artefacts, tmp):
+    """up_proj's and down_proj's tensors under each other's names: each delta fits its weight only
+    transposed, and PEFT refuses to load them into nn.Linear layers."""
+    from safetensors.torch import load_file, save_file
+
+    adapter = tmp / "swapped"
+    shutil.copytree(get_adapter(artefacts, tiny_base, VARIANT["lora-llama"]), adapter)
+    tensors = load_file(adapter / "adapter_model.safetensors")
+    swap = {"up_proj": "down_proj", "down_proj": "up_proj"}
+    renamed = {re.sub(r"(up|down)_proj", lambda m: swap[m[0]], k): v for k, v in tensors.items()}
+    save_file(renamed, adapter / "adapter_model.safetensors", metadata={"format": "pt"})
+    return tiny_base("llama"), adapter, {}, "make a delta of shape"
+
+
 def refuse_existing_out(tiny_base, artefacts, tmp):
     (tmp / "out").mkdir()
     (tmp / "out" / "keep.txt").write_text("mine")
@@ -541,7 +575,7 @@ def refuse_fp16_overflow_cast(tiny_base, artefacts, tmp):
 
 
 REFUSALS = [refuse_other_base, refuse_other_architecture, refuse_ia3, refuse_loha, refuse_layer_replication,
-            refuse_pissa, refuse_rank_mismatch, refuse_existing_out, refuse_out_inside_base,
+            refuse_pissa, refuse_rank_mismatch, refuse_swapped_modules, refuse_existing_out, refuse_out_inside_base,
             refuse_fp16_overflow_merged, refuse_fp16_overflow_cast]
 
 

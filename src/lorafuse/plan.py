@@ -399,15 +399,15 @@ def _orient(patch: Patch, target: str, config: dict) -> Patch:
 
     PEFT sets fan_in_fan_out per layer from the module's type: False for nn.Linear (with a warning) and
     True for Conv1D, whatever the config says; it saves whichever value the last layer set. So the saved
-    flag is no evidence: the model type says which modules are Conv1D. Shapes decide for non-square
-    weights anyway (LoRA.transposed); this matters for square ones. Only a model with its own code
-    (auto_map), whose module types lorafuse cannot know, keeps the saved flag.
+    flag is no evidence: the model type says which modules are Conv1D. Only a model with its own code
+    (auto_map), whose module types lorafuse cannot know, is left to the shapes and the saved flag
+    (LoRA.transposed).
     """
     if not isinstance(patch, LoRA) or patch.kind != "linear" or config.get("auto_map"):
         return patch
     conv1d = set().union(*(CONV1D_MODULES.get(t, ()) for t in model_types(config)))
     module = target.removesuffix(".weight").rpartition(".")[2]
-    return replace(patch, fan_in_fan_out=module in conv1d)
+    return replace(patch, fan_in_fan_out=module in conv1d, layer_known=True)
 
 
 def model_types(config: dict) -> list[str]:

@@ -199,7 +199,9 @@ def _exact(plan: Plan, tensor: TensorPlan) -> torch.Tensor:
         alpha = _pattern(config.get("alpha_pattern"), module, config["lora_alpha"])
         scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
         if "A" in parts:
-            w = _lora(w, parts["A"], parts["B"], scale, parts.get("magnitude"), _conv1d(plan.base.config, module, config))
+            square = parts["B"].shape[0] == parts["A"].shape[1]
+            conv1d = _conv1d(plan.base.config, module, config, square)
+            w = _lora(w, parts["A"], parts["B"], scale, parts.get("magnitude"), conv1d)
         elif "emb_A" in parts:  # W: vocab × dim; delta (B@A)ᵀ; DoRA's norm per feature column
             w = _dora_or_lora(w, scale * (parts["emb_B"] @ parts["emb_A"]).T, parts.get("magnitude"), dim=0)
         elif "lora_bias" in parts:
@@ -212,16 +214,16 @@ def _exact(plan: Plan, tensor: TensorPlan) -> torch.Tensor:
     return w
 
 
-def _lora(w, A, B, scale: float, magnitude, conv1d: bool) -> torch.Tensor:
+def _lora(w, A, B, scale: float, magnitude, conv1d: bool | None) -> torch.Tensor:
     """W + s·B@A for nn.Linear (W: out × in), its transpose for Conv1D (W: in × out), over the flattened
-    kernel for a convolution; DoRA's norm per output feature."""
+    kernel for a convolution; DoRA's norm per output feature. `conv1d` None: the layer's type is
+    unknown, the shape it fits decides."""
     if A.dim() > 2:
         return w + scale * (B.flatten(1) @ A.flatten(1)).reshape(w.shape)
     delta = scale * (B @ A)
-    square = delta.shape[0] == delta.shape[1]
-    if (square and conv1d) or (not square and w.shape == delta.T.shape):
-        return _dora_or_lora(w, delta.T, magnitude, dim=0)
-    return _dora_or_lora(w, delta, magnitude, dim=1)
+    if conv1d is None:
+        conv1d = w.shape == delta.T.shape
+    return _dora_or_lora(w, delta.T, magnitude, dim=0) if conv1d else _dora_or_lora(w, delta, magnitude, dim=1)
 
 
 def _dora_or_lora(w, delta, magnitude, dim: int) -> torch.Tensor:
@@ -233,11 +235,12 @@ def _dora_or_lora(w, delta, magnitude, dim: int) -> torch.Tensor:
     return merged * (magnitude.reshape(norm.shape) / norm)
 
 
-def _conv1d(base_config: dict, module: str, adapter_config: dict) -> bool:
-    """Whether the module is a transformers Conv1D (weight in × out), as PEFT sees its type; for a model
-    with its own code (auto_map) the adapter's fan_in_fan_out is all there is to go by."""
+def _conv1d(base_config: dict, module: str, adapter_config: dict, square: bool) -> bool | None:
+    """Whether the module is a transformers Conv1D (weight in × out), as PEFT sees its type. For a model
+    with its own code (auto_map) lorafuse cannot know: a square weight goes by the adapter's
+    fan_in_fan_out, any other by its shape (None)."""
     if base_config.get("auto_map"):
-        return bool(adapter_config.get("fan_in_fan_out"))
+        return bool(adapter_config.get("fan_in_fan_out")) if square else None
     last = module.rpartition(".")[2]
     return any(last in CONV1D_MODULES.get(t, ()) for t in model_types(base_config))
 
