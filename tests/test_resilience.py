@@ -396,6 +396,34 @@ def test_verify_plans_the_merge_from_the_settings_record(inputs, merged):
            "or the file should not exist)" in verify(merged, *inputs)
 
 
+def _listed(out: Path, name: str, text: str) -> None:
+    """Write a file into OUT and list it in the manifest, as a careless tool would."""
+    (out / name).write_text(text)
+    _edit_manifest(out, lambda m: m["files"].update({name: {"size": (out / name).stat().st_size,
+                                                            "sha256": sha256_file(out / name)}}))
+
+
+@pytest.mark.parametrize("change, problem", [
+    (lambda out: _listed(out, "config.json", (out / "config.json").read_text().replace('"tie_word_embeddings": false',
+                                                                                        '"tie_word_embeddings": true')),
+     "config.json is not the config this merge writes"),
+    (lambda out: _listed(out, "generation_config.json", "{}"), "generation_config.json differs from "),
+    (lambda out: _listed(out, "chat_template.jinja", "{{ messages }}"),
+     "chat_template.jinja is listed in the manifest but this merge does not write it"),
+    (lambda out: _edit_manifest(out, lambda m: m["files"].pop("README.md") and (out / "README.md").unlink()),
+     "README.md is written by this merge but the manifest does not list it"),
+])
+def test_verify_checks_the_other_files_against_the_inputs(inputs, merged, change, problem):
+    """config.json (tying, vocabulary), the carried files and the file list are known from the inputs: a
+    change that keeps the manifest consistent is still caught with --base/--adapter."""
+    from lorafuse.verify import verify
+
+    change(merged)
+    assert verify(merged) == []
+    problems = verify(merged, *inputs)
+    assert len(problems) == 1 and problems[0].startswith(problem), problems
+
+
 @pytest.mark.parametrize("extra", ["model.safetensors", "pytorch_model.bin", "chat_template.jinja",
                                    "sub/model.safetensors", "link"])
 def test_verify_reports_files_the_manifest_does_not_list(merged, extra):

@@ -5,8 +5,9 @@ Checks, one tensor in memory at a time: the manifest's size and SHA-256 of every
 holds nothing else (transformers would load an extra model.safetensors, .bin or chat template); every
 shard's header (strictly, as when reading a base); the index against the shards; no NaN or Inf in any
 floating tensor; and with --base/--adapter, the merge planned again from the manifest's settings
-record: OUT's shards must hold the tensors it plans, and a sample of merged tensors recomputed in
-float64 must agree with the output to within one rounding to its dtype.
+record: OUT must hold the files it plans, its shards the tensors it plans, config.json and the carried
+files as planned, and a sample of merged tensors recomputed in float64 must agree with the output to
+within one rounding to its dtype.
 
 The recomputation is written here again, plainly and in float64, on purpose: it shares no arithmetic
 with patches.py or compute/ (only the readers and the matching of adapter tensors to base tensors),
@@ -67,7 +68,7 @@ def verify(out: str | Path, base: str | Path | None = None, adapter: str | Path 
     if base is not None and not problems:  # a manifest with a valid settings record
         plan = make_plan(base, adapter, dtype=settings["dtype"], save_method=settings["save_method"],
                          max_shard_size=settings["max_shard_size"])
-        problems += _check_layout(plan, headers)
+        problems += _check_layout(plan, headers) + _check_files(plan, out, manifest["files"])
         if not problems:
             problems += _recompute(plan, headers, sample)
     return problems
@@ -163,6 +164,22 @@ def _check_layout(plan: Plan, headers: dict) -> list[str]:
         if got != planned.get(name):
             problems.append(f"{name} does not hold the tensors this merge writes there (names, dtypes or shapes "
                             "differ, or the file should not exist)")
+    return problems
+
+
+def _check_files(plan: Plan, out: Path, listed: dict) -> list[str]:
+    """OUT holds exactly the files this merge writes, its config.json is the planned one (which decides
+    tying, vocabulary size, quantization), and the carried files are those of base and adapter."""
+    written = {s.filename for s in plan.shards} | {"config.json", "README.md"} | {p.name for p in plan.carried}
+    if len(plan.shards) > 1:
+        written.add(INDEX)
+    problems = [f"{name} is listed in the manifest but this merge does not write it" for name in sorted(listed.keys() - written)]
+    problems += [f"{name} is written by this merge but the manifest does not list it" for name in sorted(written - listed.keys())]
+    if json.loads((out / "config.json").read_text()) != plan.config:
+        problems.append("config.json is not the config this merge writes")
+    for source in plan.carried:
+        if source.name in listed and listed[source.name].get("sha256") != sha256_file(source):
+            problems.append(f"{source.name} differs from {source}")
     return problems
 
 
