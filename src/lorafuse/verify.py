@@ -184,13 +184,14 @@ def _check_files(plan: Plan, out: Path, listed: dict) -> list[str]:
 
 
 def _recompute(plan: Plan, headers: dict, sample: int) -> list[str]:
-    """A spread-out sample of merged tensors, recomputed in float64 and compared with OUT."""
+    """A spread-out sample of merged tensors, recomputed in float64 and compared with OUT, and one of the
+    tensors the adapter leaves alone, which must be the base's, cast with torch's rounding."""
     refs = {k: r for h in headers.values() for k, r in h.tensors.items()}
-    merged = [t for t in plan.merged if not t.to_nf4]  # 4-bit output: bytes checked by the manifest, values bnb's rounding
-    n = min(sample, len(merged))
-    chosen = [merged[round(i * (len(merged) - 1) / max(1, n - 1))] for i in range(n)]
+    # 4-bit output is left to the manifest's hashes: its values are bitsandbytes' rounding
+    merged = [t for t in plan.tensors if t.patches and not t.to_nf4]
+    untouched = [t for t in plan.tensors if not t.patches and not t.to_nf4]
     problems = []
-    for tensor in {t.name: t for t in chosen}.values():
+    for tensor in _spread(merged, sample):
         exact = _exact(plan, tensor)
         got = refs[tensor.name].read().double()
         # one rounding to the output dtype (half a step), plus fp32 arithmetic error at the tensor's scale
@@ -198,7 +199,23 @@ def _recompute(plan: Plan, headers: dict, sample: int) -> list[str]:
         bound = half_step + FP32_SLACK * exact.abs().max()
         if got.shape != exact.shape or bool(((got - exact).abs() > bound).any()):
             problems.append(f"{tensor.name} differs from the merge recomputed from base and adapter")
+    for tensor in _spread(untouched, sample):
+        src = tensor.source
+        want = (src.dequantize() if isinstance(src, QuantizedTensor) else src.read()).to(torch_dtype(tensor.dtype))
+        if not _same_bytes(refs[tensor.name].read(), want):
+            problems.append(f"{tensor.name} differs from the base tensor the adapter leaves alone")
     return problems
+
+
+def _spread(tensors: list[TensorPlan], n: int) -> list[TensorPlan]:
+    """n of the tensors (all if there are fewer), evenly spread over the model."""
+    n = min(n, len(tensors))
+    return [tensors[i] for i in sorted({round(i * (len(tensors) - 1) / max(1, n - 1)) for i in range(n)})]
+
+
+def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(
+        a.contiguous().view(-1).view(torch.uint8), b.contiguous().view(-1).view(torch.uint8))
 
 
 def _exact(plan: Plan, tensor: TensorPlan) -> torch.Tensor:
