@@ -106,6 +106,10 @@ def carried_links_outside(name):
     return damage
 
 
+def dangling_tokenizer(folder):
+    (folder / "tokenizer.json").symlink_to(folder / "blob-that-is-gone")
+
+
 def carried_fifo(name):
     def damage(folder):
         (folder / name).unlink(missing_ok=True)
@@ -126,6 +130,7 @@ BASE_CASES = [
     (carried_links_outside("tokenizer.json"), "links outside the model folder"),
     (carried_links_outside("config.json"), "links outside the model folder"),
     (carried_fifo("generation_config.json"), "is not a regular file"),
+    (dangling_tokenizer, "cannot be read"),
 ]
 
 

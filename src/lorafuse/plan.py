@@ -308,27 +308,27 @@ def carried_files(base: Path, adapter: Path) -> list[Path]:
     file inside its folder, by the rule for weights (sources.local._check_inside): a link elsewhere would
     publish what it points to, and a FIFO or device would hang or never end. base's config.json is
     checked too: OUT's config is made from it."""
-    chosen = {"config.json": base / "config.json"}
+    chosen = {}
     for path in sorted(base.iterdir()):
         if not path.name.startswith(".") and path.name not in NOT_CARRIED and not is_weight_file(path.name):
             chosen[path.name] = path
     for path in sorted(adapter.iterdir()):
         if TOKENIZER_FILE.match(path.name):
             chosen[path.name] = path
-    carried = []
-    for name, path in chosen.items():
-        try:
-            mode = path.stat().st_mode
-        except OSError as e:
-            raise LorafuseError(f"{path} cannot be read ({e.strerror.lower()}); remove it or download the model again") from None
-        _check_inside(path.parent, path)
-        if stat.S_ISDIR(mode):
-            continue
-        if not stat.S_ISREG(mode):
-            raise LorafuseError(f"{path} is not a regular file (a FIFO, socket or device); remove it from the folder")
-        if name != "config.json":
-            carried.append(path)
-    return carried
+    _is_carried_file(base / "config.json")
+    return [path for path in chosen.values() if _is_carried_file(path)]
+
+
+def _is_carried_file(path: Path) -> bool:
+    """True for a regular file inside its folder, False for a folder; anything else is a one-line error."""
+    try:
+        mode = path.stat().st_mode
+    except OSError as e:
+        raise LorafuseError(f"{path} cannot be read ({e.strerror.lower()}); remove it or download the model again") from None
+    _check_inside(path.parent, path)
+    if not (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):
+        raise LorafuseError(f"{path} is not a regular file (a FIFO, socket or device); remove it from the folder")
+    return stat.S_ISREG(mode)
 
 
 def _base_mismatch(trained_on: str | None, base: str, base_dir: Path, quant_method: str | None) -> list[str]:
