@@ -377,7 +377,7 @@ def _edit_manifest(out: Path, edit) -> None:
     (lambda m: m.update(settings="bf16"), "has no settings record"),
     (lambda m: m["settings"].pop("save_method"), "missing or invalid save_method"),
     (lambda m: m["settings"].update(dtype="F32", max_shard_size=None), "missing or invalid dtype, max_shard_size"),
-])
+], ids=["no-record", "not-a-record", "no-save-method", "bad-values"])
 def test_verify_refuses_a_manifest_without_a_valid_settings_record(inputs, merged, edit, problem):
     from lorafuse.verify import verify
 
@@ -413,7 +413,7 @@ def _listed(out: Path, name: str, text: str) -> None:
      "chat_template.jinja is listed in the manifest but this merge does not write it"),
     (lambda out: _edit_manifest(out, lambda m: m["files"].pop("README.md") and (out / "README.md").unlink()),
      "README.md is written by this merge but the manifest does not list it"),
-])
+], ids=["config-retied", "carried-file-changed", "file-added", "card-removed"])
 def test_verify_checks_the_other_files_against_the_inputs(inputs, merged, change, problem):
     """config.json (tying, vocabulary), the carried files and the file list are known from the inputs: a
     change that keeps the manifest consistent is still caught with --base/--adapter."""
