@@ -397,6 +397,20 @@ def test_verify_plans_the_merge_from_the_settings_record(inputs, merged):
     assert "model.safetensors is written by this merge but the manifest does not list it" in verify(merged, *inputs)
 
 
+def test_verify_says_when_the_inputs_are_not_those_of_the_merge(inputs, merged, tiny_base, artefacts):
+    from peft import LoraConfig
+
+    from lorafuse.verify import verify
+
+    base, adapter = inputs
+    other_adapter = artefacts.get("other-adapter", lambda d: make_adapter(
+        base, d, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], init_lora_weights=False)))
+    assert verify(merged, tiny_base("llama", "fp32"), adapter) == [
+        "--base is not the base the manifest records (its config or weight files differ); pass the ones OUT was merged from"]
+    assert verify(merged, base, other_adapter) == [
+        "--adapter is not the adapter the manifest records (its config or weight files differ); pass the ones OUT was merged from"]
+
+
 def _listed(out: Path, name: str, text: str) -> None:
     """Write a file into OUT and list it in the manifest, as a careless tool would."""
     (out / name).write_text(text)

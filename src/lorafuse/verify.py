@@ -29,7 +29,7 @@ from .compute.tensors import all_finite
 from .errors import LorafuseError
 from .formats.folder import INDEX, SINGLE
 from .formats.safetensors import FLOAT_DTYPES, read_header, torch_dtype
-from .manifest import MANIFEST, read_settings, sha256_file
+from .manifest import MANIFEST, identity, read_settings, sha256_file
 from .plan import CONV1D_MODULES, Plan, TensorPlan, make_plan, model_types
 from .quant import QuantizedTensor
 
@@ -68,7 +68,9 @@ def verify(out: str | Path, base: str | Path | None = None, adapter: str | Path 
     if base is not None and not problems:  # a manifest with a valid settings record
         plan = make_plan(base, adapter, dtype=settings["dtype"], save_method=settings["save_method"],
                          max_shard_size=settings["max_shard_size"])
-        problems += _check_layout(plan, headers) + _check_files(plan, out, manifest["files"])
+        problems += _check_inputs(plan, manifest)
+        if not problems:
+            problems += _check_layout(plan, headers) + _check_files(plan, out, manifest["files"])
         if not problems:
             problems += _recompute(plan, headers, sample)
     return problems
@@ -153,6 +155,18 @@ def _shard_names(out: Path, problems: list[str]) -> list[str]:
     if size != total:
         problems.append(f"{INDEX} says total_size {total}, the shards hold {size} bytes of tensors")
     return [n for n in names if (out / n).is_file()]
+
+
+def _check_inputs(plan: Plan, manifest: dict) -> list[str]:
+    """--base and --adapter are the inputs the manifest records (configs, weight file sizes; wherever
+    they lie now): with others every tensor would differ, for no fault of OUT's."""
+    problems = []
+    for side, given in identity(plan).items():
+        recorded = manifest.get(side)
+        if not isinstance(recorded, dict) or {**recorded, "path": None} != {**given, "path": None}:
+            problems.append(f"--{side} is not the {side} the manifest records (its config or weight files differ); "
+                            "pass the ones OUT was merged from")
+    return problems
 
 
 def _check_layout(plan: Plan, headers: dict) -> list[str]:
