@@ -1,6 +1,7 @@
 """Bad base models and adapters: one-line errors naming the problem, nothing written, inputs untouched."""
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -90,6 +91,33 @@ def no_config(folder):
     (folder / "config.json").unlink()
 
 
+def _secret(folder: Path) -> Path:
+    """A file beside the folder, as ~/.ssh or a credentials file would be."""
+    secret = folder.parent / "secret.json"
+    secret.write_text('{"token": "hf_secret"}')
+    return secret
+
+
+def carried_links_outside(name):
+    def damage(folder):
+        (folder / name).unlink(missing_ok=True)
+        (folder / name).symlink_to(_secret(folder))
+    damage.__name__ = f"{name}_links_outside"
+    return damage
+
+
+def dangling_tokenizer(folder):
+    (folder / "tokenizer.json").symlink_to(folder / "blob-that-is-gone")
+
+
+def carried_fifo(name):
+    def damage(folder):
+        (folder / name).unlink(missing_ok=True)
+        os.mkfifo(folder / name)
+    damage.__name__ = f"{name}_is_a_fifo"
+    return damage
+
+
 BASE_CASES = [
     (truncated_shard, "truncated"),
     (duplicate_across_shards, "appears in both"),
@@ -99,6 +127,10 @@ BASE_CASES = [
     (index_lies, "does not hold it"),
     (link_outside, "links outside the model folder"),
     (no_config, "has no config.json"),
+    (carried_links_outside("tokenizer.json"), "links outside the model folder"),
+    (carried_links_outside("config.json"), "links outside the model folder"),
+    (carried_fifo("generation_config.json"), "is not a regular file"),
+    (dangling_tokenizer, "cannot be read"),
 ]
 
 
@@ -128,6 +160,8 @@ ADAPTER_CASES = [
     (adapter_config(lambda c: {**c, "lora_alpha": "big"}), "lora_alpha must be a positive number"),
     (adapter_config(lambda c: {**c, "peft_type": "LOHA"}), "lorafuse merges LoRA adapters"),
     (nan_in_adapter, "gives NaN or Inf values"),
+    (carried_links_outside("tokenizer_config.json"), "links outside the model folder"),
+    (carried_fifo("chat_template.jinja"), "is not a regular file"),
 ]
 
 
@@ -148,7 +182,8 @@ def test_bad_input_is_refused_cleanly(sharded, tmp_path, damage, message):
 
 
 def test_links_into_the_hugging_face_cache_are_followed(sharded, tmp_path, monkeypatch):
-    """The cache's snapshot folders link into blobs/: that is the one place links out are expected."""
+    """The cache's snapshot folders link into blobs/: that is the one place links out are expected, for
+    weights and carried files alike (a subfolder is not carried)."""
     from huggingface_hub import constants
 
     base, adapter = sharded
@@ -157,9 +192,16 @@ def test_links_into_the_hugging_face_cache_are_followed(sharded, tmp_path, monke
     blobs = cache / "models--org--tiny" / "blobs"
     blobs.mkdir(parents=True)
     shutil.copytree(base, snapshot)
-    for shard in _shards(snapshot):
-        shard.rename(blobs / shard.name)
-        shard.symlink_to(blobs / shard.name)
+    (snapshot / "tokenizer.json").write_text('{"version": "1.0"}')
+    for file in _shards(snapshot) + [snapshot / "tokenizer.json"]:
+        file.rename(blobs / file.name)
+        file.symlink_to(blobs / file.name)
+    (snapshot / "original").mkdir()
+    (snapshot / "original" / "params.json").write_text("{}")
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
     lorafuse.merge(snapshot, adapter, tmp_path / "out")
-    assert (tmp_path / "out" / "model.safetensors").is_file()
+    out = tmp_path / "out"
+    assert (out / "model.safetensors").is_file()
+    assert (out / "tokenizer.json").read_text() == '{"version": "1.0"}' and not (out / "tokenizer.json").is_symlink()
+    assert not (out / "original").exists()
+

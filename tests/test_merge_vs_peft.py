@@ -68,6 +68,7 @@ class Variant:
     vocab: int | None = None  # resize_token_embeddings(vocab) before get_peft_model
     tied_after: bool | str | None = None  # for tied bases: must the output still be tied? ("either")
     save: dict = field(default_factory=dict)  # PeftModel.save_pretrained kwargs
+    saved_config: dict = field(default_factory=dict)  # adapter_config.json entries as another tool writes them
     dtypes: tuple[str, ...] = ("fp32", "bf16")
 
 
@@ -89,6 +90,10 @@ VARIANTS = [
     # keeps whichever layer came last: here False, from lm_head, while c_proj is a square Conv1D.
     Variant("mixed-conv1d-linear-gpt2", "gpt2", lora(target_modules=["c_attn", "c_proj", "lm_head"]),
             tied_after=False),
+    # PEFT ignores fan_in_fan_out on nn.Linear (it warns and uses False) whatever the config says, here
+    # on square q_proj/o_proj.
+    Variant("fanin-flag-llama", "llama", lora(target_modules=["q_proj", "k_proj", "o_proj"]),
+            saved_config={"fan_in_fan_out": True}),
     Variant("embed-llama", "llama", lora(target_modules=["embed_tokens", "q_proj", "v_proj"])),
     Variant("embed-gemma", "gemma", lora(target_modules=["embed_tokens", "q_proj"]), tied_after=False),
     Variant("embed-gpt2", "gpt2", lora(target_modules=["wte", "c_attn"], fan_in_fan_out=True), tied_after=False),
@@ -162,9 +167,13 @@ def get_adapter(artefacts, tiny_base, v: Variant) -> Path:
     """The adapter of a variant, trained on the fp32 base (the bf16 base is the same model rounded)."""
     from peft import LoraConfig
 
-    return artefacts.get(("adapter", v.id),
-                         lambda d: make_adapter(tiny_base(v.model), d, LoraConfig(**v.config), vocab=v.vocab,
-                                                        **v.save))
+    def build(folder: Path) -> Path:
+        make_adapter(tiny_base(v.model), folder, LoraConfig(**v.config), vocab=v.vocab, **v.save)
+        path = folder / "adapter_config.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), **v.saved_config}))
+        return folder
+
+    return artefacts.get(("adapter", v.id), build)
 
 
 @dataclass
@@ -297,6 +306,14 @@ def test_merged_tensors_at_least_as_accurate_as_peft_merge(case):
     assert not failures, "\n".join(failures)
 
 
+def test_verify_recomputes_every_merged_tensor(case):
+    """`lorafuse verify --base --adapter`, whose float64 recomputation shares no arithmetic with the merge,
+    agrees with every tensor of an output (a)-(c) hold for: its formulas are PEFT's for each variant."""
+    from lorafuse.verify import verify
+
+    assert verify(case.out, case.base, case.adapter, sample=len(case.plan.merged)) == []
+
+
 def test_output_files_hold_the_planned_tensors(case):
     """The reference reader finds exactly the planned tensors; untouched ones are byte-identical to the
     base's, whole replacements equal the adapter's tensor; the report counts add up."""
@@ -355,6 +372,26 @@ def test_plan_counts_match_peft_layers(case):
     assert case.plan.counts.get("dora", 0) == dora
     assert case.plan.counts.get("lora", 0) == len(layers) - dora
     assert case.plan.counts.get("lora_bias", 0) == bias
+
+
+def test_a_model_with_its_own_code_keeps_the_saved_fan_in_fan_out(tiny_base, artefacts, tmp_path):
+    """lorafuse cannot know the layer types of a model with its own code (auto_map): non-square weights
+    go by their shapes, square ones by the saved fan_in_fan_out (here GPT-2's Conv1D layers, under a
+    model_type transformers does not have)."""
+    from lorafuse.verify import verify
+
+    base, adapter, out = tmp_path / "base", get_adapter(artefacts, tiny_base, VARIANT["fanin-gpt2"]), tmp_path / "out"
+    shutil.copytree(tiny_base("gpt2"), base)
+    config = {**read_config(base), "model_type": "my-gpt2", "auto_map": {"AutoModelForCausalLM": "modeling_my.MyGPT2"}}
+    (base / "config.json").write_text(json.dumps(config))
+    plan = lorafuse.plan(base, adapter)
+    lorafuse.merge(base, adapter, out)
+    exact, got = load_peft(tiny_base("gpt2"), adapter, torch.float64, merge=True).state_dict(), read_tensors(out)
+    assert any(len(set(t.shape)) == 1 for t in plan.merged)  # a square c_proj
+    for t in plan.merged:
+        size = exact[t.name].abs().max().item()
+        assert (got[t.name].double() - exact[t.name]).abs().max().item() <= (HALF_ULP["fp32"] + TENSOR_SLACK) * size, t.name
+    assert verify(out, base, adapter, sample=len(plan.merged)) == []
 
 
 # --- output dtype, sharding, sharded input -------------------------------------------------------
@@ -493,6 +530,20 @@ def refuse_rank_mismatch(tiny_base, artefacts, tmp):
     return tiny_base("llama"), adapter, {}, "disagrees with r=5"
 
 
+def refuse_swapped_modules(tiny_base, artefacts, tmp):
+    """up_proj's and down_proj's tensors under each other's names: each delta fits its weight only
+    transposed, and PEFT refuses to load them into nn.Linear layers."""
+    from safetensors.torch import load_file, save_file
+
+    adapter = tmp / "swapped"
+    shutil.copytree(get_adapter(artefacts, tiny_base, VARIANT["lora-llama"]), adapter)
+    tensors = load_file(adapter / "adapter_model.safetensors")
+    swap = {"up_proj": "down_proj", "down_proj": "up_proj"}
+    renamed = {re.sub(r"(up|down)_proj", lambda m: swap[m[0]], k): v for k, v in tensors.items()}
+    save_file(renamed, adapter / "adapter_model.safetensors", metadata={"format": "pt"})
+    return tiny_base("llama"), adapter, {}, "make a delta of shape"
+
+
 def refuse_existing_out(tiny_base, artefacts, tmp):
     (tmp / "out").mkdir()
     (tmp / "out" / "keep.txt").write_text("mine")
@@ -524,7 +575,7 @@ def refuse_fp16_overflow_cast(tiny_base, artefacts, tmp):
 
 
 REFUSALS = [refuse_other_base, refuse_other_architecture, refuse_ia3, refuse_loha, refuse_layer_replication,
-            refuse_pissa, refuse_rank_mismatch, refuse_existing_out, refuse_out_inside_base,
+            refuse_pissa, refuse_rank_mismatch, refuse_swapped_modules, refuse_existing_out, refuse_out_inside_base,
             refuse_fp16_overflow_merged, refuse_fp16_overflow_cast]
 
 

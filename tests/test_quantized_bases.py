@@ -485,6 +485,13 @@ def test_weights_are_the_dequantized_base_plus_delta_rounded_once(case):
     assert untouched >= 1  # every case leaves some quantized weights untouched
 
 
+def test_verify_recomputes_every_merged_tensor(case):
+    """verify's float64 recomputation dequantizes the base as the merge does and agrees with OUT."""
+    from lorafuse.verify import verify
+
+    assert verify(case.out, case.base, case.adapter, sample=len(case.plan.merged)) == []
+
+
 def test_plan_reports_the_dequantization(case):
     """(d) The plan says the base is quantized and will be dequantized, names each quantized weight's
     method (and only the weights the oracle sees as quantized), and its config drops quantization_config."""
@@ -723,6 +730,8 @@ def test_merged_4bit_is_what_bitsandbytes_writes(source, device, artefacts, tmp_
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM
 
+    from lorafuse.verify import verify
+
     if source == "16bit":
         base = llama_base(artefacts, "bf16")
         adapter = artefacts.get("m4-adapter", lambda d: make_adapter(base, d, LoraConfig(**LORA)))
@@ -732,6 +741,7 @@ def test_merged_4bit_is_what_bitsandbytes_writes(source, device, artefacts, tmp_
     assert any("re-quantized to NF4" in n and "loses precision" in n for n in plan.notes)
     lorafuse.merge(base, adapter, tmp_path / "m16", device=device)
     lorafuse.merge(base, adapter, tmp_path / "m4", save_method="merged_4bit", device=device)
+    assert verify(tmp_path / "m4", base, adapter) == []  # the 4-bit layout as planned; 16-bit tensors recomputed
     model, info = AutoModelForCausalLM.from_pretrained(tmp_path / "m4", device_map="cpu", output_loading_info=True)
     assert not any(info.values()), info
     assert all(isinstance(getattr(layer.self_attn, p), bitsandbytes.nn.Linear4bit)

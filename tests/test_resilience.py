@@ -122,7 +122,7 @@ def test_manifest_records_every_file(inputs, tmp_path):
     assert set(manifest["files"]) == files
     for name, entry in manifest["files"].items():
         assert entry == {"size": (out / name).stat().st_size, "sha256": sha256_file(out / name)}
-    assert manifest["settings"]["output dtype"] == "auto"
+    assert manifest["settings"]["dtype"] == "auto" and manifest["settings"]["max_shard_size"] == SHARD
     assert set(manifest["base"]["files"]) == {"model.safetensors"} and manifest["adapter"]["config_sha256"]
 
 
@@ -321,15 +321,167 @@ def test_verify_catches_a_flipped_bit(merged):
     assert verify(merged) == [f"{shard.name} does not match its SHA-256 in the manifest (modified or corrupted)"]
 
 
-def test_verify_recomputes_merged_tensors(inputs, merged):
-    """A wrong merged tensor with a matching manifest is caught only by recomputing from the inputs."""
+@pytest.mark.parametrize("key, problem", [
+    ("model.layers.1.mlp.down_proj.weight", "differs from the merge recomputed from base and adapter"),
+    ("model.layers.1.post_attention_layernorm.weight", "differs from the base tensor the adapter leaves alone"),
+])
+def test_verify_recomputes_merged_tensors(inputs, merged, key, problem):
+    """A wrong tensor with a matching manifest is caught only by recomputing from the inputs."""
     from lorafuse.verify import verify
 
-    key = "model.layers.1.mlp.down_proj.weight"
     _overwrite_tensor(merged, key, lambda ref: ref.read() * 1.1)  # as a wrong scale would
     _rewrite_manifest(merged)
     assert verify(merged) == []
-    assert verify(merged, *inputs, sample=100) == [f"{key} differs from the merge recomputed from base and adapter"]
+    assert verify(merged, *inputs, sample=100) == [f"{key} {problem}"]
+
+
+def _wrong_scale(monkeypatch):
+    """The merge's scale off by 10% (as a wrong rsLoRA or pattern rule would make it)."""
+    import lorafuse.adapters.peft as peft
+
+    right = peft.scaling
+    monkeypatch.setattr(peft, "scaling", lambda config, module: (right(config, module)[0], 1.1 * right(config, module)[1]))
+
+
+def _square_transposed(monkeypatch):
+    """Square weights patched input-major, as a wrong fan_in_fan_out rule would do."""
+    from lorafuse.patches import LoRA
+
+    right = LoRA.transposed
+    monkeypatch.setattr(LoRA, "transposed", lambda self, shape: right(self, shape) != (len(set(shape)) == 1))
+
+
+@pytest.mark.parametrize("mistake", [_wrong_scale, _square_transposed])
+def test_verify_recomputes_independently_of_the_merge(inputs, tmp_path, monkeypatch, mistake):
+    """A mistake in the merge's own arithmetic is not repeated by verify's recomputation."""
+    from lorafuse.verify import verify
+
+    mistake(monkeypatch)
+    out = tmp_path / "out"
+    plan = lorafuse.plan(*inputs)
+    lorafuse.merge(*inputs, out)
+    wrong = {t.name for t in plan.merged if mistake is _wrong_scale or len(set(t.shape)) == 1}
+    assert wrong
+    assert verify(out, *inputs, sample=100) == [f"{name} differs from the merge recomputed from base and adapter"
+                                                for name in sorted(wrong, key=[t.name for t in plan.merged].index)]
+
+
+def _edit_manifest(out: Path, edit) -> None:
+    manifest = json.loads((out / MANIFEST).read_text())
+    edit(manifest)
+    (out / MANIFEST).write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("edit, problem", [
+    (lambda m: m.pop("settings"), "has no settings record"),
+    (lambda m: m.update(settings="bf16"), "has no settings record"),
+    (lambda m: m["settings"].pop("save_method"), "missing or invalid save_method"),
+    (lambda m: m["settings"].update(dtype="F32", max_shard_size=None), "missing or invalid dtype, max_shard_size"),
+], ids=["no-record", "not-a-record", "no-save-method", "bad-values"])
+def test_verify_refuses_a_manifest_without_a_valid_settings_record(inputs, merged, edit, problem):
+    from lorafuse.verify import verify
+
+    _edit_manifest(merged, edit)
+    for problems in verify(merged), verify(merged, *inputs):
+        assert len(problems) == 1 and problem in problems[0], problems
+
+
+def test_verify_plans_the_merge_from_the_settings_record(inputs, merged):
+    """The record says how OUT was made: the same inputs merged with other settings give other files."""
+    from lorafuse.verify import verify
+
+    assert verify(merged, *inputs) == []
+    _edit_manifest(merged, lambda m: m["settings"].update(dtype="fp32"))
+    assert any("does not hold the tensors this merge writes there" in p for p in verify(merged, *inputs))
+    _edit_manifest(merged, lambda m: m["settings"].update(dtype="auto", max_shard_size="5GB"))
+    assert "model.safetensors is written by this merge but the manifest does not list it" in verify(merged, *inputs)
+
+
+def test_verify_says_when_the_inputs_are_not_those_of_the_merge(inputs, merged, tiny_base, artefacts):
+    from peft import LoraConfig
+
+    from lorafuse.verify import verify
+
+    base, adapter = inputs
+    other_adapter = artefacts.get("other-adapter", lambda d: make_adapter(
+        base, d, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], init_lora_weights=False)))
+    assert verify(merged, tiny_base("llama", "fp32"), adapter) == [
+        "--base is not the base the manifest records (its config or weight files differ); pass the ones OUT was merged from"]
+    assert verify(merged, base, other_adapter) == [
+        "--adapter is not the adapter the manifest records (its config or weight files differ); pass the ones OUT was merged from"]
+
+
+def _listed(out: Path, name: str, text: str) -> None:
+    """Write a file into OUT and list it in the manifest, as a careless tool would."""
+    (out / name).write_text(text)
+    _edit_manifest(out, lambda m: m["files"].update({name: {"size": (out / name).stat().st_size,
+                                                            "sha256": sha256_file(out / name)}}))
+
+
+@pytest.mark.parametrize("change, problem", [
+    (lambda out: _listed(out, "config.json", (out / "config.json").read_text().replace('"tie_word_embeddings": false',
+                                                                                        '"tie_word_embeddings": true')),
+     "config.json is not the config this merge writes"),
+    (lambda out: _listed(out, "generation_config.json", "{}"), "generation_config.json differs from "),
+    (lambda out: _listed(out, "chat_template.jinja", "{{ messages }}"),
+     "chat_template.jinja is listed in the manifest but this merge does not write it"),
+    (lambda out: _edit_manifest(out, lambda m: m["files"].pop("README.md") and (out / "README.md").unlink()),
+     "README.md is written by this merge but the manifest does not list it"),
+], ids=["config-retied", "carried-file-changed", "file-added", "card-removed"])
+def test_verify_checks_the_other_files_against_the_inputs(inputs, merged, change, problem):
+    """config.json (tying, vocabulary), the carried files and the file list are known from the inputs: a
+    change that keeps the manifest consistent is still caught with --base/--adapter."""
+    from lorafuse.verify import verify
+
+    change(merged)
+    assert verify(merged) == []
+    problems = verify(merged, *inputs)
+    assert len(problems) == 1 and problems[0].startswith(problem), problems
+
+
+@pytest.mark.parametrize("extra", ["model.safetensors", "pytorch_model.bin", "chat_template.jinja",
+                                   "sub/model.safetensors", "link"])
+def test_verify_reports_files_the_manifest_does_not_list(merged, extra):
+    """transformers loads model.safetensors before the index, a .bin, a chat template: none may slip in."""
+    from lorafuse.verify import verify
+
+    path = merged / extra
+    path.parent.mkdir(exist_ok=True)
+    if extra == "link":
+        path.symlink_to(merged / "config.json")
+    else:
+        path.write_bytes(sorted(merged.glob("model-*.safetensors"))[0].read_bytes())
+    problems = verify(merged)
+    assert f"{extra} is not listed in the manifest: the merge did not write it, and transformers may load it; " \
+           "remove it" in problems
+    if extra == "model.safetensors":
+        assert f"{merged} holds both model.safetensors and model.safetensors.index.json: transformers loads " \
+               "model.safetensors alone" in problems
+
+
+def test_verify_ignores_what_the_hub_client_adds_to_a_download(merged):
+    from lorafuse.verify import verify
+
+    (merged / ".gitattributes").write_text("*.safetensors filter=lfs diff=lfs merge=lfs -text\n")
+    (merged / ".cache" / "huggingface" / "download").mkdir(parents=True)
+    (merged / ".cache" / "huggingface" / "download" / "config.json.metadata").write_text("abc\n")
+    assert verify(merged) == []
+    (merged / ".cache" / "other").write_text("x")
+    assert verify(merged) == [".cache/other is not listed in the manifest: the merge did not write it, and "
+                              "transformers may load it; remove it"]
+
+
+def test_verify_reports_a_manifest_that_lists_too_little(merged):
+    from lorafuse.verify import verify
+
+    listed = json.loads((merged / MANIFEST).read_text())["files"]
+    _edit_manifest(merged, lambda m: m.update(files={}))
+    problems = verify(merged)
+    shards = sorted(p.name for p in merged.glob("model-*.safetensors"))
+    for name in ["config.json", "model.safetensors.index.json"] + shards:
+        assert f"{name} is not listed in the manifest" in problems
+    _edit_manifest(merged, lambda m: m.update(files={**listed, "../out/config.json": listed["config.json"]}))
+    assert f"the manifest lists '../out/config.json', which is outside {merged}" in verify(merged)
 
 
 def test_verify_catches_nan_and_index_errors(merged):

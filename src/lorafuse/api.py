@@ -17,7 +17,7 @@ from typing import Callable
 from .compute import needs_torch
 from .errors import LorafuseError
 from .execute import PARTIAL, disk_error, write_shards
-from .manifest import Ledger, fingerprint, write_manifest
+from .manifest import Ledger, fingerprint, settings_record, write_manifest
 from .output import check_target, exclusive, publish, staging_folder, write_metadata
 from .plan import Plan, existing_ancestor, make_plan
 from .publish import HubPublisher
@@ -81,7 +81,7 @@ def merge(base: str | os.PathLike | None, adapter: str | os.PathLike, out: str |
                              scratch=staging / DOWNLOADS if low_disk else None)
         _import_in_background(the_plan, device)
         torch_device = _device(device)
-        settings = _settings(the_plan, device)
+        settings = settings_record(the_plan, device)
         print_ = fingerprint(the_plan, settings)
         finished = Ledger(staging, print_).shards if staging.is_dir() else {}
         for partial in staging.glob("*" + PARTIAL):  # a killed run's unfinished shards, redone from scratch:
@@ -174,21 +174,6 @@ def _open_ledger(staging: Path, print_: str, resume: bool) -> Ledger:
         staging.mkdir(parents=True)
         ledger = Ledger(staging, print_)
     return ledger
-
-
-def _settings(plan: Plan, device: str) -> dict:
-    config = plan.adapter.config
-    return {
-        "base": plan.base_name,
-        "adapter": plan.adapter_name,
-        "r / lora_alpha": f"{config.get('r')} / {config.get('lora_alpha')}",
-        "rsLoRA": bool(config.get("use_rslora")),
-        "patches": ", ".join(f"{n} {k}" for k, n in sorted(plan.counts.items())),
-        "output dtype": plan.dtype,
-        "save method": plan.save_method,
-        "shards": len(plan.shards),
-        "device": device,
-    }
 
 
 def _import_in_background(plan: Plan, device: str) -> None:

@@ -16,8 +16,9 @@ import threading
 from pathlib import Path
 
 from . import __version__ as VERSION
+from .errors import LorafuseError
 from .output import fsync_path
-from .plan import Plan
+from .plan import SAVE_METHODS, Plan
 
 MANIFEST = "lorafuse-manifest.json"
 LEDGER = ".lorafuse-ledger.json"
@@ -32,6 +33,35 @@ def sha256_file(path: Path) -> str:
         while n := f.readinto(buf):
             digest.update(view[:n])
     return digest.hexdigest()
+
+
+DTYPE_OPTIONS = {"auto": "auto", "BF16": "bf16", "F16": "fp16", "F32": "fp32"}  # plan.dtype -> --dtype
+
+
+def settings_record(plan: Plan, device: str) -> dict:
+    """The merge's settings as merge() takes them: `lorafuse verify` plans the same merge from them, and
+    a merge can be reproduced (the model card shows them to people)."""
+    return {"lorafuse": VERSION, "base": plan.base_name, "adapter": plan.adapter_name,
+            "dtype": DTYPE_OPTIONS[plan.dtype], "save_method": plan.save_method,
+            "max_shard_size": plan.max_shard_size, "device": device}
+
+
+def read_settings(manifest: dict) -> dict:
+    """The settings record of a parsed manifest, checked; a one-line error says what is wrong with it."""
+    record = manifest.get("settings")
+    if not isinstance(record, dict):
+        raise LorafuseError(f"{MANIFEST} has no settings record; it was not written by this lorafuse, so the "
+                            "merge cannot be recomputed from it")
+    checks = {
+        "dtype": lambda v: v in DTYPE_OPTIONS.values(),
+        "save_method": lambda v: v in SAVE_METHODS,
+        "max_shard_size": lambda v: isinstance(v, (int, str)) and not isinstance(v, bool),
+        **{key: lambda v: isinstance(v, str) for key in ("lorafuse", "base", "adapter", "device")},
+    }
+    bad = [key for key, ok in checks.items() if not ok(record.get(key))]
+    if bad:
+        raise LorafuseError(f"{MANIFEST}'s settings record has a missing or invalid {', '.join(bad)}")
+    return record
 
 
 def identity(plan: Plan) -> dict:
@@ -125,5 +155,5 @@ def write_manifest(plan: Plan, folder: Path, settings: dict, shards: dict[str, d
             continue
         files[path.name] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
     files = dict(sorted(files.items()))
-    manifest = {"lorafuse": VERSION, "settings": settings, **identity(plan), "files": files}
+    manifest = {"settings": settings, **identity(plan), "files": files}
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")

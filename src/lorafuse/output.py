@@ -17,11 +17,9 @@ import tempfile
 from pathlib import Path
 
 from .errors import LorafuseError
-from .formats.folder import INDEX, TOKENIZER_FILE, is_weight_file
+from .formats.folder import INDEX
 from .plan import Plan
 from .sources.hub import parse_spec
-
-NOT_COPIED = {"README.md", "adapter_config.json"}
 
 
 def staging_folder(out: Path) -> Path:
@@ -70,26 +68,11 @@ def write_metadata(plan: Plan, folder: Path, settings: dict) -> None:
             "weight_map": {slot.name: s.filename for s in plan.shards for group in s.slots for slot in group},
         }
         (folder / INDEX).write_text(json.dumps(index, indent=2) + "\n")
-    for source in _carried_files(plan):
+    for source in plan.carried:
         shutil.copyfile(source, folder / source.name)
     (folder / "config.json").write_text(json.dumps(plan.config, indent=2, sort_keys=True) + "\n")
     with open(folder / "README.md", "w", encoding="utf-8", newline="") as f:
         f.write(_model_card(plan, settings))
-
-
-def _carried_files(plan: Plan) -> list[Path]:
-    """The base's non-weight files, with the adapter's tokenizer files taking precedence."""
-    chosen: dict[str, Path] = {}
-    for path in sorted(plan.base.folder.iterdir()):
-        name = path.name
-        if (path.is_file() and not name.startswith(".") and name not in NOT_COPIED
-                and not is_weight_file(name)):
-            chosen[name] = path
-    for path in sorted(plan.adapter.folder.iterdir()):
-        if path.is_file() and TOKENIZER_FILE.match(path.name):
-            chosen[path.name] = path
-    chosen.pop("config.json", None)
-    return list(chosen.values())
 
 
 def _model_card(plan: Plan, settings: dict) -> str:
@@ -98,7 +81,20 @@ def _model_card(plan: Plan, settings: dict) -> str:
 
     repo_id = _repo_id(plan.base_name) or _repo_id(plan.adapter.base_name or "")
     data = ModelCardData(base_model=repo_id, library_name="transformers", tags=["lorafuse", "merge", "lora"])
-    rows = "\n".join(f"| {k} | {v} |" for k, v in settings.items())
+    config = plan.adapter.config
+    shown = {
+        "base": plan.base_name,
+        "adapter": plan.adapter_name,
+        "r / lora_alpha": f"{config.get('r')} / {config.get('lora_alpha')}",
+        "rsLoRA": bool(config.get("use_rslora")),
+        "patches": ", ".join(f"{n} {k}" for k, n in sorted(plan.counts.items())),
+        "output dtype": plan.dtype,
+        "save method": plan.save_method,
+        "shards": len(plan.shards),
+        "device": settings["device"],
+        "lorafuse": settings["lorafuse"],
+    }
+    rows = "\n".join(f"| {k} | {v} |" for k, v in shown.items())
     return (
         f"---\n{data.to_yaml()}\n---\n\n# {plan.out.name if plan.out else 'merged model'}\n\n"
         f"This model is `{repo_id or plan.base_name}` with the LoRA adapter `{plan.adapter_name}` merged into its weights "

@@ -85,6 +85,7 @@ class LoRA:
     fan_in_fan_out: bool
     magnitude: object | None
     origins: tuple[str, ...]
+    layer_known: bool = False  # fan_in_fan_out comes from the layer's type (plan._orient), not the saved config
 
     @property
     def label(self) -> str:
@@ -101,15 +102,17 @@ class LoRA:
     def transposed(self, shape: tuple[int, ...]) -> bool:
         """Whether W is stored input-major (delta = s·(B@A)ᵀ): embeddings and fan-in-fan-out weights.
 
-        For linear layers the shapes decide when they can (PEFT itself flips fan_in_fan_out to match the
-        layer type); the config's fan_in_fan_out decides only for square weights.
+        For linear layers fan_in_fan_out decides when the planner knows the layer's type (PEFT sets it
+        from the type, plan._orient), so a delta whose shape only fits transposed is refused, as PEFT
+        refuses it. Otherwise (a model with its own code) the shapes decide, and for square weights the
+        saved fan_in_fan_out.
         """
         if self.kind == "embedding":
             return True
         if len(shape) != 2:
             return False
         out_in = (self.B.shape[0], self.A.shape[1])
-        if out_in[0] == out_in[1]:
+        if self.layer_known or out_in[0] == out_in[1]:
             return self.fan_in_fan_out
         return tuple(shape) == out_in[::-1]
 

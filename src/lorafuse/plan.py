@@ -11,6 +11,7 @@ import math
 import os
 import re
 import shutil
+import stat
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -19,11 +20,12 @@ from huggingface_hub import split_state_dict_into_shards_factory
 from .adapters.peft import Adapter, open_adapter, patches_by_tensor
 from .compute import block_shape, in_rows, matrix_shape
 from .errors import LorafuseError
+from .formats.folder import TOKENIZER_FILE, is_weight_file
 from .formats.safetensors import FLOAT_DTYPES, TensorSlot, dtype_size, layout, tensor_nbytes
 from .patches import LoRA, Patch, Replace, ReplaceRows
 from .quant import QuantizedTensor, logical_tensors
 from .sources.hub import base_from_adapter, parse_spec, resolve_adapter, resolve_model_lazily
-from .sources.local import Checkpoint, open_model
+from .sources.local import Checkpoint, _check_inside, open_model
 from .sources.remote import RemoteFile, min_hold
 from .units import human_size
 
@@ -31,9 +33,15 @@ DTYPE_NAMES = {"bf16": "BF16", "bfloat16": "BF16", "fp16": "F16", "float16": "F1
 CONFIG_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
 CASTABLE = {"BF16", "F16", "F32"}
 HEAD = "lm_head.weight"
-CONV1D_MODEL_TYPES = {"gpt2", "openai-gpt", "imagegpt", "decision_transformer"}
+# transformers' model types built with its Conv1D (weights stored in×out), and which of their modules are
+# Conv1D; every other module of theirs, and of every other model type, is an nn.Linear.
+GPT2_CONV1D = frozenset({"c_attn", "q_attn", "c_proj", "c_fc"})
+CONV1D_MODULES = {"gpt2": GPT2_CONV1D, "openai-gpt": GPT2_CONV1D, "imagegpt": GPT2_CONV1D,
+                  "decision_transformer": GPT2_CONV1D, "clvp": frozenset({"c_fc", "c_proj"}),
+                  "clvp_decoder": frozenset({"c_fc", "c_proj"})}
 EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight", "tok_embeddings.weight")
 MAX_PIPELINE_DEPTH = 8
+NOT_CARRIED = {"README.md", "adapter_config.json", "config.json"}  # OUT gets its own card and config
 SAVE_METHODS = ("merged_16bit", "merged_4bit")
 QUANTIZED_NAME = re.compile(r"bnb|4bit|4-bit|8bit|nf4|int4|int8|awq|gptq|fp8", re.IGNORECASE)
 # What transformers writes for BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
@@ -163,6 +171,8 @@ class Plan:
     save_method: str = "merged_16bit"
     base_name: str = ""  # as the user named them: a folder or a repo id
     adapter_name: str = ""
+    carried: list[Path] = field(default_factory=list)  # non-weight files copied into OUT (see carried_files)
+    max_shard_size: int | str = "5GB"  # as given: recorded in the manifest's settings
     depth: int = field(default_factory=pipeline_depth)  # tensors in flight at once in the executor
 
     @property
@@ -287,7 +297,38 @@ def make_plan(base: str | os.PathLike | None, adapter: str | os.PathLike, out: s
             counts[p.label] = counts.get(p.label, 0) + 1
     notes += _base_mismatch(adapter_obj.base_name, str(base), base_dir, quant_method)
     return Plan(checkpoint, adapter_obj, out_path, out_dtype or "auto", shards, config, counts, notes, save_method,
-                str(base), str(adapter))
+                str(base), str(adapter), carried_files(base_dir, adapter_dir), max_shard_size)
+
+
+def carried_files(base: Path, adapter: Path) -> list[Path]:
+    """The base's non-weight files, with the adapter's tokenizer files taking precedence (training may
+    have added tokens); subfolders are not carried.
+
+    Whatever is carried lands in OUT, its manifest and a --push-to-hub upload, so each must be a regular
+    file inside its folder, by the rule for weights (sources.local._check_inside): a link elsewhere would
+    publish what it points to, and a FIFO or device would hang or never end. base's config.json is
+    checked too: OUT's config is made from it."""
+    chosen = {}
+    for path in sorted(base.iterdir()):
+        if not path.name.startswith(".") and path.name not in NOT_CARRIED and not is_weight_file(path.name):
+            chosen[path.name] = path
+    for path in sorted(adapter.iterdir()):
+        if TOKENIZER_FILE.match(path.name):
+            chosen[path.name] = path
+    _is_carried_file(base / "config.json")
+    return [path for path in chosen.values() if _is_carried_file(path)]
+
+
+def _is_carried_file(path: Path) -> bool:
+    """True for a regular file inside its folder, False for a folder; anything else is a one-line error."""
+    try:
+        mode = path.stat().st_mode
+    except OSError as e:
+        raise LorafuseError(f"{path} cannot be read ({e.strerror.lower()}); remove it or download the model again") from None
+    _check_inside(path.parent, path)
+    if not (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):
+        raise LorafuseError(f"{path} is not a regular file (a FIFO, socket or device); remove it from the folder")
+    return stat.S_ISREG(mode)
 
 
 def _base_mismatch(trained_on: str | None, base: str, base_dir: Path, quant_method: str | None) -> list[str]:
@@ -354,17 +395,28 @@ def _resolve_names(checkpoint: Checkpoint, patches: dict, adapter: Adapter) -> d
 
 
 def _orient(patch: Patch, target: str, config: dict) -> Patch:
-    """Whether a linear LoRA's weight is stored in×out (a transformers Conv1D).
+    """Whether a linear LoRA's weight is stored in×out (a transformers Conv1D), as PEFT decides it.
 
-    Shapes decide for non-square weights; for square ones the saved fan_in_fan_out cannot be trusted,
-    since PEFT flips it per layer and saves whichever layer came last. Models built from Conv1D use it
-    for every projection in their blocks, and a plain Linear for the head.
+    PEFT sets fan_in_fan_out per layer from the module's type: False for nn.Linear (with a warning) and
+    True for Conv1D, whatever the config says; it saves whichever value the last layer set. So the saved
+    flag is no evidence: the model type says which modules are Conv1D. Only a model with its own code
+    (auto_map), whose module types lorafuse cannot know, is left to the shapes and the saved flag
+    (LoRA.transposed).
     """
-    if not isinstance(patch, LoRA) or patch.kind != "linear":
+    if not isinstance(patch, LoRA) or patch.kind != "linear" or config.get("auto_map"):
         return patch
-    if config.get("model_type") in CONV1D_MODEL_TYPES:
-        return replace(patch, fan_in_fan_out=not target.startswith(HEAD.split(".")[0]))
-    return patch
+    conv1d = set().union(*(CONV1D_MODULES.get(t, ()) for t in model_types(config)))
+    module = target.removesuffix(".weight").rpartition(".")[2]
+    return replace(patch, fan_in_fan_out=module in conv1d, layer_known=True)
+
+
+def model_types(config: dict) -> list[str]:
+    """The model_type of the config and of every config nested in it (an encoder-decoder's decoder)."""
+    found = [config["model_type"]] if isinstance(config.get("model_type"), str) else []
+    for value in config.values():
+        if isinstance(value, dict):
+            found += model_types(value)
+    return found
 
 
 def _configs(config: dict) -> list[dict]:

@@ -1,29 +1,42 @@
 """`lorafuse verify OUT`: is a merged model folder whole, unaltered and finite, and (given base and
 adapter) are its merged tensors right?
 
-Checks, one tensor in memory at a time: the manifest's size and SHA-256 of every file; every shard's
-header (strictly, as when reading a base); the index against the shards; no NaN or Inf in any
-floating tensor; and with --base/--adapter, a sample of merged tensors recomputed in float64 from
-the inputs, which must agree with the output to within one rounding to its dtype.
+Checks, one tensor in memory at a time: the manifest's size and SHA-256 of every file, and that OUT
+holds nothing else (transformers would load an extra model.safetensors, .bin or chat template); every
+shard's header (strictly, as when reading a base); the index against the shards; no NaN or Inf in any
+floating tensor; and with --base/--adapter, the merge planned again from the manifest's settings
+record: OUT must hold the files it plans, its shards the tensors it plans, config.json and the carried
+files as planned, and a sample of merged tensors recomputed in float64 must agree with the output to
+within one rounding to its dtype.
+
+The recomputation is written here again, plainly and in float64, on purpose: it shares no arithmetic
+with patches.py or compute/ (only the readers and the matching of adapter tensors to base tensors),
+so that a mistake in the merge's arithmetic cannot hide by being made twice.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+import math
+import os
+import re
+from pathlib import Path, PurePosixPath
 from typing import Callable
 
 import torch
 
-from .errors import LorafuseError
+from .adapters.peft import split_key
 from .compute.tensors import all_finite
+from .errors import LorafuseError
 from .formats.jsonfile import parse_json
-from .formats.safetensors import FLOAT_DTYPES, read_header, torch_dtype
-from .manifest import MANIFEST, sha256_file
-from .plan import make_plan
-from .quant import QuantizedTensor
 from .formats.folder import INDEX, SINGLE
+from .formats.safetensors import FLOAT_DTYPES, read_header, torch_dtype
+from .manifest import MANIFEST, identity, read_settings, sha256_file
+from .plan import CONV1D_MODULES, Plan, TensorPlan, make_plan, model_types
+from .quant import QuantizedTensor
 
 FP32_SLACK = 64 * torch.finfo(torch.float32).eps
+# What the Hugging Face client adds to a folder it downloads a repo into; transformers reads neither.
+HUB_FILES = re.compile(r"^(\.gitattributes|\.cache/huggingface/.*)$")
 
 
 def verify(out: str | Path, base: str | Path | None = None, adapter: str | Path | None = None, sample: int = 8) -> list[str]:
@@ -33,9 +46,18 @@ def verify(out: str | Path, base: str | Path | None = None, adapter: str | Path 
         raise LorafuseError(f"{out} is not a folder")
     if (base is None) != (adapter is None):
         raise LorafuseError("pass both --base and --adapter to recompute merged tensors, or neither")
-    problems = _check_manifest(out)
+    manifest, problems = _check_manifest(out)
+    names = _shard_names(out, problems)
+    if manifest:
+        for name in ["config.json"] + ([INDEX] if (out / INDEX).is_file() else []) + names:
+            if name not in manifest["files"]:
+                problems.append(f"{name} is not listed in the manifest")
+        try:
+            settings = read_settings(manifest)
+        except LorafuseError as e:
+            problems.append(str(e))
     headers = {}
-    for name in _shard_names(out, problems):
+    for name in names:
         try:
             headers[name] = read_header(out / name)
         except LorafuseError as e:
@@ -44,29 +66,55 @@ def verify(out: str | Path, base: str | Path | None = None, adapter: str | Path 
         for key, ref in header.tensors.items():
             if ref.dtype in FLOAT_DTYPES and not all_finite(ref.read()):
                 problems.append(f"{name}: tensor {key} holds NaN or Inf values")
-    if base is not None and not problems:
-        problems += _recompute(out, headers, base, adapter, sample)
+    if base is not None and not problems:  # a manifest with a valid settings record
+        plan = make_plan(base, adapter, dtype=settings["dtype"], save_method=settings["save_method"],
+                         max_shard_size=settings["max_shard_size"])
+        problems += _check_inputs(plan, manifest)
+        if not problems:
+            problems += _check_layout(plan, headers) + _check_files(plan, out, manifest["files"])
+        if not problems:
+            problems += _recompute(plan, headers, sample)
     return problems
 
 
-def _check_manifest(out: Path) -> list[str]:
+def _check_manifest(out: Path) -> tuple[dict, list[str]]:
+    """The parsed manifest (empty when unusable), and what is wrong with OUT's files against it."""
     path = out / MANIFEST
     if not path.is_file():
-        return [f"{out} has no {MANIFEST}; only merges written by lorafuse can be checked against one"]
+        return {}, [f"{out} has no {MANIFEST}; only merges written by lorafuse can be checked against one"]
     manifest = read_json_as(path, _is_manifest)
     if manifest is None:
-        return [f"{path} is not a valid lorafuse manifest"]
+        return {}, [f"{path} is not a valid lorafuse manifest"]
     files = manifest["files"]
     problems = []
     for name, entry in files.items():
         file = out / name
-        if not file.is_file():
+        rel = PurePosixPath(name)
+        if rel.is_absolute() or ".." in rel.parts or not name:
+            problems.append(f"the manifest lists {name!r}, which is outside {out}")
+        elif file.is_symlink():
+            problems.append(f"{name} is a link, not a file the merge wrote")
+        elif not file.is_file():
             problems.append(f"{name} is listed in the manifest but missing")
         elif file.stat().st_size != entry.get("size"):
             problems.append(f"{name} is {file.stat().st_size} bytes, the manifest says {entry.get('size')}")
         elif sha256_file(file) != entry.get("sha256"):
             problems.append(f"{name} does not match its SHA-256 in the manifest (modified or corrupted)")
-    return problems
+    for name in _everything_in(out):
+        if name != MANIFEST and name not in files and not HUB_FILES.match(name):
+            problems.append(f"{name} is not listed in the manifest: the merge did not write it, and transformers "
+                            "may load it; remove it")
+    return manifest, problems
+
+
+def _everything_in(out: Path) -> list[str]:
+    """Every file, link or other non-folder under OUT, subfolders included, by relative path."""
+    found = []
+    for folder, dirs, files in os.walk(out):
+        links = [d for d in dirs if os.path.islink(os.path.join(folder, d))]
+        for name in files + links:
+            found.append(Path(folder, name).relative_to(out).as_posix())
+    return sorted(found)
 
 
 def read_json_as(path: Path, valid: Callable[[object], bool]):
@@ -101,6 +149,8 @@ def _shard_names(out: Path, problems: list[str]) -> list[str]:
             problems.append(f"{out} has neither {SINGLE} nor {INDEX}")
             return []
         return [SINGLE]
+    if (out / SINGLE).exists():
+        problems.append(f"{out} holds both {SINGLE} and {INDEX}: transformers loads {SINGLE} alone")
     data = read_json_as(index, _is_index)
     if data is None:
         problems.append(f"{INDEX} is not a valid index")
@@ -128,30 +178,151 @@ def _shard_names(out: Path, problems: list[str]) -> list[str]:
     return [n for n in names if (out / n).is_file()]
 
 
-def _recompute(out: Path, headers: dict, base, adapter, sample: int) -> list[str]:
-    """A spread-out sample of merged tensors, recomputed in float64 and compared with OUT."""
-    manifest = read_json_as(out / MANIFEST, _is_manifest).get("settings", {})
-    dtype = {"auto": "auto", "F32": "fp32", "BF16": "bf16", "F16": "fp16"}.get(manifest.get("output dtype"), "auto")
-    plan = make_plan(base, adapter, dtype=dtype, save_method=manifest.get("save method", "merged_16bit"))
-    refs = {k: r for h in headers.values() for k, r in h.tensors.items()}
-    merged = plan.merged
-    n = min(sample, len(merged))
-    chosen = [merged[round(i * (len(merged) - 1) / max(1, n - 1))] for i in range(n)]
+def _check_inputs(plan: Plan, manifest: dict) -> list[str]:
+    """--base and --adapter are the inputs the manifest records (configs, weight file sizes; wherever
+    they lie now): with others every tensor would differ, for no fault of OUT's."""
     problems = []
-    for tensor in {t.name: t for t in chosen}.values():
-        if tensor.to_nf4:
-            continue  # 4-bit output: its bytes are checked by the manifest, its values are bnb's rounding
-        if tensor.name not in refs or refs[tensor.name].dtype != tensor.dtype:
-            problems.append(f"{tensor.name} is missing from OUT or has another dtype than the merge gives")
-            continue
-        src = tensor.source
-        exact = src.dequantize().double() if isinstance(src, QuantizedTensor) else src.read().double()
-        for patch in tensor.patches:
-            exact = patch.apply(exact)
+    for side, given in identity(plan).items():
+        recorded = manifest.get(side)
+        if not isinstance(recorded, dict) or {**recorded, "path": None} != {**given, "path": None}:
+            problems.append(f"--{side} is not the {side} the manifest records (its config or weight files differ); "
+                            "pass the ones OUT was merged from")
+    return problems
+
+
+def _check_layout(plan: Plan, headers: dict) -> list[str]:
+    """OUT's shards hold exactly the tensors (names, dtypes, shapes) the merge plans, file by file."""
+    planned = {s.filename: {n: (d, tuple(shape)) for t in s.tensors for n, d, shape in t.entries} for s in plan.shards}
+    problems = []
+    for name in sorted(planned.keys() | headers.keys()):
+        got = {k: (r.dtype, tuple(r.shape)) for k, r in headers[name].tensors.items()} if name in headers else None
+        if got != planned.get(name):
+            problems.append(f"{name} does not hold the tensors this merge writes there (names, dtypes or shapes "
+                            "differ, or the file should not exist)")
+    return problems
+
+
+def _check_files(plan: Plan, out: Path, listed: dict) -> list[str]:
+    """OUT holds exactly the files this merge writes, its config.json is the planned one (which decides
+    tying, vocabulary size, quantization), and the carried files are those of base and adapter."""
+    written = {s.filename for s in plan.shards} | {"config.json", "README.md"} | {p.name for p in plan.carried}
+    if len(plan.shards) > 1:
+        written.add(INDEX)
+    problems = [f"{name} is listed in the manifest but this merge does not write it" for name in sorted(listed.keys() - written)]
+    problems += [f"{name} is written by this merge but the manifest does not list it" for name in sorted(written - listed.keys())]
+    if read_json_as(out / "config.json", lambda value: True) != plan.config:
+        problems.append("config.json is not the config this merge writes")
+    for source in plan.carried:
+        if source.name in listed and listed[source.name].get("sha256") != sha256_file(source):
+            problems.append(f"{source.name} differs from {source}")
+    return problems
+
+
+def _recompute(plan: Plan, headers: dict, sample: int) -> list[str]:
+    """A spread-out sample of merged tensors, recomputed in float64 and compared with OUT, and one of the
+    tensors the adapter leaves alone, which must be the base's, cast with torch's rounding."""
+    refs = {k: r for h in headers.values() for k, r in h.tensors.items()}
+    # 4-bit output is left to the manifest's hashes: its values are bitsandbytes' rounding
+    merged = [t for t in plan.tensors if t.patches and not t.to_nf4]
+    untouched = [t for t in plan.tensors if not t.patches and not t.to_nf4]
+    problems = []
+    for tensor in _spread(merged, sample):
+        exact = _exact(plan, tensor)
         got = refs[tensor.name].read().double()
         # one rounding to the output dtype (half a step), plus fp32 arithmetic error at the tensor's scale
         half_step = 0.5 * torch.finfo(torch_dtype(tensor.dtype)).eps * torch.maximum(exact.abs(), got.abs())
         bound = half_step + FP32_SLACK * exact.abs().max()
         if got.shape != exact.shape or bool(((got - exact).abs() > bound).any()):
             problems.append(f"{tensor.name} differs from the merge recomputed from base and adapter")
+    for tensor in _spread(untouched, sample):
+        src = tensor.source
+        want = (src.dequantize() if isinstance(src, QuantizedTensor) else src.read()).to(torch_dtype(tensor.dtype))
+        if not _same_bytes(refs[tensor.name].read(), want):
+            problems.append(f"{tensor.name} differs from the base tensor the adapter leaves alone")
     return problems
+
+
+def _spread(tensors: list[TensorPlan], n: int) -> list[TensorPlan]:
+    """n of the tensors (all if there are fewer), evenly spread over the model."""
+    n = min(n, len(tensors))
+    return [tensors[i] for i in sorted({round(i * (len(tensors) - 1) / max(1, n - 1)) for i in range(n)})]
+
+
+def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(
+        a.contiguous().view(-1).view(torch.uint8), b.contiguous().view(-1).view(torch.uint8))
+
+
+def _exact(plan: Plan, tensor: TensorPlan) -> torch.Tensor:
+    """The merged tensor in float64, from the base tensor and the adapter tensors matched to it, by PEFT's
+    definitions (lora.Linear/Embedding/Conv get_delta_weight, DoRA's merge, TrainableTokensLayer)."""
+    src = tensor.source
+    w = src.dequantize().double() if isinstance(src, QuantizedTensor) else src.read().double()
+    config = plan.adapter.config
+    for patch in tensor.patches:
+        parts = {}
+        for key in patch.origins:
+            module, role = split_key(key)
+            parts[role] = plan.adapter.tensors[key].read().double()
+        r = _pattern(config.get("rank_pattern"), module, config["r"])
+        alpha = _pattern(config.get("alpha_pattern"), module, config["lora_alpha"])
+        scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+        if "A" in parts:
+            square = parts["B"].shape[0] == parts["A"].shape[1]
+            conv1d = _conv1d(plan.base.config, module, config, square)
+            w = _lora(w, parts["A"], parts["B"], scale, parts.get("magnitude"), conv1d)
+        elif "emb_A" in parts:  # W: vocab × dim; delta (B@A)ᵀ; DoRA's norm per feature column
+            w = _dora_or_lora(w, scale * (parts["emb_B"] @ parts["emb_A"]).T, parts.get("magnitude"), dim=0)
+        elif "lora_bias" in parts:
+            w = w + scale * parts["lora_bias"]
+        elif "rows" in parts:
+            w = w.clone()
+            w[_token_rows(config, module)] = parts["rows"]
+        else:  # a whole saved tensor (modules_to_save, bias, a saved embedding) replaces the base's
+            (w,) = parts.values()
+    return w
+
+
+def _lora(w, A, B, scale: float, magnitude, conv1d: bool | None) -> torch.Tensor:
+    """W + s·B@A for nn.Linear (W: out × in), its transpose for Conv1D (W: in × out), over the flattened
+    kernel for a convolution; DoRA's norm per output feature. `conv1d` None: the layer's type is
+    unknown, the shape it fits decides."""
+    if A.dim() > 2:
+        return w + scale * (B.flatten(1) @ A.flatten(1)).reshape(w.shape)
+    delta = scale * (B @ A)
+    if conv1d is None:
+        conv1d = w.shape == delta.T.shape
+    return _dora_or_lora(w, delta.T, magnitude, dim=0) if conv1d else _dora_or_lora(w, delta, magnitude, dim=1)
+
+
+def _dora_or_lora(w, delta, magnitude, dim: int) -> torch.Tensor:
+    """W + ΔW, and with DoRA rescaled to m / ‖W + ΔW‖, the norm taken along `dim` (the inputs)."""
+    merged = w + delta
+    if magnitude is None:
+        return merged
+    norm = merged.norm(dim=dim, keepdim=True)
+    return merged * (magnitude.reshape(norm.shape) / norm)
+
+
+def _conv1d(base_config: dict, module: str, adapter_config: dict, square: bool) -> bool | None:
+    """Whether the module is a transformers Conv1D (weight in × out), as PEFT sees its type. For a model
+    with its own code (auto_map) lorafuse cannot know: a square weight goes by the adapter's
+    fan_in_fan_out, any other by its shape (None)."""
+    if base_config.get("auto_map"):
+        return bool(adapter_config.get("fan_in_fan_out")) if square else None
+    last = module.rpartition(".")[2]
+    return any(last in CONV1D_MODULES.get(t, ()) for t in model_types(base_config))
+
+
+def _token_rows(config: dict, module: str) -> list[int]:
+    """The rows trainable_token_indices names for a module: a list, or per module by pattern."""
+    spec = config.get("trainable_token_indices")
+    return _pattern(spec, module, None) if isinstance(spec, dict) else spec
+
+
+def _pattern(patterns: dict | None, module: str, default):
+    """PEFT's get_pattern_key: the first key matching the end of the module path, at a dot, gives the value."""
+    for key, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
