@@ -129,7 +129,7 @@ def read_json_as(path: Path, valid: Callable[[object], bool]):
 
 def _is_manifest(value) -> bool:
     files = value.get("files") if isinstance(value, dict) else None
-    return isinstance(files, dict) and isinstance(value.get("settings", {}), dict) and all(
+    return isinstance(files, dict) and all(  # the settings record is checked by read_settings, which says what is wrong
         isinstance(e, dict) and type(e.get("size")) is int and isinstance(e.get("sha256"), str) for e in files.values())
 
 
