@@ -421,3 +421,150 @@ def test_force_swaps_the_new_output_in(inputs, reference, tmp_path):
     (out / "old.txt").write_text("old")
     lorafuse.merge(*inputs, out, max_shard_size=SHARD, force=True)
     assert tree_hash(out) == reference and not leftovers(tmp_path)
+
+
+@pytest.fixture(params=["renameat2", "plain rename"])
+def renames(request, monkeypatch):
+    """The final move as on Linux (renameat2), or as where the OS or file system lacks it."""
+    import ctypes
+    import errno
+
+    import lorafuse.output as output
+
+    def missing(*args):
+        ctypes.set_errno(errno.ENOSYS)
+        return False
+    if request.param == "plain rename":
+        monkeypatch.setattr(output, "_renameat2", missing)
+    return request.param
+
+
+def test_a_folder_that_appears_at_out_while_merging_is_left_alone(renames, inputs, reference, tmp_path):
+    """OUT did not exist when the merge started, then another program made it: the final move leaves it
+    as it is, keeps the finished merge staged, and the same command moves it into place once OUT is gone."""
+    out = tmp_path / "out"
+
+    def someone_makes_out(plan):
+        out.mkdir()
+        (out / "theirs.txt").write_text("theirs")
+
+    with pytest.raises(lorafuse.LorafuseError, match=f"{out} appeared while merging .* the finished merge is in "):
+        lorafuse.merge(*inputs, out, max_shard_size=SHARD, on_plan=someone_makes_out)
+    assert sorted(p.name for p in out.iterdir()) == ["theirs.txt"] and (out / "theirs.txt").read_text() == "theirs"
+    (out / "theirs.txt").rename(tmp_path / "theirs.txt")
+    out.rmdir()
+    report = lorafuse.merge(*inputs, out, max_shard_size=SHARD)
+    assert report.shards_resumed == report.shards  # nothing merged again
+    assert tree_hash(out) == reference and not leftovers(tmp_path)
+
+
+def test_force_replaces_only_the_out_it_was_given_for(renames, inputs, reference, tmp_path):
+    """With --force, OUT moved away and replaced by another folder while merging: neither is deleted."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+
+    def someone_replaces_out(plan):
+        out.rename(tmp_path / "moved")
+        out.mkdir()
+        (out / "new.txt").write_text("new")
+
+    with pytest.raises(lorafuse.LorafuseError, match=f"{out} was replaced while merging"):
+        lorafuse.merge(*inputs, out, max_shard_size=SHARD, force=True, on_plan=someone_replaces_out)
+    assert tree_hash(out) == {"new.txt": tree_hash(out)["new.txt"]} and (out / "new.txt").read_text() == "new"
+    assert (tmp_path / "moved" / "old.txt").read_text() == "old"
+    lorafuse.merge(*inputs, out, max_shard_size=SHARD, force=True)  # given for this OUT now: replaced
+    assert tree_hash(out) == reference and not leftovers(tmp_path)
+
+
+def test_force_with_plain_renames_swaps_the_new_output_in(inputs, reference, tmp_path, monkeypatch):
+    import ctypes
+    import errno
+
+    import lorafuse.output as output
+
+    def missing(*args):
+        ctypes.set_errno(errno.ENOSYS)
+        return False
+    monkeypatch.setattr(output, "_renameat2", missing)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    lorafuse.merge(*inputs, out, max_shard_size=SHARD, force=True)
+    assert tree_hash(out) == reference and not leftovers(tmp_path)
+
+
+@pytest.mark.parametrize("kind, how", [("partial", "named"), ("lock", "named"), ("old", "named"),
+                                       ("partial", "named through a link"), ("partial", "a link there names it")])
+@pytest.mark.parametrize("which", [0, 1], ids=["base", "adapter"])
+def test_an_input_at_a_path_lorafuse_writes_is_refused_untouched(inputs, tmp_path, kind, how, which):
+    """`cp -r base .x.lorafuse-partial; lorafuse merge .x.lorafuse-partial adapter x`: the staging folder,
+    lock file and old OUT of x are lorafuse's to create and delete, so an input there (named directly or
+    through a link, either way round) is refused before anything is created or deleted."""
+    import shutil
+
+    out = tmp_path / "x"
+    out.mkdir()  # with --force, the old OUT's temporary name is in play too
+    work = tmp_path / f".x.lorafuse-{kind}"
+    given = list(inputs)
+    if how == "a link there names it":
+        given[which] = tmp_path / "real"
+        shutil.copytree(inputs[which], given[which])
+        work.symlink_to(given[which])
+    else:
+        shutil.copytree(inputs[which], work)
+        given[which] = work
+        if how == "named through a link":
+            given[which] = tmp_path / "link"
+            given[which].symlink_to(work)
+    before = sorted(p.name for p in tmp_path.iterdir()), tree_hash(given[which])
+    with pytest.raises(lorafuse.LorafuseError, match="overlaps the (base model|adapter) (folder|file)|in lorafuse's way"):
+        lorafuse.merge(*given, out, force=True)
+    assert (sorted(p.name for p in tmp_path.iterdir()), tree_hash(given[which])) == before
+
+
+def test_the_lock_admits_one_merge_even_when_opened_just_before_its_holder_deletes_it(tmp_path, monkeypatch):
+    """The holder deletes the lock file when done; a merge that opened it just before locks the deleted
+    file, while a third locks a new one: only one of them may go on. Threads, in a fixed order: B opens
+    the lock file while A holds it, A finishes, C takes the lock, then B locks what it opened."""
+    import fcntl
+    import threading
+
+    import lorafuse.output as output
+
+    out = tmp_path / "out"
+    b_opened, b_may_lock = threading.Event(), threading.Event()
+
+    class Fcntl:  # fcntl as lorafuse.output sees it: B waits between opening and locking, once
+        LOCK_EX, LOCK_NB = fcntl.LOCK_EX, fcntl.LOCK_NB
+
+        @staticmethod
+        def flock(fd, op):
+            if threading.current_thread().name == "B" and not b_may_lock.is_set():
+                b_opened.set()
+                b_may_lock.wait(30)
+            fcntl.flock(fd, op)
+
+    monkeypatch.setattr(output, "fcntl", Fcntl)
+    inside, got = [], {}
+
+    def b():
+        try:
+            with output.exclusive(out):
+                inside.append("B")
+        except lorafuse.LorafuseError as e:
+            got["B"] = e
+
+    with output.exclusive(out):  # A
+        thread = threading.Thread(target=b, name="B")
+        thread.start()
+        assert b_opened.wait(30)
+    with output.exclusive(out):  # C, after A is done
+        inside.append("C")
+        b_may_lock.set()
+        thread.join(30)
+        assert not thread.is_alive()
+    assert inside == ["C"] and "another lorafuse merge is writing" in str(got["B"])
+    with output.exclusive(out):  # free again, and nothing left behind
+        pass
+    assert not leftovers(tmp_path)

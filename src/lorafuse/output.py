@@ -88,6 +88,11 @@ def check_target(out: Path, force: bool) -> tuple[int, int] | None:
                                 "else choose another output folder")
         if not force:
             raise LorafuseError(f"output folder {out} already exists; choose another or pass --force to replace it")
+    for kind in ("partial", "old"):
+        path = work_path(out, kind)
+        if path.is_symlink() or (path.exists() and not path.is_dir()):
+            raise LorafuseError(f"{path} is in lorafuse's way (a link or a file where it keeps its work for {out}); "
+                                "move it away or choose another output folder")
     parent = out.absolute().parent
     if not parent.is_dir():
         raise LorafuseError(f"the parent folder of {out} does not exist; create it first")
