@@ -163,3 +163,25 @@ def test_links_into_the_hugging_face_cache_are_followed(sharded, tmp_path, monke
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
     lorafuse.merge(snapshot, adapter, tmp_path / "out")
     assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_nan_found_part_way_leaves_nothing_behind(sharded, tmp_path, monkeypatch):
+    """Shards are finished by the time the NaN is found: a rerun could not resume them into success
+    (the adapter must change first), so the staging folder goes too. An interruption would keep them."""
+    import lorafuse.execute as execute
+
+    base, adapter = sharded
+
+    def nan_in_the_last_layer(folder):
+        tensors = load_file(folder / "adapter_model.safetensors")
+        key = max(k for k in tensors if "lora_B" in k)
+        tensors[key][0, 0] = float("nan")
+        save_file(tensors, folder / "adapter_model.safetensors", metadata={"format": "pt"})
+
+    adapter = _damage_adapter(adapter, tmp_path, nan_in_the_last_layer)
+    finished, finish = [], execute._finish_shard
+    monkeypatch.setattr(execute, "_finish_shard", lambda *args: finished.append(finish(*args)))
+    with pytest.raises(lorafuse.LorafuseError, match="gives NaN or Inf values"):
+        lorafuse.merge(base, adapter, tmp_path / "out", max_shard_size="8KB")
+    assert finished, "no shard was finished before the NaN: nothing to tell apart"
+    assert not (tmp_path / "out").exists() and not leftovers(tmp_path)

@@ -568,3 +568,51 @@ def test_the_lock_admits_one_merge_even_when_opened_just_before_its_holder_delet
     with output.exclusive(out):  # free again, and nothing left behind
         pass
     assert not leftovers(tmp_path)
+
+
+def test_a_shard_finished_but_not_recorded_when_the_disk_filled_does_not_block_the_rerun(inputs, small_disk, tmp_path,
+                                                                                         monkeypatch):
+    """The disk fills just after a shard is complete and renamed, as its ledger entry is written: the
+    shard is neither trusted nor counted by a rerun. The rerun deletes it before checking for room, so
+    room for a fresh merge is enough; with less, the refusal names the staging folder and what it holds."""
+    import errno
+
+    from lorafuse.api import DISK_MARGIN
+    from lorafuse.manifest import Ledger
+    from lorafuse.units import human_size
+
+    shard = "40KB"  # shards of several pages: one not counted is more than the slack below
+    reference = tmp_path / "reference" / "out"  # the same name: the model card names it
+    reference.parent.mkdir()
+    lorafuse.merge(*inputs, reference, max_shard_size=shard)
+    record, calls = Ledger.record, []
+
+    def record_until_the_disk_fills(self, *args):
+        calls.append(args)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        record(self, *args)
+
+    out, filler = small_disk / "out", small_disk / "filler"
+    monkeypatch.setattr(Ledger, "record", record_until_the_disk_fills)
+    with pytest.raises(lorafuse.LorafuseError, match="is full; free space and run the same command again"):
+        lorafuse.merge(*inputs, out, max_shard_size=shard)
+    monkeypatch.setattr(Ledger, "record", record)
+    staging = staging_folder(out)
+    recorded = json.loads((staging / LEDGER).read_text())["shards"]
+    assert len(recorded) == 1 and len(list(staging.glob("model-*.safetensors"))) == 2
+
+    output = lorafuse.plan(*inputs, max_shard_size=shard).output_bytes
+    used = sum(p.stat().st_blocks * 512 for p in staging.iterdir())
+    stat = os.statvfs(small_disk)
+    page, free = stat.f_frsize, stat.f_bavail * stat.f_frsize
+    slack = 4 * page  # for the ledger and each file's last page, less than the shard not recorded
+    fits = DISK_MARGIN + output - used + slack  # free space with which a fresh merge would fit
+    filler.write_bytes(b"\0" * ((free - (fits - 2 * slack)) // page * page))
+    kept = sum(e["size"] for e in recorded.values())
+    with pytest.raises(lorafuse.LorafuseError, match=f"besides the {human_size(kept)} of it that {staging} holds\\) and "
+                                                     f"{human_size(DISK_MARGIN)} to spare, but only .* it will not fit"):
+        lorafuse.merge(*inputs, out, max_shard_size=shard)
+    os.truncate(filler, filler.stat().st_size - 2 * slack)  # now a fresh merge would fit
+    report = lorafuse.merge(*inputs, out, max_shard_size=shard)
+    assert report.shards_resumed == 1 and tree_hash(out) == tree_hash(reference)
