@@ -33,6 +33,7 @@ from .manifest import HASH_CHUNK, Ledger
 from .plan import Plan, ShardPlan, TensorPlan, usable_cores
 from .quant import QuantizedTensor
 from .sources.remote import Downloads
+from .units import human_size
 
 COPY_CHUNK = 64 << 20
 FLUSH_BYTES = 64 << 20
@@ -545,8 +546,10 @@ def _start_writeback(fd: int, offset: int, nbytes: int) -> None:
 def disk_error(e: OSError, folder: Path) -> LorafuseError:
     """An OS error while writing the output folder's staging copy, as a user-facing message."""
     if e.errno == errno.ENOSPC:
-        return LorafuseError(f"the disk holding {folder.parent} is full; free space and run the same command again: "
-                             f"it continues from the shards finished in {folder}")
+        kept = sum(p.stat().st_size for p in folder.iterdir() if p.is_file() and not p.name.endswith(PARTIAL)) \
+            if folder.is_dir() else 0
+        return LorafuseError(f"the disk holding {folder.parent} is full; free space and run the same command again"
+                             + (f": it goes on from the {human_size(kept)} finished in {folder}" if kept else ""))
     if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return LorafuseError(f"cannot write to {folder.parent}: {e.strerror}; choose another output folder")
     return LorafuseError(f"I/O error while writing the output: {e.strerror or e}")
