@@ -415,14 +415,6 @@ def test_a_second_merge_into_the_same_output_waits_its_turn(inputs, tmp_path):
     assert not leftovers(tmp_path) and (out / MANIFEST).is_file()
 
 
-def test_force_swaps_the_new_output_in(inputs, reference, tmp_path):
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "old.txt").write_text("old")
-    lorafuse.merge(*inputs, out, max_shard_size=SHARD, force=True)
-    assert tree_hash(out) == reference and not leftovers(tmp_path)
-
-
 @pytest.fixture(params=["renameat2", "plain rename"])
 def renames(request, monkeypatch):
     """The final move as on Linux (renameat2), or as where the OS or file system lacks it."""
@@ -437,6 +429,14 @@ def renames(request, monkeypatch):
     if request.param == "plain rename":
         monkeypatch.setattr(output, "_renameat2", missing)
     return request.param
+
+
+def test_force_swaps_the_new_output_in(renames, inputs, reference, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    lorafuse.merge(*inputs, out, max_shard_size=SHARD, force=True)
+    assert tree_hash(out) == reference and not leftovers(tmp_path)
 
 
 def test_a_folder_that_appears_at_out_while_merging_is_left_alone(renames, inputs, reference, tmp_path):
@@ -471,31 +471,15 @@ def test_force_replaces_only_the_out_it_was_given_for(renames, inputs, reference
 
     with pytest.raises(lorafuse.LorafuseError, match=f"{out} was replaced while merging"):
         lorafuse.merge(*inputs, out, max_shard_size=SHARD, force=True, on_plan=someone_replaces_out)
-    assert tree_hash(out) == {"new.txt": tree_hash(out)["new.txt"]} and (out / "new.txt").read_text() == "new"
+    assert sorted(p.name for p in out.iterdir()) == ["new.txt"] and (out / "new.txt").read_text() == "new"
     assert (tmp_path / "moved" / "old.txt").read_text() == "old"
     lorafuse.merge(*inputs, out, max_shard_size=SHARD, force=True)  # given for this OUT now: replaced
     assert tree_hash(out) == reference and not leftovers(tmp_path)
 
 
-def test_force_with_plain_renames_swaps_the_new_output_in(inputs, reference, tmp_path, monkeypatch):
-    import ctypes
-    import errno
-
-    import lorafuse.output as output
-
-    def missing(*args):
-        ctypes.set_errno(errno.ENOSYS)
-        return False
-    monkeypatch.setattr(output, "_renameat2", missing)
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "old.txt").write_text("old")
-    lorafuse.merge(*inputs, out, max_shard_size=SHARD, force=True)
-    assert tree_hash(out) == reference and not leftovers(tmp_path)
-
-
 @pytest.mark.parametrize("kind, how", [("partial", "named"), ("lock", "named"), ("old", "named"),
-                                       ("partial", "named through a link"), ("partial", "a link there names it")])
+                                       ("partial", "named through a link"), ("partial", "a link there names it"),
+                                       ("partial", "a file of it links there")])
 @pytest.mark.parametrize("which", [0, 1], ids=["base", "adapter"])
 def test_an_input_at_a_path_lorafuse_writes_is_refused_untouched(inputs, tmp_path, kind, how, which):
     """`cp -r base .x.lorafuse-partial; lorafuse merge .x.lorafuse-partial adapter x`: the staging folder,
@@ -507,20 +491,26 @@ def test_an_input_at_a_path_lorafuse_writes_is_refused_untouched(inputs, tmp_pat
     out.mkdir()  # with --force, the old OUT's temporary name is in play too
     work = tmp_path / f".x.lorafuse-{kind}"
     given = list(inputs)
-    if how == "a link there names it":
+    if how != "named" and how.startswith("a "):
         given[which] = tmp_path / "real"
         shutil.copytree(inputs[which], given[which])
-        work.symlink_to(given[which])
+        if how == "a link there names it":
+            work.symlink_to(given[which])
+        else:  # its config lies in the staging folder
+            config = given[which] / ("config.json", "adapter_config.json")[which]
+            work.mkdir()
+            config.rename(work / config.name)
+            config.symlink_to(work / config.name)
     else:
         shutil.copytree(inputs[which], work)
         given[which] = work
         if how == "named through a link":
             given[which] = tmp_path / "link"
             given[which].symlink_to(work)
-    before = sorted(p.name for p in tmp_path.iterdir()), tree_hash(given[which])
+    before = sorted(p.name for p in tmp_path.iterdir()), tree_hash(given[which]), tree_hash(tmp_path)
     with pytest.raises(lorafuse.LorafuseError, match="overlaps the (base model|adapter) (folder|file)|in lorafuse's way"):
         lorafuse.merge(*given, out, force=True)
-    assert (sorted(p.name for p in tmp_path.iterdir()), tree_hash(given[which])) == before
+    assert (sorted(p.name for p in tmp_path.iterdir()), tree_hash(given[which]), tree_hash(tmp_path)) == before
 
 
 def test_the_lock_admits_one_merge_even_when_opened_just_before_its_holder_deletes_it(tmp_path, monkeypatch):
