@@ -63,7 +63,9 @@ def merge(base: str | os.PathLike | None, adapter: str | os.PathLike, out: str |
     BASE and ADAPTER are folders or Hugging Face repo ids (`org/name[@revision]`, read from the cache
     and downloaded when missing); BASE None takes the base the adapter names.
     `on_plan` sees the plan before any work starts; `on_progress` receives the bytes of each tensor
-    written. Raises LorafuseError for every problem the user can fix; OUT is then left untouched.
+    written. Raises LorafuseError for every problem the user can fix; OUT is then left untouched. With
+    `force=True` the folder at OUT when the merge starts is replaced, and nothing else: a folder that
+    appears at OUT meanwhile is left alone, and the finished merge waits in the staging folder.
     A merge that was interrupted (killed, disk full, Ctrl-C) continues where it stopped when run again
     with the same inputs and settings; `resume=True` insists that there is such a run to continue.
     `push_to_hub="org/name"` uploads each shard as soon as it is finished and publishes the whole model
@@ -112,12 +114,11 @@ def merge(base: str | os.PathLike | None, adapter: str | os.PathLike, out: str |
             hub_url = hub.finish(staging, skip={ledger.path.name}) if hub else None
             try:
                 publish(staging, out, keep_until_renamed=ledger.path, replacing=replacing)
-            except BaseException as e:
-                if staging.is_dir():  # not moved into place: the finished merge stays resumable
-                    ledger.save()
-                if isinstance(e, OSError):
-                    raise disk_error(e, staging) from None
+            except LorafuseError:  # something else is at OUT now: the finished merge stays staged, resumable
+                ledger.save()
                 raise
+            except OSError as e:
+                raise disk_error(e, staging) from None
         except BaseException as e:
             if hub:
                 hub.close()
