@@ -194,7 +194,7 @@ def test_a_forgotten_out_never_suggests_force_on_an_input(llama, tmp_path, capsy
     base, adapter = llama
     before = tree_hash(adapter)
     code, _, err = run(capsys, "merge", base, adapter, *(["--force"] if force else []))
-    assert_one_line_error(code, err, "OUT is missing")
+    assert_one_line_error(code, err, "holds an adapter that lorafuse did not write: is it an input? OUT is the last path")
     assert "--force" not in err and tree_hash(adapter) == before
 
 

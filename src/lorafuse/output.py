@@ -84,8 +84,8 @@ def check_target(out: Path, force: bool) -> tuple[int, int] | None:
         adapter = (out / "adapter_config.json").is_file()
         if adapter or (not force and (out / "config.json").is_file() and not (out / MANIFEST).is_file()):
             raise LorafuseError(f"output folder {out} holds {'an adapter' if adapter else 'a model'} that lorafuse did "
-                                "not write; if it is an input, OUT is missing (lorafuse merge [BASE] ADAPTER OUT), "
-                                "else choose another output folder")
+                                "not write: is it an input? OUT is the last path (lorafuse merge [BASE] ADAPTER OUT), "
+                                "a new folder or an earlier merge; choose another output folder")
         if not force:
             raise LorafuseError(f"output folder {out} already exists; choose another or pass --force to replace it")
     for kind in ("partial", "old"):
