@@ -326,17 +326,22 @@ def _check_out(out: Path, base: Checkpoint, adapter: Adapter) -> None:
     through symbolic links (a Hub snapshot's files are links into the cache): that input would be destroyed.
     Base shards still to download are not inputs yet (with --low-disk they go to the staging folder)."""
     targets = [("output folder", out), ("lorafuse's staging folder", work_path(out, "partial")),
-               ("lorafuse's lock file", work_path(out, "lock")), ("lorafuse's folder for the old output", work_path(out, "old"))]
+               ("lorafuse's lock file", work_path(out, "lock")),
+               ("lorafuse's folder for the old output", work_path(out, "old"))]
     downloads = {f.path for f in base.remote.values()}
     inputs = [("base model folder", base.folder), ("adapter folder", adapter.folder)]
     inputs += [("base model file", p) for p in {*base.weight_files, *base.folder.iterdir()} - downloads]
     inputs += [("adapter file", p) for p in {adapter.weights_file, *adapter.folder.iterdir()}]
     for what, path in inputs:
-        for p in {Path(os.path.abspath(path)), path.resolve()}:
-            for label, target in targets:
-                for t in {Path(os.path.abspath(target)), target.parent.resolve() / target.name, target.resolve()}:
-                    if t == p or p in t.parents or t in p.parents:
-                        raise LorafuseError(f"{label} {target} overlaps the {what} {p}; choose an output folder elsewhere")
+        for label, target in targets:
+            if any(t == p or p in t.parents or t in p.parents for p in _spellings(path) for t in _spellings(target)):
+                raise LorafuseError(f"{label} {target} overlaps the {what} {path.resolve()}; "
+                                    "choose an output folder elsewhere")
+
+
+def _spellings(path: Path) -> set[Path]:
+    """A path as named, and where symbolic links lead it: through its parent folders, and itself too."""
+    return {Path(os.path.abspath(path)), path.parent.resolve() / path.name, path.resolve()}
 
 
 def _resolve_names(checkpoint: Checkpoint, patches: dict, adapter: Adapter) -> dict[str, str]:
