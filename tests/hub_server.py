@@ -35,7 +35,7 @@ and 401 + `GatedRepo` for a gated repo's files, both unless `Authorization: Bear
 No redirects and no Xet headers: huggingface_hub then downloads over plain HTTP from the resolve URL.
 
 Every request is recorded (method, decoded path, status) so tests can assert what was fetched; setting
-`down = 503` makes every request fail as when the Hub is down.
+`down = 503` makes every request fail as when the Hub is down, `refuse_commits = 400` only the commits.
 The server runs in a daemon thread, answers each connection with a socket timeout, and shuts itself
 down after `max_seconds` even if nobody calls `stop()`.
 """
@@ -132,6 +132,7 @@ class HubServer:
         self.token = token
         self.max_seconds = max_seconds
         self.down: int | None = None  # set to e.g. 503: every request gets that status, as when the Hub is down
+        self.refuse_commits: int | None = None  # set to e.g. 400: every commit gets that status, uploads succeed
         self.log: list[tuple[str, str, int]] = []  # (method, decoded path, status)
         self.lfs: dict[str, bytes] = {}  # LFS objects pushed to this server, by sha256
         self.uploads: list[str] = []  # sha256 of each object PUT, in order
@@ -351,6 +352,8 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._create_branch(repo, "/".join(rest[1:]))
             if rest[0] == "preupload":
                 return self._preupload(repo, "/".join(rest[1:]))
+            if self.hub.refuse_commits:
+                return self._error(self.hub.refuse_commits, None, "Bad Request")
             return self._push_commit(repo, "/".join(rest[1:]))
         self._send(404, b"Not Found", {"Content-Type": "text/plain"})
 

@@ -205,3 +205,24 @@ def test_links_into_the_hugging_face_cache_are_followed(sharded, tmp_path, monke
     assert (out / "tokenizer.json").read_text() == '{"version": "1.0"}' and not (out / "tokenizer.json").is_symlink()
     assert not (out / "original").exists()
 
+
+def test_nan_found_part_way_leaves_nothing_behind(sharded, tmp_path, monkeypatch):
+    """Shards are finished by the time the NaN is found: a rerun could not resume them into success
+    (the adapter must change first), so the staging folder goes too. An interruption would keep them."""
+    import lorafuse.execute as execute
+
+    base, adapter = sharded
+
+    def nan_in_the_last_layer(folder):
+        tensors = load_file(folder / "adapter_model.safetensors")
+        key = max(k for k in tensors if "lora_B" in k)
+        tensors[key][0, 0] = float("nan")
+        save_file(tensors, folder / "adapter_model.safetensors", metadata={"format": "pt"})
+
+    adapter = _damage_adapter(adapter, tmp_path, nan_in_the_last_layer)
+    finished, finish = [], execute._finish_shard
+    monkeypatch.setattr(execute, "_finish_shard", lambda *args: finished.append(finish(*args)))
+    with pytest.raises(lorafuse.LorafuseError, match="gives NaN or Inf values"):
+        lorafuse.merge(base, adapter, tmp_path / "out", max_shard_size="8KB")
+    assert finished, "no shard was finished before the NaN: nothing to tell apart"
+    assert not (tmp_path / "out").exists() and not leftovers(tmp_path)

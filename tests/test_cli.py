@@ -1,6 +1,7 @@
 """The command line: plan output, reports, exit codes and one-line errors, as a user sees them."""
 
 import json
+import os
 import pickle
 import subprocess
 import sys
@@ -164,3 +165,54 @@ def test_demo_runs_from_the_installed_command(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "demo OK" in done.stdout
 
+
+
+@pytest.mark.parametrize("kind", ["dangling link", "link to a folder", "file"])
+@pytest.mark.parametrize("force", [False, True], ids=["", "force"])
+def test_an_out_that_is_a_link_or_a_file_is_refused_before_any_work(llama, tmp_path, capsys, kind, force):
+    """A dangling link as OUT used to be found only by the final move, after the whole merge, every time."""
+    base, adapter = llama
+    out, target = tmp_path / "out", tmp_path / "target"
+    if kind == "file":
+        out.write_text("mine")
+    else:
+        out.symlink_to(target)
+        if kind == "link to a folder":
+            target.mkdir()
+            (target / "keep.txt").write_text("mine")
+    before = tree_hash(tmp_path)
+    code, _, err = run(capsys, "merge", base, adapter, out, *(["--force"] if force else []))
+    assert_one_line_error(code, err, "is not a folder; choose another" if kind == "file" else "is a symbolic link")
+    assert "progress" not in err and tree_hash(tmp_path) == before and os.path.lexists(out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out"] + (["target"] if kind == "link to a folder" else []))
+
+
+@pytest.mark.parametrize("force", [False, True], ids=["", "force"])
+def test_a_forgotten_out_never_suggests_force_on_an_input(llama, tmp_path, capsys, force):
+    """`lorafuse merge BASE ADAPTER`: the adapter is taken as OUT, which exists; --force is not the fix,
+    and does not replace an adapter folder when given."""
+    base, adapter = llama
+    before = tree_hash(adapter)
+    code, _, err = run(capsys, "merge", base, adapter, *(["--force"] if force else []))
+    assert_one_line_error(code, err, "holds an adapter that lorafuse did not write: is it an input? OUT is the last path")
+    assert "--force" not in err and tree_hash(adapter) == before
+
+
+def test_plan_that_will_not_fit_says_so_and_exits_2(llama, tmp_path, capsys, monkeypatch):
+    import shutil
+
+    from lorafuse.api import DISK_MARGIN
+    from lorafuse.units import human_size
+
+    base, adapter = llama
+    code, out, _ = run(capsys, "plan", base, adapter, tmp_path / "out", "--json")
+    assert code == 0 and json.loads(out)["fits"] is True
+    assert json.loads(run(capsys, "plan", base, adapter, "--json")[1])["fits"] is None  # no OUT: no disk to ask
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=DISK_MARGIN))  # the margin, no more
+    code, out, err = run(capsys, "plan", base, adapter, tmp_path / "out")
+    assert "disk     needs" in out  # the plan first, then why it will not fit
+    assert_one_line_error(code, err, f"and {human_size(DISK_MARGIN)} to spare, but only {human_size(DISK_MARGIN)} is free")
+    assert "it will not fit" in err
+    code, out, err = run(capsys, "plan", base, adapter, tmp_path / "out", "--json")
+    assert code == 2 and json.loads(out)["fits"] is False and not (tmp_path / "out").exists()

@@ -406,27 +406,17 @@ def test_a_failing_tensor_stops_a_low_disk_merge(hub, folders, tmp_path, monkeyp
     assert result and "NaN or Inf" in str(result[0]) and not (tmp_path / "out").exists()
 
 
-def test_a_failed_commit_is_retried_without_merging_again(hub, folders, tmp_path, monkeypatch):
+def test_a_failed_commit_is_retried_without_merging_again(hub, folders, tmp_path):
     """The final commit fails (the Hub answers an error): with --low-disk the shards exist only on the Hub, so
     the staging folder and its ledger stay, and the same command commits them without merging again."""
     from lorafuse.errors import LorafuseError
-    from lorafuse.publish import HubPublisher
 
-    real = HubPublisher.finish
-
-    def finish_while_down(self, *args, **kwargs):
-        hub.down = 400  # an error huggingface_hub does not retry (a 5xx is retried for seconds)
-        try:
-            return real(self, *args, **kwargs)
-        finally:
-            hub.down = None
-
-    monkeypatch.setattr(HubPublisher, "finish", finish_while_down)
+    hub.refuse_commits = 400  # an error huggingface_hub does not retry (a 5xx is retried for seconds)
     out = tmp_path / "out"
-    with pytest.raises(LorafuseError, match="HTTP 400"):
+    with pytest.raises(LorafuseError, match="cannot commit on the Hugging Face Hub .* HTTP 400"):
         lorafuse.merge("org/many", "org/adapter", out, max_shard_size=SHARD_SIZE, low_disk=True, push_to_hub="me/merged")
     assert not out.exists() and hub.pushes == []
-    monkeypatch.setattr(HubPublisher, "finish", real)
+    hub.refuse_commits = None
     hub.reset()
     report = lorafuse.merge("org/many", "org/adapter", out, max_shard_size=SHARD_SIZE, low_disk=True,
                             push_to_hub="me/merged")

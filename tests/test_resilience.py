@@ -567,9 +567,195 @@ def test_a_second_merge_into_the_same_output_waits_its_turn(inputs, tmp_path):
     assert not leftovers(tmp_path) and (out / MANIFEST).is_file()
 
 
-def test_force_swaps_the_new_output_in(inputs, reference, tmp_path):
+@pytest.fixture(params=["renameat2", "plain rename"])
+def renames(request, monkeypatch):
+    """The final move as on Linux (renameat2), or as where the OS or file system lacks it."""
+    import ctypes
+    import errno
+
+    import lorafuse.output as output
+
+    def missing(*args):
+        ctypes.set_errno(errno.ENOSYS)
+        return False
+    if request.param == "plain rename":
+        monkeypatch.setattr(output, "_renameat2", missing)
+    return request.param
+
+
+def test_force_swaps_the_new_output_in(renames, inputs, reference, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "old.txt").write_text("old")
     lorafuse.merge(*inputs, out, max_shard_size=SHARD, force=True)
     assert tree_hash(out) == reference and not leftovers(tmp_path)
+
+
+def test_a_folder_that_appears_at_out_while_merging_is_left_alone(renames, inputs, reference, tmp_path):
+    """OUT did not exist when the merge started, then another program made it: the final move leaves it
+    as it is, keeps the finished merge staged, and the same command moves it into place once OUT is gone."""
+    out = tmp_path / "out"
+
+    def someone_makes_out(plan):
+        out.mkdir()
+        (out / "theirs.txt").write_text("theirs")
+
+    with pytest.raises(lorafuse.LorafuseError, match=f"{out} appeared while merging .* the finished merge is in "):
+        lorafuse.merge(*inputs, out, max_shard_size=SHARD, on_plan=someone_makes_out)
+    assert sorted(p.name for p in out.iterdir()) == ["theirs.txt"] and (out / "theirs.txt").read_text() == "theirs"
+    (out / "theirs.txt").rename(tmp_path / "theirs.txt")
+    out.rmdir()
+    report = lorafuse.merge(*inputs, out, max_shard_size=SHARD)
+    assert report.shards_resumed == report.shards  # nothing merged again
+    assert tree_hash(out) == reference and not leftovers(tmp_path)
+
+
+def test_force_replaces_only_the_out_it_was_given_for(renames, inputs, reference, tmp_path):
+    """With --force, OUT moved away and replaced by another folder while merging: neither is deleted."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+
+    def someone_replaces_out(plan):
+        out.rename(tmp_path / "moved")
+        out.mkdir()
+        (out / "new.txt").write_text("new")
+
+    with pytest.raises(lorafuse.LorafuseError, match=f"{out} was replaced while merging"):
+        lorafuse.merge(*inputs, out, max_shard_size=SHARD, force=True, on_plan=someone_replaces_out)
+    assert sorted(p.name for p in out.iterdir()) == ["new.txt"] and (out / "new.txt").read_text() == "new"
+    assert (tmp_path / "moved" / "old.txt").read_text() == "old"
+    lorafuse.merge(*inputs, out, max_shard_size=SHARD, force=True)  # given for this OUT now: replaced
+    assert tree_hash(out) == reference and not leftovers(tmp_path)
+
+
+@pytest.mark.parametrize("kind, how", [("partial", "named"), ("lock", "named"), ("old", "named"),
+                                       ("partial", "named through a link"), ("partial", "a link there names it"),
+                                       ("partial", "a file of it links there")])
+@pytest.mark.parametrize("which", [0, 1], ids=["base", "adapter"])
+def test_an_input_at_a_path_lorafuse_writes_is_refused_untouched(inputs, tmp_path, kind, how, which):
+    """`cp -r base .x.lorafuse-partial; lorafuse merge .x.lorafuse-partial adapter x`: the staging folder,
+    lock file and old OUT of x are lorafuse's to create and delete, so an input there (named directly or
+    through a link, either way round) is refused before anything is created or deleted."""
+    import shutil
+
+    out = tmp_path / "x"
+    out.mkdir()  # with --force, the old OUT's temporary name is in play too
+    work = tmp_path / f".x.lorafuse-{kind}"
+    given = list(inputs)
+    if how != "named" and how.startswith("a "):
+        given[which] = tmp_path / "real"
+        shutil.copytree(inputs[which], given[which])
+        if how == "a link there names it":
+            work.symlink_to(given[which])
+        else:  # its config lies in the staging folder
+            config = given[which] / ("config.json", "adapter_config.json")[which]
+            work.mkdir()
+            config.rename(work / config.name)
+            config.symlink_to(work / config.name)
+    else:
+        shutil.copytree(inputs[which], work)
+        given[which] = work
+        if how == "named through a link":
+            given[which] = tmp_path / "link"
+            given[which].symlink_to(work)
+    before = sorted(p.name for p in tmp_path.iterdir()), tree_hash(given[which]), tree_hash(tmp_path)
+    with pytest.raises(lorafuse.LorafuseError, match="overlaps the (base model|adapter) (folder|file)|in lorafuse's way"):
+        lorafuse.merge(*given, out, force=True)
+    assert (sorted(p.name for p in tmp_path.iterdir()), tree_hash(given[which]), tree_hash(tmp_path)) == before
+
+
+def test_the_lock_admits_one_merge_even_when_opened_just_before_its_holder_deletes_it(tmp_path, monkeypatch):
+    """The holder deletes the lock file when done; a merge that opened it just before locks the deleted
+    file, while a third locks a new one: only one of them may go on. Threads, in a fixed order: B opens
+    the lock file while A holds it, A finishes, C takes the lock, then B locks what it opened."""
+    import fcntl
+    import threading
+
+    import lorafuse.output as output
+
+    out = tmp_path / "out"
+    b_opened, b_may_lock = threading.Event(), threading.Event()
+
+    class Fcntl:  # fcntl as lorafuse.output sees it: B waits between opening and locking, once
+        LOCK_EX, LOCK_NB = fcntl.LOCK_EX, fcntl.LOCK_NB
+
+        @staticmethod
+        def flock(fd, op):
+            if threading.current_thread().name == "B" and not b_may_lock.is_set():
+                b_opened.set()
+                b_may_lock.wait(30)
+            fcntl.flock(fd, op)
+
+    monkeypatch.setattr(output, "fcntl", Fcntl)
+    inside, got = [], {}
+
+    def b():
+        try:
+            with output.exclusive(out):
+                inside.append("B")
+        except lorafuse.LorafuseError as e:
+            got["B"] = e
+
+    with output.exclusive(out):  # A
+        thread = threading.Thread(target=b, name="B")
+        thread.start()
+        assert b_opened.wait(30)
+    with output.exclusive(out):  # C, after A is done
+        inside.append("C")
+        b_may_lock.set()
+        thread.join(30)
+        assert not thread.is_alive()
+    assert inside == ["C"] and "another lorafuse merge is writing" in str(got["B"])
+    with output.exclusive(out):  # free again, and nothing left behind
+        pass
+    assert not leftovers(tmp_path)
+
+
+def test_a_shard_finished_but_not_recorded_when_the_disk_filled_does_not_block_the_rerun(inputs, small_disk, tmp_path,
+                                                                                         monkeypatch):
+    """The disk fills just after a shard is complete and renamed, as its ledger entry is written: the
+    shard is neither trusted nor counted by a rerun. The rerun deletes it before checking for room, so
+    room for a fresh merge is enough; with less, the refusal names the staging folder and what it holds."""
+    import errno
+
+    from lorafuse.api import DISK_MARGIN
+    from lorafuse.manifest import Ledger
+    from lorafuse.units import human_size
+
+    shard = "40KB"  # shards of several pages: one not counted is more than the slack below
+    reference = tmp_path / "reference" / "out"  # the same name: the model card names it
+    reference.parent.mkdir()
+    lorafuse.merge(*inputs, reference, max_shard_size=shard)
+    record, calls = Ledger.record, []
+
+    def record_until_the_disk_fills(self, *args):
+        calls.append(args)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        record(self, *args)
+
+    out, filler = small_disk / "out", small_disk / "filler"
+    monkeypatch.setattr(Ledger, "record", record_until_the_disk_fills)
+    staging = staging_folder(out)
+    with pytest.raises(lorafuse.LorafuseError, match=f"is full; free space and run the same command again: it goes on "
+                                                     f"from the .* finished in {staging}$"):
+        lorafuse.merge(*inputs, out, max_shard_size=shard)
+    monkeypatch.setattr(Ledger, "record", record)
+    recorded = json.loads((staging / LEDGER).read_text())["shards"]
+    assert len(recorded) == 1 and len(list(staging.glob("model-*.safetensors"))) == 2
+
+    output = lorafuse.plan(*inputs, max_shard_size=shard).output_bytes
+    used = sum(p.stat().st_blocks * 512 for p in staging.iterdir())
+    stat = os.statvfs(small_disk)
+    page, free = stat.f_frsize, stat.f_bavail * stat.f_frsize
+    slack = 4 * page  # for the ledger and each file's last page, less than the shard not recorded
+    fits = DISK_MARGIN + output - used + slack  # free space with which a fresh merge would fit
+    filler.write_bytes(b"\0" * ((free - (fits - 2 * slack)) // page * page))
+    kept = sum(e["size"] for e in recorded.values())
+    with pytest.raises(lorafuse.LorafuseError, match=f"besides the {human_size(kept)} of it that {staging} holds\\) and "
+                                                     f"{human_size(DISK_MARGIN)} to spare, but only .* it will not fit"):
+        lorafuse.merge(*inputs, out, max_shard_size=shard)
+    os.truncate(filler, filler.stat().st_size - 2 * slack)  # now a fresh merge would fit
+    report = lorafuse.merge(*inputs, out, max_shard_size=shard)
+    assert report.shards_resumed == 1 and tree_hash(out) == tree_hash(reference)

@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Callable
 
 from .compute import needs_torch
-from .errors import LorafuseError
-from .execute import PARTIAL, disk_error, write_shards
-from .manifest import Ledger, fingerprint, settings_record, write_manifest
+from .errors import InputError, LorafuseError
+from .execute import disk_error, write_shards
+from .manifest import LEDGER, Ledger, fingerprint, settings_record, write_manifest
 from .output import check_target, exclusive, publish, staging_folder, write_metadata
 from .plan import Plan, existing_ancestor, make_plan
 from .publish import HubPublisher
@@ -63,7 +63,9 @@ def merge(base: str | os.PathLike | None, adapter: str | os.PathLike, out: str |
     BASE and ADAPTER are folders or Hugging Face repo ids (`org/name[@revision]`, read from the cache
     and downloaded when missing); BASE None takes the base the adapter names.
     `on_plan` sees the plan before any work starts; `on_progress` receives the bytes of each tensor
-    written. Raises LorafuseError for every problem the user can fix; OUT is then left untouched.
+    written. Raises LorafuseError for every problem the user can fix; OUT is then left untouched. With
+    `force=True` the folder at OUT when the merge starts is replaced, and nothing else: a folder that
+    appears at OUT meanwhile is left alone, and the finished merge waits in the staging folder.
     A merge that was interrupted (killed, disk full, Ctrl-C) continues where it stopped when run again
     with the same inputs and settings; `resume=True` insists that there is such a run to continue.
     `push_to_hub="org/name"` uploads each shard as soon as it is finished and publishes the whole model
@@ -74,28 +76,26 @@ def merge(base: str | os.PathLike | None, adapter: str | os.PathLike, out: str |
     """
     started = time.perf_counter()
     out = Path(out)
-    check_target(out, force)
+    replacing = check_target(out, force)
+    staging = staging_folder(out)
+    # Before anything is created or deleted: the plan checks that no input is a path the merge writes.
+    the_plan = make_plan(base, adapter, out, dtype=dtype, max_shard_size=max_shard_size, save_method=save_method,
+                         scratch=staging / DOWNLOADS if low_disk else None)
     with exclusive(out):  # a second merge into OUT would wipe this one's staging folder
-        staging = staging_folder(out)
-        the_plan = make_plan(base, adapter, out, dtype=dtype, max_shard_size=max_shard_size, save_method=save_method,
-                             scratch=staging / DOWNLOADS if low_disk else None)
         _import_in_background(the_plan, device)
         torch_device = _device(device)
         settings = settings_record(the_plan, device)
-        print_ = fingerprint(the_plan, settings)
-        finished = Ledger(staging, print_).shards if staging.is_dir() else {}
-        for partial in staging.glob("*" + PARTIAL):  # a killed run's unfinished shards, redone from scratch:
-            partial.unlink()                          # their room is free for the rest
+        ledger = _reusable_run(staging, fingerprint(the_plan, settings), resume)
         # A resume needs room only for the rest: what an interrupted run left (finished shards, base shards
         # fetched for --low-disk) already takes its share.
-        done = sum(entry["size"] for name, entry in finished.items() if (staging / name).is_file()) \
+        done = sum(entry["size"] for name, entry in ledger.shards.items() if (staging / name).is_file()) \
             + _bytes_under(staging / DOWNLOADS)
-        hold = _check_disk(the_plan, out, done, low_disk, pushing=bool(push_to_hub))
+        hold = _check_disk(the_plan, done, low_disk, pushing=bool(push_to_hub))
         if on_plan:
             on_plan(the_plan)
         hub = HubPublisher(push_to_hub, private=private, revision=revision, commit_message=commit_message,
                            delete_uploaded=low_disk).start() if push_to_hub else None  # a bad token or repo fails now
-        ledger = _open_ledger(staging, print_, resume)
+        staging.mkdir(exist_ok=True)
         if hub and low_disk:  # an earlier run's shards that went up and were deleted need not be merged again
             ledger.uploaded = {name for name, entry in ledger.shards.items()
                                if not (staging / name).exists() and hub.adopt(name, entry["sha256"], entry["size"])}
@@ -113,13 +113,17 @@ def merge(base: str | os.PathLike | None, adapter: str | os.PathLike, out: str |
             # rerun commits without merging again (with --low-disk the shards exist only on the Hub).
             hub_url = hub.finish(staging, skip={ledger.path.name}) if hub else None
             try:
-                publish(staging, out, keep_until_renamed=ledger.path)
+                publish(staging, out, keep_until_renamed=ledger.path, replacing=replacing)
+            except LorafuseError:  # something else is at OUT now: the finished merge stays staged, resumable
+                ledger.save()
+                raise
             except OSError as e:
                 raise disk_error(e, staging) from None
-        except BaseException:
+        except BaseException as e:
             if hub:
                 hub.close()
-            if not ledger.resumable:  # nothing finished: leave no trace
+            # Nothing finished, or bad inputs that a rerun must change anyway (hence start afresh): no trace.
+            if not ledger.resumable or isinstance(e, InputError):
                 shutil.rmtree(staging, ignore_errors=True)
             raise
         return MergeReport(
@@ -132,47 +136,75 @@ def merge(base: str | os.PathLike | None, adapter: str | os.PathLike, out: str |
         )
 
 
-def _check_disk(plan: Plan, out: Path, done: int, low_disk: bool, pushing: bool) -> int | None:
-    """Refuse a merge the disks cannot hold (`done`: bytes of it already there), saying what would fit.
-    Returns how many downloaded base shards a --low-disk merge keeps at once: one more than it must when
-    the disk has room, so that the next downloads while the current one is merged."""
+def room_problem(plan: Plan, done: int = 0, low_disk: bool = False, pushing: bool = False) -> str | None:
+    """Why the disks cannot hold the merge into plan.out (`done`: bytes of it already in the staging
+    folder), saying what would fit; None if they can or OUT is not known."""
+    return _room(plan, done, low_disk, pushing)[0]
+
+
+def _room(plan: Plan, done: int, low_disk: bool, pushing: bool) -> tuple[str | None, int]:
+    """(room_problem's answer, bytes free on OUT's disk beyond what the merge needs and DISK_MARGIN)."""
+    if plan.out is None:
+        return None, 0
     out_need, cache_need = plan.disk_needs(low_disk, pushing)
-    out_need = max(out_need - done, 0) + DISK_MARGIN
+    out_need = max(out_need - done, 0)
     free = plan.disk_free
+    margin = f"and {human_size(DISK_MARGIN)} to spare"
     low_disk_need = plan.disk_needs(True, pushing)[0]
     hint = f", or pass --low-disk (needs {human_size(low_disk_need)})" \
         if not low_disk and low_disk_need + DISK_MARGIN <= free else ""
     what = "the output needs"
     if cache_need:
         cache = existing_ancestor(cache_dir())
-        if os.stat(cache).st_dev == os.stat(existing_ancestor(out.absolute())).st_dev:
+        if os.stat(cache).st_dev == os.stat(existing_ancestor(plan.out.absolute())).st_dev:
             out_need += cache_need
             what = "the output and the downloads need"
         elif (cache_free := shutil.disk_usage(cache).free) < cache_need + DISK_MARGIN:
-            raise LorafuseError(f"downloading the base needs {human_size(cache_need)} in the Hugging Face cache {cache} but "
-                                f"only {human_size(cache_free)} is free there; free space, point HF_HUB_CACHE at "
-                                f"another disk{hint}")
-    if free < out_need:
-        raise LorafuseError(f"{what} {human_size(out_need - DISK_MARGIN)} more but only {human_size(free)} is free "
-                            f"on the disk holding {out.absolute().parent}; free space{hint}")
+            return (f"downloading the base needs {human_size(cache_need)} {margin} in the Hugging Face cache {cache}, "
+                    f"but only {human_size(cache_free)} is free there: it will not fit; free space, point HF_HUB_CACHE "
+                    f"at another disk{hint}"), 0
+    spare = free - out_need - DISK_MARGIN
+    if spare < 0:
+        kept = f" (besides the {human_size(done)} of it that {staging_folder(plan.out)} holds)" if done else ""
+        return (f"{what} {human_size(out_need)} more{kept} {margin}, but only {human_size(free)} is free on the disk "
+                f"holding {plan.out.absolute().parent}: it will not fit; free space{hint}"), 0
+    return None, spare
+
+
+def _check_disk(plan: Plan, done: int, low_disk: bool, pushing: bool) -> int | None:
+    """Refuse a merge the disks cannot hold (`done`: bytes of it already there), saying what would fit.
+    Returns how many downloaded base shards a --low-disk merge keeps at once: one more than it must when
+    the disk has room, so that the next downloads while the current one is merged."""
+    problem, spare = _room(plan, done, low_disk, pushing)
+    if problem:
+        raise LorafuseError(problem)
     if not low_disk or not plan.base.remote:
         return None
-    return plan.download_hold + (free >= out_need + plan.largest_download)
+    return plan.download_hold + (spare >= plan.largest_download)
 
 
 def _bytes_under(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else 0
 
 
-def _open_ledger(staging: Path, print_: str, resume: bool) -> Ledger:
-    """Continue the same merge's unfinished run, or start afresh."""
-    ledger = Ledger(staging, print_) if staging.is_dir() else None
-    if ledger is None or not ledger.resumable:
+def _reusable_run(staging: Path, print_: str, resume: bool) -> Ledger:
+    """The ledger of this merge's unfinished run, if there is one, and nothing else in the staging folder:
+    everything there that the rerun cannot trust (a killed run's half-written shards, a shard finished but
+    not recorded when the disk filled, another merge's run) is deleted before the room is checked, so that
+    a rerun fits whenever a fresh merge would."""
+    ledger = Ledger(staging, print_)
+    if not ledger.resumable:
         if resume:
             raise LorafuseError(f"there is no unfinished run of this merge to resume ({staging} holds none); run without --resume")
         shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-        ledger = Ledger(staging, print_)
+        return ledger
+    for path in staging.iterdir():
+        if path.name in (LEDGER, DOWNLOADS, *ledger.shards):
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
     return ledger
 
 

@@ -12,7 +12,7 @@ import sys
 import traceback
 
 from . import __version__
-from .api import merge, plan
+from .api import merge, plan, room_problem
 from .errors import LorafuseError
 from .plan import describe
 from .sources.hub import resolve_adapter
@@ -116,10 +116,13 @@ def _plan(args) -> int:
     _show_cache_status(args)
     the_plan = plan(args.base, args.adapter, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size,
                     save_method=args.save_method)
+    problem = room_problem(the_plan)
     if args.json:
-        print(json.dumps(_plan_dict(the_plan), indent=2))
+        print(json.dumps({**_plan_dict(the_plan), "fits": None if args.out is None else problem is None}, indent=2))
     else:
         print("\n".join(describe(the_plan, verbose=args.verbose)))
+    if problem:  # after the plan, which says what each mode needs
+        raise LorafuseError(problem)
     return 0
 
 

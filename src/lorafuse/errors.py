@@ -6,3 +6,8 @@ The CLI prints its message on one line and exits with code 2; anything else is a
 
 class LorafuseError(Exception):
     """A bad input or an impossible request, with a message that says what to do."""
+
+
+class InputError(LorafuseError):
+    """Bad content in the inputs, found while merging (NaN results, a truncated file): unlike an
+    interruption, the same run cannot be resumed into success, so what it wrote is removed."""

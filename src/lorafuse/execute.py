@@ -27,12 +27,13 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from . import compute
-from .errors import LorafuseError
+from .errors import InputError, LorafuseError
 from .formats.safetensors import TensorSlot
 from .manifest import HASH_CHUNK, Ledger
 from .plan import Plan, ShardPlan, TensorPlan, usable_cores
 from .quant import QuantizedTensor
 from .sources.remote import Downloads
+from .units import human_size
 
 COPY_CHUNK = 64 << 20
 FLUSH_BYTES = 64 << 20
@@ -493,7 +494,7 @@ def _copy(src: int, src_offset: int, dst: int, dst_offset: int, count: int) -> N
         while done < count:
             n = os.copy_file_range(src, dst, count - done, src_offset + done, dst_offset + done)
             if n == 0:
-                raise LorafuseError("a base file is shorter than its header says (truncated?); re-download it")
+                raise InputError("a base file is shorter than its header says (truncated?); re-download it")
             done += n
         return
     except OSError as e:
@@ -502,7 +503,7 @@ def _copy(src: int, src_offset: int, dst: int, dst_offset: int, count: int) -> N
     while done < count:
         chunk = os.pread(src, min(COPY_CHUNK, count - done), src_offset + done)
         if not chunk:
-            raise LorafuseError("a base file is shorter than its header says (truncated?); re-download it")
+            raise InputError("a base file is shorter than its header says (truncated?); re-download it")
         _write_bytes(dst, memoryview(chunk), dst_offset + done)
         done += len(chunk)
 
@@ -545,7 +546,10 @@ def _start_writeback(fd: int, offset: int, nbytes: int) -> None:
 def disk_error(e: OSError, folder: Path) -> LorafuseError:
     """An OS error while writing the output folder's staging copy, as a user-facing message."""
     if e.errno == errno.ENOSPC:
-        return LorafuseError(f"the disk holding {folder.parent} is full; free space and run the same command again")
+        kept = sum(p.stat().st_size for p in folder.iterdir() if p.is_file() and not p.name.endswith(PARTIAL)) \
+            if folder.is_dir() else 0
+        return LorafuseError(f"the disk holding {folder.parent} is full; free space and run the same command again"
+                             + (f": it goes on from the {human_size(kept)} finished in {folder}" if kept else ""))
     if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return LorafuseError(f"cannot write to {folder.parent}: {e.strerror}; choose another output folder")
     return LorafuseError(f"I/O error while writing the output: {e.strerror or e}")

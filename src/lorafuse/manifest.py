@@ -137,10 +137,18 @@ class Ledger:
     def record(self, filename: str, size: int, sha256: str) -> None:
         with self._lock:
             self.shards[filename] = {"size": size, "sha256": sha256}
-            tmp = self.path.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"fingerprint": self.fingerprint, "shards": self.shards}))
-            fsync_path(tmp)
-            os.replace(tmp, self.path)
+            self._write()
+
+    def save(self) -> None:
+        """Write the ledger again (after `publish` deleted it and could not move the folder into place)."""
+        with self._lock:
+            self._write()
+
+    def _write(self) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"fingerprint": self.fingerprint, "shards": self.shards}))
+        fsync_path(tmp)
+        os.replace(tmp, self.path)
 
     def discard(self) -> None:
         self.path.unlink(missing_ok=True)

@@ -18,25 +18,37 @@ from pathlib import Path
 
 from .errors import LorafuseError
 from .formats.folder import INDEX
-from .plan import Plan
+from .plan import Plan, work_path
 from .sources.hub import parse_spec
 
 
 def staging_folder(out: Path) -> Path:
-    return out.parent / f".{out.name}.lorafuse-partial"
+    return work_path(out, "partial")
 
 
 @contextlib.contextmanager
 def exclusive(out: Path):
-    """One merge at a time into OUT: a second would wipe the first's staging folder. The kernel drops
-    the lock when its holder dies, so a killed merge never blocks the next."""
-    lock_path = out.parent / f".{out.name}.lorafuse-lock"
-    fd = os.open(lock_path, os.O_WRONLY | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    """One merge at a time into OUT: a second would wipe the first's staging folder. A lock file next to
+    OUT is flock'ed: the kernel drops the lock when its holder dies, so a killed merge never blocks the
+    next. The holder deletes the file when it is done (while still holding it, so as to leave nothing
+    behind); a merge that opened the file just before may then lock that deleted file, while a third
+    locks a new one. So a lock counts only if the path still names the very file locked, checked after
+    locking, and otherwise it is tried again: the path changes only in the hands of a holder, so two
+    merges cannot both see their own file there."""
+    lock_path = work_path(out, "lock")
+    while True:
+        try:
+            fd = os.open(lock_path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except OSError as e:  # a folder or a link there: not lorafuse's
+            raise LorafuseError(f"cannot create the lock file {lock_path}: {e.strerror}; remove what is there") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise LorafuseError(f"another lorafuse merge is writing {out}; wait for it to finish") from None
+        if _identity(lock_path) == _identity(fd):
+            break
         os.close(fd)
-        raise LorafuseError(f"another lorafuse merge is writing {out}; wait for it to finish") from None
     try:
         yield
     finally:
@@ -44,12 +56,41 @@ def exclusive(out: Path):
         os.close(fd)
 
 
-def check_target(out: Path, force: bool) -> None:
-    """Refuse an existing OUT without --force, and an OUT whose parent cannot be written."""
-    if out.exists() and not force:
-        raise LorafuseError(f"output folder {out} already exists; choose another or pass --force to replace it")
+def _identity(file: Path | int) -> tuple[int, int] | None:
+    """(device, inode) of an open descriptor, or of what a path names (a link itself, not its target);
+    None where the path names nothing."""
+    try:
+        st = os.fstat(file) if isinstance(file, int) else os.lstat(file)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def check_target(out: Path, force: bool) -> tuple[int, int] | None:
+    """Refuse an OUT that cannot be written, or replaced safely; returns the identity of the folder at OUT
+    that --force replaces (None if there is none): the final step replaces that folder and nothing else.
+    A folder holding a model or an adapter that lorafuse did not write is most often an input given as OUT
+    (`lorafuse merge BASE ADAPTER`, OUT left out): --force is not offered for it, nor taken for an adapter."""
+    if out.is_symlink():
+        raise LorafuseError(f"output path {out} is a symbolic link (to {os.readlink(out)}); lorafuse replaces OUT as a "
+                            "whole: name a folder, not a link")
     if out.exists() and not out.is_dir():
-        raise LorafuseError(f"output path {out} exists and is not a folder")
+        raise LorafuseError(f"output path {out} exists and is not a folder; choose another output folder")
+    if out.is_dir():
+        from .manifest import MANIFEST  # not at the top: manifest imports this module
+
+        adapter = (out / "adapter_config.json").is_file()
+        if adapter or (not force and (out / "config.json").is_file() and not (out / MANIFEST).is_file()):
+            raise LorafuseError(f"output folder {out} holds {'an adapter' if adapter else 'a model'} that lorafuse did "
+                                "not write: is it an input? OUT is the last path (lorafuse merge [BASE] ADAPTER OUT), "
+                                "a new folder or an earlier merge; choose another output folder")
+        if not force:
+            raise LorafuseError(f"output folder {out} already exists; choose another or pass --force to replace it")
+    for kind in ("partial", "old"):
+        path = work_path(out, kind)
+        if path.is_symlink() or (path.exists() and not path.is_dir()):
+            raise LorafuseError(f"{path} is in lorafuse's way (a link or a file where it keeps its work for {out}); "
+                                "move it away or choose another output folder")
     parent = out.absolute().parent
     if not parent.is_dir():
         raise LorafuseError(f"the parent folder of {out} does not exist; create it first")
@@ -58,6 +99,7 @@ def check_target(out: Path, force: bool) -> None:
     except OSError as e:
         why = "it is on a read-only file system" if e.errno == errno.EROFS else e.strerror.lower()
         raise LorafuseError(f"cannot write to {parent}: {why}; choose another output folder") from None
+    return _identity(out)
 
 
 def write_metadata(plan: Plan, folder: Path, settings: dict) -> None:
@@ -112,36 +154,76 @@ def _repo_id(name: str) -> str | None:
     return parsed[0] if parsed else None
 
 
-def publish(staging: Path, out: Path, keep_until_renamed: Path) -> None:
-    """Make the staged folder durable, then move it into place in one rename; with --force, swap it
-    with the old OUT in one atomic exchange where the OS offers one. The resume ledger goes last, so an
-    interruption before the rename can still resume."""
+def publish(staging: Path, out: Path, keep_until_renamed: Path, replacing: tuple[int, int] | None) -> None:
+    """Make the staged folder durable, then move it into place in one step that cannot destroy anything
+    but the folder `replacing` identifies (the OUT that --force was given for, found when the merge
+    started): a move that fails if anything is at OUT, or an atomic exchange with that folder. Whatever
+    else is at OUT by now (made meanwhile by another program or by hand) is left alone, and so is the
+    finished merge, in the staging folder. The resume ledger goes last, so an interruption before the
+    move can still resume."""
     for path in staging.iterdir():
         if path != keep_until_renamed:
             fsync_path(path)
     keep_until_renamed.unlink(missing_ok=True)
     fsync_path(staging)
-    if not out.exists():
-        os.rename(staging, out)
-    elif _exchange(staging, out):
-        shutil.rmtree(staging, ignore_errors=True)  # now holds the old OUT
-    else:
-        old = out.parent / f".{out.name}.lorafuse-old"
-        shutil.rmtree(old, ignore_errors=True)
-        os.rename(out, old)
-        os.rename(staging, out)
-        shutil.rmtree(old, ignore_errors=True)
+    if replacing is not None and os.path.lexists(out):
+        _replace(staging, out, replacing)
+    elif not _rename_noreplace(staging, out):
+        raise LorafuseError(f"{out} appeared while merging (another program?) and is left as it is; the finished "
+                            f"merge is in {staging}: move {out} away, or pass --force to replace it, and run the "
+                            "same command again")
     fsync_path(out.absolute().parent)
 
 
-def _exchange(a: Path, b: Path) -> bool:
-    """Swap two paths atomically (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+def _replace(staging: Path, out: Path, replacing: tuple[int, int]) -> None:
+    """Swap the staged folder with OUT, then delete the old OUT: in one atomic exchange where the OS has
+    one, else in two renames. What is at OUT is deleted only if it is the folder found there at the start."""
+    changed = LorafuseError(f"{out} was replaced while merging (another program?) and is left as it is; the finished "
+                            f"merge is in {staging}: run the same command again to replace the new {out}")
+    if _renameat2(staging, out, RENAME_EXCHANGE):  # the staging path now holds what was at OUT
+        if _identity(staging) != replacing:
+            _renameat2(staging, out, RENAME_EXCHANGE)  # swap it back, as the same exchange just did
+            raise changed
+        shutil.rmtree(staging, ignore_errors=True)
+        return
+    old = work_path(out, "old")
+    shutil.rmtree(old, ignore_errors=True)
+    os.rename(out, old)
+    if _identity(old) != replacing:
+        os.rename(old, out)
+        raise changed
+    os.rename(staging, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
+
+
+def _rename_noreplace(src: Path, dst: Path) -> bool:
+    """Rename src to dst unless something is at dst (False then). Where renameat2 is missing, a rename after
+    a check: in the gap between the two only an empty folder made at dst could be replaced."""
+    if _renameat2(src, dst, RENAME_NOREPLACE):
+        return True
+    if ctypes.get_errno() == errno.EEXIST or os.path.lexists(dst):
+        return False
+    try:
+        os.rename(src, dst)
+    except OSError as e:
+        if e.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR):
+            return False
+        raise
+    return True
+
+
+def _renameat2(a: Path, b: Path, flags: int) -> bool:
+    """Linux renameat2; False (with errno set) where it fails, or the OS or file system lacks it."""
     try:
         renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
     except (AttributeError, OSError):
+        ctypes.set_errno(errno.ENOSYS)
         return False
-    at_fdcwd, rename_exchange = -100, 2
-    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+    at_fdcwd = -100
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), flags) == 0
 
 
 def fsync_path(path: Path) -> None:

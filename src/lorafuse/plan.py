@@ -255,7 +255,7 @@ def make_plan(base: str | os.PathLike | None, adapter: str | os.PathLike, out: s
     adapter_obj = open_adapter(adapter_dir)
     out_path = Path(out) if out is not None else None
     if out_path is not None:
-        _check_out(out_path, base_dir, adapter_dir)
+        _check_out(out_path, checkpoint, adapter_obj)
     patches = patches_by_tensor(adapter_obj)
     config = dict(checkpoint.config)
     notes: list[str] = []
@@ -355,12 +355,34 @@ def _parse_dtype(dtype: str) -> str | None:
     return DTYPE_NAMES[dtype.lower()]
 
 
-def _check_out(out: Path, base: Path, adapter: Path) -> None:
-    """OUT must not be, contain or lie inside an input: writing or replacing it would destroy that input."""
-    o = out.resolve()
-    for what, p in (("base model", base.resolve()), ("adapter", adapter.resolve())):
-        if o == p or p in o.parents or o in p.parents:
-            raise LorafuseError(f"output folder {out} overlaps the {what} folder {p}; choose an output folder elsewhere")
+def work_path(out: Path, kind: str) -> Path:
+    """A hidden path next to OUT that a merge creates and deletes: kind "partial" (the staging folder),
+    "lock" (the lock file) or "old" (the replaced OUT, with --force where no atomic exchange exists)."""
+    return out.parent / f".{out.name}.lorafuse-{kind}"
+
+
+def _check_out(out: Path, base: Checkpoint, adapter: Adapter) -> None:
+    """Nothing a merge into OUT writes, replaces or deletes (OUT, and its staging folder, lock file and
+    old OUT) may be, contain or lie inside an input folder or a file read from it, named directly or
+    through symbolic links (a Hub snapshot's files are links into the cache): that input would be destroyed.
+    Base shards still to download are not inputs yet (with --low-disk they go to the staging folder)."""
+    targets = [("output folder", out), ("lorafuse's staging folder", work_path(out, "partial")),
+               ("lorafuse's lock file", work_path(out, "lock")),
+               ("lorafuse's folder for the old output", work_path(out, "old"))]
+    downloads = {f.path for f in base.remote.values()}
+    inputs = [("base model folder", base.folder), ("adapter folder", adapter.folder)]
+    inputs += [("base model file", p) for p in {*base.weight_files, *base.folder.iterdir()} - downloads]
+    inputs += [("adapter file", p) for p in {adapter.weights_file, *adapter.folder.iterdir()}]
+    for what, path in inputs:
+        for label, target in targets:
+            if any(t == p or p in t.parents or t in p.parents for p in _spellings(path) for t in _spellings(target)):
+                raise LorafuseError(f"{label} {target} overlaps the {what} {path.resolve()}; "
+                                    "choose an output folder elsewhere")
+
+
+def _spellings(path: Path) -> set[Path]:
+    """A path as named, and where symbolic links lead it: through its parent folders, and itself too."""
+    return {Path(os.path.abspath(path)), path.parent.resolve() / path.name, path.resolve()}
 
 
 def _resolve_names(checkpoint: Checkpoint, patches: dict, adapter: Adapter) -> dict[str, str]:

@@ -16,7 +16,7 @@ import importlib
 import math
 from typing import Callable
 
-from ..errors import LorafuseError
+from ..errors import InputError
 from ..quant import QuantizedTensor
 
 # write(slot, offset, data): put `data` at `offset` in the output slot with that index (a Producer writes a
@@ -84,10 +84,10 @@ def producer(torch_needed: bool, device: str):
     return module.Producer(device)
 
 
-def not_finite(tensor) -> LorafuseError:
+def not_finite(tensor) -> InputError:
     origins = ", ".join(o for p in tensor.patches for o in p.origins)
-    return LorafuseError(f"merging {tensor.name} gives NaN or Inf values; the adapter tensors ({origins}) are broken")
+    return InputError(f"merging {tensor.name} gives NaN or Inf values; the adapter tensors ({origins}) are broken")
 
 
-def overflows(tensor, largest: float) -> LorafuseError:
-    return LorafuseError(f"{tensor.name} overflows {tensor.dtype} (values up to {largest:.3g}); use --dtype bf16 or fp32")
+def overflows(tensor, largest: float) -> InputError:
+    return InputError(f"{tensor.name} overflows {tensor.dtype} (values up to {largest:.3g}); use --dtype bf16 or fp32")
