@@ -1,9 +1,13 @@
 """The command line: plan output, reports, exit codes and one-line errors, as a user sees them."""
 
 import json
+import os
 import pickle
+import signal
 import subprocess
 import sys
+import time
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -164,3 +168,60 @@ def test_demo_runs_from_the_installed_command(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "demo OK" in done.stdout
 
+
+
+def _command(*argv, ready: int | None = None) -> list[str]:
+    """The installed `lorafuse` command's own steps: import the entry point pyproject.toml names, call it.
+    `ready`: a file descriptor to write a byte to once that module is imported."""
+    module, function = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["scripts"]["lorafuse"].split(":")
+    code = (f"import os, sys; sys.argv[0] = 'lorafuse'; from {module} import {function} as main; "
+            + (f"os.write({ready}, b'1'); " if ready is not None else "") + "sys.exit(main())")
+    return [sys.executable, "-c", code, *map(str, argv)]
+
+
+def _start_command(*argv) -> subprocess.Popen:
+    """Start the command and return once its entry point's module is imported: the interpreter's start-up
+    (site.py) and the search for that module are Python's to handle, everything from there on is lorafuse's."""
+    ready, tell = os.pipe()
+    process = subprocess.Popen(_command(*argv, ready=tell), pass_fds=(tell,),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    os.close(tell)
+    assert os.read(ready, 1) == b"1"
+    os.close(ready)
+    return process
+
+
+def test_ctrl_c_at_any_moment_is_one_line_and_exit_130(llama, tmp_path):
+    """While modules import, the plan is made, the shards are written, and the interpreter shuts down."""
+    base, adapter = llama
+    start = time.monotonic()
+    whole = _start_command("merge", base, adapter, tmp_path / "whole", "--quiet")
+    assert whole.wait(timeout=120) == 0, whole.stderr.read()
+    seconds = time.monotonic() - start
+    delays = [i * 0.005 for i in range(31)] + [seconds * i / 10 for i in range(2, 13)]
+    outcomes = []
+    for i, delay in enumerate(delays):
+        process = _start_command("merge", base, adapter, tmp_path / f"out{i}", "--quiet")
+        time.sleep(delay)
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=120)
+        outcomes.append((delay, process.returncode, err))
+    for delay, code, err in outcomes:
+        assert code in (130, 0) and "Traceback" not in err and len(err.splitlines()) <= 1, (delay, code, err)
+        assert (code == 130) == err.startswith("lorafuse: interrupted"), (delay, code, err)
+    assert any(code == 130 for _, code, _ in outcomes)
+
+
+def test_a_closed_stdout_is_a_normal_end(llama, tmp_path):
+    """`lorafuse ... | head -1`: the reader has gone before anything is written; every command that prints on
+    stdout still does its work and ends quietly with exit code 0, as when its output was read."""
+    base, adapter = llama
+    out = tmp_path / "out"
+    for argv in (["merge", base, adapter, out, "--json"], ["verify", out], ["plan", base, adapter],
+                 ["plan", base, adapter, "--json"], ["inspect", base, adapter, "--json"], ["--version"], ["--help"]):
+        reader, writer = os.pipe()
+        os.close(reader)
+        done = subprocess.run(_command(*argv), stdout=writer, stderr=subprocess.PIPE, text=True, timeout=300)
+        os.close(writer)
+        assert (done.returncode, done.stderr) == (0, ""), argv
+    assert (out / "lorafuse-manifest.json").exists()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import traceback
 
@@ -22,9 +23,12 @@ def main(argv: list[str] | None = None) -> int:
     # One OpenBLAS thread, set before numpy loads: the pipeline threads are the parallelism (the Python
     # API gets the same from threadpoolctl, see compute.rows), and idle OpenBLAS threads spin on the cores.
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-    parser = _parser()
-    args = parser.parse_args(argv)
+    outside = signal.getsignal(signal.SIGINT)  # the command's entry point ends the process at once: see lorafuse_command
+    own = callable(outside) and outside is not signal.default_int_handler
     try:
+        if own:  # while a command runs, Ctrl-C raises KeyboardInterrupt, so that cleanups run
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+        args = _parser().parse_args(argv)
         return args.run(args)
     except LorafuseError as e:
         print(f"lorafuse: error: {e}", file=sys.stderr)
@@ -33,10 +37,45 @@ def main(argv: list[str] | None = None) -> int:
         print("lorafuse: interrupted; the output folder was not touched, and running the same command again "
               "continues from the last finished shard", file=sys.stderr)
         return 130
+    except _ReaderGone:
+        return 0
     except Exception:
         traceback.print_exc()
         print("lorafuse: internal error (a bug): please report it with the trace above", file=sys.stderr)
         return 1
+    finally:
+        _flush_stdout()
+        if own:
+            signal.signal(signal.SIGINT, outside)
+
+
+class _ReaderGone(Exception):
+    """Whoever read stdout has closed it (`lorafuse inspect ... | head -1`): a normal end, not an error."""
+
+
+def _say(text: str) -> None:
+    """Print a result on stdout, flushed at once, so that a closed pipe shows up here and nowhere else."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        _discard_stdout()
+        raise _ReaderGone from None
+
+
+def _flush_stdout() -> None:
+    """What argparse (--help, --version) or anyone else left in stdout's buffer."""
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _discard_stdout()
+
+
+def _discard_stdout() -> None:
+    """Point stdout at /dev/null, so that the interpreter's flush at exit does not fail again on the closed
+    pipe (Python's recipe: "Note on SIGPIPE" in the signal module's documentation)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -117,9 +156,9 @@ def _plan(args) -> int:
     the_plan = plan(args.base, args.adapter, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size,
                     save_method=args.save_method)
     if args.json:
-        print(json.dumps(_plan_dict(the_plan), indent=2))
+        _say(json.dumps(_plan_dict(the_plan), indent=2))
     else:
-        print("\n".join(describe(the_plan, verbose=args.verbose)))
+        _say("\n".join(describe(the_plan, verbose=args.verbose)))
     return 0
 
 
@@ -137,8 +176,11 @@ def _show_cache_status(args) -> None:
         if parse_spec(spec) is None:
             continue
         status = cache_status(spec, kind=kind)
-        print(f"{'adapter' if kind == 'adapter' else 'base':<8} {describe_status(status)}",
-              file=sys.stderr if args.json else sys.stdout)
+        line = f"{'adapter' if kind == 'adapter' else 'base':<8} {describe_status(status)}"
+        if args.json:
+            print(line, file=sys.stderr)
+        else:
+            _say(line)
 
 
 def _plan_dict(the_plan) -> dict:
@@ -180,7 +222,7 @@ def _merge(args) -> int:
         if bar is not None:
             bar.close()
     if args.json:
-        print(json.dumps(report.to_dict(), indent=2))
+        _say(json.dumps(report.to_dict(), indent=2))
     elif show:
         print(
             f"done     {report.out}: {report.tensors_merged} merged, {report.tensors_copied} copied, "
@@ -227,7 +269,7 @@ def _inspect(args) -> int:
     from .inspect import inspect
 
     rows = inspect(args.base, args.adapter, args.compare_base)
-    print(json.dumps([asdict(r) for r in rows], indent=2) if args.json else "\n".join(describe_rows(rows)))
+    _say(json.dumps([asdict(r) for r in rows], indent=2) if args.json else "\n".join(describe_rows(rows)))
     return 0
 
 
@@ -239,7 +281,7 @@ def _verify(args) -> int:
         print(f"problem  {problem}", file=sys.stderr)
     if problems:
         raise LorafuseError(f"{args.out} failed verification with {len(problems)} problem(s), listed above")
-    print(f"ok       {args.out}: manifest, headers, index and values check out"
+    _say(f"ok       {args.out}: manifest, headers, index and values check out"
           + (f"; up to {args.sample} merged tensors recomputed from base and adapter agree" if args.base else ""))
     return 0
 
