@@ -79,6 +79,9 @@ def _headers(folder: Path) -> int:
     (("merge", "{base}", "{adapter}", "{tmp}/nope/out"), "does not exist"),
     (("merge", "{base}", "{adapter}", "{base}/out"), "overlaps the base model folder"),
     (("plan", "{adapter}", "{adapter}"), "has no config.json"),
+    (("merge", "{adapter}", "{base}", "{tmp}/out"), "look swapped: {adapter} is a PEFT adapter and {base} a model; the base comes first: lorafuse merge [BASE] ADAPTER OUT"),
+    (("merge", "{base}", "{tmp}/out"), "{base} is a model (config.json, no adapter_config.json), not a PEFT adapter"),
+    (("plan", "{base}"), "not a PEFT adapter; the base comes first"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(llama, tmp_path, capsys, args, match):
     base, adapter = llama
@@ -87,7 +90,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(llama, tmp_path, capsys
     before = tree_hash(base), tree_hash(adapter)
     argv = [a.format(base=base, adapter=adapter, tmp=tmp_path) for a in args]
     code, _, err = run(capsys, *argv)
-    assert_one_line_error(code, err, match)
+    assert_one_line_error(code, err, match.format(base=base, adapter=adapter))
     assert not (tmp_path / "out").exists() and not leftovers(tmp_path)
     assert (tree_hash(base), tree_hash(adapter)) == before
 

@@ -172,7 +172,7 @@ def _show_cache_status(args) -> None:
         if spec is None:
             spec = base_from_adapter(resolve_adapter(args.adapter))
             if spec is None:
-                raise LorafuseError(f"{args.adapter} names no base model (base_model_name_or_path); pass BASE")
+                return  # the plan says what is wrong
         if parse_spec(spec) is None:
             continue
         status = cache_status(spec, kind=kind)

@@ -22,7 +22,7 @@ from .errors import LorafuseError
 from .formats.safetensors import FLOAT_DTYPES, TensorSlot, dtype_size, layout
 from .patches import LoRA, Patch, Replace, ReplaceRows
 from .quant import QuantizedTensor, logical_tensors
-from .sources.hub import base_from_adapter, parse_spec, resolve_adapter, resolve_model_lazily
+from .sources.hub import ADAPTER_CONFIG, base_from_adapter, parse_spec, resolve_adapter, resolve_model_lazily
 from .sources.local import Checkpoint, open_model
 from .sources.remote import RemoteFile, min_hold
 from .units import human_size
@@ -236,6 +236,7 @@ def make_plan(base: str | os.PathLike | None, adapter: str | os.PathLike, out: s
     if save_method not in SAVE_METHODS:
         raise LorafuseError(f"--save-method {save_method!r} is not one of {', '.join(SAVE_METHODS)}")
     adapter_dir = resolve_adapter(adapter)
+    _check_roles(base, adapter, adapter_dir)
     if base is None:
         base = base_from_adapter(adapter_dir)
         if base is None:
@@ -304,6 +305,17 @@ def _base_mismatch(trained_on: str | None, base: str, base_dir: Path, quant_meth
         return [f"the adapter was trained on {trained_on}, and BASE is quantized ({quant_method}): the merge uses its "
                 f"dequantized weights, not the ones the adapter was trained against; {compare}"]
     return [f"the adapter was trained on {trained_on}; merging into {base}"]
+
+
+def _check_roles(base, adapter, adapter_dir: Path) -> None:
+    """A model folder in ADAPTER's place would fail with "has no adapter_config.json" (and the adapter in
+    BASE's place with "has no config.json"), which does not say that the order of the arguments is wrong."""
+    if (adapter_dir / ADAPTER_CONFIG).is_file() or not (adapter_dir / "config.json").is_file():
+        return
+    usage = "the base comes first: lorafuse merge [BASE] ADAPTER OUT"
+    if base is not None and os.path.isfile(os.path.join(os.path.expanduser(base), ADAPTER_CONFIG)):
+        raise LorafuseError(f"BASE and ADAPTER look swapped: {base} is a PEFT adapter and {adapter} a model; {usage}")
+    raise LorafuseError(f"{adapter} is a model (config.json, no {ADAPTER_CONFIG}), not a PEFT adapter; {usage}")
 
 
 def _parse_dtype(dtype: str) -> str | None:
