@@ -3,6 +3,7 @@
 import json
 import os
 import pickle
+import re
 import signal
 import subprocess
 import sys
@@ -228,3 +229,26 @@ def test_a_closed_stdout_is_a_normal_end(llama, tmp_path):
         os.close(writer)
         assert (done.returncode, done.stderr) == (0, ""), argv
     assert (out / "lorafuse-manifest.json").exists()
+
+
+def test_plan_progress_and_report_count_bytes_alike(llama, tmp_path, capsys, monkeypatch):
+    """Decimal units everywhere: the plan's and the report's kB, the plain progress lines and the tqdm bar
+    on a terminal (which would read 2.4% low with kibibytes)."""
+    from lorafuse import plan
+    from lorafuse.units import human_size
+
+    base, adapter = llama
+    the_plan = plan(base, adapter)
+    total = the_plan.total_size
+    written = json.loads(run(capsys, "merge", base, adapter, tmp_path / "json", "--json")[1])["bytes_written"]
+    code, _, err = run(capsys, "merge", base, adapter, tmp_path / "plain")
+    assert code == 0
+    assert f"output   1 shard(s), {human_size(the_plan.output_bytes)}" in err
+    assert f"progress 100%  {human_size(total)} / {human_size(total)}, " in err
+    assert f" copied, 0 cast, {human_size(written)} in " in err and "peak memory " in err
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    code, _, err = run(capsys, "merge", base, adapter, tmp_path / "bar")
+    assert code == 0
+    done, shown = re.findall(r"merging: 100%.*?\| *([0-9.]+)k/([0-9.]+)k ", err)[-1]
+    assert abs(float(shown) * 1000 - total) <= 0.005 * total and shown == done

@@ -17,6 +17,7 @@ from .api import merge, plan
 from .errors import LorafuseError
 from .plan import describe
 from .sources.hub import resolve_adapter
+from .units import human_size
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -226,8 +227,8 @@ def _merge(args) -> int:
     elif show:
         print(
             f"done     {report.out}: {report.tensors_merged} merged, {report.tensors_copied} copied, "
-            f"{report.tensors_cast} cast, {report.bytes_written / 1e9:.2f} GB in {report.seconds:.1f} s, "
-            f"peak memory {report.peak_memory / 1e9:.2f} GB" + (f"; published {report.hub_url}" if report.hub_url else "")
+            f"{report.tensors_cast} cast, {human_size(report.bytes_written)} in {report.seconds:.1f} s, "
+            f"peak memory {human_size(report.peak_memory)}" + (f"; published {report.hub_url}" if report.hub_url else "")
             + (" (the shards are on the Hub only: --low-disk)" if report.hub_url and args.low_disk else ""),
             file=sys.stderr,
         )
@@ -235,7 +236,8 @@ def _merge(args) -> int:
 
 
 class _progress:
-    """A tqdm bar (bytes, tensors, rate, time left) on a terminal; a plain line every 10% otherwise."""
+    """A tqdm bar (bytes, tensors, rate, time left) on a terminal; a plain line every 10% otherwise. Sizes in
+    decimal units (kB = 1000 B), as the plan and the report write them (units.human_size)."""
 
     def __init__(self, total: int, tensors: int) -> None:
         self.total, self.tensors, self.done, self.count, self.next_tenth = total, tensors, 0, 0, 1
@@ -243,7 +245,7 @@ class _progress:
         if sys.stderr.isatty():
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="merging", file=sys.stderr)
+            self.bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, desc="merging", file=sys.stderr)
 
     def update(self, n: int) -> None:
         self.done += n
@@ -252,7 +254,7 @@ class _progress:
             self.bar.set_postfix_str(f"{self.count}/{self.tensors} tensors", refresh=False)
             self.bar.update(n)
         elif self.total and self.done * 10 // self.total >= self.next_tenth and (self.done < self.total or self.count == self.tensors):
-            print(f"progress {self.done / self.total:4.0%}  {self.done / 1e9:.2f} / {self.total / 1e9:.2f} GB, "
+            print(f"progress {self.done / self.total:4.0%}  {human_size(self.done)} / {human_size(self.total)}, "
                   f"{self.count}/{self.tensors} tensors", file=sys.stderr)
             self.next_tenth = self.done * 10 // self.total + 1
 
