@@ -51,6 +51,21 @@ def test_plan_prints_matches_costs_and_writes_nothing(llama, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_plan_lists_the_low_disk_modes_only_where_they_help(llama, tmp_path, capsys, monkeypatch):
+    """For a base on the disk, --low-disk saves nothing; --low-disk --push-to-hub (each uploaded shard
+    deleted) is worth a line only when the output does not fit the free disk."""
+    import shutil
+
+    base, adapter = llama
+    argv = ["plan", base, adapter, tmp_path / "out", "--max-shard-size", "20KB"]
+    code, out, _ = run(capsys, *argv)
+    assert code == 0 and "disk     needs" in out and "--low-disk" not in out
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=30_000))
+    code, out, _ = run(capsys, *argv)
+    assert code == 0 and "--low-disk --push-to-hub: " in out and "--low-disk: " not in out
+
+
 def test_plan_json(llama, capsys):
     base, adapter = llama
     code, out, _ = run(capsys, "plan", base, adapter, "--json")

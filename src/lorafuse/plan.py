@@ -535,7 +535,10 @@ def describe(plan: Plan, verbose: bool = False) -> list[str]:
 
 
 def _describe_disk(plan: Plan) -> list[str]:
-    """What each mode needs on disk, so a user whose disk cannot hold two copies knows what to pass."""
+    """What each mode needs on disk, so a user whose disk cannot hold two copies knows what to pass. The
+    --low-disk modes are listed only where they can matter: when base shards are to be downloaded (they then
+    stay out of the cache), or when the output does not fit the free disk (with --push-to-hub each uploaded
+    shard is deleted, also for a base on the disk)."""
     remote = plan.base.remote
     lines = []
     if remote:
@@ -545,6 +548,8 @@ def _describe_disk(plan: Plan) -> list[str]:
     free = plan.disk_free
     text = f"disk     needs {human_size(out)} for the output" + (f" + {human_size(cache)} in the cache" if cache else "")
     lines.append(text + (f"; {human_size(free)} free" if free is not None else ""))
+    if not remote and (free is None or out + cache <= free):
+        return lines
     for flags, pushing in (("--low-disk", False), ("--low-disk --push-to-hub", True)):
         need = plan.disk_needs(low_disk=True, pushing=pushing)[0]
         if need < out + cache:
