@@ -267,3 +267,21 @@ def test_plan_progress_and_report_count_bytes_alike(llama, tmp_path, capsys, mon
     assert code == 0
     done, shown = re.findall(r"merging: 100%.*?\| *([0-9.]+)k/([0-9.]+)k ", err)[-1]
     assert abs(float(shown) * 1000 - total) <= 0.005 * total and shown == done
+
+
+def test_inspect_and_plan_list_tensors_in_natural_order(tmp_path, capsys):
+    """Twelve layers: layers.2 comes before layers.10 (as the model runs them), inspect's "overall" last."""
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from conftest import TINY, save_model
+
+    base = save_model(AutoModelForCausalLM.from_config(LlamaConfig(**{**TINY, "num_hidden_layers": 12})), tmp_path / "base")
+    adapter = make_adapter(base, tmp_path / "adapter", LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+    code, out, _ = run(capsys, "inspect", base, adapter, "--json")
+    names = [row["name"] for row in json.loads(out)]
+    assert code == 0 and names == [f"model.layers.{i}.self_attn.q_proj.weight" for i in range(12)] + ["overall"]
+    code, out, _ = run(capsys, "inspect", base, adapter)
+    assert code == 0 and [line.split()[0] for line in out.splitlines()[1:]] == names
+    code, out, _ = run(capsys, "plan", base, adapter, "--verbose")
+    assert code == 0 and [line.split(":")[0].strip() for line in out.splitlines() if line.startswith("  ")] == names[:-1]

@@ -19,6 +19,7 @@ from .plan import make_plan
 from .quant import QuantizedTensor, logical_tensors
 from .sources.hub import resolve_model
 from .sources.local import open_model
+from .units import natural
 
 
 @dataclass
@@ -30,7 +31,8 @@ class Row:
 
 
 def inspect(base: str | os.PathLike | None, adapter: str | os.PathLike, compare_base: str | os.PathLike | None = None) -> list[Row]:
-    """One row per base tensor the adapter changes, and a last row named "overall" (root of sums of squares)."""
+    """One row per base tensor the adapter changes, in natural order, and a last row named "overall" (root
+    of sums of squares)."""
     plan = make_plan(base, adapter)
     other = None
     if compare_base is not None:
@@ -49,6 +51,7 @@ def inspect(base: str | os.PathLike | None, adapter: str | os.PathLike, compare_
             gap = torch.linalg.vector_norm(w - _value(other[tensor.name])).item()
         delta = torch.linalg.vector_norm(merged - w).item() if merged.shape == w.shape else math.nan
         rows.append(Row(tensor.name, torch.linalg.vector_norm(w).item(), delta, gap))
+    rows.sort(key=lambda row: natural(row.name))
     rows.append(_overall(rows))
     return rows
 

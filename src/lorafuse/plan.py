@@ -25,7 +25,7 @@ from .quant import QuantizedTensor, logical_tensors
 from .sources.hub import ADAPTER_CONFIG, base_from_adapter, parse_spec, resolve_adapter, resolve_model_lazily
 from .sources.local import Checkpoint, open_model
 from .sources.remote import RemoteFile, min_hold
-from .units import human_size
+from .units import human_size, natural
 
 DTYPE_NAMES = {"bf16": "BF16", "bfloat16": "BF16", "fp16": "F16", "float16": "F16", "fp32": "F32", "float32": "F32"}
 CONFIG_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
@@ -529,7 +529,7 @@ def describe(plan: Plan, verbose: bool = False) -> list[str]:
     lines += _describe_disk(plan)
     lines += [f"note     {n}" for n in plan.notes]
     if verbose:
-        for t in plan.merged:
+        for t in sorted(plan.merged, key=lambda t: natural(t.name)):
             lines.append(f"  {t.name}: {' + '.join(p.label for p in t.patches)}")
     return lines
 

@@ -1,4 +1,6 @@
-"""Sizes as people read them."""
+"""Sizes and names as people read them."""
+
+import re
 
 
 def human_size(n: int) -> str:
@@ -8,3 +10,8 @@ def human_size(n: int) -> str:
         if n >= scale:
             return f"{n / scale:.2f} {unit}"
     return f"{n} B"
+
+
+def natural(name: str) -> list:
+    """Sort key that reads numbers as numbers: layers.2 before layers.10 (safetensors orders names as strings)."""
+    return [int(part) if i % 2 else part for i, part in enumerate(re.split(r"(\d+)", name))]
