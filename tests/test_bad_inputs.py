@@ -8,7 +8,7 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 import lorafuse
-from conftest import leftovers, make_adapter, tree_hash
+from conftest import leftovers, make_adapter, read_tensors, same_bytes, tree_hash
 
 
 @pytest.fixture(scope="module")
@@ -90,6 +90,16 @@ def no_config(folder):
     (folder / "config.json").unlink()
 
 
+def nan_in_base(folder):
+    """In a weight the adapter changes: the base is to blame, not the adapter."""
+    for shard in _shards(folder):
+        tensors = load_file(shard)
+        key = next((k for k in tensors if k.endswith("layers.1.self_attn.q_proj.weight")), None)
+        if key:
+            tensors[key][3, 5] = float("inf")
+            save_file(tensors, shard, metadata={"format": "pt"})
+
+
 BASE_CASES = [
     (truncated_shard, "truncated"),
     (duplicate_across_shards, "appears in both"),
@@ -99,6 +109,7 @@ BASE_CASES = [
     (index_lies, "does not hold it"),
     (link_outside, "links outside the model folder"),
     (no_config, "has no config.json"),
+    (nan_in_base, "base tensor model.layers.1.self_attn.q_proj.weight already holds NaN or Inf values, so no merge"),
 ]
 
 
@@ -163,3 +174,22 @@ def test_links_into_the_hugging_face_cache_are_followed(sharded, tmp_path, monke
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
     lorafuse.merge(snapshot, adapter, tmp_path / "out")
     assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_nan_in_an_untouched_base_tensor_is_passed_through(sharded, tmp_path):
+    """A tensor the adapter does not change is copied as raw bytes, never decoded: its NaN is the base's
+    own business and comes out as it went in."""
+    name = "model.layers.1.self_attn.k_proj.weight"
+
+    def nan_in_k_proj(folder):
+        for shard in _shards(folder):
+            tensors = load_file(shard)
+            if name in tensors:
+                tensors[name][0, :2] = float("nan")
+                save_file(tensors, shard, metadata={"format": "pt"})
+
+    base, adapter = sharded
+    damaged = _damage_base(base, tmp_path, nan_in_k_proj)
+    lorafuse.merge(damaged, adapter, tmp_path / "out")
+    merged, original = read_tensors(tmp_path / "out"), read_tensors(damaged)
+    assert merged[name][0, :2].isnan().all() and same_bytes(merged[name], original[name])
