@@ -231,19 +231,25 @@ def test_ctrl_c_at_any_moment_is_one_line_and_exit_130(llama, tmp_path):
     assert any(code == 130 for _, code, _ in outcomes)
 
 
-def test_a_closed_stdout_is_a_normal_end(llama, tmp_path):
+def test_a_closed_pipe_is_a_normal_end(llama, tmp_path):
     """`lorafuse ... | head -1`: the reader has gone before anything is written; every command that prints on
-    stdout still does its work and ends quietly with exit code 0, as when its output was read."""
+    stdout still does its work and ends quietly with exit code 0, as when its output was read. With
+    `2>&1 | head -1` the messages go unheard too, and the merge is not given up for them."""
     base, adapter = llama
     out = tmp_path / "out"
-    for argv in (["merge", base, adapter, out, "--json"], ["verify", out], ["plan", base, adapter],
-                 ["plan", base, adapter, "--json"], ["inspect", base, adapter, "--json"], ["--version"], ["--help"]):
+    cases = [(["merge", base, adapter, out, "--json"], False, 0), (["verify", out], False, 0),
+             (["plan", base, adapter], False, 0), (["plan", base, adapter, "--json"], False, 0),
+             (["inspect", base, adapter, "--json"], False, 0), (["--version"], False, 0), (["--help"], False, 0),
+             (["merge", base, adapter, tmp_path / "logged"], True, 0),  # plan, progress and report unheard
+             (["merge", base, adapter, out], True, 2)]  # OUT exists: the error is unheard, its exit code stands
+    for argv, both, code in cases:
         reader, writer = os.pipe()
         os.close(reader)
-        done = subprocess.run(_command(*argv), stdout=writer, stderr=subprocess.PIPE, text=True, timeout=300)
+        done = subprocess.run(_command(*argv), stdout=writer, stderr=writer if both else subprocess.PIPE,
+                              text=True, timeout=300)
         os.close(writer)
-        assert (done.returncode, done.stderr) == (0, ""), argv
-    assert (out / "lorafuse-manifest.json").exists()
+        assert (done.returncode, done.stderr) == (code, None if both else ""), argv
+    assert (out / "lorafuse-manifest.json").exists() and (tmp_path / "logged" / "lorafuse-manifest.json").exists()
 
 
 def test_plan_progress_and_report_count_bytes_alike(llama, tmp_path, capsys, monkeypatch):

@@ -32,17 +32,16 @@ def main(argv: list[str] | None = None) -> int:
         args = _parser().parse_args(argv)
         return args.run(args)
     except LorafuseError as e:
-        print(f"lorafuse: error: {e}", file=sys.stderr)
+        _tell(f"lorafuse: error: {e}")
         return 2
     except KeyboardInterrupt:
-        print("lorafuse: interrupted; the output folder was not touched, and running the same command again "
-              "continues from the last finished shard", file=sys.stderr)
+        _tell("lorafuse: interrupted; the output folder was not touched, and running the same command again "
+              "continues from the last finished shard")
         return 130
     except _ReaderGone:
         return 0
     except Exception:
-        traceback.print_exc()
-        print("lorafuse: internal error (a bug): please report it with the trace above", file=sys.stderr)
+        _tell(traceback.format_exc() + "lorafuse: internal error (a bug): please report it with the trace above")
         return 1
     finally:
         _flush_stdout()
@@ -59,8 +58,17 @@ def _say(text: str) -> None:
     try:
         print(text, flush=True)
     except BrokenPipeError:
-        _discard_stdout()
+        _discard(sys.stdout)
         raise _ReaderGone from None
+
+
+def _tell(text: str) -> None:
+    """Print a message on stderr. Once its reader has gone (`2>&1 | head -1`), the command carries on
+    unheard: a merge is not given up for a log nobody reads."""
+    try:
+        print(text, file=sys.stderr, flush=True)
+    except BrokenPipeError:
+        _discard(sys.stderr)
 
 
 def _flush_stdout() -> None:
@@ -68,14 +76,14 @@ def _flush_stdout() -> None:
     try:
         sys.stdout.flush()
     except BrokenPipeError:
-        _discard_stdout()
+        _discard(sys.stdout)
 
 
-def _discard_stdout() -> None:
-    """Point stdout at /dev/null, so that the interpreter's flush at exit does not fail again on the closed
-    pipe (Python's recipe: "Note on SIGPIPE" in the signal module's documentation)."""
+def _discard(stream) -> None:
+    """Point a closed pipe's stream at /dev/null, so that later writes and the interpreter's flush at exit
+    do not fail on it again (Python's recipe: "Note on SIGPIPE" in the signal module's documentation)."""
     devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())
+    os.dup2(devnull, stream.fileno())
     os.close(devnull)
 
 
@@ -179,7 +187,7 @@ def _show_cache_status(args) -> None:
         status = cache_status(spec, kind=kind)
         line = f"{'adapter' if kind == 'adapter' else 'base':<8} {describe_status(status)}"
         if args.json:
-            print(line, file=sys.stderr)
+            _tell(line)
         else:
             _say(line)
 
@@ -210,7 +218,7 @@ def _merge(args) -> int:
     def on_plan(the_plan) -> None:
         nonlocal bar
         if show:
-            print("\n".join(describe(the_plan)), file=sys.stderr)
+            _tell("\n".join(describe(the_plan)))
             bar = _progress(the_plan.total_size, len(the_plan.tensors))
 
     try:
@@ -225,12 +233,11 @@ def _merge(args) -> int:
     if args.json:
         _say(json.dumps(report.to_dict(), indent=2))
     elif show:
-        print(
+        _tell(
             f"done     {report.out}: {report.tensors_merged} merged, {report.tensors_copied} copied, "
             f"{report.tensors_cast} cast, {human_size(report.bytes_written)} in {report.seconds:.1f} s, "
             f"peak memory {human_size(report.peak_memory)}" + (f"; published {report.hub_url}" if report.hub_url else "")
-            + (" (the shards are on the Hub only: --low-disk)" if report.hub_url and args.low_disk else ""),
-            file=sys.stderr,
+            + (" (the shards are on the Hub only: --low-disk)" if report.hub_url and args.low_disk else "")
         )
     return 0
 
@@ -254,8 +261,8 @@ class _progress:
             self.bar.set_postfix_str(f"{self.count}/{self.tensors} tensors", refresh=False)
             self.bar.update(n)
         elif self.total and self.done * 10 // self.total >= self.next_tenth and (self.done < self.total or self.count == self.tensors):
-            print(f"progress {self.done / self.total:4.0%}  {human_size(self.done)} / {human_size(self.total)}, "
-                  f"{self.count}/{self.tensors} tensors", file=sys.stderr)
+            _tell(f"progress {self.done / self.total:4.0%}  {human_size(self.done)} / {human_size(self.total)}, "
+                  f"{self.count}/{self.tensors} tensors")
             self.next_tenth = self.done * 10 // self.total + 1
 
     def close(self) -> None:
@@ -280,7 +287,7 @@ def _verify(args) -> int:
 
     problems = verify(args.out, args.base, args.adapter, args.sample)
     for problem in problems:
-        print(f"problem  {problem}", file=sys.stderr)
+        _tell(f"problem  {problem}")
     if problems:
         raise LorafuseError(f"{args.out} failed verification with {len(problems)} problem(s), listed above")
     _say(f"ok       {args.out}: manifest, headers, index and values check out"

@@ -548,7 +548,7 @@ def _describe_disk(plan: Plan) -> list[str]:
     free = plan.disk_free
     text = f"disk     needs {human_size(out)} for the output" + (f" + {human_size(cache)} in the cache" if cache else "")
     lines.append(text + (f"; {human_size(free)} free" if free is not None else ""))
-    if not remote and (free is None or out + cache <= free):
+    if not remote and (free is None or out <= free):
         return lines
     for flags, pushing in (("--low-disk", False), ("--low-disk --push-to-hub", True)):
         need = plan.disk_needs(low_disk=True, pushing=pushing)[0]
