@@ -3,8 +3,9 @@ package's own imports (numpy and the merge machinery, most of the command's firs
 
 Ctrl-C must end the command with one line and exit code 130 at every moment. Until lorafuse.cli.main
 runs there is nothing to clean up, so SIGINT ends the process at once; while it runs, it raises
-KeyboardInterrupt, so that cleanups run and the command reports what was kept; once it has returned, SIGINT
-only cuts the interpreter's shutdown short and the command's exit code stands.
+KeyboardInterrupt, so that cleanups run and the command reports what was kept, and then the process ends
+at once; once it has returned otherwise, SIGINT only cuts the interpreter's shutdown short and the command's
+exit code stands.
 """
 
 import os
@@ -19,7 +20,11 @@ def main() -> int:
     except KeyboardInterrupt:  # one that came while the command was reporting another ending
         _on_sigint(130, b"")
         os.write(2, b"lorafuse: interrupted\n")
-        return 130
+        code = 130
+    if code == 130:
+        # Interrupted: what had to be cleaned up was. Threads still running are not waited for: one may be
+        # stuck for good in an import that the KeyboardInterrupt broke in the main thread.
+        os._exit(code)
     _on_sigint(code, b"")
     return code
 

@@ -231,6 +231,25 @@ def test_ctrl_c_at_any_moment_is_one_line_and_exit_130(llama, tmp_path):
     assert any(code == 130 for _, code, _ in outcomes)
 
 
+def test_an_interrupted_command_does_not_wait_for_stuck_threads(llama, tmp_path):
+    """A Ctrl-C that lands while the main thread imports a module can leave another thread's import of it
+    waiting for good (as api's import thread did, now and then): the interrupted command ends all the same."""
+    base, adapter = llama
+    command = _command("merge", base, adapter, tmp_path / "out", "--max-shard-size", "20KB", "--quiet")
+    command[2] = (
+        "import os, signal, threading\n"
+        "import lorafuse.execute as execute\n"
+        "finish = execute._finish_shard\n"
+        "def interrupting(*args):\n"
+        "    threading.Thread(target=threading.Event().wait).start()\n"
+        "    finish(*args)\n"
+        "    os.kill(os.getpid(), signal.SIGINT)\n"
+        "execute._finish_shard = interrupting\n"
+    ) + command[2]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 130 and done.stderr.startswith("lorafuse: interrupted") and done.stderr.count("\n") == 1
+
+
 def test_a_closed_pipe_is_a_normal_end(llama, tmp_path):
     """`lorafuse ... | head -1`: the reader has gone before anything is written; every command that prints on
     stdout still does its work and ends quietly with exit code 0, as when its output was read. With
