@@ -188,7 +188,6 @@ def test_demo_runs_from_the_installed_command(tmp_path):
     assert "demo OK" in done.stdout
 
 
-
 def _command(*argv, ready: int | None = None) -> list[str]:
     """The installed `lorafuse` command's own steps: import the entry point pyproject.toml names, call it.
     `ready`: a file descriptor to write a byte to once that module is imported."""
