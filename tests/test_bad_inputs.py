@@ -9,7 +9,7 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 import lorafuse
-from conftest import leftovers, make_adapter, tree_hash
+from conftest import leftovers, make_adapter, read_tensors, same_bytes, tree_hash
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +87,30 @@ def link_outside(folder):
     shard.symlink_to(outside)
 
 
+def odd_shard(kind):
+    """A shard replaced by something that is not a file: it is named as what it is, not as missing, and a
+    FIFO is never opened (that would wait for a writer forever)."""
+    def damage(folder):
+        shard = _shards(folder)[0]
+        shard.unlink()
+        if kind == "FIFO":
+            os.mkfifo(shard)
+        elif kind == "folder":
+            shard.mkdir()
+        elif kind == "circular link":
+            shard.symlink_to(shard.name)
+        else:
+            shard.symlink_to("gone.safetensors")
+    damage.__name__ = f"shard_is_{kind.replace(' ', '_')}"
+    return damage
+
+
+def odd_index(folder):
+    index = folder / "model.safetensors.index.json"
+    index.unlink()
+    os.mkfifo(index)
+
+
 def no_config(folder):
     (folder / "config.json").unlink()
 
@@ -118,6 +142,16 @@ def carried_fifo(name):
     return damage
 
 
+def nan_in_base(folder):
+    """In a weight the adapter changes: the base is to blame, not the adapter."""
+    for shard in _shards(folder):
+        tensors = load_file(shard)
+        key = next((k for k in tensors if k.endswith("layers.1.self_attn.q_proj.weight")), None)
+        if key:
+            tensors[key][3, 5] = float("inf")
+            save_file(tensors, shard, metadata={"format": "pt"})
+
+
 BASE_CASES = [
     (truncated_shard, "truncated"),
     (duplicate_across_shards, "appears in both"),
@@ -131,6 +165,12 @@ BASE_CASES = [
     (carried_links_outside("config.json"), "links outside the model folder"),
     (carried_fifo("generation_config.json"), "is not a regular file"),
     (dangling_tokenizer, "cannot be read"),
+    (odd_shard("FIFO"), "but .*model-00001-of-0000.\\.safetensors is a FIFO, not a file; download it again"),
+    (odd_shard("folder"), "is a folder, not a file; download it again"),
+    (odd_shard("circular link"), "is a circular link, not a file; download it again"),
+    (odd_shard("link to nothing"), "is a link to nothing \\(gone.safetensors\\); download it again"),
+    (odd_index, "model.safetensors.index.json is a FIFO, not a file; download it again"),
+    (nan_in_base, "base tensor model.layers.1.self_attn.q_proj.weight already holds NaN or Inf values, so no merge"),
 ]
 
 
@@ -226,3 +266,55 @@ def test_nan_found_part_way_leaves_nothing_behind(sharded, tmp_path, monkeypatch
         lorafuse.merge(base, adapter, tmp_path / "out", max_shard_size="8KB")
     assert finished, "no shard was finished before the NaN: nothing to tell apart"
     assert not (tmp_path / "out").exists() and not leftovers(tmp_path)
+
+
+def test_nan_in_an_untouched_base_tensor_is_passed_through(sharded, tmp_path):
+    """A tensor the adapter does not change is copied as raw bytes, never decoded: its NaN is the base's
+    own business and comes out as it went in."""
+    name = "model.layers.1.self_attn.k_proj.weight"
+
+    def nan_in_k_proj(folder):
+        for shard in _shards(folder):
+            tensors = load_file(shard)
+            if name in tensors:
+                tensors[name][0, :2] = float("nan")
+                save_file(tensors, shard, metadata={"format": "pt"})
+
+    base, adapter = sharded
+    damaged = _damage_base(base, tmp_path, nan_in_k_proj)
+    lorafuse.merge(damaged, adapter, tmp_path / "out")
+    merged, original = read_tensors(tmp_path / "out"), read_tensors(damaged)
+    assert merged[name][0, :2].isnan().all() and same_bytes(merged[name], original[name])
+
+
+def test_a_single_file_base_that_is_not_a_file_is_named_as_such(tiny_base, sharded, tmp_path):
+    base = _damage_base(tiny_base("llama", "bf16"), tmp_path, lambda folder: None)
+    (base / "model.safetensors").unlink()
+    os.mkfifo(base / "model.safetensors")
+    with pytest.raises(lorafuse.LorafuseError, match=r"model.safetensors is a FIFO, not a file; download it again"):
+        lorafuse.plan(base, sharded[1])
+
+
+def test_reading_a_header_never_opens_a_fifo(tmp_path):
+    """Whoever asks (the base, the adapter, verify), a FIFO is refused from stat alone. Were it opened, a
+    writer arrives after a few seconds, so that the test fails instead of waiting forever."""
+    import threading
+
+    from lorafuse.formats.safetensors import read_header
+
+    fifo = tmp_path / "model.safetensors"
+    os.mkfifo(fifo)
+
+    def writer():
+        try:
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))  # fails (ENXIO) unless a reader waits
+        except OSError:
+            pass
+
+    timer = threading.Timer(3, writer)
+    timer.start()
+    try:
+        with pytest.raises(lorafuse.LorafuseError, match="is a FIFO, not a file"):
+            read_header(fifo)
+    finally:
+        timer.cancel()

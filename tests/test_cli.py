@@ -3,8 +3,12 @@
 import json
 import os
 import pickle
+import re
+import signal
 import subprocess
 import sys
+import time
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -47,6 +51,21 @@ def test_plan_prints_matches_costs_and_writes_nothing(llama, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_plan_lists_the_low_disk_modes_only_where_they_help(llama, tmp_path, capsys, monkeypatch):
+    """For a base on the disk, --low-disk saves nothing; --low-disk --push-to-hub (each uploaded shard
+    deleted) is worth a line only when the output does not fit the free disk."""
+    import shutil
+
+    base, adapter = llama
+    argv = ["plan", base, adapter, tmp_path / "out", "--max-shard-size", "20KB"]
+    code, out, _ = run(capsys, *argv)
+    assert code == 0 and "disk     needs" in out and "--low-disk" not in out
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=30_000))
+    code, out, _ = run(capsys, *argv)
+    assert code == 2 and "--low-disk --push-to-hub: " in out and "--low-disk: " not in out  # 2: it will not fit
+
+
 def test_plan_json(llama, capsys):
     base, adapter = llama
     code, out, _ = run(capsys, "plan", base, adapter, "--json")
@@ -76,6 +95,9 @@ def _headers(folder: Path) -> int:
     (("merge", "{base}", "{adapter}", "{tmp}/nope/out"), "does not exist"),
     (("merge", "{base}", "{adapter}", "{base}/out"), "overlaps the base model folder"),
     (("plan", "{adapter}", "{adapter}"), "has no config.json"),
+    (("merge", "{adapter}", "{base}", "{tmp}/out"), "look swapped: {adapter} is a PEFT adapter and {base} a model; the base comes first: lorafuse merge [BASE] ADAPTER OUT"),
+    (("merge", "{base}", "{tmp}/out"), "{base} is a model (config.json, no adapter_config.json), not a PEFT adapter"),
+    (("plan", "{base}"), "not a PEFT adapter; the base comes first"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(llama, tmp_path, capsys, args, match):
     base, adapter = llama
@@ -84,7 +106,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(llama, tmp_path, capsys
     before = tree_hash(base), tree_hash(adapter)
     argv = [a.format(base=base, adapter=adapter, tmp=tmp_path) for a in args]
     code, _, err = run(capsys, *argv)
-    assert_one_line_error(code, err, match)
+    assert_one_line_error(code, err, match.format(base=base, adapter=adapter))
     assert not (tmp_path / "out").exists() and not leftovers(tmp_path)
     assert (tree_hash(base), tree_hash(adapter)) == before
 
@@ -216,3 +238,133 @@ def test_plan_that_will_not_fit_says_so_and_exits_2(llama, tmp_path, capsys, mon
     assert "it will not fit" in err
     code, out, err = run(capsys, "plan", base, adapter, tmp_path / "out", "--json")
     assert code == 2 and json.loads(out)["fits"] is False and not (tmp_path / "out").exists()
+
+
+def _command(*argv, ready: int | None = None) -> list[str]:
+    """The installed `lorafuse` command's own steps: import the entry point pyproject.toml names, call it.
+    `ready`: a file descriptor to write a byte to once that module is imported."""
+    module, function = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["scripts"]["lorafuse"].split(":")
+    code = (f"import os, sys; sys.argv[0] = 'lorafuse'; from {module} import {function} as main; "
+            + (f"os.write({ready}, b'1'); " if ready is not None else "") + "sys.exit(main())")
+    return [sys.executable, "-c", code, *map(str, argv)]
+
+
+def _start_command(*argv) -> subprocess.Popen:
+    """Start the command and return once its entry point's module is imported: the interpreter's start-up
+    (site.py) and the search for that module are Python's to handle, everything from there on is lorafuse's."""
+    ready, tell = os.pipe()
+    process = subprocess.Popen(_command(*argv, ready=tell), pass_fds=(tell,),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    os.close(tell)
+    assert os.read(ready, 1) == b"1"
+    os.close(ready)
+    return process
+
+
+def test_ctrl_c_at_any_moment_is_one_line_and_exit_130(llama, tmp_path):
+    """While modules import, the plan is made, the shards are written, and the interpreter shuts down: exit
+    130 and one line with OUT untouched, or 0 with OUT complete. In its very last steps Python gives SIGINT
+    back its default action, which ends the process (the shell shows 130 then too): silently, and only
+    once the merge is complete."""
+    base, adapter = llama
+    start = time.monotonic()
+    whole = _start_command("merge", base, adapter, tmp_path / "whole", "--quiet")
+    assert whole.wait(timeout=120) == 0, whole.stderr.read()
+    seconds = time.monotonic() - start
+    delays = [i * 0.005 for i in range(31)] + [seconds * i / 10 for i in range(2, 13)]
+    outcomes = []
+    for i, delay in enumerate(delays):
+        out = tmp_path / f"out{i}"
+        process = _start_command("merge", base, adapter, out, "--quiet")
+        time.sleep(delay)
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=120)
+        outcomes.append((delay, process.returncode, err, (out / "lorafuse-manifest.json").exists()))
+    for delay, code, err, complete in outcomes:
+        assert "Traceback" not in err and len(err.splitlines()) <= 1, (delay, code, err)
+        if code == 130:
+            assert err.startswith("lorafuse: interrupted") and not complete, (delay, err)
+        else:
+            assert code in (0, -signal.SIGINT) and err == "" and complete, (delay, code, err)
+    assert any(code == 130 for _, code, _, _ in outcomes)
+
+
+def test_an_interrupted_command_does_not_wait_for_stuck_threads(llama, tmp_path):
+    """A Ctrl-C that lands while the main thread imports a module can leave another thread's import of it
+    waiting for good (as api's import thread did, now and then): the interrupted command ends all the same."""
+    base, adapter = llama
+    command = _command("merge", base, adapter, tmp_path / "out", "--max-shard-size", "20KB", "--quiet")
+    command[2] = (
+        "import os, signal, threading\n"
+        "import lorafuse.execute as execute\n"
+        "finish = execute._finish_shard\n"
+        "def interrupting(*args):\n"
+        "    threading.Thread(target=threading.Event().wait).start()\n"
+        "    finish(*args)\n"
+        "    os.kill(os.getpid(), signal.SIGINT)\n"
+        "execute._finish_shard = interrupting\n"
+    ) + command[2]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 130 and done.stderr.startswith("lorafuse: interrupted") and done.stderr.count("\n") == 1
+
+
+def test_a_closed_pipe_is_a_normal_end(llama, tmp_path):
+    """`lorafuse ... | head -1`: the reader has gone before anything is written; every command that prints on
+    stdout still does its work and ends quietly with exit code 0, as when its output was read. With
+    `2>&1 | head -1` the messages go unheard too, and the merge is not given up for them."""
+    base, adapter = llama
+    out = tmp_path / "out"
+    cases = [(["merge", base, adapter, out, "--json"], False, 0), (["verify", out], False, 0),
+             (["plan", base, adapter], False, 0), (["plan", base, adapter, "--json"], False, 0),
+             (["inspect", base, adapter, "--json"], False, 0), (["--version"], False, 0), (["--help"], False, 0),
+             (["merge", base, adapter, tmp_path / "logged"], True, 0),  # plan, progress and report unheard
+             (["merge", base, adapter, out], True, 2)]  # OUT exists: the error is unheard, its exit code stands
+    for argv, both, code in cases:
+        reader, writer = os.pipe()
+        os.close(reader)
+        done = subprocess.run(_command(*argv), stdout=writer, stderr=writer if both else subprocess.PIPE,
+                              text=True, timeout=300)
+        os.close(writer)
+        assert (done.returncode, done.stderr) == (code, None if both else ""), argv
+    assert (out / "lorafuse-manifest.json").exists() and (tmp_path / "logged" / "lorafuse-manifest.json").exists()
+
+
+def test_plan_progress_and_report_count_bytes_alike(llama, tmp_path, capsys, monkeypatch):
+    """Decimal units everywhere: the plan's and the report's kB, the plain progress lines and the tqdm bar
+    on a terminal (which would read 2.4% low with kibibytes)."""
+    from lorafuse import plan
+    from lorafuse.units import human_size
+
+    base, adapter = llama
+    the_plan = plan(base, adapter)
+    total = the_plan.total_size
+    written = json.loads(run(capsys, "merge", base, adapter, tmp_path / "json", "--json")[1])["bytes_written"]
+    code, _, err = run(capsys, "merge", base, adapter, tmp_path / "plain")
+    assert code == 0
+    assert f"output   1 shard(s), {human_size(the_plan.output_bytes)}" in err
+    assert f"progress 100%  {human_size(total)} / {human_size(total)}, " in err
+    assert f" copied, 0 cast, {human_size(written)} in " in err and "peak memory " in err
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    code, _, err = run(capsys, "merge", base, adapter, tmp_path / "bar")
+    assert code == 0
+    done, shown = re.findall(r"merging: 100%.*?\| *([0-9.]+)k/([0-9.]+)k ", err)[-1]
+    assert abs(float(shown) * 1000 - total) <= 0.005 * total and shown == done
+
+
+def test_inspect_and_plan_list_tensors_in_natural_order(tmp_path, capsys):
+    """Twelve layers: layers.2 comes before layers.10 (as the model runs them), inspect's "overall" last."""
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from conftest import TINY, save_model
+
+    base = save_model(AutoModelForCausalLM.from_config(LlamaConfig(**{**TINY, "num_hidden_layers": 12})), tmp_path / "base")
+    adapter = make_adapter(base, tmp_path / "adapter", LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+    code, out, _ = run(capsys, "inspect", base, adapter, "--json")
+    names = [row["name"] for row in json.loads(out)]
+    assert code == 0 and names == [f"model.layers.{i}.self_attn.q_proj.weight" for i in range(12)] + ["overall"]
+    code, out, _ = run(capsys, "inspect", base, adapter)
+    assert code == 0 and [line.split()[0] for line in out.splitlines()[1:]] == names
+    code, out, _ = run(capsys, "plan", base, adapter, "--verbose")
+    assert code == 0 and [line.split(":")[0].strip() for line in out.splitlines() if line.startswith("  ")] == names[:-1]

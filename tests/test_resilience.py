@@ -73,7 +73,12 @@ def test_killed_merge_resumes_to_identical_output(cores, inputs, reference, tmp_
     assert not staging.exists()
 
 
-INTERRUPT_AFTER_SHARDS = KILL_AFTER_SHARDS.replace("os._exit(137)", "os.kill(os.getpid(), __import__('signal').SIGINT)")
+# Through the installed command's entry point, which does not wait for threads an interrupt left behind.
+INTERRUPT_AFTER_SHARDS = KILL_AFTER_SHARDS \
+    .replace("os._exit(137)  # no cleanup at all, as after SIGKILL or a power cut", "os.kill(os.getpid(), __import__('signal').SIGINT)") \
+    .replace("int(sys.argv[1])", "AFTER") \
+    .replace("from lorafuse.cli import main\nsys.exit(main(sys.argv[2:]))",
+             "from lorafuse_command import main\nAFTER = int(sys.argv.pop(1))\nsys.exit(main())")
 
 
 def test_ctrl_c_exits_cleanly_and_resumes(inputs, reference, tmp_path):

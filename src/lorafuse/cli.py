@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import traceback
 
@@ -16,27 +17,74 @@ from .api import merge, plan, room_problem
 from .errors import LorafuseError
 from .plan import describe
 from .sources.hub import resolve_adapter
+from .units import human_size
 
 
 def main(argv: list[str] | None = None) -> int:
     # One OpenBLAS thread, set before numpy loads: the pipeline threads are the parallelism (the Python
     # API gets the same from threadpoolctl, see compute.rows), and idle OpenBLAS threads spin on the cores.
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-    parser = _parser()
-    args = parser.parse_args(argv)
+    outside = signal.getsignal(signal.SIGINT)  # the command's entry point ends the process at once: see lorafuse_command
+    own = callable(outside) and outside is not signal.default_int_handler
     try:
+        if own:  # while a command runs, Ctrl-C raises KeyboardInterrupt, so that cleanups run
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+        args = _parser().parse_args(argv)
         return args.run(args)
     except LorafuseError as e:
-        print(f"lorafuse: error: {e}", file=sys.stderr)
+        _tell(f"lorafuse: error: {e}")
         return 2
     except KeyboardInterrupt:
-        print("lorafuse: interrupted; the output folder was not touched, and running the same command again "
-              "continues from the last finished shard", file=sys.stderr)
+        _tell("lorafuse: interrupted; the output folder was not touched, and running the same command again "
+              "continues from the last finished shard")
         return 130
+    except _ReaderGone:
+        return 0
     except Exception:
-        traceback.print_exc()
-        print("lorafuse: internal error (a bug): please report it with the trace above", file=sys.stderr)
+        _tell(traceback.format_exc() + "lorafuse: internal error (a bug): please report it with the trace above")
         return 1
+    finally:
+        _flush_stdout()
+        if own:
+            signal.signal(signal.SIGINT, outside)
+
+
+class _ReaderGone(Exception):
+    """Whoever read stdout has closed it (`lorafuse inspect ... | head -1`): a normal end, not an error."""
+
+
+def _say(text: str) -> None:
+    """Print a result on stdout, flushed at once, so that a closed pipe shows up here and nowhere else."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        _discard(sys.stdout)
+        raise _ReaderGone from None
+
+
+def _tell(text: str) -> None:
+    """Print a message on stderr. Once its reader has gone (`2>&1 | head -1`), the command carries on
+    unheard: a merge is not given up for a log nobody reads."""
+    try:
+        print(text, file=sys.stderr, flush=True)
+    except BrokenPipeError:
+        _discard(sys.stderr)
+
+
+def _flush_stdout() -> None:
+    """What argparse (--help, --version) or anyone else left in stdout's buffer."""
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _discard(sys.stdout)
+
+
+def _discard(stream) -> None:
+    """Point a closed pipe's stream at /dev/null, so that later writes and the interpreter's flush at exit
+    do not fail on it again (Python's recipe: "Note on SIGPIPE" in the signal module's documentation)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, stream.fileno())
+    os.close(devnull)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -118,9 +166,9 @@ def _plan(args) -> int:
                     save_method=args.save_method)
     problem = room_problem(the_plan)
     if args.json:
-        print(json.dumps({**_plan_dict(the_plan), "fits": None if args.out is None else problem is None}, indent=2))
+        _say(json.dumps({**_plan_dict(the_plan), "fits": None if args.out is None else problem is None}, indent=2))
     else:
-        print("\n".join(describe(the_plan, verbose=args.verbose)))
+        _say("\n".join(describe(the_plan, verbose=args.verbose)))
     if problem:  # after the plan, which says what each mode needs
         raise LorafuseError(problem)
     return 0
@@ -136,12 +184,15 @@ def _show_cache_status(args) -> None:
         if spec is None:
             spec = base_from_adapter(resolve_adapter(args.adapter))
             if spec is None:
-                raise LorafuseError(f"{args.adapter} names no base model (base_model_name_or_path); pass BASE")
+                return  # the plan says what is wrong
         if parse_spec(spec) is None:
             continue
         status = cache_status(spec, kind=kind)
-        print(f"{'adapter' if kind == 'adapter' else 'base':<8} {describe_status(status)}",
-              file=sys.stderr if args.json else sys.stdout)
+        line = f"{'adapter' if kind == 'adapter' else 'base':<8} {describe_status(status)}"
+        if args.json:
+            _tell(line)
+        else:
+            _say(line)
 
 
 def _plan_dict(the_plan) -> dict:
@@ -170,7 +221,7 @@ def _merge(args) -> int:
     def on_plan(the_plan) -> None:
         nonlocal bar
         if show:
-            print("\n".join(describe(the_plan)), file=sys.stderr)
+            _tell("\n".join(describe(the_plan)))
             bar = _progress(the_plan.total_size, len(the_plan.tensors))
 
     try:
@@ -183,20 +234,20 @@ def _merge(args) -> int:
         if bar is not None:
             bar.close()
     if args.json:
-        print(json.dumps(report.to_dict(), indent=2))
+        _say(json.dumps(report.to_dict(), indent=2))
     elif show:
-        print(
+        _tell(
             f"done     {report.out}: {report.tensors_merged} merged, {report.tensors_copied} copied, "
-            f"{report.tensors_cast} cast, {report.bytes_written / 1e9:.2f} GB in {report.seconds:.1f} s, "
-            f"peak memory {report.peak_memory / 1e9:.2f} GB" + (f"; published {report.hub_url}" if report.hub_url else "")
-            + (" (the shards are on the Hub only: --low-disk)" if report.hub_url and args.low_disk else ""),
-            file=sys.stderr,
+            f"{report.tensors_cast} cast, {human_size(report.bytes_written)} in {report.seconds:.1f} s, "
+            f"peak memory {human_size(report.peak_memory)}" + (f"; published {report.hub_url}" if report.hub_url else "")
+            + (" (the shards are on the Hub only: --low-disk)" if report.hub_url and args.low_disk else "")
         )
     return 0
 
 
 class _progress:
-    """A tqdm bar (bytes, tensors, rate, time left) on a terminal; a plain line every 10% otherwise."""
+    """A tqdm bar (bytes, tensors, rate, time left) on a terminal; a plain line every 10% otherwise. Sizes in
+    decimal units (kB = 1000 B), as the plan and the report write them (units.human_size)."""
 
     def __init__(self, total: int, tensors: int) -> None:
         self.total, self.tensors, self.done, self.count, self.next_tenth = total, tensors, 0, 0, 1
@@ -204,7 +255,7 @@ class _progress:
         if sys.stderr.isatty():
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="merging", file=sys.stderr)
+            self.bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, desc="merging", file=sys.stderr)
 
     def update(self, n: int) -> None:
         self.done += n
@@ -213,8 +264,8 @@ class _progress:
             self.bar.set_postfix_str(f"{self.count}/{self.tensors} tensors", refresh=False)
             self.bar.update(n)
         elif self.total and self.done * 10 // self.total >= self.next_tenth and (self.done < self.total or self.count == self.tensors):
-            print(f"progress {self.done / self.total:4.0%}  {self.done / 1e9:.2f} / {self.total / 1e9:.2f} GB, "
-                  f"{self.count}/{self.tensors} tensors", file=sys.stderr)
+            _tell(f"progress {self.done / self.total:4.0%}  {human_size(self.done)} / {human_size(self.total)}, "
+                  f"{self.count}/{self.tensors} tensors")
             self.next_tenth = self.done * 10 // self.total + 1
 
     def close(self) -> None:
@@ -230,7 +281,7 @@ def _inspect(args) -> int:
     from .inspect import inspect
 
     rows = inspect(args.base, args.adapter, args.compare_base)
-    print(json.dumps([asdict(r) for r in rows], indent=2) if args.json else "\n".join(describe_rows(rows)))
+    _say(json.dumps([asdict(r) for r in rows], indent=2) if args.json else "\n".join(describe_rows(rows)))
     return 0
 
 
@@ -239,10 +290,10 @@ def _verify(args) -> int:
 
     problems = verify(args.out, args.base, args.adapter, args.sample)
     for problem in problems:
-        print(f"problem  {problem}", file=sys.stderr)
+        _tell(f"problem  {problem}")
     if problems:
         raise LorafuseError(f"{args.out} failed verification with {len(problems)} problem(s), listed above")
-    print(f"ok       {args.out}: manifest, headers, index and values check out"
+    _say(f"ok       {args.out}: manifest, headers, index and values check out"
           + (f"; up to {args.sample} merged tensors recomputed from base and adapter agree" if args.base else ""))
     return 0
 

@@ -14,11 +14,13 @@ from dataclasses import dataclass
 
 import torch
 
+from .compute import fp32_value
 from .errors import LorafuseError
 from .plan import make_plan
-from .quant import QuantizedTensor, logical_tensors
+from .quant import logical_tensors
 from .sources.hub import resolve_model
 from .sources.local import open_model
+from .units import natural
 
 
 @dataclass
@@ -30,7 +32,8 @@ class Row:
 
 
 def inspect(base: str | os.PathLike | None, adapter: str | os.PathLike, compare_base: str | os.PathLike | None = None) -> list[Row]:
-    """One row per base tensor the adapter changes, and a last row named "overall" (root of sums of squares)."""
+    """One row per base tensor the adapter changes, in natural order, and a last row named "overall" (root
+    of sums of squares)."""
     plan = make_plan(base, adapter)
     other = None
     if compare_base is not None:
@@ -38,7 +41,7 @@ def inspect(base: str | os.PathLike | None, adapter: str | os.PathLike, compare_
         other, _ = logical_tensors(checkpoint.tensors, checkpoint.config)
     rows = []
     for tensor in plan.merged:
-        w = _value(tensor.source)
+        w = fp32_value(tensor.source)
         merged = w.clone()
         for patch in tensor.patches:
             merged = patch.apply(merged)
@@ -46,17 +49,12 @@ def inspect(base: str | os.PathLike | None, adapter: str | os.PathLike, compare_
         if other is not None:
             if tensor.name not in other or tuple(other[tensor.name].shape) != tuple(w.shape):
                 raise LorafuseError(f"{compare_base} has no tensor {tensor.name} of shape {tuple(w.shape)}; compare two versions of one model")
-            gap = torch.linalg.vector_norm(w - _value(other[tensor.name])).item()
+            gap = torch.linalg.vector_norm(w - fp32_value(other[tensor.name])).item()
         delta = torch.linalg.vector_norm(merged - w).item() if merged.shape == w.shape else math.nan
         rows.append(Row(tensor.name, torch.linalg.vector_norm(w).item(), delta, gap))
+    rows.sort(key=lambda row: natural(row.name))
     rows.append(_overall(rows))
     return rows
-
-
-def _value(source) -> torch.Tensor:
-    if isinstance(source, QuantizedTensor):
-        return source.dequantize()
-    return source.read().to(torch.float32)
 
 
 def _overall(rows: list[Row]) -> Row:

@@ -24,10 +24,10 @@ from .formats.folder import TOKENIZER_FILE, is_weight_file
 from .formats.safetensors import FLOAT_DTYPES, TensorSlot, dtype_size, layout, tensor_nbytes
 from .patches import LoRA, Patch, Replace, ReplaceRows
 from .quant import QuantizedTensor, logical_tensors
-from .sources.hub import base_from_adapter, parse_spec, resolve_adapter, resolve_model_lazily
+from .sources.hub import ADAPTER_CONFIG, base_from_adapter, parse_spec, resolve_adapter, resolve_model_lazily
 from .sources.local import Checkpoint, _check_inside, open_model
 from .sources.remote import RemoteFile, min_hold
-from .units import human_size
+from .units import human_size, natural
 
 DTYPE_NAMES = {"bf16": "BF16", "bfloat16": "BF16", "fp16": "F16", "float16": "F16", "fp32": "F32", "float32": "F32"}
 CONFIG_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
@@ -246,6 +246,7 @@ def make_plan(base: str | os.PathLike | None, adapter: str | os.PathLike, out: s
     if save_method not in SAVE_METHODS:
         raise LorafuseError(f"--save-method {save_method!r} is not one of {', '.join(SAVE_METHODS)}")
     adapter_dir = resolve_adapter(adapter)
+    _check_roles(base, adapter, adapter_dir)
     if base is None:
         base = base_from_adapter(adapter_dir)
         if base is None:
@@ -345,6 +346,17 @@ def _base_mismatch(trained_on: str | None, base: str, base_dir: Path, quant_meth
         return [f"the adapter was trained on {trained_on}, and BASE is quantized ({quant_method}): the merge uses its "
                 f"dequantized weights, not the ones the adapter was trained against; {compare}"]
     return [f"the adapter was trained on {trained_on}; merging into {base}"]
+
+
+def _check_roles(base, adapter, adapter_dir: Path) -> None:
+    """A model folder in ADAPTER's place would fail with "has no adapter_config.json" (and the adapter in
+    BASE's place with "has no config.json"), which does not say that the order of the arguments is wrong."""
+    if (adapter_dir / ADAPTER_CONFIG).is_file() or not (adapter_dir / "config.json").is_file():
+        return
+    usage = "the base comes first: lorafuse merge [BASE] ADAPTER OUT"
+    if base is not None and os.path.isfile(os.path.join(os.path.expanduser(base), ADAPTER_CONFIG)):
+        raise LorafuseError(f"BASE and ADAPTER look swapped: {base} is a PEFT adapter and {adapter} a model; {usage}")
+    raise LorafuseError(f"{adapter} is a model (config.json, no {ADAPTER_CONFIG}), not a PEFT adapter; {usage}")
 
 
 def _parse_dtype(dtype: str) -> str | None:
@@ -591,13 +603,16 @@ def describe(plan: Plan, verbose: bool = False) -> list[str]:
     lines += _describe_disk(plan)
     lines += [f"note     {n}" for n in plan.notes]
     if verbose:
-        for t in plan.merged:
+        for t in sorted(plan.merged, key=lambda t: natural(t.name)):
             lines.append(f"  {t.name}: {' + '.join(p.label for p in t.patches)}")
     return lines
 
 
 def _describe_disk(plan: Plan) -> list[str]:
-    """What each mode needs on disk, so a user whose disk cannot hold two copies knows what to pass."""
+    """What each mode needs on disk, so a user whose disk cannot hold two copies knows what to pass. The
+    --low-disk modes are listed only where they can matter: when base shards are to be downloaded (they then
+    stay out of the cache), or when the output does not fit the free disk (with --push-to-hub each uploaded
+    shard is deleted, also for a base on the disk)."""
     remote = plan.base.remote
     lines = []
     if remote:
@@ -607,6 +622,8 @@ def _describe_disk(plan: Plan) -> list[str]:
     free = plan.disk_free
     text = f"disk     needs {human_size(out)} for the output" + (f" + {human_size(cache)} in the cache" if cache else "")
     lines.append(text + (f"; {human_size(free)} free" if free is not None else ""))
+    if not remote and (free is None or out <= free):
+        return lines
     for flags, pushing in (("--low-disk", False), ("--low-disk --push-to-hub", True)):
         need = plan.disk_needs(low_disk=True, pushing=pushing)[0]
         if need < out + cache:

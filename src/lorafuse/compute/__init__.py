@@ -85,8 +85,27 @@ def producer(torch_needed: bool, device: str):
 
 
 def not_finite(tensor) -> InputError:
+    """Merging `tensor` gave NaN or Inf. The base tensor is read again to say whose they are, since a
+    checkpoint can hold NaN itself (on this error path only: a finite merge never pays for it), unless the
+    adapter replaces it whole."""
+    import torch
+
+    from ..patches import Replace
+
+    if not any(isinstance(p, Replace) for p in tensor.patches) and not torch.isfinite(fp32_value(tensor.source)).all():
+        return InputError(f"base tensor {tensor.name} already holds NaN or Inf values, so no merge into it is "
+                             "finite; repair or re-download the base model")
     origins = ", ".join(o for p in tensor.patches for o in p.origins)
     return InputError(f"merging {tensor.name} gives NaN or Inf values; the adapter tensors ({origins}) are broken")
+
+
+def fp32_value(source):
+    """A base tensor's whole value as a float32 torch tensor, dequantized when it is stored quantized."""
+    if isinstance(source, QuantizedTensor):
+        return source.dequantize()
+    import torch
+
+    return source.read().to(torch.float32)
 
 
 def overflows(tensor, largest: float) -> InputError:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import errno
+import os
 import re
+import stat
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -20,3 +23,19 @@ TOKENIZER_FILE = re.compile(
 
 def is_weight_file(name: str) -> bool:
     return name.endswith(WEIGHT_SUFFIXES) or bool(WEIGHT_INDEXES.match(name))
+
+
+def not_a_file(path: str | os.PathLike) -> str | None:
+    """None when `path` is a regular file, else what is there, to follow "is": "missing", "a FIFO, not a
+    file", "a folder, not a file", "a circular link, not a file"... Decided by stat alone, since opening a FIFO
+    waits for a writer: forever."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return f"a link to nothing ({os.readlink(path)})" if os.path.islink(path) else "missing"
+    except OSError as e:
+        return "a circular link, not a file" if e.errno == errno.ELOOP else f"unreadable ({e.strerror})"
+    if stat.S_ISREG(mode):
+        return None
+    kinds = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"))
+    return next((kind for test, kind in kinds if test(mode)), "a device") + ", not a file"

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Callable
 
 from ..errors import LorafuseError
 from .jsonfile import MAX_DEPTH, parse_json
+from .folder import not_a_file
 
 if TYPE_CHECKING:
     import torch
@@ -145,6 +146,8 @@ class Header:
 def read_header(path: str | os.PathLike) -> Header:
     """Parse and fully validate the header of a safetensors file; read nothing else."""
     path = Path(path)
+    if odd := not_a_file(path):  # checked first: opening a FIFO would wait for a writer
+        raise LorafuseError(f"cannot read {path}: it is {odd}")
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from ..errors import LorafuseError
-from ..formats.folder import INDEX, SINGLE
+from ..formats.folder import INDEX, SINGLE, not_a_file
 from ..formats.jsonfile import read_json
 from ..formats.safetensors import Header, TensorRef, read_header
 from .remote import RemoteFile
@@ -111,7 +111,7 @@ def _check_inside(folder: Path, path: Path) -> None:
 def _weight_files(folder: Path, remote: dict[str, RemoteFile]) -> tuple[list[Path], dict[str, str]]:
     """The weight files, and the index's tensor -> file map (empty for a single file)."""
     index = folder / INDEX
-    if index.is_file():
+    if _present(index):
         weight_map = read_json(index, "base model").get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise LorafuseError(f"{index} has no weight_map; re-save the model")
@@ -127,14 +127,23 @@ def _weight_files(folder: Path, remote: dict[str, RemoteFile]) -> tuple[list[Pat
                 files.append(remote[name].path)
                 continue
             path = folder / rel
-            if not path.is_file():
-                raise LorafuseError(f"{index} names shard {name} but {path} is missing; download it again")
+            if odd := not_a_file(path):
+                raise LorafuseError(f"{index} names shard {name} but {path} is {odd}; download it again")
             files.append(path)
         return files, weight_map
     if SINGLE in remote:
         return [remote[SINGLE].path], {}
-    if (folder / SINGLE).is_file():
+    if _present(folder / SINGLE):
         return [folder / SINGLE], {}
     if any(folder.glob("*.bin")) or any(folder.glob("*.pth")):
         raise LorafuseError(f"{folder} has only PyTorch pickle weights; convert the base to safetensors first (save_pretrained)")
     raise LorafuseError(f"{folder} has neither {SINGLE} nor {INDEX}; pass a Hugging Face model folder")
+
+
+def _present(path: Path) -> bool:
+    """Whether the model has this file: True for a regular file, False when nothing is there; anything
+    else (a FIFO, a folder, a broken or circular link) is an error that says what it is."""
+    odd = not_a_file(path)
+    if odd not in (None, "missing"):
+        raise LorafuseError(f"{path} is {odd}; download it again")
+    return odd is None

@@ -1,0 +1,46 @@
+"""The `lorafuse` command's entry point. It lives outside the lorafuse package so that it runs before the
+package's own imports (numpy and the merge machinery, most of the command's first tenth of a second).
+
+Ctrl-C must end the command with one line and exit code 130 at every moment. Until lorafuse.cli.main
+runs there is nothing to clean up, so SIGINT ends the process at once; while it runs, it raises
+KeyboardInterrupt, so that cleanups run and the command reports what was kept, and then the process ends
+at once; once it has returned otherwise, SIGINT only cuts the interpreter's shutdown short and the command's
+exit code stands.
+"""
+
+import os
+import signal
+
+
+def main() -> int:
+    try:
+        from lorafuse.cli import main as command
+
+        code = command()
+    except KeyboardInterrupt:  # one that came while the command was reporting another ending
+        _on_sigint(130, b"")
+        os.write(2, b"lorafuse: interrupted\n")
+        code = 130
+    if code == 130:
+        # Interrupted: what had to be cleaned up was. Threads still running are not waited for: one may be
+        # stuck for good in an import that the KeyboardInterrupt broke in the main thread.
+        os._exit(code)
+    _on_sigint(code, b"")
+    return code
+
+
+def _on_sigint(code: int, line: bytes) -> None:
+    """From now on SIGINT writes `line` to stderr and ends the process with `code`, unless SIGINT is
+    ignored (as for a job started in the background), which stays so."""
+
+    def leave(signum, frame):
+        try:
+            os.write(2, line)
+        finally:
+            os._exit(code)
+
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        signal.signal(signal.SIGINT, leave)
+
+
+_on_sigint(130, b"lorafuse: interrupted\n")  # on import: the console script imports this module, then calls main
