@@ -245,3 +245,14 @@ def tiny_base(artefacts):
         return artefacts.get(key, lambda d: save_model(build_model(kind), d, dtype, **save_kwargs))
 
     return get
+
+
+@pytest.fixture(scope="module")
+def sharded(tiny_base, artefacts):
+    """A tiny Llama saved by transformers in several shards with an index, and a LoRA adapter for it."""
+    from peft import LoraConfig
+
+    base = tiny_base("llama", "bf16", max_shard_size="20KB")
+    adapter = artefacts.get("sharded-adapter", lambda d: make_adapter(
+        base, d, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], init_lora_weights=False)))
+    return base, adapter

@@ -9,18 +9,7 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 import lorafuse
-from conftest import leftovers, make_adapter, read_tensors, same_bytes, tree_hash
-
-
-@pytest.fixture(scope="module")
-def sharded(tiny_base, artefacts):
-    """A tiny Llama saved by transformers in several shards, and a LoRA adapter for it."""
-    from peft import LoraConfig
-
-    base = tiny_base("llama", "bf16", max_shard_size="20KB")
-    adapter = artefacts.get("bad-adapter", lambda d: make_adapter(
-        base, d, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], init_lora_weights=False)))
-    return base, adapter
+from conftest import leftovers, read_tensors, same_bytes, tree_hash
 
 
 def _damage_base(base: Path, tmp: Path, damage) -> Path:

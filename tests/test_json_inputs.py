@@ -12,7 +12,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import lorafuse
-from conftest import make_adapter
 from lorafuse.adapters.peft import pattern_value
 from lorafuse.verify import verify
 
@@ -36,14 +35,8 @@ def within(seconds: float):
 
 
 @pytest.fixture(scope="module")
-def model(tiny_base, artefacts):
-    """A tiny Llama in shards with an index, and a LoRA adapter for it."""
-    from peft import LoraConfig
-
-    base = tiny_base("llama", "bf16", max_shard_size="20KB")
-    adapter = artefacts.get("json-adapter", lambda d: make_adapter(
-        base, d, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], init_lora_weights=False)))
-    return base, adapter
+def model(sharded):
+    return sharded
 
 
 @pytest.fixture
