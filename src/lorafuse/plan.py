@@ -25,7 +25,7 @@ from .formats.safetensors import FLOAT_DTYPES, TensorSlot, dtype_size, layout, t
 from .patches import LoRA, Patch, Replace, ReplaceRows
 from .quant import QuantizedTensor, logical_tensors
 from .sources.hub import ADAPTER_CONFIG, base_from_adapter, parse_spec, resolve_adapter, resolve_model_lazily
-from .sources.local import Checkpoint, _check_inside, open_model
+from .sources.local import Checkpoint, check_inside, open_model
 from .sources.remote import RemoteFile, min_hold
 from .units import human_size, natural
 
@@ -306,7 +306,7 @@ def carried_files(base: Path, adapter: Path) -> list[Path]:
     have added tokens); subfolders are not carried.
 
     Whatever is carried lands in OUT, its manifest and a --push-to-hub upload, so each must be a regular
-    file inside its folder, by the rule for weights (sources.local._check_inside): a link elsewhere would
+    file inside its folder, by the rule for weights (sources.local.check_inside): a link elsewhere would
     publish what it points to, and a FIFO or device would hang or never end. base's config.json is
     checked too: OUT's config is made from it."""
     chosen = {}
@@ -326,7 +326,7 @@ def _is_carried_file(path: Path) -> bool:
         mode = path.stat().st_mode
     except OSError as e:
         raise LorafuseError(f"{path} cannot be read ({e.strerror.lower()}); remove it or download the model again") from None
-    _check_inside(path.parent, path)
+    check_inside(path.parent, path)
     if not (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):
         raise LorafuseError(f"{path} is not a regular file (a FIFO, socket or device); remove it from the folder")
     return stat.S_ISREG(mode)

@@ -46,7 +46,7 @@ def open_model(folder: str | Path, remote: dict[str, RemoteFile] | None = None, 
     pending = {f.path: f for f in remote.values()}
     for path in files:
         if path not in pending:
-            _check_inside(folder, path)
+            check_inside(folder, path)
     headers = _headers(files, pending)
     tensors: dict[str, TensorRef] = {}
     for path in files:
@@ -93,7 +93,7 @@ def _headers(files: list[Path], pending: dict[Path, RemoteFile]) -> dict[Path, H
     return {path: fetched[path] if path in pending else read_header(path) for path in files}
 
 
-def _check_inside(folder: Path, path: Path) -> None:
+def check_inside(folder: Path, path: Path) -> None:
     """A weight file may be a link out of the model folder only in the Hugging Face cache, whose
     snapshot folders are links into its blobs/ folder; elsewhere such a link is refused."""
     real, root = path.resolve(), folder.resolve()
