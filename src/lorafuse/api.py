@@ -19,7 +19,7 @@ from .errors import InputError, LorafuseError
 from .execute import disk_error, write_shards
 from .manifest import LEDGER, Ledger, fingerprint, settings_record, write_manifest
 from .output import check_target, exclusive, publish, staging_folder, write_metadata
-from .plan import Plan, existing_ancestor, make_plan
+from .plan import Plan, existing_ancestor, make_plan, output_path
 from .publish import HubPublisher
 from .sources.hub import cache_dir
 from .units import human_size
@@ -75,7 +75,7 @@ def merge(base: str | os.PathLike | None, adapter: str | os.PathLike, out: str |
     deletes each output shard once uploaded too (OUT then holds all but the shards).
     """
     started = time.perf_counter()
-    out = Path(out)
+    out = output_path(out)  # absolute and normalised: `.` or `out/` would give the staging folder a wrong name
     replacing = check_target(out, force)
     staging = staging_folder(out)
     # Before anything is created or deleted: the plan checks that no input is a path the merge writes.

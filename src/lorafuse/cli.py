@@ -11,6 +11,7 @@ import os
 import signal
 import sys
 import traceback
+import unicodedata
 
 from . import __version__
 from .api import merge, plan, room_problem
@@ -32,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
         args = _parser().parse_args(argv)
         return args.run(args)
     except LorafuseError as e:
-        _tell(f"lorafuse: error: {e}")
+        _tell(f"lorafuse: error: {_one_line(str(e))}")
         return 2
     except KeyboardInterrupt:
         _tell("lorafuse: interrupted; the output folder was not touched, and running the same command again "
@@ -69,6 +70,14 @@ def _tell(text: str) -> None:
         print(text, file=sys.stderr, flush=True)
     except BrokenPipeError:
         _discard(sys.stderr)
+
+
+def _one_line(text: str) -> str:
+    """The text with its control characters and line separators written as escapes (a newline as the two
+    characters \\n): an error names paths and file names that anyone may have chosen, and one with a newline
+    in it would split the one-line error, or forge a line of its own (`lorafuse: done OK`)."""
+    return "".join(c.encode("unicode_escape").decode("ascii") if unicodedata.category(c) in ("Cc", "Zl", "Zp") else c
+                   for c in text)
 
 
 def _flush_stdout() -> None:
@@ -288,9 +297,11 @@ def _inspect(args) -> int:
 def _verify(args) -> int:
     from .verify import verify
 
+    if not args.out:
+        raise LorafuseError("the folder to verify is empty; name it: lorafuse verify OUT")
     problems = verify(args.out, args.base, args.adapter, args.sample)
     for problem in problems:
-        _tell(f"problem  {problem}")
+        _tell(f"problem  {_one_line(problem)}")
     if problems:
         raise LorafuseError(f"{args.out} failed verification with {len(problems)} problem(s), listed above")
     _say(f"ok       {args.out}: manifest, headers, index and values check out"

@@ -69,8 +69,10 @@ def _identity(file: Path | int) -> tuple[int, int] | None:
 def check_target(out: Path, force: bool) -> tuple[int, int] | None:
     """Refuse an OUT that cannot be written, or replaced safely; returns the identity of the folder at OUT
     that --force replaces (None if there is none): the final step replaces that folder and nothing else.
-    A folder holding a model or an adapter that lorafuse did not write is most often an input given as OUT
-    (`lorafuse merge BASE ADAPTER`, OUT left out): --force is not offered for it, nor taken for an adapter."""
+    --force replaces only what lorafuse can tell is its own or holds nothing: an earlier merge (its manifest
+    is there) or an empty folder. Anything else may be the user's work (a folder of models, an input given
+    as OUT, `lorafuse merge BASE ADAPTER` with OUT left out), so it is refused even with --force, and --force
+    is suggested only where it would be taken."""
     if out.is_symlink():
         raise LorafuseError(f"output path {out} is a symbolic link (to {os.readlink(out)}); lorafuse replaces OUT as a "
                             "whole: name a folder, not a link")
@@ -79,13 +81,20 @@ def check_target(out: Path, force: bool) -> tuple[int, int] | None:
     if out.is_dir():
         from .manifest import MANIFEST  # not at the top: manifest imports this module
 
-        adapter = (out / "adapter_config.json").is_file()
-        if adapter or (not force and (out / "config.json").is_file() and not (out / MANIFEST).is_file()):
+        held = sorted(p.name for p in out.iterdir())
+        adapter = "adapter_config.json" in held
+        if adapter or ("config.json" in held and MANIFEST not in held):
             raise LorafuseError(f"output folder {out} holds {'an adapter' if adapter else 'a model'} that lorafuse did "
                                 "not write: is it an input? OUT is the last path (lorafuse merge [BASE] ADAPTER OUT), "
                                 "a new folder or an earlier merge; choose another output folder")
+        if held and MANIFEST not in held:
+            shown = ", ".join(held[:3]) + (f" and {len(held) - 3} more" if len(held) > 3 else "")
+            raise LorafuseError(f"output folder {out} holds {shown}, and is not an earlier lorafuse merge (it has no "
+                                f"{MANIFEST}), so lorafuse will not replace it, even with --force; remove it by hand "
+                                "or choose another output folder")
         if not force:
-            raise LorafuseError(f"output folder {out} already exists; choose another or pass --force to replace it")
+            what = "an earlier merge" if held else "an empty folder"
+            raise LorafuseError(f"output folder {out} already exists ({what}); choose another or pass --force to replace it")
     for kind in ("partial", "old"):
         path = work_path(out, kind)
         if path.is_symlink() or (path.exists() and not path.is_dir()):

@@ -254,7 +254,7 @@ def make_plan(base: str | os.PathLike | None, adapter: str | os.PathLike, out: s
     base_dir, remote = resolve_model_lazily(base, scratch=scratch)
     checkpoint = open_model(base_dir, remote, commit=base_dir.name if parse_spec(base) else None)
     adapter_obj = open_adapter(adapter_dir)
-    out_path = Path(out) if out is not None else None
+    out_path = output_path(out) if out is not None else None
     if out_path is not None:
         _check_out(out_path, checkpoint, adapter_obj)
     patches = patches_by_tensor(adapter_obj)
@@ -373,11 +373,34 @@ def work_path(out: Path, kind: str) -> Path:
     return out.parent / f".{out.name}.lorafuse-{kind}"
 
 
+def output_path(out: str | os.PathLike) -> Path:
+    """OUT as an absolute, normalised path, taken once before anything else looks at it: the staging, lock
+    and old-OUT paths are built from its name, which `.`, `..`, `dir/..` or a trailing slash would leave empty
+    or wrong. A `..` is resolved as the kernel does, after the links before it (normalising text alone would
+    take `link/../out` to the wrong folder). An empty OUT, the working folder, a folder above it and `/`
+    are refused: replacing or swapping them is never what was meant, and some cannot be renamed at all."""
+    text = os.fspath(out)
+    if not text:
+        raise LorafuseError("the output path is empty; name the output folder: lorafuse merge [BASE] ADAPTER OUT")
+    named, parts = text, text.split(os.sep)
+    if ".." in parts:
+        last = len(parts) - parts[::-1].index("..")
+        named = os.path.join(os.path.realpath(os.sep.join(parts[:last])), os.sep.join(parts[last:]))
+    path = Path(os.path.abspath(named))
+    cwd = Path.cwd()
+    if _identity(path) in _identities_above(cwd) | {_identity(cwd)}:  # None, for a new folder, is in neither
+        where = "/, the root folder" if path.parent == path else f"{path}, the current folder or one above it"
+        raise LorafuseError(f"the output path {text!r} is {where}; name a new folder (or an earlier merge) as OUT")
+    return path
+
+
 def _check_out(out: Path, base: Checkpoint, adapter: Adapter) -> None:
     """Nothing a merge into OUT writes, replaces or deletes (OUT, and its staging folder, lock file and
-    old OUT) may be, contain or lie inside an input folder or a file read from it, named directly or
-    through symbolic links (a Hub snapshot's files are links into the cache): that input would be destroyed.
-    Base shards still to download are not inputs yet (with --low-disk they go to the staging folder)."""
+    old OUT) may be, contain or lie inside an input folder or a file read from it: that input would be
+    destroyed. Paths are compared as the files they name ((device, inode), after links), so that no second
+    name escapes the check: symbolic links (a Hub snapshot's files are links into the cache), a bind mount
+    showing a folder elsewhere, a hard link. Base shards still to download are not inputs yet (with
+    --low-disk they go to the staging folder)."""
     targets = [("output folder", out), ("lorafuse's staging folder", work_path(out, "partial")),
                ("lorafuse's lock file", work_path(out, "lock")),
                ("lorafuse's folder for the old output", work_path(out, "old"))]
@@ -385,11 +408,28 @@ def _check_out(out: Path, base: Checkpoint, adapter: Adapter) -> None:
     inputs = [("base model folder", base.folder), ("adapter folder", adapter.folder)]
     inputs += [("base model file", p) for p in {*base.weight_files, *base.folder.iterdir()} - downloads]
     inputs += [("adapter file", p) for p in {adapter.weights_file, *adapter.folder.iterdir()}]
+    found = [(label, target, _identity(target), _identities_above(target)) for label, target in targets]
     for what, path in inputs:
-        for label, target in targets:
-            if any(t == p or p in t.parents or t in p.parents for p in _spellings(path) for t in _spellings(target)):
+        file, above = _identity(path), _identities_above(path)
+        for label, target, target_file, target_above in found:
+            if (target_file is not None and target_file in above | {file}) or file in target_above:
                 raise LorafuseError(f"{label} {target} overlaps the {what} {path.resolve()}; "
                                     "choose an output folder elsewhere")
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of the file a path names, after links; None where it names nothing."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _identities_above(path: Path) -> set[tuple[int, int]]:
+    """The identities of the existing folders above a path, by every spelling of it: what contains it."""
+    return {found for spelling in _spellings(path) for parent in spelling.parents
+            if (found := _identity(parent)) is not None}
 
 
 def _spellings(path: Path) -> set[Path]:
