@@ -124,16 +124,45 @@ def test_base_defaults_to_the_one_the_adapter_names(llama, tmp_path, capsys):
 
 
 def test_existing_output_needs_force(llama, tmp_path, capsys):
+    """--force is suggested for, and replaces, what lorafuse can tell is its own to replace: an earlier
+    merge (re-merging into it, with a file added there since) and an empty folder."""
     base, adapter = llama
     out = tmp_path / "out"
     out.mkdir()
-    (out / "keep.txt").write_text("mine")
     code, _, err = run(capsys, "merge", base, adapter, out)
-    assert_one_line_error(code, err, "already exists")
-    assert (out / "keep.txt").read_text() == "mine"
+    assert_one_line_error(code, err, f"{out} already exists (an empty folder); choose another or pass --force to replace it")
+    assert list(out.iterdir()) == []
+    assert run(capsys, "merge", base, adapter, out, "--force", "--quiet")[0] == 0
+    (out / "notes.txt").write_text("added to the output")
+    code, _, err = run(capsys, "merge", base, adapter, out)
+    assert_one_line_error(code, err, f"{out} already exists (an earlier merge); choose another or pass --force")
+    assert (out / "notes.txt").is_file()
     code, _, _ = run(capsys, "merge", base, adapter, out, "--force", "--quiet")
-    assert code == 0 and not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
+    assert code == 0 and not (out / "notes.txt").exists() and (out / "model.safetensors").exists()
     assert not leftovers(tmp_path)
+
+
+@pytest.mark.parametrize("what", ["a folder of models and notes", "a model lorafuse did not write"])
+@pytest.mark.parametrize("force", [False, True], ids=["", "force"])
+def test_force_never_replaces_a_folder_lorafuse_did_not_write(llama, tmp_path, capsys, what, force):
+    """`lorafuse merge base adapter models` into a folder of the user's models and notes: --force used to
+    be suggested, and then deleted them all. Only an earlier merge or an empty folder is replaced."""
+    import shutil
+
+    base, adapter = llama
+    out = tmp_path / "models"
+    if what.startswith("a folder"):
+        shutil.copytree(base, out / "llama-a")
+        (out / "README.txt").write_text("notes")
+        match = f"output folder {out} holds README.txt, llama-a, and is not an earlier lorafuse merge"
+    else:
+        shutil.copytree(base, out)
+        match = f"output folder {out} holds a model that lorafuse did not write"
+    before = tree_hash(tmp_path)
+    code, _, err = run(capsys, "merge", base, adapter, out, *(["--force"] if force else []))
+    assert_one_line_error(code, err, match)
+    assert "pass --force" not in err and err.rstrip().endswith("choose another output folder")
+    assert tree_hash(tmp_path) == before and not leftovers(tmp_path)
 
 
 def test_refuses_to_start_without_disk_space(llama, tmp_path, capsys, monkeypatch):
@@ -218,6 +247,77 @@ def test_a_forgotten_out_never_suggests_force_on_an_input(llama, tmp_path, capsy
     code, _, err = run(capsys, "merge", base, adapter, *(["--force"] if force else []))
     assert_one_line_error(code, err, "holds an adapter that lorafuse did not write: is it an input? OUT is the last path")
     assert "--force" not in err and tree_hash(adapter) == before
+
+
+@pytest.mark.parametrize("given, match", [
+    ("", "the output path is empty"),
+    (".", "the output path '.' is {work}, the current folder or one above it"),
+    ("./", "the output path './' is {work}, the current folder or one above it"),
+    ("sub/..", "the output path 'sub/..' is {work}, the current folder or one above it"),
+    ("{work}", "is {work}, the current folder or one above it"),
+    ("..", "the output path '..' is {tmp}, the current folder or one above it"),
+    ("/", "the output path '/' is /, the root folder"),
+])
+def test_an_out_that_is_empty_the_current_folder_or_above_it_is_refused(llama, tmp_path, capsys, monkeypatch, given, match):
+    """`lorafuse merge base adapter ''` used to offer --force for the working folder, and `.` with --force
+    merged, then failed to rename it ("Device or resource busy"), leaving `..lorafuse-partial` behind."""
+    base, adapter = llama
+    work = tmp_path / "work"
+    (work / "sub").mkdir(parents=True)
+    monkeypatch.chdir(work)
+    before = tree_hash(tmp_path), sorted(p.name for p in tmp_path.iterdir())
+    for argv in (("merge", base, adapter, given.format(work=work), "--force"), ("plan", base, adapter, given.format(work=work))):
+        code, _, err = run(capsys, *argv)
+        assert_one_line_error(code, err, match.format(work=work, tmp=tmp_path))
+        assert (tree_hash(tmp_path), sorted(p.name for p in tmp_path.iterdir())) == before
+        assert sorted(p.name for p in work.iterdir()) == ["sub"] and not leftovers(tmp_path) and not leftovers(work)
+
+
+def test_out_is_taken_as_the_folder_the_kernel_names(llama, tmp_path, capsys, monkeypatch):
+    """`a/link/../out` is the folder next to where the link leads, as `ls` and the kernel see it (lexical
+    normalisation would write beside the link instead); a trailing slash names the folder itself."""
+    base, adapter = llama
+    (tmp_path / "real" / "deep").mkdir(parents=True)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "link").symlink_to(tmp_path / "real" / "deep")
+    monkeypatch.chdir(tmp_path / "a")
+    code, out, err = run(capsys, "merge", base, adapter, "link/../out/", "--json")
+    assert code == 0, err
+    assert json.loads(out)["out"] == str(tmp_path / "real" / "out") and (tmp_path / "real" / "out" / "model.safetensors").is_file()
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["link"] and not leftovers(tmp_path / "real")
+
+
+def test_verify_refuses_an_empty_path(capsys):
+    code, _, err = run(capsys, "verify", "")
+    assert_one_line_error(code, err, "the folder to verify is empty; name it: lorafuse verify OUT")
+
+
+@pytest.mark.parametrize("where", ["OUT", "ADAPTER"])
+def test_a_newline_in_a_name_cannot_split_or_forge_a_line(llama, tmp_path, capsys, where):
+    """Error messages name paths anyone may choose: control characters in them are written as escapes,
+    so that every error is one line and none can print a `lorafuse: done OK` line of its own."""
+    base, adapter = llama
+    odd = tmp_path / "x\nlorafuse: done OK\r\x1b[2K"
+    if where == "OUT":
+        odd.write_text("a file where OUT goes")
+        argv, match = ("merge", base, adapter, odd), "exists and is not a folder"
+    else:
+        argv, match = ("merge", base, odd, tmp_path / "out"), "does not exist"
+    code, _, err = run(capsys, *argv)
+    assert_one_line_error(code, err, match)
+    assert "x\\nlorafuse: done OK\\r\\x1b[2K" in err and "\r" not in err and "\x1b" not in err
+
+
+def test_verify_lists_each_problem_on_one_line(llama, tmp_path, capsys):
+    """A stray file in OUT is named in its problem line: a newline in its name stays inside that line."""
+    base, adapter = llama
+    out = tmp_path / "out"
+    assert run(capsys, "merge", base, adapter, out, "--quiet")[0] == 0
+    (out / "stray\nlorafuse: done OK").write_text("")
+    code, _, err = run(capsys, "verify", out)
+    lines = err.splitlines()
+    assert code == 2 and len(lines) == 2 and lines[0].startswith("problem  stray\\nlorafuse: done OK is not listed")
+    assert lines[1] == f"lorafuse: error: {out} failed verification with 1 problem(s), listed above"
 
 
 def test_plan_that_will_not_fit_says_so_and_exits_2(llama, tmp_path, capsys, monkeypatch):

@@ -547,7 +547,7 @@ def refuse_swapped_modules(tiny_base, artefacts, tmp):
 def refuse_existing_out(tiny_base, artefacts, tmp):
     (tmp / "out").mkdir()
     (tmp / "out" / "keep.txt").write_text("mine")
-    return tiny_base("llama"), get_adapter(artefacts, tiny_base, VARIANT["lora-llama"]), {}, "already exists"
+    return tiny_base("llama"), get_adapter(artefacts, tiny_base, VARIANT["lora-llama"]), {}, "holds keep.txt"
 
 
 def refuse_out_inside_base(tiny_base, artefacts, tmp):
@@ -602,7 +602,7 @@ def test_force_replaces_an_existing_output(tiny_base, artefacts, tmp_path):
     """force=True swaps the finished merge in for the old folder, leaving no backup or staging folder."""
     v = VARIANT["lora-llama"]
     out = tmp_path / "out"
-    out.mkdir()
+    lorafuse.merge(tiny_base(v.model), get_adapter(artefacts, tiny_base, v), out)
     (out / "old.txt").write_text("old")
     lorafuse.merge(tiny_base(v.model), get_adapter(artefacts, tiny_base, v), out, force=True)
     assert not (out / "old.txt").exists()

@@ -590,7 +590,7 @@ def renames(request, monkeypatch):
 
 def test_force_swaps_the_new_output_in(renames, inputs, reference, tmp_path):
     out = tmp_path / "out"
-    out.mkdir()
+    lorafuse.merge(*inputs, out)  # an earlier merge, in one shard, with a file added since
     (out / "old.txt").write_text("old")
     lorafuse.merge(*inputs, out, max_shard_size=SHARD, force=True)
     assert tree_hash(out) == reference and not leftovers(tmp_path)
@@ -620,15 +620,17 @@ def test_force_replaces_only_the_out_it_was_given_for(renames, inputs, reference
     out = tmp_path / "out"
     out.mkdir()
     (out / "old.txt").write_text("old")
+    (out / MANIFEST).write_text("{}")  # what --force replaces: an earlier merge (by its manifest)
 
     def someone_replaces_out(plan):
         out.rename(tmp_path / "moved")
         out.mkdir()
         (out / "new.txt").write_text("new")
+        (out / MANIFEST).write_text("{}")
 
     with pytest.raises(lorafuse.LorafuseError, match=f"{out} was replaced while merging"):
         lorafuse.merge(*inputs, out, max_shard_size=SHARD, force=True, on_plan=someone_replaces_out)
-    assert sorted(p.name for p in out.iterdir()) == ["new.txt"] and (out / "new.txt").read_text() == "new"
+    assert sorted(p.name for p in out.iterdir()) == [MANIFEST, "new.txt"] and (out / "new.txt").read_text() == "new"
     assert (tmp_path / "moved" / "old.txt").read_text() == "old"
     lorafuse.merge(*inputs, out, max_shard_size=SHARD, force=True)  # given for this OUT now: replaced
     assert tree_hash(out) == reference and not leftovers(tmp_path)
@@ -668,6 +670,48 @@ def test_an_input_at_a_path_lorafuse_writes_is_refused_untouched(inputs, tmp_pat
     with pytest.raises(lorafuse.LorafuseError, match="overlaps the (base model|adapter) (folder|file)|in lorafuse's way"):
         lorafuse.merge(*given, out, force=True)
     assert (sorted(p.name for p in tmp_path.iterdir()), tree_hash(given[which]), tree_hash(tmp_path)) == before
+
+
+@pytest.fixture
+def bind_mount(tmp_path):
+    """`bind_mount(folder)` -> a second path showing `folder` (mount --bind, as root), unmounted afterwards."""
+    mounted = []
+
+    def mount(folder: Path) -> Path:
+        view = tmp_path / f"view{len(mounted)}"
+        view.mkdir()
+        done = subprocess.run(["mount", "--bind", str(folder), str(view)], capture_output=True, text=True)
+        if done.returncode != 0:
+            pytest.skip(f"mount --bind is not allowed here: {done.stderr.strip()}")
+        mounted.append(view)
+        return view
+
+    yield mount
+    for view in reversed(mounted):
+        subprocess.run(["umount", str(view)], check=True)
+
+
+@pytest.mark.parametrize("out_at", ["the base", "inside the base", "the staging folder of the base's parent"])
+def test_an_input_seen_through_a_bind_mount_is_still_an_input(inputs, tmp_path, bind_mount, out_at):
+    """A bind mount shows a folder under a second path that no path comparison, links resolved or not,
+    can tell from another folder. The base here is an earlier merge (merging a second adapter into it),
+    which --force would replace: the paths are compared as the files they name, (device, inode)."""
+    import shutil
+
+    models = tmp_path / "models"
+    base = models / "merged"
+    models.mkdir()
+    lorafuse.merge(*inputs, base)
+    view = bind_mount(models)
+    out = {"the base": view / "merged", "inside the base": view / "merged" / "again",
+           "the staging folder of the base's parent": view / "new"}[out_at]
+    if out_at.startswith("the staging"):  # the base lies inside what would be the staging folder
+        shutil.move(base, models / ".new.lorafuse-partial" / "merged")
+        base = models / ".new.lorafuse-partial" / "merged"
+    before = tree_hash(tmp_path)
+    with pytest.raises(lorafuse.LorafuseError, match=f"overlaps the base model folder {base}; choose an output folder elsewhere"):
+        lorafuse.merge(base, inputs[1], out, force=True)
+    assert tree_hash(tmp_path) == before and sorted(p.name for p in view.iterdir()) == sorted(p.name for p in models.iterdir())
 
 
 def test_the_lock_admits_one_merge_even_when_opened_just_before_its_holder_deletes_it(tmp_path, monkeypatch):
