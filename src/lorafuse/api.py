@@ -75,7 +75,7 @@ def merge(base: str | os.PathLike | None, adapter: str | os.PathLike, out: str |
     deletes each output shard once uploaded too (OUT then holds all but the shards).
     """
     started = time.perf_counter()
-    out = output_path(out)  # absolute and normalised: `.` or `out/` would give the staging folder a wrong name
+    out = output_path(out)  # absolute and normalised: `.` or `dir/..` would give the staging folder a wrong name
     replacing = check_target(out, force)
     staging = staging_folder(out)
     # Before anything is created or deleted: the plan checks that no input is a path the merge writes.

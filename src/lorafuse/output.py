@@ -81,7 +81,10 @@ def check_target(out: Path, force: bool) -> tuple[int, int] | None:
     if out.is_dir():
         from .manifest import MANIFEST  # not at the top: manifest imports this module
 
-        held = sorted(p.name for p in out.iterdir())
+        try:
+            held = sorted(p.name for p in out.iterdir())
+        except OSError as e:
+            raise LorafuseError(f"cannot read the output folder {out}: {e.strerror}; choose another output folder") from None
         adapter = "adapter_config.json" in held
         if adapter or ("config.json" in held and MANIFEST not in held):
             raise LorafuseError(f"output folder {out} holds {'an adapter' if adapter else 'a model'} that lorafuse did "
