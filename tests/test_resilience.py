@@ -113,6 +113,34 @@ def test_other_settings_start_afresh(inputs, reference, tmp_path):
     assert tree_hash(out) == reference
 
 
+def test_a_base_rewritten_in_place_with_its_mtime_set_back_starts_afresh(inputs, tmp_path):
+    """The resume fingerprint knows a local base file by more than size and mtime: a file rewritten in
+    place keeps both (os.utime, cp -p), and resuming onto shards of the old content would mix two models."""
+    import shutil
+
+    import torch
+    from lorafuse.formats.safetensors import read_header
+
+    base = tmp_path / "base"
+    shutil.copytree(inputs[0], base)
+    out, fresh = tmp_path / "a" / "out", tmp_path / "b" / "out"  # one name: the model card shows it
+    out.parent.mkdir()
+    fresh.parent.mkdir()
+    assert _run_killed(2, "merge", base, inputs[1], out, "--max-shard-size", SHARD, "--quiet") == 137
+    (weights,) = base.glob("*.safetensors")
+    before = weights.stat()
+    with open(weights, "r+b") as f:  # every value doubled, exactly in bf16: the same size, the same inode
+        for ref in read_header(weights).tensors.values():
+            f.seek(ref.offset)
+            f.write((ref.read() * 2).reshape(-1).view(torch.uint8).numpy().tobytes())
+    os.utime(weights, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert (weights.stat().st_size, weights.stat().st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    report = lorafuse.merge(base, inputs[1], out, max_shard_size=SHARD)
+    assert report.shards_resumed == 0
+    lorafuse.merge(base, inputs[1], fresh, max_shard_size=SHARD)
+    assert tree_hash(out) == tree_hash(fresh)
+
+
 def test_resume_without_an_unfinished_run_is_an_error(inputs, tmp_path):
     with pytest.raises(lorafuse.LorafuseError, match="no unfinished run"):
         lorafuse.merge(*inputs, tmp_path / "out", resume=True)

@@ -20,7 +20,7 @@ class Checkpoint:
     tensors: dict[str, TensorRef]  # in file order
     weight_files: list[Path]
     file_sizes: dict[str, int]  # weight file name -> bytes
-    file_versions: dict[str, str]  # weight file name -> what changes when its content may have: mtime, or Hub commit
+    file_versions: dict[str, str]  # weight file name -> what changes when its content may have: see _version, or Hub commit
     remote: dict[str, RemoteFile]  # weight files not downloaded yet, by name
 
     @property
@@ -60,8 +60,16 @@ def open_model(folder: str | Path, remote: dict[str, RemoteFile] | None = None, 
         if name not in tensors or tensors[name].path.name != PurePosixPath(file).name:
             raise LorafuseError(f"{INDEX} places {name} in {file}, but that file does not hold it; re-download the model")
     sizes = {p.name: pending[p].size if p in pending else p.stat().st_size for p in files}
-    versions = {p.name: commit or str(p.stat().st_mtime_ns) for p in files}
+    versions = {p.name: commit or _version(p) for p in files}
     return Checkpoint(folder, config, tensors, files, sizes, versions, remote)
+
+
+def _version(path: Path) -> str:
+    """What changes whenever a local file's content may have: mtime alone does not, since a file rewritten
+    in place can have its mtime set back (os.utime, cp -p, rsync -t); its ctime cannot be set back, and a
+    file replaced by another has another inode. Too big to hash on every run."""
+    st = path.stat()
+    return f"{st.st_ino}:{st.st_mtime_ns}:{st.st_ctime_ns}"
 
 
 def check_config(config: dict, path: Path) -> None:
