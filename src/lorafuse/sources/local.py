@@ -102,15 +102,19 @@ def _headers(files: list[Path], pending: dict[Path, RemoteFile]) -> dict[Path, H
 
 
 def check_inside(folder: Path, path: Path) -> None:
-    """A weight file may be a link out of the model folder only in the Hugging Face cache, whose
-    snapshot folders are links into its blobs/ folder; elsewhere such a link is refused."""
+    """A file of a model folder may be a link out of it only in the Hugging Face cache, and there only
+    into its own repo's blobs/ folder, where huggingface_hub's snapshot links lead
+    (models--org--name/snapshots/REV/FILE -> ../../blobs/HASH). Any other link out is refused: the
+    cache may hold more than models (with HF_HUB_CACHE=$HF_HOME, the user's token), and whatever is
+    followed is copied into OUT and uploaded with it."""
     real, root = path.resolve(), folder.resolve()
     if root in real.parents:
         return
     from .hub import cache_dir
 
     cache = cache_dir().resolve()
-    if cache in root.parents and cache in real.parents:
+    parts = root.relative_to(cache).parts if cache in root.parents else ()
+    if len(parts) > 1 and parts[1] == "snapshots" and real.parent == cache / parts[0] / "blobs":
         return
     raise LorafuseError(f"{path} links outside the model folder (to {real}); refusing to follow it: "
                         "copy the file into the folder, or keep the model in the Hugging Face cache")
