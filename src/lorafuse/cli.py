@@ -54,7 +54,10 @@ class _ReaderGone(Exception):
 
 
 def _say(text: str) -> None:
-    """Print a result on stdout, flushed at once, so that a closed pipe shows up here and nowhere else."""
+    """Print a result on stdout, flushed at once, so that a closed pipe shows up here and nowhere else. With
+    stdout closed from the start (`>&-`, sys.stdout None) there is no one to tell: the command carries on."""
+    if sys.stdout is None:
+        return
     try:
         print(text, flush=True)
     except BrokenPipeError:
@@ -63,8 +66,10 @@ def _say(text: str) -> None:
 
 
 def _tell(text: str) -> None:
-    """Print a message on stderr. Once its reader has gone (`2>&1 | head -1`), the command carries on
-    unheard: a merge is not given up for a log nobody reads."""
+    """Print a message on stderr. Once its reader has gone (`2>&1 | head -1`), or when stderr was closed
+    from the start (`2>&-`), the command carries on unheard: a merge is not given up for a log nobody reads."""
+    if sys.stderr is None:
+        return
     try:
         print(text, file=sys.stderr, flush=True)
     except BrokenPipeError:
@@ -73,6 +78,8 @@ def _tell(text: str) -> None:
 
 def _flush_stdout() -> None:
     """What argparse (--help, --version) or anyone else left in stdout's buffer."""
+    if sys.stdout is None:
+        return
     try:
         sys.stdout.flush()
     except BrokenPipeError:
@@ -252,7 +259,7 @@ class _progress:
     def __init__(self, total: int, tensors: int) -> None:
         self.total, self.tensors, self.done, self.count, self.next_tenth = total, tensors, 0, 0, 1
         self.bar = None
-        if sys.stderr.isatty():
+        if sys.stderr is not None and sys.stderr.isatty():  # None: closed from the start (`2>&-`)
             from tqdm import tqdm
 
             self.bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, desc="merging", file=sys.stderr)
@@ -301,7 +308,7 @@ def _verify(args) -> int:
 def _demo(args) -> int:
     from .demo import run_demo
 
-    return run_demo(args.keep)
+    return run_demo(args.keep, say=_say)
 
 
 if __name__ == "__main__":
