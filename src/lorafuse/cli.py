@@ -134,9 +134,11 @@ def _parser() -> argparse.ArgumentParser:
 
     v = commands.add_parser("verify", help="check a merged folder: manifest hashes, headers, index, NaN/Inf, and a recomputed sample")
     v.add_argument("out", metavar="OUT")
-    v.add_argument("--base", help="the base it was merged from: recompute a sample of merged tensors")
+    v.add_argument("--base", help="the base it was merged from: recompute merged tensors (see --sample)")
     v.add_argument("--adapter", help="the adapter it was merged from")
-    v.add_argument("--sample", type=int, default=8, help="merged tensors to recompute (default 8)")
+    v.add_argument("--sample", default="8", metavar="N|all",
+                   help="with --base/--adapter: merged tensors to recompute, and untouched ones to compare with the "
+                        "base (default 8 each, spread over the model); all: every one")
     v.set_defaults(run=_verify)
 
     d = commands.add_parser("demo", help="build a tiny base and adapter, merge them, check the result")
@@ -295,13 +297,21 @@ def _inspect(args) -> int:
 def _verify(args) -> int:
     from .verify import verify
 
-    problems = verify(args.out, args.base, args.adapter, args.sample)
-    for problem in problems:
+    verdict = verify(args.out, args.base, args.adapter, args.sample)
+    for problem in verdict:
         _tell(f"problem  {problem}")
-    if problems:
-        raise LorafuseError(f"{args.out} failed verification with {len(problems)} problem(s), listed above")
-    _say(f"ok       {args.out}: manifest, headers, index and values check out"
-          + (f"; up to {args.sample} merged tensors recomputed from base and adapter agree" if args.base else ""))
+    if verdict:
+        raise LorafuseError(f"{args.out} failed verification with {len(verdict)} problem(s), listed above")
+    line = f"ok       {args.out}: manifest, headers, index and values check out"
+    if args.base:  # how much was recomputed, so that a spot check never reads as a full check
+        (merged, of_merged), (alone, of_alone) = verdict.recomputed, verdict.compared
+        line += (f"; files, config and model card are this merge's; {merged} of {of_merged} merged tensors "
+                 f"recomputed from base and adapter agree, {alone} of {of_alone} untouched tensors equal the base's")
+        if merged < of_merged or alone < of_alone:
+            line += " (a sample: --sample all checks every one)"
+        if verdict.requantized:
+            line += f"; {verdict.requantized} re-quantized to NF4 are checked by their hashes only"
+    _say(line)
     return 0
 
 
