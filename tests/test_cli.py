@@ -349,6 +349,27 @@ def test_a_closed_stdout_is_no_error(llama, tmp_path):
     assert (out / "lorafuse-manifest.json").exists() and (tmp_path / "unheard" / "lorafuse-manifest.json").exists()
 
 
+def test_closed_stdout_and_stderr_are_held_by_dev_null(llama, tmp_path):
+    """Closed descriptors 1 and 2 would go to the first files the merge opens, and a C library's warning
+    written there into a shard: /dev/null holds them while the command runs."""
+    base, adapter = llama
+    command = _command("merge", base, adapter, tmp_path / "out")
+    command[2] = (
+        "import os\n"
+        "import lorafuse.cli\n"
+        "merge = lorafuse.cli.merge\n"
+        "def seen(*args, **kwargs):\n"
+        "    os.write(3, ' '.join(os.readlink(f'/proc/self/fd/{fd}') for fd in (1, 2)).encode())\n"
+        "    return merge(*args, **kwargs)\n"
+        "lorafuse.cli.merge = seen\n"
+    ) + command[2]
+    reader, writer = os.pipe()
+    done = subprocess.run(["bash", "-c", f'"$@" >&- 2>&- 3>&{writer}', "bash", *command], pass_fds=(writer,), timeout=300)
+    os.close(writer)
+    with os.fdopen(reader) as f:
+        assert (done.returncode, f.read()) == (0, "/dev/null /dev/null")
+
+
 def test_demo_into_a_closed_pipe_is_a_normal_end():
     """`lorafuse demo | head -1`: the demo prints through the command's own output, like every command."""
     done = subprocess.run(["bash", "-c", 'set -o pipefail; "$@" | head -1', "bash", *_command("demo")],
