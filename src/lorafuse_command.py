@@ -13,6 +13,7 @@ import signal
 
 
 def main() -> int:
+    _hold_closed_descriptors()
     try:
         from lorafuse.cli import main as command
 
@@ -27,6 +28,21 @@ def main() -> int:
         os._exit(code)
     _on_sigint(code, b"")
     return code
+
+
+def _hold_closed_descriptors() -> None:
+    """With stdout or stderr closed from the start (`>&-`, `2>&-`), the first files the command opens (the
+    lock, a shard being written) would get descriptors 1 and 2, and whatever writes there (a C library's
+    warning) would land in them: /dev/null holds their place. sys.stdout and sys.stderr stay None, so the
+    command knows that no one reads them."""
+    for fd in (1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_WRONLY)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
 
 
 def _on_sigint(code: int, line: bytes) -> None:

@@ -235,6 +235,31 @@ def test_links_into_the_hugging_face_cache_are_followed(sharded, tmp_path, monke
     assert not (out / "original").exists()
 
 
+@pytest.mark.parametrize("name, target", [
+    ("tokenizer.json", "../../../token"),  # HF_HUB_CACHE=$HF_HOME: the user's Hugging Face token
+    (None, "../../../models--org--other/blobs/abc"),  # a shard, from another repo's blobs
+], ids=["token", "other-repo"])
+def test_links_inside_the_hugging_face_cache_lead_only_to_the_repo_s_own_blobs(sharded, tmp_path, monkeypatch, name, target):
+    """Inside the cache, a link out of a snapshot is followed only into its repo's blobs/: anything else
+    would be copied into OUT (and uploaded with --push-to-hub)."""
+    from huggingface_hub import constants
+
+    base, adapter = sharded
+    cache = tmp_path / "hf"
+    snapshot = cache / "models--org--tiny" / "snapshots" / "abc"
+    shutil.copytree(base, snapshot)
+    name = name or _shards(snapshot)[0].name
+    (cache / "models--org--other" / "blobs").mkdir(parents=True)
+    (cache / "token").write_text("hf_secret")
+    if (snapshot / name).exists():
+        (snapshot / name).rename(cache / "models--org--other" / "blobs" / "abc")
+    (snapshot / name).symlink_to(target)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    with pytest.raises(lorafuse.LorafuseError, match=f"{name} links outside the model folder"):
+        lorafuse.merge(snapshot, adapter, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_nan_found_part_way_leaves_nothing_behind(sharded, tmp_path, monkeypatch):
     """Shards are finished by the time the NaN is found: a rerun could not resume them into success
     (the adapter must change first), so the staging folder goes too. An interruption would keep them."""

@@ -429,6 +429,55 @@ def test_a_closed_pipe_is_a_normal_end(llama, tmp_path):
     assert (out / "lorafuse-manifest.json").exists() and (tmp_path / "logged" / "lorafuse-manifest.json").exists()
 
 
+def test_a_closed_stdout_is_no_error(llama, tmp_path):
+    """`lorafuse ... >&-`: Python starts with sys.stdout None; every command still does its work, and says
+    its messages on stderr, with no traceback (argparse writes --help and --version there then). With
+    stderr closed too (`2>&-`), unheard."""
+    base, adapter = llama
+    out = tmp_path / "out"
+    cases = [(["merge", base, adapter, out], ">&-", 0), (["verify", out, "--base", base, "--adapter", adapter], ">&-", 0),
+             (["plan", base, adapter], ">&-", 0), (["inspect", base, adapter, "--json"], ">&-", 0),
+             (["--version"], ">&-", 0), (["--help"], ">&-", 0), (["demo"], ">&-", 0),
+             (["merge", base, adapter, tmp_path / "unheard"], ">&- 2>&-", 0),
+             (["merge", base, adapter, out], ">&-", 2)]  # OUT exists: the one-line error on stderr
+    for argv, closing, code in cases:
+        done = subprocess.run(["bash", "-c", f'"$@" {closing}', "bash", *_command(*argv)], capture_output=True,
+                              text=True, timeout=300)
+        assert done.returncode == code and "Traceback" not in done.stderr and done.stdout == "", (argv, done.stderr)
+        if code:
+            assert done.stderr.startswith("lorafuse: error: output folder") and done.stderr.count("\n") == 1
+    assert (out / "lorafuse-manifest.json").exists() and (tmp_path / "unheard" / "lorafuse-manifest.json").exists()
+
+
+def test_closed_stdout_and_stderr_are_held_by_dev_null(llama, tmp_path):
+    """Closed descriptors 1 and 2 would go to the first files the merge opens, and a C library's warning
+    written there into a shard: /dev/null holds them while the command runs."""
+    base, adapter = llama
+    command = _command("merge", base, adapter, tmp_path / "out")
+    command[2] = (
+        "import os\n"
+        "import lorafuse.cli\n"
+        "merge = lorafuse.cli.merge\n"
+        "def seen(*args, **kwargs):\n"
+        "    os.write(3, ' '.join(os.readlink(f'/proc/self/fd/{fd}') for fd in (1, 2)).encode())\n"
+        "    return merge(*args, **kwargs)\n"
+        "lorafuse.cli.merge = seen\n"
+    ) + command[2]
+    reader, writer = os.pipe()
+    done = subprocess.run(["bash", "-c", f'"$@" >&- 2>&- 3>&{writer}', "bash", *command], pass_fds=(writer,), timeout=300)
+    os.close(writer)
+    with os.fdopen(reader) as f:
+        assert (done.returncode, f.read()) == (0, "/dev/null /dev/null")
+
+
+def test_demo_into_a_closed_pipe_is_a_normal_end():
+    """`lorafuse demo | head -1`: the demo prints through the command's own output, like every command."""
+    done = subprocess.run(["bash", "-c", 'set -o pipefail; "$@" | head -1', "bash", *_command("demo")],
+                          capture_output=True, text=True, timeout=300)
+    assert (done.returncode, done.stderr) == (0, "")
+    assert done.stdout.startswith("built a tiny Llama-shaped bf16 model")
+
+
 def test_plan_progress_and_report_count_bytes_alike(llama, tmp_path, capsys, monkeypatch):
     """Decimal units everywhere: the plan's and the report's kB, the plain progress lines and the tqdm bar
     on a terminal (which would read 2.4% low with kibibytes)."""

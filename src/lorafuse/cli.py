@@ -55,7 +55,10 @@ class _ReaderGone(Exception):
 
 
 def _say(text: str) -> None:
-    """Print a result on stdout, flushed at once, so that a closed pipe shows up here and nowhere else."""
+    """Print a result on stdout, flushed at once, so that a closed pipe shows up here and nowhere else. With
+    stdout closed from the start (`>&-`, sys.stdout None) there is no one to tell: the command carries on."""
+    if sys.stdout is None:
+        return
     try:
         print(text, flush=True)
     except BrokenPipeError:
@@ -64,8 +67,10 @@ def _say(text: str) -> None:
 
 
 def _tell(text: str) -> None:
-    """Print a message on stderr. Once its reader has gone (`2>&1 | head -1`), the command carries on
-    unheard: a merge is not given up for a log nobody reads."""
+    """Print a message on stderr. Once its reader has gone (`2>&1 | head -1`), or when stderr was closed
+    from the start (`2>&-`), the command carries on unheard: a merge is not given up for a log nobody reads."""
+    if sys.stderr is None:
+        return
     try:
         print(text, file=sys.stderr, flush=True)
     except BrokenPipeError:
@@ -82,6 +87,8 @@ def _one_line(text: str) -> str:
 
 def _flush_stdout() -> None:
     """What argparse (--help, --version) or anyone else left in stdout's buffer."""
+    if sys.stdout is None:
+        return
     try:
         sys.stdout.flush()
     except BrokenPipeError:
@@ -136,9 +143,11 @@ def _parser() -> argparse.ArgumentParser:
 
     v = commands.add_parser("verify", help="check a merged folder: manifest hashes, headers, index, NaN/Inf, and a recomputed sample")
     v.add_argument("out", metavar="OUT")
-    v.add_argument("--base", help="the base it was merged from: recompute a sample of merged tensors")
+    v.add_argument("--base", help="the base it was merged from: recompute merged tensors (see --sample)")
     v.add_argument("--adapter", help="the adapter it was merged from")
-    v.add_argument("--sample", type=int, default=8, help="merged tensors to recompute (default 8)")
+    v.add_argument("--sample", default="8", metavar="N|all",
+                   help="with --base/--adapter: merged tensors to recompute, and untouched ones to compare with the "
+                        "base (default 8 each, spread over the model); all: every one")
     v.set_defaults(run=_verify)
 
     d = commands.add_parser("demo", help="build a tiny base and adapter, merge them, check the result")
@@ -261,7 +270,7 @@ class _progress:
     def __init__(self, total: int, tensors: int) -> None:
         self.total, self.tensors, self.done, self.count, self.next_tenth = total, tensors, 0, 0, 1
         self.bar = None
-        if sys.stderr.isatty():
+        if sys.stderr is not None and sys.stderr.isatty():  # None: closed from the start (`2>&-`)
             from tqdm import tqdm
 
             self.bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, desc="merging", file=sys.stderr)
@@ -299,20 +308,28 @@ def _verify(args) -> int:
 
     if not args.out:
         raise LorafuseError("the folder to verify is empty; name it: lorafuse verify OUT")
-    problems = verify(args.out, args.base, args.adapter, args.sample)
-    for problem in problems:
+    verdict = verify(args.out, args.base, args.adapter, args.sample)
+    for problem in verdict:
         _tell(f"problem  {_one_line(problem)}")
-    if problems:
-        raise LorafuseError(f"{args.out} failed verification with {len(problems)} problem(s), listed above")
-    _say(f"ok       {args.out}: manifest, headers, index and values check out"
-          + (f"; up to {args.sample} merged tensors recomputed from base and adapter agree" if args.base else ""))
+    if verdict:
+        raise LorafuseError(f"{args.out} failed verification with {len(verdict)} problem(s), listed above")
+    line = f"ok       {args.out}: manifest, headers, index and values check out"
+    if args.base:  # how much was recomputed, so that a spot check never reads as a full check
+        (merged, of_merged), (alone, of_alone) = verdict.recomputed, verdict.compared
+        line += (f"; files, config and model card are this merge's; {merged} of {of_merged} merged tensors "
+                 f"recomputed from base and adapter agree, {alone} of {of_alone} untouched tensors equal the base's")
+        if merged < of_merged or alone < of_alone:
+            line += " (a sample: --sample all checks every one)"
+        if verdict.requantized:
+            line += f"; {verdict.requantized} re-quantized to NF4 are checked by their hashes only"
+    _say(line)
     return 0
 
 
 def _demo(args) -> int:
     from .demo import run_demo
 
-    return run_demo(args.keep)
+    return run_demo(args.keep, say=_say)
 
 
 if __name__ == "__main__":

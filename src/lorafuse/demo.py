@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .api import merge
+from .errors import LorafuseError
 from .plan import describe, make_plan
 
 LAYERS, HIDDEN, INTERMEDIATE, VOCAB, HEADS, KV_HEADS = 2, 64, 128, 256, 4, 2
@@ -91,23 +92,24 @@ def check(out: Path, base: dict, adapter: dict) -> tuple[int, int]:
     return exact_count, total
 
 
-def run_demo(keep: str | None = None) -> int:
+def run_demo(keep: str | None = None, say: Callable[[str], None] = print) -> int:
+    """`say` prints each line of the report: the command passes its own, which copes with a closed stdout
+    (`lorafuse demo | head -1`, `>&-`) as every command's output does."""
     root = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="lorafuse-demo-"))
     if keep and root.exists() and any(root.iterdir()):
-        print(f"lorafuse demo: {root} is not empty; pass an empty or new folder to --keep", file=sys.stderr)
-        return 2
+        raise LorafuseError(f"{root} is not empty; pass an empty or new folder to --keep")
     try:
         gen = torch.Generator().manual_seed(0)
         base = build_base(root / "base", gen)
         adapter = build_adapter(root / "adapter", gen)
-        print(f"built a tiny Llama-shaped bf16 model and a LoRA adapter (r={R}) in {root}\n")
-        print("\n".join(describe(make_plan(root / "base", root / "adapter", root / "merged", max_shard_size="200KB"))) + "\n")
+        say(f"built a tiny Llama-shaped bf16 model and a LoRA adapter (r={R}) in {root}\n")
+        say("\n".join(describe(make_plan(root / "base", root / "adapter", root / "merged", max_shard_size="200KB"))) + "\n")
         report = merge(root / "base", root / "adapter", root / "merged", max_shard_size="200KB")
         exact, total = check(root / "merged", base, adapter)
-        print(f"merged {report.tensors_merged} tensors and copied {report.tensors_copied} into {report.shards} shards in {report.seconds:.2f} s")
-        print(f"check: {exact}/{total} merged values are exactly the float64 result rounded once to bf16, the rest")
-        print("       within fp32 arithmetic error of it; every other tensor is byte-identical to the base")
-        print("demo OK")
+        say(f"merged {report.tensors_merged} tensors and copied {report.tensors_copied} into {report.shards} shards in {report.seconds:.2f} s")
+        say(f"check: {exact}/{total} merged values are exactly the float64 result rounded once to bf16, the rest")
+        say("       within fp32 arithmetic error of it; every other tensor is byte-identical to the base")
+        say("demo OK")
         return 0
     finally:
         if not keep:

@@ -83,11 +83,12 @@ def identity(plan: Plan) -> dict:
 
 def fingerprint(plan: Plan, settings: dict) -> str:
     """Equal for two runs exactly when they would write the same shards: the adapter's weights hashed
-    (two checkpoints of one run have equal configs and sizes), each base file by size and mtime (too big
-    to hash on every run; a Hub repo's files by commit, cached or not), the settings and the output layout; not the names the inputs were given by."""
+    (two checkpoints of one run have equal configs and sizes), each base file by size and version (inode,
+    mtime and ctime: too big to hash on every run; a Hub repo's files by commit, cached or not), the
+    settings and the output layout; not the names the inputs were given by."""
     ident = identity(plan)
     ident["adapter"]["weights_sha256"] = sha256_file(plan.adapter.weights_file)
-    ident["base"]["mtimes"] = dict(plan.base.file_versions)
+    ident["base"]["versions"] = dict(plan.base.file_versions)
     for side in ident.values():
         side.pop("path")
     kept = {k: v for k, v in settings.items() if k not in ("base", "adapter")}

@@ -126,11 +126,12 @@ def write_metadata(plan: Plan, folder: Path, settings: dict) -> None:
         shutil.copyfile(source, folder / source.name)
     (folder / "config.json").write_text(json.dumps(plan.config, indent=2, sort_keys=True) + "\n")
     with open(folder / "README.md", "w", encoding="utf-8", newline="") as f:
-        f.write(_model_card(plan, settings))
+        f.write(model_card(plan, settings))
 
 
-def _model_card(plan: Plan, settings: dict) -> str:
-    """The README.md that huggingface_hub's ModelCard would save, without importing its Hub client (0.25 s)."""
+def model_card(plan: Plan, settings: dict) -> str:
+    """The README.md that huggingface_hub's ModelCard would save, without importing its Hub client (0.25 s).
+    `lorafuse verify` writes it again to check OUT's."""
     from huggingface_hub import ModelCardData  # 0.05 s, imported while the merge runs (api._import_in_background)
 
     repo_id = _repo_id(plan.base_name) or _repo_id(plan.adapter.base_name or "")

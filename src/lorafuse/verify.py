@@ -6,8 +6,8 @@ holds nothing else (transformers would load an extra model.safetensors, .bin or 
 shard's header (strictly, as when reading a base); the index against the shards; no NaN or Inf in any
 floating tensor; and with --base/--adapter, the merge planned again from the manifest's settings
 record: OUT must hold the files it plans, its shards the tensors it plans, config.json and the carried
-files as planned, and a sample of merged tensors recomputed in float64 must agree with the output to
-within one rounding to its dtype.
+files as planned, README.md the model card it writes, and a sample of merged tensors (--sample all:
+every one) recomputed in float64 must agree with the output to within one rounding to its dtype.
 
 The recomputation is written here again, plainly and in float64, on purpose: it shares no arithmetic
 with patches.py or compute/ (only the readers and the matching of adapter tensors to base tensors),
@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import os
 import re
+from dataclasses import replace
 from pathlib import Path, PurePosixPath
 from typing import Callable
 
@@ -31,6 +32,7 @@ from .formats.jsonfile import parse_json
 from .formats.folder import INDEX, SINGLE
 from .formats.safetensors import FLOAT_DTYPES, read_header, torch_dtype
 from .manifest import MANIFEST, identity, read_settings, sha256_file
+from .output import model_card
 from .plan import CONV1D_MODULES, Plan, TensorPlan, make_plan, model_types
 from .quant import QuantizedTensor
 
@@ -39,42 +41,67 @@ FP32_SLACK = 64 * torch.finfo(torch.float32).eps
 HUB_FILES = re.compile(r"^(\.gitattributes|\.cache/huggingface/.*)$")
 
 
-def verify(out: str | Path, base: str | Path | None = None, adapter: str | Path | None = None, sample: int = 8) -> list[str]:
-    """Everything wrong with OUT, as one line each; an empty list means it passed."""
+class Verdict(list):
+    """The problems found, one line each (an empty list: OUT passed), and how many tensors were recomputed
+    or compared with the base, of how many: a spot check must never read as a full check."""
+
+    recomputed: tuple[int, int] = (0, 0)  # merged tensors recomputed, of those that can be (not re-quantized to NF4)
+    compared: tuple[int, int] = (0, 0)  # tensors the adapter leaves alone compared with the base's, of those
+    requantized: int = 0  # merged tensors re-quantized to NF4: bitsandbytes' rounding, left to the manifest's hashes
+
+
+def verify(out: str | Path, base: str | Path | None = None, adapter: str | Path | None = None,
+           sample: int | str = 8) -> Verdict:
+    """Everything wrong with OUT, as one line each; an empty list means it passed. `sample`: how many merged
+    (and untouched) tensors to recompute with base and adapter, or "all"."""
+    size = _sample_size(sample)
     out = Path(out)
     if not out.is_dir():
         raise LorafuseError(f"{out} is not a folder")
     if (base is None) != (adapter is None):
         raise LorafuseError("pass both --base and --adapter to recompute merged tensors, or neither")
     manifest, problems = _check_manifest(out)
-    names = _shard_names(out, problems)
+    verdict = Verdict(problems)
+    names = _shard_names(out, verdict)
     if manifest:
         for name in ["config.json"] + ([INDEX] if (out / INDEX).is_file() else []) + names:
             if name not in manifest["files"]:
-                problems.append(f"{name} is not listed in the manifest")
+                verdict.append(f"{name} is not listed in the manifest")
         try:
             settings = read_settings(manifest)
         except LorafuseError as e:
-            problems.append(str(e))
+            verdict.append(str(e))
     headers = {}
     for name in names:
         try:
             headers[name] = read_header(out / name)
         except LorafuseError as e:
-            problems.append(str(e))
+            verdict.append(str(e))
     for name, header in headers.items():
         for key, ref in header.tensors.items():
             if ref.dtype in FLOAT_DTYPES and not all_finite(ref.read()):
-                problems.append(f"{name}: tensor {key} holds NaN or Inf values")
-    if base is not None and not problems:  # a manifest with a valid settings record
+                verdict.append(f"{name}: tensor {key} holds NaN or Inf values")
+    if base is not None and not verdict:  # a manifest with a valid settings record
         plan = make_plan(base, adapter, dtype=settings["dtype"], save_method=settings["save_method"],
                          max_shard_size=settings["max_shard_size"])
-        problems += _check_inputs(plan, manifest)
-        if not problems:
-            problems += _check_layout(plan, headers) + _check_files(plan, out, manifest["files"])
-        if not problems:
-            problems += _recompute(plan, headers, sample)
-    return problems
+        verdict += _check_inputs(plan, manifest)
+        if not verdict:
+            verdict += _check_layout(plan, headers) + _check_files(plan, out, manifest["files"])
+            verdict += _check_card(plan, out, settings)
+        if not verdict:
+            _recompute(plan, headers, size, verdict)
+    return verdict
+
+
+def _sample_size(sample: int | str) -> int | None:
+    """--sample as a count of tensors, None for "all". Zero or fewer would recompute nothing and still
+    pass, so they are refused."""
+    if sample == "all":
+        return None
+    count = int(sample) if isinstance(sample, str) and sample.isdecimal() else sample
+    if type(count) is not int or count < 1:
+        raise LorafuseError(f"--sample must be a positive number of tensors or 'all', not {sample!r}")
+    return count
 
 
 def _check_manifest(out: Path) -> tuple[dict, list[str]]:
@@ -218,33 +245,52 @@ def _check_files(plan: Plan, out: Path, listed: dict) -> list[str]:
     return problems
 
 
-def _recompute(plan: Plan, headers: dict, sample: int) -> list[str]:
-    """A spread-out sample of merged tensors, recomputed in float64 and compared with OUT, and one of the
-    tensors the adapter leaves alone, which must be the base's, cast with torch's rounding."""
+def _check_card(plan: Plan, out: Path, settings: dict) -> list[str]:
+    """README.md is the model card this merge writes: it is what people (and the Hub's page) read first, and
+    a manifest rewritten with it would hide any edit. It names base and adapter as the merge was given them
+    (the settings record), and its title is OUT's name at the merge, which nothing records: the card's own
+    title is taken, so a renamed or downloaded folder passes."""
+    card = out / "README.md"
+    if not card.is_file():
+        return []  # reported with the file list
+    text = card.read_bytes()
+    title = next((line[2:] for line in text.decode("utf-8", "replace").split("\n") if line.startswith("# ")), "")
+    written = replace(plan, base_name=settings["base"], adapter_name=settings["adapter"], out=Path(title))
+    if model_card(written, settings).encode("utf-8") != text:
+        return ["README.md is not the model card this merge writes"]
+    return []
+
+
+def _recompute(plan: Plan, headers: dict, sample: int | None, verdict: Verdict) -> None:
+    """Merged tensors (`sample` of them, spread out; None: all), recomputed in float64 and compared with
+    OUT, and as many of the tensors the adapter leaves alone, which must be the base's, cast with torch's
+    rounding. One tensor in memory at a time; the counts go into the verdict."""
     refs = {k: r for h in headers.values() for k, r in h.tensors.items()}
     # 4-bit output is left to the manifest's hashes: its values are bitsandbytes' rounding
     merged = [t for t in plan.tensors if t.patches and not t.to_nf4]
     untouched = [t for t in plan.tensors if not t.patches and not t.to_nf4]
-    problems = []
-    for tensor in _spread(merged, sample):
+    chosen = _spread(merged, sample)
+    for tensor in chosen:
         exact = _exact(plan, tensor)
         got = refs[tensor.name].read().double()
         # one rounding to the output dtype (half a step), plus fp32 arithmetic error at the tensor's scale
         half_step = 0.5 * torch.finfo(torch_dtype(tensor.dtype)).eps * torch.maximum(exact.abs(), got.abs())
         bound = half_step + FP32_SLACK * exact.abs().max()
         if got.shape != exact.shape or bool(((got - exact).abs() > bound).any()):
-            problems.append(f"{tensor.name} differs from the merge recomputed from base and adapter")
-    for tensor in _spread(untouched, sample):
+            verdict.append(f"{tensor.name} differs from the merge recomputed from base and adapter")
+    alone = _spread(untouched, sample)
+    for tensor in alone:
         src = tensor.source
         want = (src.dequantize() if isinstance(src, QuantizedTensor) else src.read()).to(torch_dtype(tensor.dtype))
         if not _same_bytes(refs[tensor.name].read(), want):
-            problems.append(f"{tensor.name} differs from the base tensor the adapter leaves alone")
-    return problems
+            verdict.append(f"{tensor.name} differs from the base tensor the adapter leaves alone")
+    verdict.recomputed, verdict.compared = (len(chosen), len(merged)), (len(alone), len(untouched))
+    verdict.requantized = sum(1 for t in plan.tensors if t.to_nf4 and t.patches)
 
 
-def _spread(tensors: list[TensorPlan], n: int) -> list[TensorPlan]:
-    """n of the tensors (all if there are fewer), evenly spread over the model."""
-    n = min(n, len(tensors))
+def _spread(tensors: list[TensorPlan], n: int | None) -> list[TensorPlan]:
+    """n of the tensors (all if there are fewer, or n is None), evenly spread over the model."""
+    n = len(tensors) if n is None else min(n, len(tensors))
     return [tensors[i] for i in sorted({round(i * (len(tensors) - 1) / max(1, n - 1)) for i in range(n)})]
 
 

@@ -20,7 +20,7 @@ class Checkpoint:
     tensors: dict[str, TensorRef]  # in file order
     weight_files: list[Path]
     file_sizes: dict[str, int]  # weight file name -> bytes
-    file_versions: dict[str, str]  # weight file name -> what changes when its content may have: mtime, or Hub commit
+    file_versions: dict[str, str]  # weight file name -> what changes when its content may have: see _version, or Hub commit
     remote: dict[str, RemoteFile]  # weight files not downloaded yet, by name
 
     @property
@@ -60,8 +60,16 @@ def open_model(folder: str | Path, remote: dict[str, RemoteFile] | None = None, 
         if name not in tensors or tensors[name].path.name != PurePosixPath(file).name:
             raise LorafuseError(f"{INDEX} places {name} in {file}, but that file does not hold it; re-download the model")
     sizes = {p.name: pending[p].size if p in pending else p.stat().st_size for p in files}
-    versions = {p.name: commit or str(p.stat().st_mtime_ns) for p in files}
+    versions = {p.name: commit or _version(p) for p in files}
     return Checkpoint(folder, config, tensors, files, sizes, versions, remote)
+
+
+def _version(path: Path) -> str:
+    """What changes whenever a local file's content may have: mtime alone does not, since a file rewritten
+    in place can have its mtime set back (os.utime, cp -p, rsync -t); its ctime cannot be set back, and a
+    file replaced by another has another inode. Too big to hash on every run."""
+    st = path.stat()
+    return f"{st.st_ino}:{st.st_mtime_ns}:{st.st_ctime_ns}"
 
 
 def check_config(config: dict, path: Path) -> None:
@@ -94,15 +102,19 @@ def _headers(files: list[Path], pending: dict[Path, RemoteFile]) -> dict[Path, H
 
 
 def check_inside(folder: Path, path: Path) -> None:
-    """A weight file may be a link out of the model folder only in the Hugging Face cache, whose
-    snapshot folders are links into its blobs/ folder; elsewhere such a link is refused."""
+    """A file of a model folder may be a link out of it only in the Hugging Face cache, and there only
+    into its own repo's blobs/ folder, where huggingface_hub's snapshot links lead
+    (models--org--name/snapshots/REV/FILE -> ../../blobs/HASH). Any other link out is refused: the
+    cache may hold more than models (with HF_HUB_CACHE=$HF_HOME, the user's token), and whatever is
+    followed is copied into OUT and uploaded with it."""
     real, root = path.resolve(), folder.resolve()
     if root in real.parents:
         return
     from .hub import cache_dir
 
     cache = cache_dir().resolve()
-    if cache in root.parents and cache in real.parents:
+    parts = root.relative_to(cache).parts if cache in root.parents else ()
+    if len(parts) > 1 and parts[1] == "snapshots" and real.parent == cache / parts[0] / "blobs":
         return
     raise LorafuseError(f"{path} links outside the model folder (to {real}); refusing to follow it: "
                         "copy the file into the folder, or keep the model in the Hugging Face cache")
