@@ -657,6 +657,38 @@ def test_config_and_weights_that_disagree_are_refused(name, tiny_base, artefacts
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
 
 
+@pytest.mark.parametrize("init", [False, True, "gaussian"])
+def test_a_targeted_module_missing_from_the_file(init, tiny_base, artefacts, tmp_path):
+    """A truncated save: v_proj is targeted but its tensors are gone. PEFT initialises its LoRA: with
+    init_lora_weights true or "gaussian" B is zero, the weight stays the base's and lorafuse's merge is
+    PEFT's; with init_lora_weights false A and B are random and PEFT's model changes the weight: refused."""
+    from peft import LoraConfig
+    from safetensors.torch import load_file, save_file
+
+    base = tiny_base("llama")
+    adapter = make_adapter(base, tmp_path / "adapter", LoraConfig(r=4, lora_alpha=8, init_lora_weights=init,
+                                                                  target_modules=["q_proj", "v_proj"]))
+    if init is not False:  # A and B at their initial values would make every delta zero: train them
+        save_file({k: torch.randn_like(v) for k, v in load_file(adapter / "adapter_model.safetensors").items()},
+                  adapter / "adapter_model.safetensors", metadata={"format": "pt"})
+    tensors = load_file(adapter / "adapter_model.safetensors")
+    save_file({k: v for k, v in tensors.items() if "v_proj" not in k}, adapter / "adapter_model.safetensors",
+              metadata={"format": "pt"})
+    exact, before = load_peft(base, adapter, torch.float64, merge=True).state_dict(), read_tensors(base)
+    name = "model.layers.0.self_attn.v_proj.weight"
+    if init is False:
+        assert not torch.equal(exact[name], before[name].double())
+        with pytest.raises(lorafuse.LorafuseError, match="PEFT adapts model.layers.0.self_attn.v_proj .and 1 more"):
+            lorafuse.merge(base, adapter, tmp_path / "out")
+        return
+    lorafuse.merge(base, adapter, tmp_path / "out")
+    got = read_tensors(tmp_path / "out")
+    assert same_bytes(got[name], before[name]) and torch.equal(exact[name], before[name].double())
+    for key, value in got.items():
+        size = exact[key].abs().max().item()
+        assert (value.double() - exact[key]).abs().max().item() <= (HALF_ULP["fp32"] + TENSOR_SLACK) * size, key
+
+
 @pytest.mark.parametrize("variant", [v.id for v in TARGETING_VARIANTS])
 def test_verify_passes_adapters_that_target_some_modules(variant, tiny_base, artefacts, tmp_path):
     """`verify --base --adapter` plans with the same matching and finds nothing wrong with every tensor."""

@@ -246,9 +246,7 @@ def untargeted(config: dict, module: str, kind: str) -> str | None:
     output head of a tied model) the same LoRA, before any other check (_check_tied_modules,
     LoraModel._add_targets_to_tie, inject_adapter); lorafuse cannot see the tying here, and the plan
     decides what reaches a tied head."""
-    target = config["target_modules"]
-    if config.get("ensure_weight_tying") and module.rpartition(".")[2] in EMBEDDING_LAYER_NAMES \
-            and _targets_embedding(target):
+    if _tied(config, module):
         return None
     exclude = config.get("exclude_modules")
     if isinstance(exclude, str) and _match(exclude, exclude, "exclude_modules", module, full=True):
@@ -258,7 +256,8 @@ def untargeted(config: dict, module: str, kind: str) -> str | None:
     for name in _saved_modules(config):
         if _match(rf"(^|.*\.){name}($|\..*)", name, "modules_to_save entry", module):
             return "it is in modules_to_save"
-    if isinstance(target, str) and target.lower() == ALL_LINEAR:
+    target = config["target_modules"]
+    if _all_linear(config):
         if kind != "linear":
             return f"target_modules is {ALL_LINEAR}, and it is no linear layer"
         return f"target_modules is {ALL_LINEAR}, which leaves out the output head" if module == OUTPUT_HEAD else None
@@ -277,9 +276,18 @@ def untargeted(config: dict, module: str, kind: str) -> str | None:
     return None
 
 
-def _targets_embedding(target) -> bool:
-    """PEFT's _check_tied_modules: target_modules names an embedding (by its last component) or, as a
-    regular expression, fully matches one of EMBEDDING_LAYER_NAMES."""
+def _all_linear(config: dict) -> bool:
+    target = config["target_modules"]
+    return isinstance(target, str) and target.lower() == ALL_LINEAR
+
+
+def _tied(config: dict, module: str) -> bool:
+    """An embedding-named module under ensure_weight_tying, when target_modules names an embedding (PEFT's
+    _check_tied_modules: by the last component, or, as a regular expression, fully matching one of
+    EMBEDDING_LAYER_NAMES): PEFT adapts it, or ties it to the embedding's LoRA if the base ties them."""
+    if not (config.get("ensure_weight_tying") and module.rpartition(".")[2] in EMBEDDING_LAYER_NAMES):
+        return False
+    target = config["target_modules"]
     if isinstance(target, str):
         return any(_match(target, target, "target_modules", name, full=True) for name in EMBEDDING_LAYER_NAMES)
     return any(name.split(".")[-1] in EMBEDDING_LAYER_NAMES for name in target)
@@ -499,6 +507,28 @@ def _check_targets(config: dict, groups: dict[str, dict]) -> None:
     if problems:
         more = f" (and {len(problems) - 1} more module(s))" if len(problems) > 1 else ""
         raise LorafuseError(f"the adapter's config and weights disagree: {problems[0]}{more}; "
+                            "re-save the adapter with PEFT")
+
+
+def check_untrained(config: dict, weights: dict, adapted: set[str]) -> None:
+    """Refuse modules PEFT adapts that the file has no LoRA tensors for, when PEFT would change them.
+
+    PEFT creates their LoRA and finds nothing to load into it (inject_adapter, set_peft_model_state_dict):
+    with init_lora_weights true or "gaussian", reset_lora_parameters makes B (A for an embedding) zero, so
+    the weight stays as it is, which is what lorafuse writes; with init_lora_weights false A and B keep
+    random values, and PEFT's model changes the weight at random. `weights`: the base's weights (name ->
+    tensor), `adapted`: those that get LoRA from the file. Left out: "all-linear" (lorafuse cannot tell
+    which weights belong to linear layers) and embeddings under ensure_weight_tying (whether PEFT ties
+    the head to the embedding depends on the base)."""
+    if config.get("init_lora_weights", True) is not False or _all_linear(config):
+        return
+    modules = [name.removesuffix(".weight") for name, ref in weights.items()
+               if name.endswith(".weight") and len(ref.shape) >= 2 and name not in adapted]
+    missing = [m for m in modules if not _tied(config, m) and untargeted(config, m, "linear") is None]
+    if missing:
+        more = f" (and {len(missing) - 1} more module(s))" if len(missing) > 1 else ""
+        raise LorafuseError(f"the adapter's config and weights disagree: PEFT adapts {missing[0]}{more}, the file has no "
+                            "LoRA tensors for it, and with init_lora_weights false PEFT gives it random ones; "
                             "re-save the adapter with PEFT")
 
 
