@@ -4,7 +4,9 @@ PEFT saves tensors under `base_model.model.<module path>.<role>`: `lora_A.weight
 `lora_B.bias` (lora_bias), `lora_embedding_A`/`_B`, `lora_magnitude_vector` (DoRA),
 `token_adapter.trainable_tokens_delta` (trainable_token_indices), `base_layer.weight` (an embedding
 saved with save_embedding_layers) and plain `<module>.weight`/`.bias` for modules_to_save and
-bias="all"/"lora_only". Every tensor is claimed by exactly one patch or reported as unused.
+bias="all"/"lora_only". Every tensor is claimed by exactly one patch or reported as unused, and the
+modules with LoRA tensors must be those PEFT adapts for the config (target_modules and the fields next
+to it, as check_target_module_exists reads them), with the variant use_dora names.
 """
 
 from __future__ import annotations
