@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import lorafuse
-from lorafuse.adapters.peft import pattern_value
+from lorafuse.adapters.peft import pattern_value, untargeted
 from lorafuse.verify import verify
 
 INDEX = "model.safetensors.index.json"
@@ -102,6 +102,21 @@ CASES = [
     ("adapter/adapter_config.json", _set("trainable_token_indices", [1, "2"]), "trainable_token_indices must list token ids"),
     ("adapter/adapter_config.json", _set("trainable_token_indices", {"embed_tokens": [-1]}), "trainable_token_indices must map"),
     ("adapter/adapter_config.json", _set("trainable_token_indices", {"embed[": [1]}), "is not a valid regular expression"),
+    # PEFT raises re.error, TypeError or ValueError for these (check_target_module_exists, LoraConfig)
+    ("adapter/adapter_config.json", _set("target_modules", "(("), "target_modules '((' is not a valid regular expression"),
+    ("adapter/adapter_config.json", _set("target_modules", 5), "target_modules must be a regular expression or a list"),
+    ("adapter/adapter_config.json", _set("target_modules", ["q_proj", 5]), "target_modules must be a regular expression or a list"),
+    ("adapter/adapter_config.json", _set("target_modules", None), "target_modules is not set"),
+    ("adapter/adapter_config.json", _set("exclude_modules", "q_proj["), "exclude_modules 'q_proj[' is not a valid regular expression"),
+    ("adapter/adapter_config.json", _set("exclude_modules", {"q_proj": 1}), "exclude_modules must be a regular expression or a list"),
+    ("adapter/adapter_config.json", _set("modules_to_save", ["norm("]), "modules_to_save entry 'norm(' is not a valid regular expression"),
+    ("adapter/adapter_config.json", _set("modules_to_save", "norm"), "modules_to_save must be a list"),
+    ("adapter/adapter_config.json", _set("layers_to_transform", [0, "1"]), "layers_to_transform must be a layer number"),
+    ("adapter/adapter_config.json", lambda c: {**c, "layers_to_transform": [0], "layers_pattern": "(?P<idx>x)"},
+     "layers_pattern '(?P<idx>x)' is not a valid regular expression"),
+    ("adapter/adapter_config.json", lambda c: {**c, "target_modules": ".*q_proj", "layers_to_transform": [0]},
+     "cannot be used with target_modules as a regular expression"),
+    ("adapter/adapter_config.json", _set("layers_pattern", "layers"), "layers_pattern is set without layers_to_transform"),
 ]
 
 
@@ -136,6 +151,38 @@ def test_patterns_match_as_peft_matches():
         assert pattern_value(patterns, module, 0) == patterns.get(key, 0)
 
 
+TARGETING = [
+    {"target_modules": ["q_proj", "v_proj"]},
+    {"target_modules": r".*\.(q|k)_proj"},
+    {"target_modules": ["q_proj", "model.layers.1.mlp.down_proj"], "exclude_modules": ["model.layers.0.self_attn.q_proj"]},
+    {"target_modules": ["q_proj", "down_proj"], "exclude_modules": r".*layers\.1\.mlp\..*"},
+    {"target_modules": ["q_proj", "down_proj"], "layers_to_transform": [1], "layers_pattern": "layers"},
+    {"target_modules": ["q_proj", "down_proj"], "layers_to_transform": 0},
+    {"target_modules": ["q_proj", "down_proj"], "layers_to_transform": [0, 1], "layers_pattern": ["blocks", "layers"]},
+    {"target_modules": ["q_proj", "down_proj"], "layers_to_transform": [1], "layers_pattern": "blocks"},
+    {"target_modules": ["model.layers.0.self_attn.q_proj", "v_proj"], "layers_to_transform": [1]},
+    {"target_modules": ["q_proj", "down_proj", "embed_tokens"], "modules_to_save": ["down_proj"]},
+    {"target_modules": ["q_proj", "score"], "task_type": "SEQ_CLS"},
+]
+MODULES = [f"model.layers.{i}.{m}" for i in (0, 1) for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.down_proj")] \
+    + ["model.embed_tokens", "lm_head", "score", "xq_proj", "model.layers.0.self_attn.q_proj.inner"]
+
+
+@pytest.mark.parametrize("fields", TARGETING, ids=range(len(TARGETING)))
+def test_targets_are_chosen_as_peft_chooses_them(fields):
+    """untargeted() agrees with PEFT's check_target_module_exists, with the config as PEFT prepares it
+    (a SEQ_CLS model adds its heads to modules_to_save before it injects)."""
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    config = {"r": 8, "lora_alpha": 16, **fields}
+    peft_config = LoraConfig(**config)
+    if fields.get("task_type") == "SEQ_CLS":
+        peft_config.modules_to_save = ["classifier", "score"]
+    for module in MODULES:
+        assert (untargeted(config, module, "linear") is None) == bool(check_target_module_exists(peft_config, module)), module
+
+
 # -- fuzzing: any JSON value in any field ---------------------------------------------------------------
 
 JSON_VALUES = st.recursive(
@@ -147,7 +194,8 @@ JSON_VALUES = st.recursive(
 
 ADAPTER_FIELDS = ["r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora", "use_dora", "fan_in_fan_out", "target_modules",
                   "trainable_token_indices", "modules_to_save", "base_model_name_or_path", "peft_type", "init_lora_weights",
-                  "layer_replication", "bias", "lora_bias"]
+                  "layer_replication", "bias", "lora_bias", "exclude_modules", "layers_to_transform", "layers_pattern",
+                  "ensure_weight_tying", "task_type"]
 CONFIG_FIELDS = ["tie_word_embeddings", "vocab_size", "model_type", "quantization_config", "dtype", "torch_dtype", "text_config",
                  "hidden_size", "architectures"]
 FUZZ = settings(max_examples=60, deadline=None, derandomize=True, database=None,

@@ -72,6 +72,20 @@ class Variant:
     dtypes: tuple[str, ...] = ("fp32", "bf16")
 
 
+TARGETING_VARIANTS = [
+    Variant("regex_targets-llama", "llama", lora(target_modules=r".*\.(q_proj|v_proj)")),
+    Variant("exclude-llama", "llama", lora(target_modules=["q_proj", "v_proj"],
+                                           exclude_modules=["model.layers.0.self_attn.v_proj"])),
+    Variant("exclude_regex-qwen2", "qwen2", lora(target_modules=["q_proj", "o_proj"], exclude_modules=r".*layers\.1\..*")),
+    Variant("layers-llama", "llama", lora(target_modules=["q_proj", "down_proj"], layers_to_transform=[1],
+                                          layers_pattern="layers")),
+    Variant("layer_number-llama", "llama", lora(target_modules=["v_proj"], layers_to_transform=0)),
+    # PEFT saves "all-linear" as the list of layers it found; other tools keep the shorthand, which PEFT
+    # expands again when it loads the adapter.
+    Variant("all_linear_saved-llama", "llama", lora(target_modules="all-linear"), saved_config={"target_modules": "all-linear"}),
+    Variant("all_linear_saved-dora-gpt2", "gpt2", lora(target_modules="all-linear", use_dora=True),
+            saved_config={"target_modules": "all-linear"}, tied_after=True),
+]
 VARIANTS = [
     Variant("lora-llama", "llama", lora(target_modules="all-linear")),
     Variant("lora-qwen2", "qwen2", lora(target_modules="all-linear")),
@@ -149,6 +163,8 @@ VARIANTS = [
     # The usual way to add special tokens: resize, then train only the new rows.
     Variant("resize-tokens-llama", "llama", lora(target_modules=["q_proj"], trainable_token_indices=[128, 130, 159]),
             vocab=160),
+    # The config fields PEFT chooses the adapted modules by, each with the tensors PEFT saves for it.
+    *TARGETING_VARIANTS,
 ]
 VARIANT = {v.id: v for v in VARIANTS}
 CASES = [(v, d, device) for v in VARIANTS for d in v.dtypes for device in MERGE_DEVICES]
@@ -596,6 +612,93 @@ def test_refusals_leave_no_trace(scenario, tiny_base, artefacts, tmp_path):
     else:
         assert tree_hash(out) == out_before
     assert leftovers(out.parent) == []
+
+
+# The adapter's config and its weights disagree (a hand-edited config, another tool's file, a truncated
+# save): (variant, config entries written over the saved ones, what the refusal says).
+DISAGREEMENTS = {
+    "target_list": ("lora-llama", {"target_modules": ["q_proj"]}, "target_modules does not name it"),
+    "target_regex": ("lora-llama", {"target_modules": r".*\.q_proj"}, "target_modules does not match it"),
+    "exclude_list": ("lora-llama", {"exclude_modules": ["q_proj"]}, "exclude_modules names it"),
+    "exclude_regex": ("lora-llama", {"exclude_modules": r".*\.0\.self_attn\..*"}, "exclude_modules matches it"),
+    "layers": ("patterns-llama", {"layers_to_transform": [0]}, "layers_to_transform leaves out its layer"),
+    "layers_pattern": ("patterns-llama", {"layers_to_transform": [0], "layers_pattern": "layers"},
+                       "layers_to_transform leaves out its layer"),
+    "modules_to_save": ("patterns-llama", {"modules_to_save": ["down_proj"]}, "it is in modules_to_save"),
+    "all_linear_head": ("head-llama", {"target_modules": "all-linear"}, "lm_head has LoRA tensors but target_modules is all-linear, which leaves out the output head"),
+    "all_linear_embedding": ("embed-llama", {"target_modules": "all-linear"}, "embed_tokens has LoRA tensors but target_modules is all-linear, and it is no linear layer"),
+    "dora_without_magnitudes": ("lora-llama", {"use_dora": True}, "use_dora is true, and it has no lora_magnitude_vector"),
+    "magnitudes_without_dora": ("dora-llama", {"use_dora": False}, "it has a DoRA lora_magnitude_vector, and use_dora is false"),
+}
+
+
+@pytest.mark.parametrize("name", DISAGREEMENTS)
+def test_config_and_weights_that_disagree_are_refused(name, tiny_base, artefacts, tmp_path):
+    """PEFT builds its layers from the config and loads the file into them: tensors of modules it does
+    not adapt are dropped, use_dora decides the variant. So PEFT's merge of the edited adapter differs
+    from that of the adapter as saved, which is what merging every tensor gave; lorafuse refuses, by
+    module, in one line, and plans nothing (verify plans the same way)."""
+    variant, entries, message = DISAGREEMENTS[name]
+    v = VARIANT[variant]
+    base, adapter = tiny_base(v.model), tmp_path / "edited"
+    shutil.copytree(get_adapter(artefacts, tiny_base, v), adapter)
+    path = adapter / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **entries}))
+    as_saved = load_peft(base, get_adapter(artefacts, tiny_base, v), torch.float64, merge=True).state_dict()
+    try:
+        edited = load_peft(base, adapter, torch.float64, merge=True).state_dict()
+    except KeyError:  # PEFT wraps a modules_to_save module and finds no saved copy of it in the file
+        assert name == "modules_to_save"
+    else:
+        assert any(not torch.allclose(edited[k], as_saved[k], rtol=1e-6, atol=0) for k in as_saved), "PEFT ignores the edit"
+    with pytest.raises(lorafuse.LorafuseError, match=re.escape(message)) as info:
+        lorafuse.merge(base, adapter, tmp_path / "out")
+    assert "\n" not in str(info.value) and "config and weights disagree" in str(info.value)
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("init", [False, True, "gaussian"])
+def test_a_targeted_module_missing_from_the_file(init, tiny_base, artefacts, tmp_path):
+    """A truncated save: v_proj is targeted but its tensors are gone. PEFT initialises its LoRA: with
+    init_lora_weights true or "gaussian" B is zero, the weight stays the base's and lorafuse's merge is
+    PEFT's; with init_lora_weights false A and B are random and PEFT's model changes the weight: refused."""
+    from peft import LoraConfig
+    from safetensors.torch import load_file, save_file
+
+    base = tiny_base("llama")
+    adapter = make_adapter(base, tmp_path / "adapter", LoraConfig(r=4, lora_alpha=8, init_lora_weights=init,
+                                                                  target_modules=["q_proj", "v_proj"]))
+    if init is not False:  # A and B at their initial values would make every delta zero: train them
+        save_file({k: torch.randn_like(v) for k, v in load_file(adapter / "adapter_model.safetensors").items()},
+                  adapter / "adapter_model.safetensors", metadata={"format": "pt"})
+    tensors = load_file(adapter / "adapter_model.safetensors")
+    save_file({k: v for k, v in tensors.items() if "v_proj" not in k}, adapter / "adapter_model.safetensors",
+              metadata={"format": "pt"})
+    exact, before = load_peft(base, adapter, torch.float64, merge=True).state_dict(), read_tensors(base)
+    name = "model.layers.0.self_attn.v_proj.weight"
+    if init is False:
+        assert not torch.equal(exact[name], before[name].double())
+        with pytest.raises(lorafuse.LorafuseError, match="PEFT adapts model.layers.0.self_attn.v_proj .and 1 more"):
+            lorafuse.merge(base, adapter, tmp_path / "out")
+        return
+    lorafuse.merge(base, adapter, tmp_path / "out")
+    got = read_tensors(tmp_path / "out")
+    assert same_bytes(got[name], before[name]) and torch.equal(exact[name], before[name].double())
+    for key, value in got.items():
+        size = exact[key].abs().max().item()
+        assert (value.double() - exact[key]).abs().max().item() <= (HALF_ULP["fp32"] + TENSOR_SLACK) * size, key
+
+
+@pytest.mark.parametrize("variant", [v.id for v in TARGETING_VARIANTS])
+def test_verify_passes_adapters_that_target_some_modules(variant, tiny_base, artefacts, tmp_path):
+    """`verify --base --adapter` plans with the same matching and finds nothing wrong with every tensor."""
+    from lorafuse.verify import verify
+
+    v = VARIANT[variant]
+    base, adapter, out = tiny_base(v.model), get_adapter(artefacts, tiny_base, v), tmp_path / "out"
+    plan = lorafuse.plan(base, adapter)
+    lorafuse.merge(base, adapter, out)
+    assert verify(out, base, adapter, sample=len(plan.tensors)) == []
 
 
 def test_force_replaces_an_existing_output(tiny_base, artefacts, tmp_path):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from huggingface_hub import split_state_dict_into_shards_factory
 
-from .adapters.peft import Adapter, open_adapter, patches_by_tensor
+from .adapters.peft import Adapter, check_untrained, open_adapter, patches_by_tensor
 from .compute import block_shape, in_rows, matrix_shape
 from .errors import LorafuseError
 from .formats.folder import TOKENIZER_FILE, is_weight_file
@@ -267,6 +267,7 @@ def make_plan(base: str | os.PathLike | None, adapter: str | os.PathLike, out: s
     if quant_method and save_method == "merged_16bit":
         notes.append(f"the base is quantized ({quant_method}): its weights are dequantized and the output is 16-bit")
     by_name = {names.get(k, k): [_orient(p, k, config) for p in v] for k, v in patches.items()}
+    check_untrained(adapter_obj.config, sources, {k for k, v in by_name.items() if any(isinstance(p, LoRA) for p in v)})
     _untie(checkpoint, config, sources, by_name, notes)
 
     tensors = []

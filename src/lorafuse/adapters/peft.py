@@ -4,7 +4,9 @@ PEFT saves tensors under `base_model.model.<module path>.<role>`: `lora_A.weight
 `lora_B.bias` (lora_bias), `lora_embedding_A`/`_B`, `lora_magnitude_vector` (DoRA),
 `token_adapter.trainable_tokens_delta` (trainable_token_indices), `base_layer.weight` (an embedding
 saved with save_embedding_layers) and plain `<module>.weight`/`.bias` for modules_to_save and
-bias="all"/"lora_only". Every tensor is claimed by exactly one patch or reported as unused.
+bias="all"/"lora_only". Every tensor is claimed by exactly one patch or reported as unused, and the
+modules with LoRA tensors must be those PEFT adapts for the config (target_modules and the fields next
+to it, as check_target_module_exists reads them), with the variant use_dora names.
 """
 
 from __future__ import annotations
@@ -166,7 +168,148 @@ def check_config(config: dict, where: Path) -> None:
         if not isinstance(patterns, dict) or not all(valid(v) for v in patterns.values()):
             raise LorafuseError(f"{where}: {key} must map module name patterns to {what}; re-save the adapter")
         for pattern in patterns:
-            _compile_pattern(pattern, key)
+            _compile_pattern(ends_with(pattern), pattern, f"{key} key")
+    _check_targeting(config, where)
+
+
+def _check_targeting(config: dict, where: Path) -> None:
+    """The fields PEFT chooses the adapted modules by, refused where PEFT refuses them: LoraConfig's
+    __post_init__ (layers_* with a regex target_modules, layers_pattern without layers_to_transform) and
+    check_target_module_exists (re.error from a bad pattern, TypeError from a target_modules that is no
+    string or list). A missing target_modules makes PEFT pick modules by model type (LoraModel's
+    _prepare_adapter_config), a table lorafuse does not copy; PEFT's save_pretrained always records them."""
+    target = config.get("target_modules")
+    if target is None:
+        raise LorafuseError(f"{where}: target_modules is not set, so PEFT would choose the modules by model type; "
+                            "re-save the adapter with PEFT, which records them")
+    for key, value in (("target_modules", target), ("exclude_modules", config.get("exclude_modules")),
+                       ("layers_pattern", config.get("layers_pattern"))):
+        if not (value is None or isinstance(value, str) or _names(value)):
+            raise LorafuseError(f"{where}: {key} must be a regular expression or a list of module names, got {_short(value)}; "
+                                "re-save the adapter")
+    if not (config.get("modules_to_save") is None or _names(config["modules_to_save"])):
+        raise LorafuseError(f"{where}: modules_to_save must be a list of module names, got {_short(config['modules_to_save'])}; "
+                            "re-save the adapter")
+    layers = config.get("layers_to_transform")
+    if not (layers is None or type(layers) is int or (isinstance(layers, list) and all(type(i) is int for i in layers))):
+        raise LorafuseError(f"{where}: layers_to_transform must be a layer number or a list of them, got {_short(layers)}; "
+                            "re-save the adapter")
+    if isinstance(target, str) and (layers is not None or config.get("layers_pattern") is not None):
+        raise LorafuseError(f"{where}: layers_to_transform and layers_pattern cannot be used with target_modules as a "
+                            "regular expression (PEFT's LoraConfig refuses them); re-save the adapter")
+    if config.get("layers_pattern") and layers is None:
+        raise LorafuseError(f"{where}: layers_pattern is set without layers_to_transform (PEFT's LoraConfig refuses that); "
+                            "re-save the adapter")
+    for key, expression, text in _targeting_patterns(config):
+        _compile_pattern(expression, text, key)
+
+
+def _names(value) -> bool:
+    return isinstance(value, list) and all(isinstance(n, str) for n in value)
+
+
+# PEFT's INCLUDE_LINEAR_LAYERS_SHORTHAND, and the heads PeftModelForSequenceClassification adds to
+# modules_to_save before it injects (so that LoRA leaves them alone).
+ALL_LINEAR = "all-linear"
+SEQ_CLS_HEADS = ("classifier", "score")
+# The output head of a causal LM, which _maybe_include_all_linear_layers leaves out of "all-linear".
+OUTPUT_HEAD = "lm_head"
+EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")  # PEFT's, for ensure_weight_tying
+
+
+def _targeting_patterns(config: dict) -> list[tuple[str, str, str]]:
+    """(field, regular expression, the config's text) for every pattern check_target_module_exists uses."""
+    found = []
+    for key in ("target_modules", "exclude_modules"):
+        if isinstance(config.get(key), str):
+            found.append((key, config[key], config[key]))
+    for name in _saved_modules(config):
+        found.append(("modules_to_save entry", rf"(^|.*\.){name}($|\..*)", name))
+    layers_pattern = config.get("layers_pattern")
+    for name in [layers_pattern] if isinstance(layers_pattern, str) and layers_pattern else layers_pattern or []:
+        found.append(("layers_pattern", rf"(?:^|.*?\.){name}\.(?P<idx>\d+)\.", name))
+    return found
+
+
+def _saved_modules(config: dict) -> list[str]:
+    return list(config.get("modules_to_save") or []) + (list(SEQ_CLS_HEADS) if config.get("task_type") == "SEQ_CLS" else [])
+
+
+def untargeted(config: dict, module: str, kind: str) -> str | None:
+    """Why PEFT would not put LoRA on `module` (None: it would), decided as PEFT's
+    check_target_module_exists decides it, in its order: exclude_modules (a string is full-matched, a
+    list names the module or its last components), modules_to_save, then target_modules (a string is
+    full-matched; a list as exclude_modules, and then, if the module was matched by a suffix,
+    layers_to_transform picks layers by the first number after layers_pattern, or after the second
+    component). "all-linear" stands for every nn.Linear/Conv1D but the output head
+    (_maybe_include_all_linear_layers): lorafuse knows no layer types, so it takes every module whose
+    LoRA tensors are those of a linear layer (`kind`), the head aside. With ensure_weight_tying and an
+    embedding among the targets, PEFT adapts the input embedding and gives the modules tied to it (the
+    output head of a tied model) the same LoRA, before any other check (_check_tied_modules,
+    LoraModel._add_targets_to_tie, inject_adapter); lorafuse cannot see the tying here, and the plan
+    decides what reaches a tied head."""
+    if _tied(config, module):
+        return None
+    exclude = config.get("exclude_modules")
+    if isinstance(exclude, str) and _match(exclude, exclude, "exclude_modules", module, full=True):
+        return "exclude_modules matches it"
+    if isinstance(exclude, list) and _named(exclude, module):
+        return "exclude_modules names it"
+    for name in _saved_modules(config):
+        if _match(rf"(^|.*\.){name}($|\..*)", name, "modules_to_save entry", module):
+            return "it is in modules_to_save"
+    target = config["target_modules"]
+    if _all_linear(config):
+        if kind != "linear":
+            return f"target_modules is {ALL_LINEAR}, and it is no linear layer"
+        return f"target_modules is {ALL_LINEAR}, which leaves out the output head" if module == OUTPUT_HEAD else None
+    if isinstance(target, str):
+        return None if _match(target, target, "target_modules", module, full=True) else "target_modules does not match it"
+    if module in target:
+        return None
+    if not _named(target, module):
+        return "target_modules does not name it"
+    layers = config.get("layers_to_transform")
+    if layers is None or layers == []:
+        return None
+    index = _layer_index(config.get("layers_pattern"), module)
+    if index is None or (index != layers if type(layers) is int else index not in layers):
+        return "layers_to_transform leaves out its layer"
+    return None
+
+
+def _all_linear(config: dict) -> bool:
+    target = config["target_modules"]
+    return isinstance(target, str) and target.lower() == ALL_LINEAR
+
+
+def _tied(config: dict, module: str) -> bool:
+    """An embedding-named module under ensure_weight_tying, when target_modules names an embedding (PEFT's
+    _check_tied_modules: by the last component, or, as a regular expression, fully matching one of
+    EMBEDDING_LAYER_NAMES): PEFT adapts it, or ties it to the embedding's LoRA if the base ties them."""
+    if not (config.get("ensure_weight_tying") and module.rpartition(".")[2] in EMBEDDING_LAYER_NAMES):
+        return False
+    target = config["target_modules"]
+    if isinstance(target, str):
+        return any(_match(target, target, "target_modules", name, full=True) for name in EMBEDDING_LAYER_NAMES)
+    return any(name.split(".")[-1] in EMBEDDING_LAYER_NAMES for name in target)
+
+
+def _named(names: list[str], module: str) -> bool:
+    return module in names or any(module.endswith(f".{name}") for name in names)
+
+
+def _layer_index(layers_pattern, module: str) -> int | None:
+    """The layer number check_target_module_exists reads from a module path: the first number after one
+    of layers_pattern (tried in order), or after the path's second component when there is none."""
+    if not layers_pattern:
+        found = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", module)
+    else:
+        for name in [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern:
+            found = _match(rf"(?:^|.*?\.){name}\.(?P<idx>\d+)\.", name, "layers_pattern", module)
+            if found:
+                break
+    return int(found["idx"]) if found else None
 
 
 def _positive_int(value) -> bool:
@@ -200,30 +343,40 @@ def _short(value) -> str:
 PATTERN_SECONDS = 1.0
 
 
+def ends_with(key: str) -> str:
+    """PEFT's get_pattern_key expression for a rank_pattern/alpha_pattern/trainable_token_indices key."""
+    return rf"(.*\.)?({key})$"
+
+
 @lru_cache(maxsize=None)
-def _compile_pattern(key: str, field: str = "rank_pattern"):
-    """PEFT's `(.*\\.)?(key)$`, compiled by the `regex` module: Python's `re` must accept the pattern (PEFT
-    uses re), while `regex` matches it as re does but avoids much catastrophic backtracking and can stop
-    after PATTERN_SECONDS, so that a pattern like `(.*)*x` cannot hang the plan."""
+def _compile_pattern(expression: str, key: str, field: str):
+    """One of PEFT's regular expressions, built from the config's `key`, compiled by the `regex` module:
+    Python's `re` must accept the expression (PEFT uses re), while `regex` matches as re does but avoids
+    much catastrophic backtracking and can stop after PATTERN_SECONDS, so that a pattern like `(.*)*x`
+    cannot hang the plan."""
     import regex
 
-    full = rf"(.*\.)?({key})$"
     try:
-        re.compile(full)
-        return regex.compile(full)
+        re.compile(expression)
+        return regex.compile(expression)
     except (re.error, regex.error, RecursionError, OverflowError, ValueError) as e:
-        raise LorafuseError(f"adapter_config.json: {field} key {_short(key)} is not a valid regular expression ({e}); fix it") from None
+        raise LorafuseError(f"adapter_config.json: {field} {_short(key)} is not a valid regular expression ({e}); fix it") from None
+
+
+def _match(expression: str, key: str, field: str, module: str, full: bool = False):
+    """re.match (or re.fullmatch) of one of PEFT's expressions against a module path, bounded in time."""
+    compiled = _compile_pattern(expression, key, field)
+    try:
+        return (compiled.fullmatch if full else compiled.match)(module, timeout=PATTERN_SECONDS)
+    except TimeoutError:
+        raise LorafuseError(f"adapter_config.json: {field} {_short(key)} takes too long to match {module!r} "
+                            "(catastrophic backtracking); simplify the pattern") from None
 
 
 def pattern_value(patterns: dict, module: str, default, field: str = "rank_pattern"):
     """PEFT's get_pattern_key: the first pattern that matches the end of the module path wins."""
     for key, value in (patterns or {}).items():
-        try:
-            found = _compile_pattern(key, field).match(module, timeout=PATTERN_SECONDS)
-        except TimeoutError:
-            raise LorafuseError(f"adapter_config.json: {field} key {_short(key)} takes too long to match {module!r} "
-                                "(catastrophic backtracking); simplify the pattern") from None
-        if found:
+        if _match(ends_with(key), key, f"{field} key", module):
             return value
     return default
 
@@ -276,6 +429,7 @@ def patches_by_tensor(adapter: Adapter) -> dict[str, list[Patch]]:
         module, role = split_key(key)
         groups.setdefault(module, {})[role] = (key, ref)
 
+    _check_targets(config, groups)
     patches: dict[str, list[Patch]] = {}
 
     def add(target: str, patch: Patch) -> None:
@@ -322,6 +476,62 @@ def patches_by_tensor(adapter: Adapter) -> dict[str, list[Patch]]:
         adapter.unused.extend(key for key, _ in roles.values())
     # A whole replacement comes first: the other patches act on the replaced tensor.
     return {target: sorted(chain, key=lambda p: not isinstance(p, Replace)) for target, chain in patches.items()}
+
+
+LORA_ROLES = ("A", "B", "emb_A", "emb_B", "magnitude", "lora_bias")
+
+
+def _check_targets(config: dict, groups: dict[str, dict]) -> None:
+    """Every module with LoRA tensors must be one PEFT puts LoRA on, with the variant the config names.
+
+    PEFT builds its layers from the config and then loads the file into them (inject_adapter, then
+    set_peft_model_state_dict): tensors of a module it does not adapt are ignored, and use_dora decides
+    whether a layer is DoRA, with a magnitude the file supplies (or, missing, one initialised from the
+    weight, not what was trained). A file that disagrees with its config was not written by PEFT for it,
+    and any merge of it would differ from what PEFT loads or from what was trained: refused."""
+    dora = bool(config.get("use_dora"))
+    problems = []
+    for module, roles in groups.items():
+        if not any(role in roles for role in LORA_ROLES):
+            continue
+        if "emb_A" in roles or "emb_B" in roles:
+            kind = "embedding"
+        else:
+            kind = "conv" if "A" in roles and len(roles["A"][1].shape) > 2 else "linear"
+        why = untargeted(config, module, kind)
+        factors = any(role in roles for role in ("A", "B", "emb_A", "emb_B"))
+        if why is None and dora and factors and "magnitude" not in roles:
+            why = "use_dora is true, and it has no lora_magnitude_vector"
+        elif why is None and not dora and "magnitude" in roles:
+            why = "it has a DoRA lora_magnitude_vector, and use_dora is false"
+        if why:
+            problems.append(f"{module} has LoRA tensors but {why}")
+    if problems:
+        more = f" (and {len(problems) - 1} more module(s))" if len(problems) > 1 else ""
+        raise LorafuseError(f"the adapter's config and weights disagree: {problems[0]}{more}; "
+                            "re-save the adapter with PEFT")
+
+
+def check_untrained(config: dict, weights: dict, adapted: set[str]) -> None:
+    """Refuse modules PEFT adapts that the file has no LoRA tensors for, when PEFT would change them.
+
+    PEFT creates their LoRA and finds nothing to load into it (inject_adapter, set_peft_model_state_dict):
+    with init_lora_weights true or "gaussian", reset_lora_parameters makes B (A for an embedding) zero, so
+    the weight stays as it is, which is what lorafuse writes; with init_lora_weights false A and B keep
+    random values, and PEFT's model changes the weight at random. `weights`: the base's weights (name ->
+    tensor), `adapted`: those that get LoRA from the file. Left out: "all-linear" (lorafuse cannot tell
+    which weights belong to linear layers) and embeddings under ensure_weight_tying (whether PEFT ties
+    the head to the embedding depends on the base)."""
+    if config.get("init_lora_weights", True) is not False or _all_linear(config):
+        return
+    modules = [name.removesuffix(".weight") for name, ref in weights.items()
+               if name.endswith(".weight") and len(ref.shape) >= 2 and name not in adapted]
+    missing = [m for m in modules if not _tied(config, m) and untargeted(config, m, "linear") is None]
+    if missing:
+        more = f" (and {len(missing) - 1} more module(s))" if len(missing) > 1 else ""
+        raise LorafuseError(f"the adapter's config and weights disagree: PEFT adapts {missing[0]}{more}, the file has no "
+                            "LoRA tensors for it, and with init_lora_weights false PEFT gives it random ones; "
+                            "re-save the adapter with PEFT")
 
 
 def token_indices(config: dict, module: str) -> list[int]:
