@@ -14,7 +14,7 @@ import traceback
 
 from . import __version__
 from .api import merge, plan, room_problem
-from .errors import LorafuseError
+from .errors import LorafuseError, OutputComplete
 from .plan import describe
 from .sources.hub import resolve_adapter
 from .units import human_size
@@ -34,6 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     except LorafuseError as e:
         _tell(f"lorafuse: error: {e}")
         return 2
+    except OutputComplete as e:
+        _tell(f"lorafuse: interrupted after {e} was complete; the merge is done")
+        return 130
     except KeyboardInterrupt:
         _tell("lorafuse: interrupted; the output folder was not touched, and running the same command again "
               "continues from the last finished shard")
@@ -214,6 +217,17 @@ def _plan_dict(the_plan) -> dict:
 
 
 def _merge(args) -> int:
+    """A Ctrl-C once merge() has returned (OUT is complete) is told as such, as one inside it is."""
+    merged = []  # appended in the same step as merge() returns: no interrupt lands in between
+    try:
+        return _run_merge(args, merged)
+    except KeyboardInterrupt as e:
+        if merged and not isinstance(e, OutputComplete):
+            raise OutputComplete(merged[0].out) from None
+        raise
+
+
+def _run_merge(args, merged: list) -> int:
     _positional(args)
     show = not args.quiet and not args.json
     bar = None
@@ -225,14 +239,15 @@ def _merge(args) -> int:
             bar = _progress(the_plan.total_size, len(the_plan.tensors))
 
     try:
-        report = merge(args.base, args.adapter, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size,
+        merged.append(merge(args.base, args.adapter, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size,
                        save_method=args.save_method,
                        device=args.device, force=args.force, resume=args.resume, push_to_hub=args.push_to_hub,
                        private=args.private, revision=args.revision, commit_message=args.commit_message,
-                       low_disk=args.low_disk, on_plan=on_plan, on_progress=(lambda n: bar.update(n)) if show else None)
+                       low_disk=args.low_disk, on_plan=on_plan, on_progress=(lambda n: bar.update(n)) if show else None))
     finally:
         if bar is not None:
             bar.close()
+    report = merged[0]
     if args.json:
         _say(json.dumps(report.to_dict(), indent=2))
     elif show:
