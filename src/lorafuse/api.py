@@ -124,8 +124,9 @@ def merge(base: str | os.PathLike | None, adapter: str | os.PathLike, out: str |
             interrupt.staged = identity_of(staging)
             try:
                 publish(staging, out, keep_until_renamed=ledger.path, replacing=replacing, written=written)
-            except LorafuseError:  # something else is at OUT now: the finished merge stays staged, resumable
-                ledger.save()
+            except (LorafuseError, KeyboardInterrupt):  # OUT taken meanwhile, or Ctrl-C: unless it was moved into
+                if identity_of(staging) == interrupt.staged:  # place, the finished merge stays staged, resumable
+                    ledger.save()
                 raise
             except OSError as e:
                 raise disk_error(e, staging) from None

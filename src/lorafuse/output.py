@@ -257,16 +257,21 @@ def publish(staging: Path, out: Path, keep_until_renamed: Path, replacing: tuple
     for path in staging.iterdir():
         if path != keep_until_renamed:
             fsync_path(path, follow=False)
+    staged = identity_of(staging)
     keep_until_renamed.unlink(missing_ok=True)
     (staging / MARKER).unlink()
-    fsync_path(staging)
-    if replacing is not None and os.path.lexists(out):
-        _replace(staging, out, replacing)
-    elif not _rename_noreplace(staging, out):
-        make_staging(staging)
-        raise LorafuseError(f"{out} appeared while merging (another program?) and is left as it is; the finished "
-                            f"merge is in {staging}: move {out} away, or pass --force to replace it, and run the "
-                            "same command again")
+    try:
+        fsync_path(staging)
+        if replacing is not None and os.path.lexists(out):
+            _replace(staging, out, replacing)
+        elif not _rename_noreplace(staging, out):
+            raise LorafuseError(f"{out} appeared while merging (another program?) and is left as it is; the "
+                                f"finished merge is in {staging}: move {out} away, or pass --force to replace it, "
+                                "and run the same command again")
+    except BaseException:  # Ctrl-C included: a finished merge left staged is marked again, to be moved by a rerun
+        if identity_of(staging) == staged:
+            make_staging(staging)
+        raise
     fsync_path(out.absolute().parent)
 
 
@@ -288,7 +293,6 @@ def _replace(staging: Path, out: Path, replacing: tuple[int, int]) -> None:
     if _renameat2(staging, out, RENAME_EXCHANGE):  # the staging path now holds what was at OUT
         if identity_of(staging) != replacing:
             _renameat2(staging, out, RENAME_EXCHANGE)  # swap it back, as the same exchange just did
-            make_staging(staging)
             raise changed
         _delete_replaced(staging, out)
         return
@@ -301,8 +305,6 @@ def _replace(staging: Path, out: Path, replacing: tuple[int, int]) -> None:
     except BaseException:  # Ctrl-C included
         if not os.path.lexists(out):
             os.rename(old, out)
-        if os.path.lexists(staging):
-            make_staging(staging)
         raise
     _delete_replaced(old, out)
 
