@@ -988,14 +988,23 @@ def _lorafuse(*argv, timeout: int = 120, **kwargs) -> subprocess.CompletedProces
                           timeout=timeout, **kwargs)
 
 
-def test_a_fifo_at_the_lock_path_is_refused_without_waiting(inputs, tmp_path):
-    out = tmp_path / "out"
-    os.mkfifo(tmp_path / ".out.lorafuse-lock")
+@pytest.mark.parametrize("kind", ["fifo", "device"])
+def test_a_fifo_or_device_at_the_lock_path_is_refused_without_waiting(inputs, tmp_path, kind):
+    """A FIFO would hang the merge (opening it for writing waits for a reader), and a device is not
+    lorafuse's to lock and delete: both are refused, and left as they are."""
+    out, lock = tmp_path / "out", tmp_path / ".out.lorafuse-lock"
+    if kind == "fifo":
+        os.mkfifo(lock)
+        problem = f"cannot create the lock file {lock}: it is a FIFO; remove what is there"
+    else:
+        try:
+            os.mknod(lock, 0o666 | __import__("stat").S_IFCHR, os.makedev(1, 3))  # /dev/null's numbers
+        except PermissionError:
+            pytest.skip("making a device node needs root")
+        problem = f"{lock} is not a regular file (a FIFO or a device?), so it is not lorafuse's lock file; remove it"
     done = _lorafuse("merge", *inputs, out)
-    assert done.returncode == 2 and done.stderr == (f"lorafuse: error: cannot create the lock file "
-                                                    f"{tmp_path / '.out.lorafuse-lock'}: it is a FIFO; remove what "
-                                                    "is there\n")
-    assert not out.exists() and not staging_folder(out).exists()
+    assert (done.returncode, done.stderr) == (2, f"lorafuse: error: {problem}\n")
+    assert os.path.lexists(lock) and not out.exists() and not staging_folder(out).exists()
 
 
 def _limit_memory() -> None:

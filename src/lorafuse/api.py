@@ -20,7 +20,7 @@ from .errors import InputError, LorafuseError, OutputComplete
 from .execute import disk_error, write_shards
 from .manifest import LEDGER, MANIFEST, Ledger, fingerprint, settings_record, write_manifest
 from .output import (MARKER, check_staged, check_target, claim_staging, clear, exclusive, identity_of, make_staging,
-                     publish, staging_folder, write_metadata, written_files)
+                     publish, regular_file, staging_folder, write_metadata, written_files)
 from .plan import Plan, existing_ancestor, make_plan
 from .publish import HubPublisher
 from .sources.hub import cache_dir
@@ -206,9 +206,8 @@ def _reusable_run(staging: Path, print_: str, resume: bool, shard_names: set[str
     a shard's name) is deleted before the room is checked, so that a rerun fits whenever a fresh merge
     would. `claim_staging` has checked that the folder is lorafuse's."""
     ledger = Ledger(staging, print_, shard_names)
-    ledger.shards = {name: entry for name, entry in ledger.shards.items()
-                     if (staging / name).is_file() and not (staging / name).is_symlink()
-                     or not os.path.lexists(staging / name)}  # gone: uploaded (--low-disk)
+    ledger.shards = {name: entry for name, entry in ledger.shards.items()  # a shard gone was uploaded (--low-disk)
+                     if regular_file(staging / name) or not os.path.lexists(staging / name)}
     if not ledger.resumable:
         if resume:
             raise LorafuseError(f"there is no unfinished run of this merge to resume ({staging} holds none); run without --resume")

@@ -218,7 +218,7 @@ def _plan_dict(the_plan) -> dict:
 
 def _merge(args) -> int:
     """A Ctrl-C once merge() has returned (OUT is complete) is told as such, as one inside it is."""
-    merged = []  # appended in the same step as merge() returns: no interrupt lands in between
+    merged = []  # CPython raises a pending Ctrl-C at calls and loops: before merge() returns or after the append
     try:
         return _run_merge(args, merged)
     except KeyboardInterrupt as e:
@@ -239,15 +239,15 @@ def _run_merge(args, merged: list) -> int:
             bar = _progress(the_plan.total_size, len(the_plan.tensors))
 
     try:
-        merged.append(merge(args.base, args.adapter, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size,
+        report = merge(args.base, args.adapter, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size,
                        save_method=args.save_method,
                        device=args.device, force=args.force, resume=args.resume, push_to_hub=args.push_to_hub,
                        private=args.private, revision=args.revision, commit_message=args.commit_message,
-                       low_disk=args.low_disk, on_plan=on_plan, on_progress=(lambda n: bar.update(n)) if show else None))
+                       low_disk=args.low_disk, on_plan=on_plan, on_progress=(lambda n: bar.update(n)) if show else None)
+        merged.append(report)
     finally:
         if bar is not None:
             bar.close()
-    report = merged[0]
     if args.json:
         _say(json.dumps(report.to_dict(), indent=2))
     elif show:

@@ -60,7 +60,7 @@ def claim_staging(out: Path) -> None:
     if os.path.lexists(old):
         raise LorafuseError(f"{old} is in lorafuse's way: it may hold an earlier {out} that a --force merge was "
                             "replacing when it stopped; move it back or delete it")
-    if staging.is_dir() and not staging.is_symlink() and not _is_file(staging / MARKER):
+    if staging.is_dir() and not staging.is_symlink() and not regular_file(staging / MARKER):
         try:
             held = sorted(p.name for p in staging.iterdir())
         except OSError as e:
@@ -94,8 +94,8 @@ def clear(folder: Path, keep: set[str] | None = None) -> None:
         raise LorafuseError(f"cannot clear {folder}: {e.strerror or e}; remove it by hand") from None
 
 
-def _is_file(path: Path) -> bool:
-    """A regular file, itself (not through a link)."""
+def regular_file(path: Path) -> bool:
+    """A regular file itself (not a link to one)."""
     try:
         return stat.S_ISREG(os.lstat(path).st_mode)
     except OSError:
@@ -279,7 +279,7 @@ def check_staged(staging: Path, out: Path, allowed: set[str]) -> None:
     """Refuse a staging folder that holds anything but regular files of the `allowed` names: it is about
     to be published as OUT."""
     for path in staging.iterdir():
-        if path.name not in allowed or not _is_file(path):
+        if path.name not in allowed or not regular_file(path):
             raise LorafuseError(f"{path} is not a file this merge wrote, and it would be published in {out}; "
                                 "move it away and run the same command again")
 
