@@ -363,7 +363,7 @@ def _start_command(*argv) -> subprocess.Popen:
 
 def test_ctrl_c_at_any_moment_is_one_line_and_exit_130(llama, tmp_path):
     """While modules import, the plan is made, the shards are written, and the interpreter shuts down: exit
-    130 and one line with OUT untouched, or 0 with OUT complete. In its very last steps Python gives SIGINT
+    130 and one line with OUT untouched (or complete, as the line then says), or 0 with OUT complete. In its very last steps Python gives SIGINT
     back its default action, which ends the process (the shell shows 130 then too): silently, and only
     once the merge is complete."""
     base, adapter = llama
@@ -382,8 +382,8 @@ def test_ctrl_c_at_any_moment_is_one_line_and_exit_130(llama, tmp_path):
         outcomes.append((delay, process.returncode, err, (out / "lorafuse-manifest.json").exists()))
     for delay, code, err, complete in outcomes:
         assert "Traceback" not in err and len(err.splitlines()) <= 1, (delay, code, err)
-        if code == 130:
-            assert err.startswith("lorafuse: interrupted") and not complete, (delay, err)
+        if code == 130:  # complete only when the interrupt came once OUT was in place, which it says
+            assert err.startswith("lorafuse: interrupted") and complete == ("was complete" in err), (delay, err)
         else:
             assert code in (0, -signal.SIGINT) and err == "" and complete, (delay, code, err)
     assert any(code == 130 for _, code, _, _ in outcomes)

@@ -878,3 +878,302 @@ def test_a_shard_finished_but_not_recorded_when_the_disk_filled_does_not_block_t
     os.truncate(filler, filler.stat().st_size - 2 * slack)  # now a fresh merge would fit
     report = lorafuse.merge(*inputs, out, max_shard_size=shard)
     assert report.shards_resumed == 1 and tree_hash(out) == tree_hash(reference)
+
+
+# The staging folder, lock file and old OUT: lorafuse follows no link there and deletes only what it made.
+
+def _own_base(inputs, tmp_path) -> Path:
+    """A copy of the base: a test that finds a hole overwrites it, and the module's base must stay whole."""
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(inputs[0], base)
+    return base
+
+
+def _marked_staging(out: Path) -> Path:
+    """A staging folder as a merge leaves it (marked as lorafuse's), to plant things in."""
+    from lorafuse.output import MARKER
+
+    staging = staging_folder(out)
+    staging.mkdir()
+    (staging / MARKER).write_bytes(b"")
+    return staging
+
+
+def _ledger(staging: Path, plan, shards: dict) -> None:
+    """A ledger with this merge's fingerprint (settings as merge() records them on the CPU)."""
+    from lorafuse.manifest import fingerprint, settings_record
+
+    (staging / LEDGER).write_text(json.dumps({"fingerprint": fingerprint(plan, settings_record(plan, "cpu")),
+                                              "shards": shards}))
+
+
+@pytest.fixture
+def undeletable(monkeypatch):
+    """Make a path impossible to delete: chattr (+a on a folder: nothing in it can be unlinked; +i on a
+    file) where the file system has it, else unlink and rmtree failing for it as they would. Undone after."""
+    import errno
+    import shutil
+
+    locked = []
+
+    def lock(path: Path) -> None:
+        flag = "+a" if path.is_dir() else "+i"
+        if shutil.which("chattr") and subprocess.run(["chattr", flag, str(path)], capture_output=True).returncode == 0:
+            locked.append((path, flag.replace("+", "-")))
+            return
+
+        def refusing(real):
+            def call(p, *args, **kwargs):
+                if path in (Path(p), Path(p).parent):
+                    raise PermissionError(errno.EPERM, os.strerror(errno.EPERM), str(p))
+                return real(p, *args, **kwargs)
+            return call
+        monkeypatch.setattr(Path, "unlink", refusing(Path.unlink))
+        monkeypatch.setattr(shutil, "rmtree", refusing(shutil.rmtree))
+
+    yield lock
+    for path, flag in locked:  # not checked: where the test failed, the path may have moved (into OUT)
+        subprocess.run(["chattr", flag, str(path)])
+
+
+@pytest.mark.parametrize("name", ["model.safetensors.partial", "model.safetensors"])
+@pytest.mark.parametrize("marked", [True, False], ids=["marked", "unmarked"])
+def test_a_link_in_the_staging_folder_is_never_followed(inputs, tmp_path, name, marked):
+    """A link to the base's weights planted in the staging folder, with a ledger of the right fingerprint
+    naming it (as a partial file, or as a finished shard with the base file's hash): the base is never
+    written, and OUT holds no link. A marked folder is cleared and the merge goes on; an unmarked one is
+    not lorafuse's, and is refused as it is."""
+    base = _own_base(inputs, tmp_path)
+    reference = tmp_path / "reference" / "out"  # the same name: the model card names it
+    reference.parent.mkdir()
+    lorafuse.merge(base, inputs[1], reference)
+    out, weights = tmp_path / "out", base / "model.safetensors"
+    before = tree_hash(base)
+    if marked:
+        staging = _marked_staging(out)
+    else:
+        staging = staging_folder(out)
+        staging.mkdir()
+    (staging / name).symlink_to(weights)
+    _ledger(staging, lorafuse.plan(base, inputs[1], out),
+            {name: {"size": weights.stat().st_size, "sha256": sha256_file(weights)}})
+    if marked:
+        lorafuse.merge(base, inputs[1], out)
+        assert tree_hash(out) == tree_hash(reference) and not any(p.is_symlink() for p in out.iterdir())
+    else:
+        with pytest.raises(lorafuse.LorafuseError, match=f"{staging} is not a staging folder of this lorafuse \\(it "
+                                                         f"holds {LEDGER}, {name}\\); .* move it away"):
+            lorafuse.merge(base, inputs[1], out)
+        assert (staging / name).is_symlink() and not out.exists()
+    assert tree_hash(base) == before
+
+
+def test_a_staging_folder_that_cannot_be_cleared_stops_the_merge(inputs, tmp_path, undeletable):
+    """A link to the base's weights at a partial shard's name, in a staging folder nothing can be deleted
+    from, and no ledger: the merge stops, naming the folder, before it writes anything."""
+    base = _own_base(inputs, tmp_path)
+    out = tmp_path / "out"
+    before = tree_hash(base)
+    staging = _marked_staging(out)
+    (staging / "model.safetensors.partial").symlink_to(base / "model.safetensors")
+    undeletable(staging)
+    with pytest.raises(lorafuse.LorafuseError, match=f"^cannot clear {staging}: .*; remove it by hand$"):
+        lorafuse.merge(base, inputs[1], out)
+    assert tree_hash(base) == before and not out.exists()
+
+
+def test_a_folder_of_the_user_at_the_staging_name_is_left_alone(inputs, reference, tmp_path):
+    """`mkdir .out.lorafuse-partial; echo mine > .out.lorafuse-partial/keep.txt`: not lorafuse's, so
+    not deleted; an empty folder there is taken."""
+    out = tmp_path / "out"
+    staging = staging_folder(out)
+    staging.mkdir()
+    (staging / "keep.txt").write_text("mine")
+    with pytest.raises(lorafuse.LorafuseError, match=f"{staging} is not a staging folder of this lorafuse \\(it holds "
+                                                     "keep.txt\\); .* move it away \\(or delete it\\) and run again"):
+        lorafuse.merge(*inputs, out, max_shard_size=SHARD)
+    assert (staging / "keep.txt").read_text() == "mine" and not out.exists()
+    (staging / "keep.txt").unlink()
+    lorafuse.merge(*inputs, out, max_shard_size=SHARD)
+    assert tree_hash(out) == reference and not leftovers(tmp_path)
+
+
+def test_an_old_out_left_by_an_interrupted_force_merge_is_never_deleted(renames, inputs, reference, tmp_path):
+    """`.out.lorafuse-old` may be the only copy of an earlier OUT: whatever the merge, it is refused."""
+    out, old = tmp_path / "out", tmp_path / ".out.lorafuse-old"
+    out.mkdir()
+    old.mkdir()
+    (old / "keep.txt").write_text("mine")
+    with pytest.raises(lorafuse.LorafuseError, match=f"{old} is in lorafuse's way: it may hold an earlier {out} that a "
+                                                     "--force merge was replacing when it stopped; move it back"):
+        lorafuse.merge(*inputs, out, max_shard_size=SHARD, force=True)
+    assert (old / "keep.txt").read_text() == "mine"
+    old.rename(tmp_path / "kept")
+    lorafuse.merge(*inputs, out, max_shard_size=SHARD, force=True)
+    assert tree_hash(out) == reference and not leftovers(tmp_path)
+
+
+def test_ctrl_c_between_the_two_renames_of_force_puts_out_back(inputs, reference, tmp_path, monkeypatch):
+    """Where no atomic exchange exists, --force moves OUT aside, then the merge in: a Ctrl-C in between
+    puts OUT back, leaving the finished merge staged for the same command."""
+    import ctypes
+    import errno
+
+    import lorafuse.output as output
+
+    def missing(*args):
+        ctypes.set_errno(errno.ENOSYS)
+        return False
+
+    rename = os.rename
+
+    def interrupted(src, dst):
+        if Path(src) == staging_folder(out):
+            raise KeyboardInterrupt
+        rename(src, dst)
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    monkeypatch.setattr(output, "_renameat2", missing)
+    monkeypatch.setattr(output.os, "rename", interrupted)
+    with pytest.raises(KeyboardInterrupt) as caught:
+        lorafuse.merge(*inputs, out, max_shard_size=SHARD, force=True)
+    assert type(caught.value) is KeyboardInterrupt  # not told as complete: it is not
+    assert sorted(p.name for p in out.iterdir()) == ["old.txt"] and not (tmp_path / ".out.lorafuse-old").exists()
+    monkeypatch.setattr(output.os, "rename", rename)
+    report = lorafuse.merge(*inputs, out, max_shard_size=SHARD, force=True)
+    assert report.shards_resumed == report.shards and tree_hash(out) == reference and not leftovers(tmp_path)
+
+
+def test_a_file_the_merge_did_not_write_is_never_published(inputs, reference, tmp_path):
+    """A file that turns up in the staging folder while merging would land in OUT and its manifest: the
+    merge is refused before the move, finished and staged; the same command then goes on without it."""
+    out = tmp_path / "out"
+    staging = staging_folder(out)
+
+    def someone_adds_a_file(plan):
+        staging.mkdir(exist_ok=True)
+        (staging / "foreign.txt").write_text("not the merge's")
+
+    with pytest.raises(lorafuse.LorafuseError, match=f"{staging / 'foreign.txt'} is not a file this merge wrote, and "
+                                                     f"it would be published in {out}; move it away"):
+        lorafuse.merge(*inputs, out, max_shard_size=SHARD, on_plan=someone_adds_a_file)
+    assert not out.exists() and "foreign.txt" not in json.loads((staging / MANIFEST).read_text())["files"]
+    report = lorafuse.merge(*inputs, out, max_shard_size=SHARD)
+    assert report.shards_resumed == report.shards and tree_hash(out) == reference
+
+
+def test_a_file_that_cannot_be_deleted_from_the_staging_folder_stops_the_merge(inputs, tmp_path, undeletable):
+    out = tmp_path / "out"
+    staging = _marked_staging(out)
+    (staging / "foreign.txt").write_text("not the merge's")
+    undeletable(staging / "foreign.txt")
+    with pytest.raises(lorafuse.LorafuseError, match=f"^cannot clear {staging}: .*; remove it by hand$"):
+        lorafuse.merge(*inputs, out, max_shard_size=SHARD)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("entry", ["x", None, [], {"size": "1", "sha256": "0" * 64}])
+def test_ledger_entries_of_the_wrong_type_are_dropped(inputs, reference, tmp_path, entry):
+    """A ledger with the right fingerprint but an entry that `record` never writes, for a shard that is
+    there: it is not trusted, and the merge starts afresh."""
+    out = tmp_path / "out"
+    plan = lorafuse.plan(*inputs, out, max_shard_size=SHARD)
+    staging = _marked_staging(out)
+    (staging / plan.shards[0].filename).write_bytes(b"1")
+    _ledger(staging, plan, {plan.shards[0].filename: entry})
+    report = lorafuse.merge(*inputs, out, max_shard_size=SHARD)
+    assert report.shards_resumed == 0 and tree_hash(out) == reference
+
+
+RUN_COMMAND = """
+import sys
+from lorafuse_command import main
+sys.exit(main())
+"""
+
+
+def _lorafuse(*argv, timeout: int = 120, **kwargs) -> subprocess.CompletedProcess:
+    """The command in a process of its own, so that a hang fails the test (TimeoutExpired) instead of the run."""
+    return subprocess.run([sys.executable, "-c", RUN_COMMAND, *map(str, argv)], capture_output=True, text=True,
+                          timeout=timeout, **kwargs)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device"])
+def test_a_fifo_or_device_at_the_lock_path_is_refused_without_waiting(inputs, tmp_path, kind):
+    """A FIFO would hang the merge (opening it for writing waits for a reader), and a device is not
+    lorafuse's to lock and delete: both are refused, and left as they are."""
+    out, lock = tmp_path / "out", tmp_path / ".out.lorafuse-lock"
+    if kind == "fifo":
+        os.mkfifo(lock)
+        problem = f"cannot create the lock file {lock}: it is a FIFO; remove what is there"
+    else:
+        try:
+            os.mknod(lock, 0o666 | __import__("stat").S_IFCHR, os.makedev(1, 3))  # /dev/null's numbers
+        except PermissionError:
+            pytest.skip("making a device node needs root")
+        problem = f"{lock} is not a regular file (a FIFO or a device?), so it is not lorafuse's lock file; remove it"
+    done = _lorafuse("merge", *inputs, out)
+    assert (done.returncode, done.stderr) == (2, f"lorafuse: error: {problem}\n")
+    assert os.path.lexists(lock) and not out.exists() and not staging_folder(out).exists()
+
+
+def _limit_memory() -> None:
+    """A ledger read without end fails at 4 GiB instead of taking the machine's memory."""
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
+
+
+@pytest.mark.parametrize("kind", ["fifo", "link to /dev/zero", "device"])
+def test_a_ledger_that_is_not_a_regular_file_is_no_ledger(inputs, reference, tmp_path, kind):
+    """A FIFO as the ledger would hang the merge, a link to /dev/zero or a device would be read without
+    end: none is a ledger, and the merge starts afresh."""
+    out = tmp_path / "out"
+    ledger = _marked_staging(out) / LEDGER
+    if kind == "fifo":
+        os.mkfifo(ledger)
+    elif kind == "link to /dev/zero":
+        ledger.symlink_to("/dev/zero")
+    else:
+        try:
+            os.mknod(ledger, 0o644 | __import__("stat").S_IFCHR, os.makedev(1, 5))  # /dev/zero's numbers
+        except PermissionError:
+            pytest.skip("making a device node needs root")
+    done = _lorafuse("merge", *inputs, out, "--max-shard-size", SHARD, "--quiet", preexec_fn=_limit_memory)
+    assert (done.returncode, done.stderr) == (0, "")
+    assert tree_hash(out) == reference and not leftovers(tmp_path)
+
+
+# Sends SIGINT to the command itself once OUT (argv[2]) exists, just after the function named by argv[1] returns.
+INTERRUPT_ONCE_OUT_EXISTS = """
+import importlib, os, signal, sys
+from pathlib import Path
+module, name = sys.argv.pop(1).rsplit(".", 1)
+module, out = importlib.import_module(module), Path(sys.argv.pop(1))
+real = getattr(module, name)
+def hooked(*args, **kwargs):
+    result = real(*args, **kwargs)
+    if out.exists():
+        os.kill(os.getpid(), signal.SIGINT)
+    return result
+setattr(module, name, hooked)
+from lorafuse_command import main
+sys.exit(main())
+"""
+
+
+@pytest.mark.parametrize("where", ["lorafuse.output.fsync_path", "lorafuse.api._peak_rss", "lorafuse.cli.human_size"],
+                         ids=["in publish", "in the report", "after merge returned"])
+def test_ctrl_c_once_out_is_complete_says_so(inputs, reference, tmp_path, where):
+    """Ctrl-C the moment OUT appears, wherever that lands: not 'the output folder was not touched'."""
+    out = tmp_path / "out"
+    argv = [out, "merge", *inputs, out, "--max-shard-size", SHARD]
+    done = subprocess.run([sys.executable, "-c", INTERRUPT_ONCE_OUT_EXISTS, where, *map(str, argv)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 130
+    assert done.stderr.splitlines()[-1] == f"lorafuse: interrupted after {out} was complete; the merge is done"
+    assert tree_hash(out) == reference

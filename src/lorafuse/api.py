@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import importlib
 import os
@@ -15,10 +16,11 @@ from pathlib import Path
 from typing import Callable
 
 from .compute import needs_torch
-from .errors import InputError, LorafuseError
+from .errors import InputError, LorafuseError, OutputComplete
 from .execute import disk_error, write_shards
-from .manifest import LEDGER, Ledger, fingerprint, settings_record, write_manifest
-from .output import check_target, exclusive, publish, staging_folder, write_metadata
+from .manifest import LEDGER, MANIFEST, Ledger, fingerprint, settings_record, write_manifest
+from .output import (MARKER, check_staged, check_target, claim_staging, clear, exclusive, identity_of, make_staging,
+                     publish, regular_file, staging_folder, write_metadata, written_files)
 from .plan import Plan, existing_ancestor, make_plan, output_path
 from .publish import HubPublisher
 from .sources.hub import cache_dir
@@ -81,11 +83,14 @@ def merge(base: str | os.PathLike | None, adapter: str | os.PathLike, out: str |
     # Before anything is created or deleted: the plan checks that no input is a path the merge writes.
     the_plan = make_plan(base, adapter, out, dtype=dtype, max_shard_size=max_shard_size, save_method=save_method,
                          scratch=staging / DOWNLOADS if low_disk else None)
-    with exclusive(out):  # a second merge into OUT would wipe this one's staging folder
+    interrupt = _InterruptAfterPublish(out)
+    with interrupt, exclusive(out):  # a second merge into OUT would wipe this one's staging folder
+        claim_staging(out)
         _import_in_background(the_plan, device)
         torch_device = _device(device)
         settings = settings_record(the_plan, device)
-        ledger = _reusable_run(staging, fingerprint(the_plan, settings), resume)
+        shard_names = {s.filename for s in the_plan.shards}
+        ledger = _reusable_run(staging, fingerprint(the_plan, settings), resume, shard_names)
         # A resume needs room only for the rest: what an interrupted run left (finished shards, base shards
         # fetched for --low-disk) already takes its share.
         done = sum(entry["size"] for name, entry in ledger.shards.items() if (staging / name).is_file()) \
@@ -95,7 +100,7 @@ def merge(base: str | os.PathLike | None, adapter: str | os.PathLike, out: str |
             on_plan(the_plan)
         hub = HubPublisher(push_to_hub, private=private, revision=revision, commit_message=commit_message,
                            delete_uploaded=low_disk).start() if push_to_hub else None  # a bad token or repo fails now
-        staging.mkdir(exist_ok=True)
+        make_staging(staging)
         if hub and low_disk:  # an earlier run's shards that went up and were deleted need not be merged again
             ledger.uploaded = {name for name, entry in ledger.shards.items()
                                if not (staging / name).exists() and hub.adopt(name, entry["sha256"], entry["size"])}
@@ -103,19 +108,25 @@ def merge(base: str | os.PathLike | None, adapter: str | os.PathLike, out: str |
             counters = write_shards(the_plan, staging, torch_device, ledger, on_progress,
                                     on_shard_done=(lambda path, sha: hub.shard_done(path, sha256=sha)) if hub else None,
                                     hold=hold, before_shard=hub.wait if hub and low_disk else None)
-            shutil.rmtree(staging / DOWNLOADS, ignore_errors=True)
+            clear(staging / DOWNLOADS)
+            made = written_files(the_plan)
             try:
                 write_metadata(the_plan, staging, settings)
-                write_manifest(the_plan, staging, settings, ledger.shards)
+                write_manifest(the_plan, staging, settings, ledger.shards, made)
             except OSError as e:
                 raise disk_error(e, staging) from None
+            written = made | shard_names | {MANIFEST}
             # The commit goes first: if it fails, the staging folder and its ledger are still there, and a
             # rerun commits without merging again (with --low-disk the shards exist only on the Hub).
-            hub_url = hub.finish(staging, skip={ledger.path.name}) if hub else None
+            if hub:
+                check_staged(staging, out, written | {LEDGER, MARKER})
+            hub_url = hub.finish(staging, skip={LEDGER, MARKER}) if hub else None
+            interrupt.staged = identity_of(staging)
             try:
-                publish(staging, out, keep_until_renamed=ledger.path, replacing=replacing)
-            except LorafuseError:  # something else is at OUT now: the finished merge stays staged, resumable
-                ledger.save()
+                publish(staging, out, keep_until_renamed=ledger.path, replacing=replacing, written=written)
+            except (LorafuseError, KeyboardInterrupt):  # OUT taken meanwhile, or Ctrl-C: unless it was moved into
+                if identity_of(staging) == interrupt.staged:  # place, the finished merge stays staged, resumable
+                    ledger.save()
                 raise
             except OSError as e:
                 raise disk_error(e, staging) from None
@@ -123,8 +134,9 @@ def merge(base: str | os.PathLike | None, adapter: str | os.PathLike, out: str |
             if hub:
                 hub.close()
             # Nothing finished, or bad inputs that a rerun must change anyway (hence start afresh): no trace.
-            if not ledger.resumable or isinstance(e, InputError):
-                shutil.rmtree(staging, ignore_errors=True)
+            if (not ledger.resumable or isinstance(e, InputError)) and interrupt.staged is None:
+                with contextlib.suppress(LorafuseError):  # what stopped the merge is what to report
+                    clear(staging)
             raise
         return MergeReport(
             out=str(out),
@@ -187,25 +199,40 @@ def _bytes_under(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else 0
 
 
-def _reusable_run(staging: Path, print_: str, resume: bool) -> Ledger:
+def _reusable_run(staging: Path, print_: str, resume: bool, shard_names: set[str]) -> Ledger:
     """The ledger of this merge's unfinished run, if there is one, and nothing else in the staging folder:
     everything there that the rerun cannot trust (a killed run's half-written shards, a shard finished but
-    not recorded when the disk filled, another merge's run) is deleted before the room is checked, so that
-    a rerun fits whenever a fresh merge would."""
-    ledger = Ledger(staging, print_)
+    not recorded when the disk filled, another merge's run, a link or anything else not a regular file at
+    a shard's name) is deleted before the room is checked, so that a rerun fits whenever a fresh merge
+    would. `claim_staging` has checked that the folder is lorafuse's."""
+    ledger = Ledger(staging, print_, shard_names)
+    ledger.shards = {name: entry for name, entry in ledger.shards.items()  # a shard gone was uploaded (--low-disk)
+                     if regular_file(staging / name) or not os.path.lexists(staging / name)}
     if not ledger.resumable:
         if resume:
             raise LorafuseError(f"there is no unfinished run of this merge to resume ({staging} holds none); run without --resume")
-        shutil.rmtree(staging, ignore_errors=True)
+        clear(staging)
         return ledger
-    for path in staging.iterdir():
-        if path.name in (LEDGER, DOWNLOADS, *ledger.shards):
-            continue
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        else:
-            path.unlink()
+    clear(staging, keep={LEDGER, DOWNLOADS, *ledger.shards})
     return ledger
+
+
+class _InterruptAfterPublish:
+    """Turns a Ctrl-C that lands once the finished merge may be at OUT (`staged`: the staging folder's
+    identity, set just before the move) into OutputComplete when it is: the folder at OUT is the one
+    staged, which no race between the move and a flag can get wrong. Entered before the lock, so that its
+    release is covered too."""
+
+    def __init__(self, out: Path) -> None:
+        self.out, self.staged = out, None
+
+    def __enter__(self) -> "_InterruptAfterPublish":
+        return self
+
+    def __exit__(self, kind, error, trace) -> None:
+        if kind is not None and issubclass(kind, KeyboardInterrupt) and self.staged is not None \
+                and identity_of(self.out) == self.staged:
+            raise OutputComplete(str(self.out)) from None
 
 
 def _import_in_background(plan: Plan, device: str) -> None:

@@ -15,7 +15,7 @@ import unicodedata
 
 from . import __version__
 from .api import merge, plan, room_problem
-from .errors import LorafuseError
+from .errors import LorafuseError, OutputComplete
 from .plan import describe
 from .sources.hub import resolve_adapter
 from .units import human_size
@@ -35,6 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     except LorafuseError as e:
         _tell(f"lorafuse: error: {_one_line(str(e))}")
         return 2
+    except OutputComplete as e:
+        _tell(f"lorafuse: interrupted after {e} was complete; the merge is done")
+        return 130
     except KeyboardInterrupt:
         _tell("lorafuse: interrupted; the output folder was not touched, and running the same command again "
               "continues from the last finished shard")
@@ -232,6 +235,17 @@ def _plan_dict(the_plan) -> dict:
 
 
 def _merge(args) -> int:
+    """A Ctrl-C once merge() has returned (OUT is complete) is told as such, as one inside it is."""
+    merged = []  # CPython raises a pending Ctrl-C at calls and loops: before merge() returns or after the append
+    try:
+        return _run_merge(args, merged)
+    except KeyboardInterrupt as e:
+        if merged and not isinstance(e, OutputComplete):
+            raise OutputComplete(merged[0].out) from None
+        raise
+
+
+def _run_merge(args, merged: list) -> int:
     _positional(args)
     show = not args.quiet and not args.json
     bar = None
@@ -248,6 +262,7 @@ def _merge(args) -> int:
                        device=args.device, force=args.force, resume=args.resume, push_to_hub=args.push_to_hub,
                        private=args.private, revision=args.revision, commit_message=args.commit_message,
                        low_disk=args.low_disk, on_plan=on_plan, on_progress=(lambda n: bar.update(n)) if show else None)
+        merged.append(report)
     finally:
         if bar is not None:
             bar.close()

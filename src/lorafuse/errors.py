@@ -11,3 +11,8 @@ class LorafuseError(Exception):
 class InputError(LorafuseError):
     """Bad content in the inputs, found while merging (NaN results, a truncated file): unlike an
     interruption, the same run cannot be resumed into success, so what it wrote is removed."""
+
+
+class OutputComplete(KeyboardInterrupt):
+    """Ctrl-C after OUT (the argument) was moved into place: the merge is complete there, unlike after any
+    other interruption."""

@@ -30,6 +30,7 @@ from . import compute
 from .errors import InputError, LorafuseError
 from .formats.safetensors import TensorSlot
 from .manifest import HASH_CHUNK, Ledger
+from .output import create_fd
 from .plan import Plan, ShardPlan, TensorPlan, usable_cores
 from .quant import QuantizedTensor
 from .sources.remote import Downloads
@@ -207,7 +208,7 @@ def write_shards(plan: Plan, folder: Path, device: str, ledger: Ledger,
     def open_shard(shard) -> _OpenShard:
         """Create the shard's partial file, header written and size allocated, with its hash and flusher running."""
         path = folder / (shard.filename + PARTIAL)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        fd = create_fd(path)
         try:
             _write_bytes(fd, memoryview(shard.header), 0)
             _allocate(fd, shard.size)
@@ -347,7 +348,7 @@ class _RunningHash:
         self.thread = threading.Thread(target=self._run, name="lorafuse-hash", daemon=True)
 
     def start(self) -> "_RunningHash":
-        self.fd = os.open(self.path, os.O_RDONLY)
+        self.fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW)
         self.thread.start()
         return self
 

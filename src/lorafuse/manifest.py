@@ -12,22 +12,28 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import stat
 import threading
 from pathlib import Path
 
 from . import __version__ as VERSION
 from .errors import LorafuseError
-from .output import fsync_path
+from .formats.jsonfile import parse_json
+from .output import create, fsync_path
 from .plan import SAVE_METHODS, Plan
 
 MANIFEST = "lorafuse-manifest.json"
 LEDGER = ".lorafuse-ledger.json"
 HASH_CHUNK = 16 << 20
+LEDGER_LIMIT = 16 << 20  # bytes: a ledger of a hundred thousand shards; anything bigger is not one
+SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
-def sha256_file(path: Path) -> str:
+def sha256_file(path: Path, follow: bool = True) -> str:
+    """`follow=False` for a file in the staging folder: a link there fails to open (OSError)."""
     digest = hashlib.sha256()
-    with open(path, "rb", buffering=0) as f:
+    with open(os.open(path, os.O_RDONLY | (0 if follow else os.O_NOFOLLOW)), "rb", buffering=0) as f:
         buf = bytearray(HASH_CHUNK)
         view = memoryview(buf)
         while n := f.readinto(buf):
@@ -103,18 +109,16 @@ def _sha256_bytes(data: bytes) -> str:
 class Ledger:
     """The staging folder's record of finished shards."""
 
-    def __init__(self, staging: Path, print_: str) -> None:
+    def __init__(self, staging: Path, print_: str, shard_names: set[str]) -> None:
         self.path = staging / LEDGER
         self.fingerprint = print_
         self.shards: dict[str, dict] = {}
         self.uploaded: set[str] = set()  # finished shards the Hub holds and the disk no longer does (--low-disk)
         self._lock = threading.Lock()  # shards finish on different threads
-        try:
-            saved = json.loads(self.path.read_text())
-        except (OSError, ValueError):
-            return
+        saved = _read_ledger(self.path)
         if isinstance(saved, dict) and saved.get("fingerprint") == print_ and isinstance(saved.get("shards"), dict):
-            self.shards = saved["shards"]
+            self.shards = {name: entry for name, entry in saved["shards"].items()
+                           if name in shard_names and _valid_entry(entry)}
 
     @property
     def resumable(self) -> bool:
@@ -125,11 +129,11 @@ class Ledger:
         it: see `uploaded`)."""
         with self._lock:
             entry = self.shards.get(filename)
-        if filename in self.uploaded and entry and entry.get("size") == size:
+        if filename in self.uploaded and entry and entry["size"] == size:
             return True
         path = self.path.parent / filename
-        ok = bool(entry) and path.is_file() and path.stat().st_size == size == entry.get("size") \
-            and sha256_file(path) == entry.get("sha256")
+        ok = bool(entry) and _regular_size(path) == size == entry["size"] \
+            and sha256_file(path, follow=False) == entry["sha256"]
         if not ok:
             with self._lock:
                 self.shards.pop(filename, None)
@@ -147,22 +151,59 @@ class Ledger:
 
     def _write(self) -> None:
         tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"fingerprint": self.fingerprint, "shards": self.shards}))
-        fsync_path(tmp)
+        with create(tmp) as f:
+            f.write(json.dumps({"fingerprint": self.fingerprint, "shards": self.shards}).encode())
+        fsync_path(tmp, follow=False)
         os.replace(tmp, self.path)
 
     def discard(self) -> None:
         self.path.unlink(missing_ok=True)
 
 
-def write_manifest(plan: Plan, folder: Path, settings: dict, shards: dict[str, dict]) -> None:
-    """Hash every file of the finished output; `shards` (the ledger's) were hashed as they completed, and
-    may be gone from the folder already (uploaded, with --low-disk)."""
+def _read_ledger(path: Path):
+    """The ledger's JSON value, or None where there is no usable ledger: no file, or anything but a regular
+    file of at most LEDGER_LIMIT bytes holding JSON (a link is not followed, a FIFO not waited on, a
+    device not read without end)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return None
+    with open(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        data = f.read(LEDGER_LIMIT + 1)
+    if len(data) > LEDGER_LIMIT:
+        return None
+    try:
+        return parse_json(data, path)
+    except LorafuseError:
+        return None
+
+
+def _valid_entry(entry) -> bool:
+    """A ledger entry as `Ledger.record` writes it: {"size": int >= 0, "sha256": 64 hex digits}."""
+    return isinstance(entry, dict) and type(entry.get("size")) is int and entry["size"] >= 0 \
+        and isinstance(entry.get("sha256"), str) and SHA256.fullmatch(entry["sha256"]) is not None
+
+
+def _regular_size(path: Path) -> int | None:
+    """The size of a regular file at `path` (not a link), else None."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return st.st_size if stat.S_ISREG(st.st_mode) else None
+
+
+def write_manifest(plan: Plan, folder: Path, settings: dict, shards: dict[str, dict], written: set[str]) -> None:
+    """Hash the files of the finished output: `shards` (the ledger's) were hashed as they completed, and
+    may be gone from the folder already (uploaded, with --low-disk); the other files `written` by the
+    merge are hashed here. Only those: whatever else the folder might hold was not made by the merge."""
     files = {name: {"size": entry["size"], "sha256": entry["sha256"]} for name, entry in shards.items()}
-    for path in sorted(folder.iterdir()):
-        if path.name in (MANIFEST, LEDGER) or path.name in files or not path.is_file():
-            continue
-        files[path.name] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
+    for name in sorted(written - set(files)):
+        path = folder / name
+        files[name] = {"size": path.lstat().st_size, "sha256": sha256_file(path, follow=False)}
     files = dict(sorted(files.items()))
     manifest = {"settings": settings, **identity(plan), "files": files}
-    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    with create(folder / MANIFEST) as f:
+        f.write((json.dumps(manifest, indent=2) + "\n").encode())

@@ -13,6 +13,7 @@ import fcntl
 import json
 import os
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 
@@ -22,8 +23,83 @@ from .plan import Plan, work_path
 from .sources.hub import parse_spec
 
 
+MARKER = ".lorafuse-staging"  # written into the staging folder right after it is made: lorafuse's own
+
+
 def staging_folder(out: Path) -> Path:
     return work_path(out, "partial")
+
+
+def make_staging(staging: Path) -> None:
+    """Create the staging folder (kept if it is there: a resumed run's) and mark it as lorafuse's, so
+    that only a folder proven to be lorafuse's is ever cleared (see `claim_staging`)."""
+    staging.mkdir(exist_ok=True)
+    if not os.path.lexists(staging / MARKER):
+        create(staging / MARKER).close()
+
+
+def create_fd(path: Path) -> int:
+    """A new file's descriptor, open for writing, whatever was at `path` unlinked first: never a link
+    followed, nor a file truncated that another name shares (a link planted in the staging folder would
+    otherwise turn a write into an overwrite of the file it names; O_EXCL fails on one made meanwhile)."""
+    path.unlink(missing_ok=True)
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+
+
+def create(path: Path):
+    """`create_fd` as a binary file object."""
+    return open(create_fd(path), "wb")
+
+
+def claim_staging(out: Path) -> None:
+    """Under the lock, before anything is deleted: refuse a staging folder lorafuse cannot prove it made
+    (one with no marker and something in it: a user's own folder at the reserved name, or one of a
+    lorafuse too old to mark it, whose ledger could not match anyway), and an old OUT left by a --force
+    merge that stopped between its two renames (it may be the only copy of that OUT)."""
+    staging, old = staging_folder(out), work_path(out, "old")
+    if os.path.lexists(old):
+        raise LorafuseError(f"{old} is in lorafuse's way: it may hold an earlier {out} that a --force merge was "
+                            "replacing when it stopped; move it back or delete it")
+    if staging.is_dir() and not staging.is_symlink() and not regular_file(staging / MARKER):
+        try:
+            held = sorted(p.name for p in staging.iterdir())
+        except OSError as e:
+            raise LorafuseError(f"cannot read {staging}: {e.strerror}; move it away and run again") from None
+        if held:
+            shown = ", ".join(held[:3]) + (f" and {len(held) - 3} more" if len(held) > 3 else "")
+            raise LorafuseError(f"{staging} is not a staging folder of this lorafuse (it holds {shown}); lorafuse "
+                                f"keeps its work for {out} there: move it away (or delete it) and run again")
+
+
+def clear(folder: Path, keep: set[str] | None = None) -> None:
+    """Delete `folder`, or with `keep` everything in it but those names and the marker, without following
+    any link in it; the marker goes last, so a folder left half cleared is still known as lorafuse's.
+    What cannot be deleted stops the merge: ignored, it would be written through or carried into OUT."""
+    if not os.path.lexists(folder):
+        return
+    try:
+        if folder.is_symlink():
+            raise OSError(errno.ENOTDIR, "it is a symbolic link, not lorafuse's folder")
+        for path in folder.iterdir():
+            if path.name == MARKER or (keep is not None and path.name in keep):
+                continue
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+        if keep is None:
+            (folder / MARKER).unlink(missing_ok=True)
+            folder.rmdir()
+    except OSError as e:
+        raise LorafuseError(f"cannot clear {folder}: {e.strerror or e}; remove it by hand") from None
+
+
+def regular_file(path: Path) -> bool:
+    """A regular file itself (not a link to one)."""
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
 
 
 @contextlib.contextmanager
@@ -37,16 +113,21 @@ def exclusive(out: Path):
     merges cannot both see their own file there."""
     lock_path = work_path(out, "lock")
     while True:
-        try:
-            fd = os.open(lock_path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o644)
-        except OSError as e:  # a folder or a link there: not lorafuse's
-            raise LorafuseError(f"cannot create the lock file {lock_path}: {e.strerror}; remove what is there") from None
+        try:  # O_NONBLOCK: opening a FIFO for writing would wait for a reader for ever
+            fd = os.open(lock_path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
+        except OSError as e:  # a folder, a link or a FIFO there: not lorafuse's
+            why = "it is a FIFO" if e.errno == errno.ENXIO else e.strerror
+            raise LorafuseError(f"cannot create the lock file {lock_path}: {why}; remove what is there") from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):  # a device, or a FIFO with a reader
+            os.close(fd)
+            raise LorafuseError(f"{lock_path} is not a regular file (a FIFO or a device?), so it is not lorafuse's "
+                                "lock file; remove it")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
             raise LorafuseError(f"another lorafuse merge is writing {out}; wait for it to finish") from None
-        if _identity(lock_path) == _identity(fd):
+        if identity_of(lock_path) == identity_of(fd):
             break
         os.close(fd)
     try:
@@ -56,7 +137,7 @@ def exclusive(out: Path):
         os.close(fd)
 
 
-def _identity(file: Path | int) -> tuple[int, int] | None:
+def identity_of(file: Path | int) -> tuple[int, int] | None:
     """(device, inode) of an open descriptor, or of what a path names (a link itself, not its target);
     None where the path names nothing."""
     try:
@@ -111,22 +192,31 @@ def check_target(out: Path, force: bool) -> tuple[int, int] | None:
     except OSError as e:
         why = "it is on a read-only file system" if e.errno == errno.EROFS else e.strerror.lower()
         raise LorafuseError(f"cannot write to {parent}: {why}; choose another output folder") from None
-    return _identity(out)
+    return identity_of(out)
+
+
+def written_files(plan: Plan) -> set[str]:
+    """The names of the files `write_metadata` writes; with the shards, all that OUT's manifest lists."""
+    return {"config.json", "README.md", *(source.name for source in plan.carried),
+            *([INDEX] if len(plan.shards) > 1 else [])}
 
 
 def write_metadata(plan: Plan, folder: Path, settings: dict) -> None:
     """Index, config.json, tokenizer and other non-weight files, and a model card."""
+    texts = {"config.json": json.dumps(plan.config, indent=2, sort_keys=True) + "\n",
+             "README.md": model_card(plan, settings)}
     if len(plan.shards) > 1:
         index = {
             "metadata": {"total_size": plan.total_size},
             "weight_map": {slot.name: s.filename for s in plan.shards for group in s.slots for slot in group},
         }
-        (folder / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        texts[INDEX] = json.dumps(index, indent=2) + "\n"
     for source in plan.carried:
-        shutil.copyfile(source, folder / source.name)
-    (folder / "config.json").write_text(json.dumps(plan.config, indent=2, sort_keys=True) + "\n")
-    with open(folder / "README.md", "w", encoding="utf-8", newline="") as f:
-        f.write(model_card(plan, settings))
+        with open(source, "rb") as src, create(folder / source.name) as dst:
+            shutil.copyfileobj(src, dst)
+    for name, text in texts.items():
+        with create(folder / name) as f:
+            f.write(text.encode())
 
 
 def model_card(plan: Plan, settings: dict) -> str:
@@ -167,46 +257,77 @@ def _repo_id(name: str) -> str | None:
     return parsed[0] if parsed else None
 
 
-def publish(staging: Path, out: Path, keep_until_renamed: Path, replacing: tuple[int, int] | None) -> None:
+def publish(staging: Path, out: Path, keep_until_renamed: Path, replacing: tuple[int, int] | None,
+            written: set[str]) -> None:
     """Make the staged folder durable, then move it into place in one step that cannot destroy anything
     but the folder `replacing` identifies (the OUT that --force was given for, found when the merge
     started): a move that fails if anything is at OUT, or an atomic exchange with that folder. Whatever
     else is at OUT by now (made meanwhile by another program or by hand) is left alone, and so is the
-    finished merge, in the staging folder. The resume ledger goes last, so an interruption before the
-    move can still resume."""
+    finished merge, in the staging folder. A staging folder holding anything but the regular files
+    `written` by the merge (and the ledger and marker) is refused: it would be published as part of OUT.
+    The resume ledger and the marker go last, so an interruption before the move can still resume."""
+    check_staged(staging, out, written | {keep_until_renamed.name, MARKER})
     for path in staging.iterdir():
         if path != keep_until_renamed:
-            fsync_path(path)
+            fsync_path(path, follow=False)
+    staged = identity_of(staging)
     keep_until_renamed.unlink(missing_ok=True)
-    fsync_path(staging)
-    if replacing is not None and os.path.lexists(out):
-        _replace(staging, out, replacing)
-    elif not _rename_noreplace(staging, out):
-        raise LorafuseError(f"{out} appeared while merging (another program?) and is left as it is; the finished "
-                            f"merge is in {staging}: move {out} away, or pass --force to replace it, and run the "
-                            "same command again")
+    (staging / MARKER).unlink()
+    try:
+        fsync_path(staging)
+        if replacing is not None and os.path.lexists(out):
+            _replace(staging, out, replacing)
+        elif not _rename_noreplace(staging, out):
+            raise LorafuseError(f"{out} appeared while merging (another program?) and is left as it is; the "
+                                f"finished merge is in {staging}: move {out} away, or pass --force to replace it, "
+                                "and run the same command again")
+    except BaseException:  # Ctrl-C included: a finished merge left staged is marked again, to be moved by a rerun
+        if identity_of(staging) == staged:
+            make_staging(staging)
+        raise
     fsync_path(out.absolute().parent)
+
+
+def check_staged(staging: Path, out: Path, allowed: set[str]) -> None:
+    """Refuse a staging folder that holds anything but regular files of the `allowed` names: it is about
+    to be published as OUT."""
+    for path in staging.iterdir():
+        if path.name not in allowed or not regular_file(path):
+            raise LorafuseError(f"{path} is not a file this merge wrote, and it would be published in {out}; "
+                                "move it away and run the same command again")
 
 
 def _replace(staging: Path, out: Path, replacing: tuple[int, int]) -> None:
     """Swap the staged folder with OUT, then delete the old OUT: in one atomic exchange where the OS has
-    one, else in two renames. What is at OUT is deleted only if it is the folder found there at the start."""
+    one, else in two renames (between which an interruption puts the old OUT back). What is at OUT is
+    deleted only if it is the folder found there at the start."""
     changed = LorafuseError(f"{out} was replaced while merging (another program?) and is left as it is; the finished "
                             f"merge is in {staging}: run the same command again to replace the new {out}")
     if _renameat2(staging, out, RENAME_EXCHANGE):  # the staging path now holds what was at OUT
-        if _identity(staging) != replacing:
+        if identity_of(staging) != replacing:
             _renameat2(staging, out, RENAME_EXCHANGE)  # swap it back, as the same exchange just did
             raise changed
-        shutil.rmtree(staging, ignore_errors=True)
+        _delete_replaced(staging, out)
         return
-    old = work_path(out, "old")
-    shutil.rmtree(old, ignore_errors=True)
+    old = work_path(out, "old")  # claim_staging refused one left from before: this one is this merge's
     os.rename(out, old)
-    if _identity(old) != replacing:
-        os.rename(old, out)
-        raise changed
-    os.rename(staging, out)
-    shutil.rmtree(old, ignore_errors=True)
+    try:
+        if identity_of(old) != replacing:
+            raise changed
+        os.rename(staging, out)
+    except BaseException:  # Ctrl-C included
+        if not os.path.lexists(out):
+            os.rename(old, out)
+        raise
+    _delete_replaced(old, out)
+
+
+def _delete_replaced(folder: Path, out: Path) -> None:
+    """Delete the old OUT, moved aside; the new one is in place whatever happens here."""
+    try:
+        clear(folder)
+    except LorafuseError as e:
+        raise LorafuseError(f"{out} is complete, but the folder it replaced is not deleted: {e}") from None
 
 
 RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
@@ -239,9 +360,10 @@ def _renameat2(a: Path, b: Path, flags: int) -> bool:
     return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), flags) == 0
 
 
-def fsync_path(path: Path) -> None:
-    """fsync a file or a folder (a folder's entries: the names of what was created or renamed in it)."""
-    fd = os.open(path, os.O_RDONLY)
+def fsync_path(path: Path, follow: bool = True) -> None:
+    """fsync a file or a folder (a folder's entries: the names of what was created or renamed in it);
+    `follow=False` for a file in the staging folder, where no link is followed."""
+    fd = os.open(path, os.O_RDONLY | (0 if follow else os.O_NOFOLLOW))
     try:
         os.fsync(fd)
     finally:
