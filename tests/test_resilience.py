@@ -1035,14 +1035,15 @@ def test_ctrl_c_between_the_two_renames_of_force_puts_out_back(inputs, reference
         rename(src, dst)
 
     out = tmp_path / "out"
-    out.mkdir()
+    out.mkdir()  # an earlier merge: what --force replaces
     (out / "old.txt").write_text("old")
+    (out / "lorafuse-manifest.json").write_text("{}")
     monkeypatch.setattr(output, "_renameat2", missing)
     monkeypatch.setattr(output.os, "rename", interrupted)
     with pytest.raises(KeyboardInterrupt) as caught:
         lorafuse.merge(*inputs, out, max_shard_size=SHARD, force=True)
     assert type(caught.value) is KeyboardInterrupt  # not told as complete: it is not
-    assert sorted(p.name for p in out.iterdir()) == ["old.txt"] and not (tmp_path / ".out.lorafuse-old").exists()
+    assert sorted(p.name for p in out.iterdir()) == ["lorafuse-manifest.json", "old.txt"] and not (tmp_path / ".out.lorafuse-old").exists()
     monkeypatch.setattr(output.os, "rename", rename)
     report = lorafuse.merge(*inputs, out, max_shard_size=SHARD, force=True)
     assert report.shards_resumed == report.shards and tree_hash(out) == reference and not leftovers(tmp_path)
