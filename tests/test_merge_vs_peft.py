@@ -629,6 +629,7 @@ DISAGREEMENTS = {
     "all_linear_embedding": ("embed-llama", {"target_modules": "all-linear"}, "embed_tokens has LoRA tensors but target_modules is all-linear, and it is no linear layer"),
     "dora_without_magnitudes": ("lora-llama", {"use_dora": True}, "use_dora is true, and it has no lora_magnitude_vector"),
     "magnitudes_without_dora": ("dora-llama", {"use_dora": False}, "it has a DoRA lora_magnitude_vector, and use_dora is false"),
+    "bias_without_lora_bias": ("lora_bias-qwen2", {"lora_bias": False}, "it has a lora_B.bias, and lora_bias is false"),
 }
 
 

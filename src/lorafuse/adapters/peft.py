@@ -487,7 +487,7 @@ def _check_targets(config: dict, groups: dict[str, dict]) -> None:
     PEFT builds its layers from the config and then loads the file into them (inject_adapter, then
     set_peft_model_state_dict): tensors of a module it does not adapt are ignored, and use_dora decides
     whether a layer is DoRA, with a magnitude the file supplies (or, missing, one initialised from the
-    weight, not what was trained). A file that disagrees with its config was not written by PEFT for it,
+    weight, not what was trained), and lora_bias whether lora_B has a bias to load. A file that disagrees with its config was not written by PEFT for it,
     and any merge of it would differ from what PEFT loads or from what was trained: refused."""
     dora = bool(config.get("use_dora"))
     problems = []
@@ -504,6 +504,8 @@ def _check_targets(config: dict, groups: dict[str, dict]) -> None:
             why = "use_dora is true, and it has no lora_magnitude_vector"
         elif why is None and not dora and "magnitude" in roles:
             why = "it has a DoRA lora_magnitude_vector, and use_dora is false"
+        elif why is None and "lora_bias" in roles and config.get("lora_bias") is not True:
+            why = "it has a lora_B.bias, and lora_bias is false"
         if why:
             problems.append(f"{module} has LoRA tensors but {why}")
     if problems:
