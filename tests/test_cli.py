@@ -125,7 +125,8 @@ def test_base_defaults_to_the_one_the_adapter_names(llama, tmp_path, capsys):
 
 def test_existing_output_needs_force(llama, tmp_path, capsys):
     """--force is suggested for, and replaces, what lorafuse can tell is its own to replace: an earlier
-    merge (re-merging into it, with a file added there since) and an empty folder."""
+    merge (re-merging into it) and an empty folder; a file added to an earlier merge since is the user's,
+    so that merge is replaced no more, even with --force."""
     base, adapter = llama
     out = tmp_path / "out"
     out.mkdir()
@@ -133,12 +134,16 @@ def test_existing_output_needs_force(llama, tmp_path, capsys):
     assert_one_line_error(code, err, f"{out} already exists (an empty folder); choose another or pass --force to replace it")
     assert list(out.iterdir()) == []
     assert run(capsys, "merge", base, adapter, out, "--force", "--quiet")[0] == 0
-    (out / "notes.txt").write_text("added to the output")
     code, _, err = run(capsys, "merge", base, adapter, out)
     assert_one_line_error(code, err, f"{out} already exists (an earlier merge); choose another or pass --force")
-    assert (out / "notes.txt").is_file()
+    (out / "notes.txt").write_text("added to the output")
+    code, _, err = run(capsys, "merge", base, adapter, out, "--force", "--quiet")
+    assert_one_line_error(code, err, "is an earlier merge, but notes.txt is not one of the files its "
+                                     "lorafuse-manifest.json lists")
+    assert (out / "notes.txt").read_text() == "added to the output"
+    (out / "notes.txt").unlink()
     code, _, _ = run(capsys, "merge", base, adapter, out, "--force", "--quiet")
-    assert code == 0 and not (out / "notes.txt").exists() and (out / "model.safetensors").exists()
+    assert code == 0 and (out / "model.safetensors").exists()
     assert not leftovers(tmp_path)
 
 

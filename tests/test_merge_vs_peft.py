@@ -707,8 +707,8 @@ def test_force_replaces_an_existing_output(tiny_base, artefacts, tmp_path):
     v = VARIANT["lora-llama"]
     out = tmp_path / "out"
     lorafuse.merge(tiny_base(v.model), get_adapter(artefacts, tiny_base, v), out)
-    (out / "old.txt").write_text("old")
-    lorafuse.merge(tiny_base(v.model), get_adapter(artefacts, tiny_base, v), out, force=True)
-    assert not (out / "old.txt").exists()
-    assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
+    assert (out / "model.safetensors").is_file()
+    lorafuse.merge(tiny_base(v.model), get_adapter(artefacts, tiny_base, v), out, force=True, max_shard_size="50KB")
+    assert not (out / "model.safetensors").exists()  # the old folder's single file: gone with it
+    assert (out / "model.safetensors.index.json").is_file() and (out / "config.json").is_file()
     assert leftovers(tmp_path) == []

@@ -658,10 +658,13 @@ def renames(request, monkeypatch):
     return request.param
 
 
+# The manifest of an earlier merge that holds old.txt: what --force may replace.
+EARLIER_MERGE = json.dumps({"files": {"old.txt": {"size": 3, "sha256": "0" * 64}}})
+
+
 def test_force_swaps_the_new_output_in(renames, inputs, reference, tmp_path):
     out = tmp_path / "out"
-    lorafuse.merge(*inputs, out)  # an earlier merge, in one shard, with a file added since
-    (out / "old.txt").write_text("old")
+    lorafuse.merge(*inputs, out)  # an earlier merge, in one shard
     lorafuse.merge(*inputs, out, max_shard_size=SHARD, force=True)
     assert tree_hash(out) == reference and not leftovers(tmp_path)
 
@@ -690,15 +693,15 @@ def test_force_replaces_only_the_out_it_was_given_for(renames, inputs, reference
     out = tmp_path / "out"
     out.mkdir()
     (out / "old.txt").write_text("old")
-    (out / MANIFEST).write_text("{}")  # what --force replaces: an earlier merge (by its manifest)
+    (out / MANIFEST).write_text(EARLIER_MERGE)  # what --force replaces: an earlier merge (by its manifest)
 
     def someone_replaces_out(plan):
         out.rename(tmp_path / "moved")
         out.mkdir()
         (out / "new.txt").write_text("new")
-        (out / MANIFEST).write_text("{}")
+        (out / MANIFEST).write_text(json.dumps({"files": {"new.txt": {}}}))
 
-    with pytest.raises(lorafuse.LorafuseError, match=f"{out} was replaced while merging"):
+    with pytest.raises(lorafuse.LorafuseError, match=f"{out} was replaced or changed while merging"):
         lorafuse.merge(*inputs, out, max_shard_size=SHARD, force=True, on_plan=someone_replaces_out)
     assert sorted(p.name for p in out.iterdir()) == [MANIFEST, "new.txt"] and (out / "new.txt").read_text() == "new"
     assert (tmp_path / "moved" / "old.txt").read_text() == "old"
@@ -1037,7 +1040,7 @@ def test_ctrl_c_between_the_two_renames_of_force_puts_out_back(inputs, reference
     out = tmp_path / "out"
     out.mkdir()  # an earlier merge: what --force replaces
     (out / "old.txt").write_text("old")
-    (out / "lorafuse-manifest.json").write_text("{}")
+    (out / "lorafuse-manifest.json").write_text(EARLIER_MERGE)
     monkeypatch.setattr(output, "_renameat2", missing)
     monkeypatch.setattr(output.os, "rename", interrupted)
     with pytest.raises(KeyboardInterrupt) as caught:
@@ -1178,3 +1181,63 @@ def test_ctrl_c_once_out_is_complete_says_so(inputs, reference, tmp_path, where)
     assert done.returncode == 130
     assert done.stderr.splitlines()[-1] == f"lorafuse: interrupted after {out} was complete; the merge is done"
     assert tree_hash(out) == reference
+
+
+def test_force_never_deletes_what_was_added_to_an_earlier_merge(inputs, tmp_path):
+    """--force deletes the old OUT whole: a file the user added to an earlier merge (a GGUF converted next
+    to it), or a folder mounted inside it, is not lorafuse's, so the merge is refused and nothing is touched."""
+    out = tmp_path / "out"
+    lorafuse.merge(*inputs, out)
+    (out / "model-f16.gguf").write_text("mine")
+    with pytest.raises(lorafuse.LorafuseError, match="model-f16.gguf is not one of the files its lorafuse-manifest"):
+        lorafuse.merge(*inputs, out, force=True)
+    (out / "model-f16.gguf").unlink()
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "thesis.txt").write_text("mine")
+    (out / "data").mkdir()
+    subprocess.run(["mount", "--bind", str(precious), str(out / "data")], check=False)
+    try:
+        with pytest.raises(lorafuse.LorafuseError, match="data is not one of the files"):
+            lorafuse.merge(*inputs, out, force=True)
+    finally:
+        subprocess.run(["umount", str(out / "data")], capture_output=True)
+    assert (precious / "thesis.txt").read_text() == "mine" and not leftovers(tmp_path)
+
+
+@pytest.mark.parametrize("change", ["made anew", "given a file"])
+def test_force_replaces_the_out_of_the_start_unchanged_or_nothing(inputs, reference, tmp_path, change):
+    """OUT deleted and made again while merging (a file system gives the new folder the old one's inode
+    number more often than not), or an empty OUT given a file: not the folder --force was given for."""
+    out = tmp_path / "out"
+    out.mkdir()
+
+    def someone_changes_out(plan):
+        if change == "made anew":
+            out.rmdir()
+            out.mkdir()
+        (out / "my-work.txt").write_text("mine")
+
+    with pytest.raises(lorafuse.LorafuseError, match=f"{out} was replaced or changed while merging"):
+        lorafuse.merge(*inputs, out, max_shard_size=SHARD, force=True, on_plan=someone_changes_out)
+    assert sorted(p.name for p in out.iterdir()) == ["my-work.txt"] and (out / "my-work.txt").read_text() == "mine"
+    (out / "my-work.txt").unlink()
+    report = lorafuse.merge(*inputs, out, max_shard_size=SHARD, force=True)  # the staged merge, moved in
+    assert report.shards_resumed == report.shards and tree_hash(out) == reference and not leftovers(tmp_path)
+
+
+def test_a_merge_of_an_earlier_merge_has_its_own_manifest(inputs, tmp_path):
+    """The base's lorafuse-manifest.json is not carried: OUT's would list a copy of it, hashed before the
+    merge wrote its own over it, and fail verify."""
+    from lorafuse.verify import verify
+
+    lorafuse.merge(*inputs, tmp_path / "m1")
+    lorafuse.merge(tmp_path / "m1", inputs[1], tmp_path / "m2")
+    assert verify(tmp_path / "m2", tmp_path / "m1", inputs[1]) == []
+
+
+def test_an_output_name_too_long_for_its_staging_folder_is_refused(inputs, tmp_path):
+    out = tmp_path / ("o" * 240)
+    with pytest.raises(lorafuse.LorafuseError, match="name is too long"):
+        lorafuse.merge(*inputs, out)
+    assert not leftovers(tmp_path)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from .errors import LorafuseError
 from .formats.folder import INDEX
+from .formats.jsonfile import read_json
 from .plan import Plan, work_path
 from .sources.hub import parse_spec
 
@@ -84,6 +85,7 @@ def clear(folder: Path, keep: set[str] | None = None) -> None:
             if path.name == MARKER or (keep is not None and path.name in keep):
                 continue
             if path.is_dir() and not path.is_symlink():
+                _refuse_mounts(path)
                 shutil.rmtree(path)
             else:
                 path.unlink()
@@ -92,6 +94,14 @@ def clear(folder: Path, keep: set[str] | None = None) -> None:
             folder.rmdir()
     except OSError as e:
         raise LorafuseError(f"cannot clear {folder}: {e.strerror or e}; remove it by hand") from None
+
+
+def _refuse_mounts(folder: Path) -> None:
+    """rmtree goes into a file system mounted below the folder it deletes: what is mounted there is not ours."""
+    for inside, folders, _ in os.walk(folder):
+        for name in folders:
+            if os.path.ismount(os.path.join(inside, name)):
+                raise OSError(errno.EXDEV, f"{os.path.join(inside, name)} is a mount point")
 
 
 def regular_file(path: Path) -> bool:
@@ -147,9 +157,10 @@ def identity_of(file: Path | int) -> tuple[int, int] | None:
     return st.st_dev, st.st_ino
 
 
-def check_target(out: Path, force: bool) -> tuple[int, int] | None:
-    """Refuse an OUT that cannot be written, or replaced safely; returns the identity of the folder at OUT
-    that --force replaces (None if there is none): the final step replaces that folder and nothing else.
+def check_target(out: Path, force: bool) -> tuple[int, int, int] | None:
+    """Refuse an OUT that cannot be written, or replaced safely; returns the state of the folder at OUT
+    that --force replaces (None if there is none): the final step replaces that folder, unchanged, and
+    nothing else.
     --force replaces only what lorafuse can tell is its own or holds nothing: an earlier merge (its manifest
     is there) or an empty folder. Anything else may be the user's work (a folder of models, an input given
     as OUT, `lorafuse merge BASE ADAPTER` with OUT left out), so it is refused even with --force, and --force
@@ -176,6 +187,10 @@ def check_target(out: Path, force: bool) -> tuple[int, int] | None:
             raise LorafuseError(f"output folder {out} holds {shown}, and is not an earlier lorafuse merge (it has no "
                                 f"{MANIFEST}), so lorafuse will not replace it, even with --force; remove it by hand "
                                 "or choose another output folder")
+        if held and (extra := _not_merged(out, held)):
+            raise LorafuseError(f"output folder {out} is an earlier merge, but {extra} is not one of the files its "
+                                f"{MANIFEST} lists (something added since?), so lorafuse will not replace it, even "
+                                "with --force; move what you added elsewhere, or choose another output folder")
         if not force:
             what = "an earlier merge" if held else "an empty folder"
             raise LorafuseError(f"output folder {out} already exists ({what}); choose another or pass --force to replace it")
@@ -192,7 +207,32 @@ def check_target(out: Path, force: bool) -> tuple[int, int] | None:
     except OSError as e:
         why = "it is on a read-only file system" if e.errno == errno.EROFS else e.strerror.lower()
         raise LorafuseError(f"cannot write to {parent}: {why}; choose another output folder") from None
-    return identity_of(out)
+    return folder_state(out)
+
+
+def _not_merged(out: Path, held: list[str]) -> str | None:
+    """The first entry of an earlier merge's folder that its manifest does not list as a regular file, or
+    None: --force deletes the whole folder, so everything in it must be lorafuse's own."""
+    from .manifest import MANIFEST
+
+    try:
+        listed = read_json(out / MANIFEST, "output").get("files")
+    except LorafuseError:
+        return MANIFEST
+    listed = listed if isinstance(listed, dict) else {}
+    return next((name for name in held if name != MANIFEST and (name not in listed or not regular_file(out / name))),
+                None)
+
+
+def folder_state(path: Path) -> tuple[int, int, int] | None:
+    """(device, inode, ctime) of a folder, None if there is none: what --force may replace. The inode alone
+    is not enough, since a file system reuses a deleted folder's inode for the next one made; the ctime
+    changes with every entry added, removed or renamed in it, and with its own renaming."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino, st.st_ctime_ns
 
 
 def written_files(plan: Plan) -> set[str]:
@@ -257,7 +297,7 @@ def _repo_id(name: str) -> str | None:
     return parsed[0] if parsed else None
 
 
-def publish(staging: Path, out: Path, keep_until_renamed: Path, replacing: tuple[int, int] | None,
+def publish(staging: Path, out: Path, keep_until_renamed: Path, replacing: tuple[int, int, int] | None,
             written: set[str]) -> None:
     """Make the staged folder durable, then move it into place in one step that cannot destroy anything
     but the folder `replacing` identifies (the OUT that --force was given for, found when the merge
@@ -297,14 +337,16 @@ def check_staged(staging: Path, out: Path, allowed: set[str]) -> None:
                                 "move it away and run the same command again")
 
 
-def _replace(staging: Path, out: Path, replacing: tuple[int, int]) -> None:
+def _replace(staging: Path, out: Path, replacing: tuple[int, int, int]) -> None:
     """Swap the staged folder with OUT, then delete the old OUT: in one atomic exchange where the OS has
     one, else in two renames (between which an interruption puts the old OUT back). What is at OUT is
     deleted only if it is the folder found there at the start."""
-    changed = LorafuseError(f"{out} was replaced while merging (another program?) and is left as it is; the finished "
-                            f"merge is in {staging}: run the same command again to replace the new {out}")
+    changed = LorafuseError(f"{out} was replaced or changed while merging (another program?) and is left as it is; "
+                            f"the finished merge is in {staging}: run the same command again to replace it")
+    if folder_state(out) != replacing:  # the move changes the ctime: after it, only (device, inode) can be compared
+        raise changed
     if _renameat2(staging, out, RENAME_EXCHANGE):  # the staging path now holds what was at OUT
-        if identity_of(staging) != replacing:
+        if identity_of(staging) != replacing[:2]:
             _renameat2(staging, out, RENAME_EXCHANGE)  # swap it back, as the same exchange just did
             raise changed
         _delete_replaced(staging, out)
@@ -312,7 +354,7 @@ def _replace(staging: Path, out: Path, replacing: tuple[int, int]) -> None:
     old = work_path(out, "old")  # claim_staging refused one left from before: this one is this merge's
     os.rename(out, old)
     try:
-        if identity_of(old) != replacing:
+        if identity_of(old) != replacing[:2]:
             raise changed
         os.rename(staging, out)
     except BaseException:  # Ctrl-C included

@@ -41,7 +41,9 @@ CONV1D_MODULES = {"gpt2": GPT2_CONV1D, "openai-gpt": GPT2_CONV1D, "imagegpt": GP
                   "clvp_decoder": frozenset({"c_fc", "c_proj"})}
 EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight", "tok_embeddings.weight")
 MAX_PIPELINE_DEPTH = 8
-NOT_CARRIED = {"README.md", "adapter_config.json", "config.json"}  # OUT gets its own card and config
+NAME_MAX = 255  # bytes in one file name, on every file system Linux and macOS write models to
+# OUT gets its own card, config and manifest (a base that is an earlier merge has one)
+NOT_CARRIED = {"README.md", "adapter_config.json", "config.json", "lorafuse-manifest.json"}
 SAVE_METHODS = ("merged_16bit", "merged_4bit")
 QUANTIZED_NAME = re.compile(r"bnb|4bit|4-bit|8bit|nf4|int4|int8|awq|gptq|fp8", re.IGNORECASE)
 # What transformers writes for BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
@@ -388,6 +390,10 @@ def output_path(out: str | os.PathLike) -> Path:
         last = len(parts) - parts[::-1].index("..")
         named = os.path.join(os.path.realpath(os.sep.join(parts[:last])), os.sep.join(parts[last:]))
     path = Path(os.path.abspath(named))
+    if len(os.fsencode(f".{path.name}.lorafuse-partial")) > NAME_MAX:  # the longest name lorafuse makes from it
+        raise LorafuseError(f"the output folder's name is too long ({len(os.fsencode(path.name))} bytes): lorafuse "
+                            f"keeps its work next to it under a name {len('..lorafuse-partial')} bytes longer, and "
+                            f"a name may have {NAME_MAX}; choose a shorter one")
     cwd = Path.cwd()
     if _identity(path) in _identities_above(cwd) | {_identity(cwd)}:  # None, for a new folder, is in neither
         where = "/, the root folder" if path.parent == path else f"{path}, the current folder or one above it"
