@@ -1241,3 +1241,17 @@ def test_an_output_name_too_long_for_its_staging_folder_is_refused(inputs, tmp_p
     with pytest.raises(lorafuse.LorafuseError, match="name is too long"):
         lorafuse.merge(*inputs, out)
     assert not leftovers(tmp_path)
+
+
+def test_a_link_at_the_downloads_folder_is_not_kept_on_resume(inputs, reference, tmp_path):
+    """The downloads folder of a --low-disk run is kept on resume, and the Hub client writes into it and
+    lorafuse deletes from it: a link there (to the user's files) is removed, never written or deleted through."""
+    out = tmp_path / "out"
+    assert _run_killed(2, "merge", *inputs, out, "--max-shard-size", SHARD, "--quiet") == 137
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "keep.txt").write_text("mine")
+    (staging_folder(out) / "downloads").symlink_to(victim)
+    report = lorafuse.merge(*inputs, out, max_shard_size=SHARD)
+    assert report.shards_resumed == 2 and tree_hash(out) == reference
+    assert (victim / "keep.txt").read_text() == "mine" and not leftovers(tmp_path)

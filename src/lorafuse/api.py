@@ -213,7 +213,9 @@ def _reusable_run(staging: Path, print_: str, resume: bool, shard_names: set[str
             raise LorafuseError(f"there is no unfinished run of this merge to resume ({staging} holds none); run without --resume")
         clear(staging)
         return ledger
-    clear(staging, keep={LEDGER, DOWNLOADS, *ledger.shards})
+    downloads = staging / DOWNLOADS  # the Hub client writes into it and lorafuse deletes from it: a real folder
+    kept = {DOWNLOADS} if downloads.is_dir() and not downloads.is_symlink() else set()
+    clear(staging, keep={LEDGER, *kept, *ledger.shards})
     return ledger
 
 
