@@ -32,7 +32,7 @@ from .formats.jsonfile import parse_json
 from .formats.folder import INDEX, SINGLE
 from .formats.safetensors import FLOAT_DTYPES, read_header, torch_dtype
 from .manifest import MANIFEST, identity, read_settings, sha256_file
-from .output import model_card
+from .output import model_card, written_files
 from .plan import CONV1D_MODULES, Plan, TensorPlan, make_plan, model_types
 from .quant import QuantizedTensor
 
@@ -232,9 +232,7 @@ def _check_layout(plan: Plan, headers: dict) -> list[str]:
 def _check_files(plan: Plan, out: Path, listed: dict) -> list[str]:
     """OUT holds exactly the files this merge writes, its config.json is the planned one (which decides
     tying, vocabulary size, quantization), and the carried files are those of base and adapter."""
-    written = {s.filename for s in plan.shards} | {"config.json", "README.md"} | {p.name for p in plan.carried}
-    if len(plan.shards) > 1:
-        written.add(INDEX)
+    written = {s.filename for s in plan.shards} | written_files(plan)
     problems = [f"{name} is listed in the manifest but this merge does not write it" for name in sorted(listed.keys() - written)]
     problems += [f"{name} is written by this merge but the manifest does not list it" for name in sorted(written - listed.keys())]
     if read_json_as(out / "config.json", lambda value: True) != plan.config:
