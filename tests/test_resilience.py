@@ -1255,3 +1255,20 @@ def test_a_link_at_the_downloads_folder_is_not_kept_on_resume(inputs, reference,
     report = lorafuse.merge(*inputs, out, max_shard_size=SHARD)
     assert report.shards_resumed == 2 and tree_hash(out) == reference
     assert (victim / "keep.txt").read_text() == "mine" and not leftovers(tmp_path)
+
+
+def test_a_mount_point_as_out_is_refused_before_any_work(inputs, tmp_path):
+    """An empty mount point at OUT with --force: the final rename failed as "busy" after the whole merge
+    (and the disk checked was the mount's, not the staging folder's)."""
+    out, mounted = tmp_path / "out", tmp_path / "mounted"
+    out.mkdir()
+    mounted.mkdir()
+    done = subprocess.run(["mount", "--bind", str(mounted), str(out)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"mount --bind is not allowed here: {done.stderr.strip()}")
+    try:
+        with pytest.raises(lorafuse.LorafuseError, match="is a mount point, which lorafuse cannot replace"):
+            lorafuse.merge(*inputs, out, force=True)
+        assert list(out.iterdir()) == [] and not leftovers(tmp_path)
+    finally:
+        subprocess.run(["umount", str(out)], check=True)

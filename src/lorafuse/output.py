@@ -12,6 +12,7 @@ import errno
 import fcntl
 import json
 import os
+import re
 import shutil
 import stat
 import tempfile
@@ -98,10 +99,28 @@ def clear(folder: Path, keep: set[str] | None = None) -> None:
 
 def _refuse_mounts(folder: Path) -> None:
     """rmtree goes into a file system mounted below the folder it deletes: what is mounted there is not ours."""
+    mounts = mount_points()
     for inside, folders, _ in os.walk(folder):
         for name in folders:
-            if os.path.ismount(os.path.join(inside, name)):
+            if is_mount_point(os.path.join(inside, name), mounts):
                 raise OSError(errno.EXDEV, f"{os.path.join(inside, name)} is a mount point")
+
+
+def mount_points() -> set[str]:
+    """The mount points the kernel lists for this process (Linux); empty where it lists none. A bind mount
+    of a folder of the same file system has the device of its parent, so os.path.ismount misses it."""
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return set()
+    # the fifth field; a space, tab, newline or backslash in it is written as an octal escape (\040)
+    return {re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), line.split()[4])
+            for line in lines if len(line.split()) > 4}
+
+
+def is_mount_point(path: str | Path, mounts: set[str] | None = None) -> bool:
+    return os.path.ismount(path) or os.path.realpath(path) in (mount_points() if mounts is None else mounts)
 
 
 def regular_file(path: Path) -> bool:
@@ -170,6 +189,9 @@ def check_target(out: Path, force: bool) -> tuple[int, int, int] | None:
                             "whole: name a folder, not a link")
     if out.exists() and not out.is_dir():
         raise LorafuseError(f"output path {out} exists and is not a folder; choose another output folder")
+    if out.is_dir() and is_mount_point(out):  # cannot be renamed or swapped, and its disk is not the staging folder's
+        raise LorafuseError(f"output folder {out} is a mount point, which lorafuse cannot replace (it moves the "
+                            "finished merge into place by renaming); name a new folder inside it or elsewhere")
     if out.is_dir():
         from .manifest import MANIFEST  # not at the top: manifest imports this module
 
