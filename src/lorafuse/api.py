@@ -18,8 +18,9 @@ from typing import Callable
 from .compute import needs_torch
 from .errors import InputError, LorafuseError, OutputComplete
 from .execute import disk_error, write_shards
+from .formats.folder import identity_of
 from .manifest import LEDGER, MANIFEST, Ledger, fingerprint, settings_record, write_manifest
-from .output import (MARKER, check_staged, check_target, claim_staging, clear, exclusive, identity_of, make_staging,
+from .output import (MARKER, check_staged, check_target, claim_staging, clear, exclusive, make_staging,
                      publish, regular_file, staging_folder, write_metadata, written_files)
 from .plan import Plan, existing_ancestor, make_plan, output_path
 from .publish import HubPublisher

@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 
 from .errors import LorafuseError
-from .formats.folder import INDEX
+from .formats.folder import INDEX, identity_of
 from .formats.jsonfile import read_json
 from .plan import Plan, work_path
 from .sources.hub import parse_spec
@@ -164,16 +164,6 @@ def exclusive(out: Path):
     finally:
         lock_path.unlink(missing_ok=True)
         os.close(fd)
-
-
-def identity_of(file: Path | int) -> tuple[int, int] | None:
-    """(device, inode) of an open descriptor, or of what a path names (a link itself, not its target);
-    None where the path names nothing."""
-    try:
-        st = os.fstat(file) if isinstance(file, int) else os.lstat(file)
-    except FileNotFoundError:
-        return None
-    return st.st_dev, st.st_ino
 
 
 def check_target(out: Path, force: bool) -> tuple[int, int, int] | None:

@@ -20,7 +20,7 @@ from huggingface_hub import split_state_dict_into_shards_factory
 from .adapters.peft import Adapter, check_untrained, open_adapter, patches_by_tensor
 from .compute import block_shape, in_rows, matrix_shape
 from .errors import LorafuseError
-from .formats.folder import TOKENIZER_FILE, is_weight_file
+from .formats.folder import TOKENIZER_FILE, identity_of, is_weight_file
 from .formats.safetensors import FLOAT_DTYPES, TensorSlot, dtype_size, layout, tensor_nbytes
 from .patches import LoRA, Patch, Replace, ReplaceRows
 from .quant import QuantizedTensor, logical_tensors
@@ -395,7 +395,8 @@ def output_path(out: str | os.PathLike) -> Path:
                             f"keeps its work next to it under a name {len('..lorafuse-partial')} bytes longer, and "
                             f"a name may have {NAME_MAX}; choose a shorter one")
     cwd = Path.cwd()
-    if _identity(path) in _identities_above(cwd) | {_identity(cwd)}:  # None, for a new folder, is in neither
+    here = _identities_above(cwd) | {identity_of(cwd, follow=True)}
+    if identity_of(path, follow=True) in here:  # None, for a new folder, is in neither
         where = "/, the root folder" if path.parent == path else f"{path}, the current folder or one above it"
         raise LorafuseError(f"the output path {text!r} is {where}; name a new folder (or an earlier merge) as OUT")
     return path
@@ -415,28 +416,19 @@ def _check_out(out: Path, base: Checkpoint, adapter: Adapter) -> None:
     inputs = [("base model folder", base.folder), ("adapter folder", adapter.folder)]
     inputs += [("base model file", p) for p in {*base.weight_files, *base.folder.iterdir()} - downloads]
     inputs += [("adapter file", p) for p in {adapter.weights_file, *adapter.folder.iterdir()}]
-    found = [(label, target, _identity(target), _identities_above(target)) for label, target in targets]
+    found = [(label, target, identity_of(target, follow=True), _identities_above(target)) for label, target in targets]
     for what, path in inputs:
-        file, above = _identity(path), _identities_above(path)
+        file, above = identity_of(path, follow=True), _identities_above(path)
         for label, target, target_file, target_above in found:
             if (target_file is not None and target_file in above | {file}) or file in target_above:
                 raise LorafuseError(f"{label} {target} overlaps the {what} {path.resolve()}; "
                                     "choose an output folder elsewhere")
 
 
-def _identity(path: Path) -> tuple[int, int] | None:
-    """(device, inode) of the file a path names, after links; None where it names nothing."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return st.st_dev, st.st_ino
-
-
 def _identities_above(path: Path) -> set[tuple[int, int]]:
     """The identities of the existing folders above a path, by every spelling of it: what contains it."""
     return {found for spelling in _spellings(path) for parent in spelling.parents
-            if (found := _identity(parent)) is not None}
+            if (found := identity_of(parent, follow=True)) is not None}
 
 
 def _spellings(path: Path) -> set[Path]:

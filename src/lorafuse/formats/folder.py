@@ -39,3 +39,17 @@ def not_a_file(path: str | os.PathLike) -> str | None:
         return None
     kinds = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"))
     return next((kind for test, kind in kinds if test(mode)), "a device") + ", not a file"
+
+
+def identity_of(file: int | str | os.PathLike, follow: bool = False) -> tuple[int, int] | None:
+    """(device, inode) of an open descriptor, or of what a path names: the link itself, or with `follow`
+    where links lead (then a circular or unreadable path names nothing either). None where it names nothing."""
+    try:
+        st = os.fstat(file) if isinstance(file, int) else os.stat(file) if follow else os.lstat(file)
+    except FileNotFoundError:
+        return None
+    except OSError:
+        if follow:
+            return None
+        raise
+    return st.st_dev, st.st_ino
