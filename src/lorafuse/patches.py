@@ -13,10 +13,11 @@ weight is then seen as a matrix, rows × the rest (a vector is one row).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Callable
 
 from .errors import LorafuseError
+from .formats.safetensors import dtype_size
 
 if TYPE_CHECKING:
     import numpy as np
@@ -37,6 +38,64 @@ def _mismatch(origin: str, what: str, got, want) -> LorafuseError:
         f"adapter tensor {origin} has shape {tuple(got)} but the base needs {tuple(want)} for {what}; "
         "was the adapter trained on a different base model?"
     )
+
+
+@dataclass(frozen=True)
+class SliceRef:
+    """Part of an adapter tensor, by basic indexing (an int drops its dimension, a slice keeps it, with a
+    step where PEFT interleaves experts): the factors of one expert, or of the part of a fused weight that
+    one checkpoint tensor holds (layouts.cut). A tensor in a file is read from the first row needed to the
+    last, so that an expert's factors cost about their own size, not all the experts'."""
+
+    ref: object
+    index: tuple  # one int or slice per dimension of `ref`
+
+    @property
+    def dtype(self) -> str:
+        return self.ref.dtype
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(len(range(*i.indices(n))) for i, n in zip(self.index, self.ref.shape) if isinstance(i, slice))
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * dtype_size(self.dtype)
+
+    @property
+    def read_bytes(self) -> int:
+        """Bytes read (and held while they are cut) to make it."""
+        return self._rows()[0].nbytes
+
+    def _rows(self) -> tuple[object, tuple]:
+        """What is read (the file's rows from the first needed to the last) and the index into it."""
+        first, rows = self.index[0], self.ref.shape[0]
+        if not hasattr(self.ref, "offset") or not rows:  # a tensor in memory (a pickle's) is cut as it is
+            return self.ref, self.index
+        if isinstance(first, int):
+            start, stop, inner = first, first + 1, 0
+        else:
+            start, stop, step = first.indices(rows)
+            if step != 1 or stop <= start:
+                return self.ref, self.index
+            inner = slice(None)
+        row = self.ref.nbytes // rows
+        part = replace(self.ref, offset=self.ref.offset + start * row, nbytes=(stop - start) * row,
+                       shape=(stop - start,) + tuple(self.ref.shape[1:]))
+        return part, (inner,) + tuple(self.index[1:])
+
+    def read(self) -> torch.Tensor:
+        part, index = self._rows()
+        return part.read()[index].contiguous()
+
+    def read_into(self, buf: bytearray | memoryview) -> bytearray | memoryview:
+        import numpy as np
+
+        part, index = self._rows()
+        size = dtype_size(self.dtype)
+        stored = np.frombuffer(part.read_into(bytearray(part.nbytes)), np.uint8).reshape(*part.shape, size)
+        memoryview(buf)[:] = np.ascontiguousarray(stored[index]).reshape(-1)
+        return buf
 
 
 @dataclass(frozen=True)
@@ -263,4 +322,76 @@ class ReplaceRows:
         return update
 
 
-Patch = Replace | LoRA | AddBias | ReplaceRows
+@dataclass(frozen=True)
+class ExpertLoRA:
+    """LoRA on a stack of experts stored as one 3-D tensor (PEFT's ParamWrapper, for target_parameters):
+    for expert e, A_e is lora_A's rows [e·r, (e+1)·r) and B_e lora_B's columns e, e+E, e+2E, ... (PEFT
+    reshapes lora_A (E·r, in) to (E, r, in) but lora_B (out, E·r) to (out, r, E)); W[e] += s·B_e@A_e where
+    the stack is (experts, out, in) (`out_in`), W[e] += s·(B_e@A_e)ᵀ where it is (experts, in, out)
+    (ParamWrapper.get_delta_weight's two einsums). A stack stored per expert is cut into plain LoRA
+    patches (layouts.cut); this one acts on a stack stored whole, an expert at a time."""
+
+    A: object
+    B: object
+    scale: float
+    experts: int
+    out_in: bool
+    origins: tuple[str, ...]
+    label = "expert_lora"
+    rowwise = True  # a row of the stack (seen as experts × the rest) is one expert
+
+    @property
+    def refs(self) -> tuple:
+        return (self.A, self.B)
+
+    @property
+    def rank(self) -> int:
+        return self.A.shape[0] // self.experts
+
+    def factors(self, e: int) -> tuple[tuple, tuple]:
+        """Indices of expert e's A (r × in) and B (out × r) in lora_A and lora_B."""
+        return (slice(e * self.rank, (e + 1) * self.rank), slice(None)), (slice(None), slice(e, None, self.experts))
+
+    def out_shape(self, shape: tuple[int, ...], name: str) -> tuple[int, ...]:
+        a, b = tuple(self.A.shape), tuple(self.B.shape)
+        want = None
+        if len(shape) == 3 and shape[0] == self.experts:
+            out, inp = (shape[1], shape[2]) if self.out_in else (shape[2], shape[1])
+            want = ((self.experts * self.rank, inp), (out, self.experts * self.rank))
+        if (a, b) != want or a[0] % self.experts:
+            raise LorafuseError(f"adapter tensors {self.origins[0]} {a} and {self.origins[1]} {b} do not make a delta "
+                                f"for the {self.experts} experts of {name} {tuple(shape)}; was the adapter trained on a "
+                                "different base model?")
+        return tuple(shape)
+
+    def apply(self, w: torch.Tensor) -> torch.Tensor:
+        A, B = _load(self.A, w), _load(self.B, w)
+        for e in range(self.experts):
+            a, b = self.factors(e)
+            if self.out_in:
+                w[e].addmm_(B[b], A[a], alpha=self.scale)
+            else:
+                w[e].addmm_(A[a].T, B[b].T, alpha=self.scale)
+        return w
+
+    def row_update(self, shape: tuple[int, ...]) -> RowUpdate:
+        """Row e of the stack (experts × the rest) is expert e's matrix, flattened."""
+        import numpy as np
+
+        from .compute.rows import fp32
+
+        A, B = fp32(self.A), fp32(self.B)
+        A *= np.float32(self.scale)
+        inner = shape[1:]
+
+        def update(block: np.ndarray, start: int, scratch: np.ndarray) -> None:
+            for i in range(len(block)):
+                a, b = self.factors(start + i)
+                left, right = (B[b], A[a]) if self.out_in else (A[a].T, B[b].T)
+                product = scratch[i].reshape(inner)
+                np.matmul(left, right, out=product)
+                block[i] += scratch[i]
+        return update
+
+
+Patch = Replace | LoRA | AddBias | ReplaceRows | ExpertLoRA

@@ -17,12 +17,13 @@ from pathlib import Path
 
 from huggingface_hub import split_state_dict_into_shards_factory
 
-from .adapters.peft import Adapter, check_untrained, open_adapter, patches_by_tensor
+from .adapters.peft import Adapter, check_untrained, open_adapter, patches_by_tensor, split_key, wrapper_owners
 from .compute import block_shape, in_rows, matrix_shape
 from .errors import LorafuseError
+from .layouts import cut
 from .formats.folder import TOKENIZER_FILE, identity_of, is_weight_file
 from .formats.safetensors import FLOAT_DTYPES, TensorSlot, dtype_size, layout, tensor_nbytes
-from .patches import LoRA, Patch, Replace, ReplaceRows
+from .patches import LoRA, Patch, Replace, ReplaceRows, SliceRef
 from .quant import QuantizedTensor, logical_tensors
 from .sources.hub import ADAPTER_CONFIG, base_from_adapter, parse_spec, resolve_adapter, resolve_model_lazily
 from .sources.local import Checkpoint, check_inside, open_model
@@ -119,16 +120,22 @@ class TensorPlan:
             return 0
         if in_rows(self, "cpu"):
             read, patches = self.computed_from
-            factors = 4 * sum(math.prod(r.shape) for p in patches for r in p.refs)
+            factors = sum(_factor_bytes(r) for p in patches for r in p.refs)
             wider = isinstance(read, QuantizedTensor) or dtype_size(self.dtype) > dtype_size(read.dtype)
             out = math.prod(self.shape) * dtype_size(self.dtype) if wider else 0
             cols = matrix_shape(self.shape)[1]
             rows, room = block_shape(cols, read.code_width if isinstance(read, QuantizedTensor) else 0)
             return read.nbytes + out + 2 * factors + 4 * (2 * rows * cols + room)
         numel = max(math.prod(self.shape), self.source.numel)
-        adapter = sum(math.prod(r.shape) for p in self.patches for r in p.refs)
+        adapter = sum(_factor_bytes(r) for p in self.patches for r in p.refs)
         quantizing = numel * 8 if self.to_nf4 else 0
-        return self.source.nbytes + numel * (4 + dtype_size(self.dtype)) + 4 * adapter + quantizing
+        return self.source.nbytes + numel * (4 + dtype_size(self.dtype)) + adapter + quantizing
+
+
+def _factor_bytes(ref) -> int:
+    """Memory for an adapter tensor while a tensor is made: its fp32 value, and for a part of one (an
+    expert's factors) the rows read to cut it from."""
+    return 4 * math.prod(ref.shape) + (ref.read_bytes if isinstance(ref, SliceRef) else 0)
 
 
 @dataclass(frozen=True)
@@ -259,16 +266,21 @@ def make_plan(base: str | os.PathLike | None, adapter: str | os.PathLike, out: s
     out_path = output_path(out) if out is not None else None
     if out_path is not None:
         _check_out(out_path, checkpoint, adapter_obj)
-    patches = patches_by_tensor(adapter_obj)
     config = dict(checkpoint.config)
     notes: list[str] = []
 
     sources, quant_method = logical_tensors(checkpoint.tensors, config)
-    names = _resolve_names(checkpoint, patches, adapter_obj)
+    owners = wrapper_owners(adapter_obj)
+    layout = _memory_layout(base_dir, sources, owners) if owners else None
+    patches = patches_by_tensor(adapter_obj, layout.parameters if layout else None)
+    oriented = {k: [_orient(p, k, config) for p in v] for k, v in patches.items()}
+    by_name, layout = _match_names(base_dir, sources, oriented, adapter_obj, layout)
+    if layout is not None and layout.used:
+        notes.append(f"the adapter is named after the model in memory: {layout.used} of its targets are mapped onto the "
+                     f"checkpoint's tensors by {layout.description}")
     base_quantization = config.pop("quantization_config", None)
     if quant_method and save_method == "merged_16bit":
         notes.append(f"the base is quantized ({quant_method}): its weights are dequantized and the output is 16-bit")
-    by_name = {names.get(k, k): [_orient(p, k, config) for p in v] for k, v in patches.items()}
     check_untrained(adapter_obj.config, sources, {k for k, v in by_name.items() if any(isinstance(p, LoRA) for p in v)})
     _untie(checkpoint, config, sources, by_name, notes)
 
@@ -436,35 +448,91 @@ def _spellings(path: Path) -> set[Path]:
     return {Path(os.path.abspath(path)), path.parent.resolve() / path.name, path.resolve()}
 
 
-def _resolve_names(checkpoint: Checkpoint, patches: dict, adapter: Adapter) -> dict[str, str]:
-    """Map model-side tensor names (as PEFT sees modules) to checkpoint names.
+def _memory_layout(folder: Path, sources: dict, modules: set[str] = frozenset()):
+    from .layouts import memory_layout
+
+    return memory_layout(folder, {k: tuple(ref.shape) for k, ref in sources.items()}, modules)
+
+
+def _match_names(folder: Path, sources: dict, patches: dict[str, list[Patch]], adapter: Adapter,
+                 layout) -> tuple[dict[str, list[Patch]], object]:
+    """The patches keyed by checkpoint tensor names instead of the model's (as PEFT sees modules).
 
     Usually they are equal. Some checkpoints omit the model's base prefix (`h.0...` for
-    GPT2LMHeadModel's `transformer.h.0...`): then one leading component is dropped, for all names.
-    Anything still unmatched is an error that names it: a delta is never silently dropped.
-    """
-    names = set(checkpoint.tensors)
-    mapping = {}
+    GPT2LMHeadModel's `transformer.h.0...`): then one leading component is dropped. Names still unmatched
+    are looked up in the in-memory layout transformers gives the checkpoint (layouts: renamed prefixes,
+    experts stored one by one), where each patch is cut into the stored pieces; transformers is imported
+    only then. Anything still unmatched is an error that names it and the closest checkpoint tensors:
+    a delta is never silently dropped. Returns the patches and the layout used (None: none needed)."""
+    names = set(sources)
+    found: dict[str, list[Patch]] = {}
     missing = []
-    for target in patches:
-        if target in names or target == HEAD:
-            mapping[target] = target
-            continue
-        head, _, rest = target.partition(".")
-        if rest in names:
-            mapping[target] = rest
+    for target, chain in patches.items():
+        rest = target.partition(".")[2]
+        if target in names or (target == HEAD and not _stored_head(names)):
+            found.setdefault(target, []).extend(chain)
+        elif rest in names:
+            found.setdefault(rest, []).extend(chain)
         else:
             missing.append(target)
-    unused = list(adapter.unused)
+    if missing and layout is None:
+        try:
+            layout = _memory_layout(folder, sources)
+        except LorafuseError as e:
+            why = str(e)
+        else:
+            why = None
+    unused, used = list(adapter.unused), 0
     for target in missing:
-        unused.extend(o for p in patches[target] for o in p.origins)
+        pieces = layout.pieces.get(target) if layout is not None else None
+        if pieces:
+            used += 1
+            for piece in pieces:
+                found.setdefault(piece.key, []).extend(cut(p, piece, layout.shapes[target], target) for p in patches[target])
+        elif target == HEAD:
+            found.setdefault(target, []).extend(patches[target])
+        elif layout is not None and any(alias in names for alias in layout.tied.get(target, ())):
+            raise LorafuseError(_tied_change(target, layout.tied[target], names, patches))
+        else:
+            unused.extend(o for p in patches[target] for o in p.origins)
+    if layout is not None:
+        layout = replace(layout, used=used)
     if unused:
-        shown = ", ".join(unused[:4]) + (f" and {len(unused) - 4} more" if len(unused) > 4 else "")
-        raise LorafuseError(
-            f"{len(unused)} adapter tensor(s) match nothing in the base model: {shown}; "
-            "was the adapter trained on a different base model or architecture?"
-        )
-    return mapping
+        raise LorafuseError(_unmatched(unused, sources, layout, why if missing and layout is None else None))
+    return found, layout
+
+
+def _tied_change(target: str, aliases: tuple[str, ...], names: set[str], patches: dict) -> str:
+    """Why a change to one of several tied tensors cannot be merged: the checkpoint stores them once (T5's
+    `shared` is also its encoder's and decoder's embed_tokens), PEFT changes each on its own path."""
+    stored = next(a for a in aliases if a in names)
+    changed = [a for a in aliases if a in patches]
+    left = [a for a in aliases if a not in patches and a != stored]
+    if len(changed) > 1:
+        why = f"the adapter changes {' and '.join(changed)} differently"
+    else:
+        why = f"the adapter changes {target} and leaves {', '.join(left)} alone"
+    return (f"{why}, but the checkpoint stores them as one tensor, {stored} (tied weights): one stored tensor cannot "
+            "hold different changes, so no exact merge exists; train the adapter without these modules (or with "
+            "modules_to_save), or untie the weights in the base model first")
+
+
+def _stored_head(names: set[str]) -> bool:
+    return any(n.endswith("." + HEAD) for n in names)
+
+
+def _unmatched(unused: list[str], sources: dict, layout, why: str | None) -> str:
+    """What cannot be matched, the stored tensors closest to the first of them, and what was tried."""
+    import difflib
+
+    shown = ", ".join(unused[:4]) + (f" and {len(unused) - 4} more" if len(unused) > 4 else "")
+    module = split_key(unused[0])[0]
+    close = difflib.get_close_matches(module, [n.rsplit(".", 1)[0] for n in sources], n=3, cutoff=0.5)
+    tried = "exact names, one leading component dropped"
+    tried += f", and {layout.description}" if layout is not None else f"; transformers' layout was not tried: {why}" if why else ""
+    nearest = f"; the closest checkpoint modules to {module} are {', '.join(close)}" if close else \
+        f"; no checkpoint module resembles {module}, so the adapter was likely trained on a different base model"
+    return f"{len(unused)} adapter tensor(s) match nothing in the base model: {shown}{nearest} (tried {tried})"
 
 
 def _orient(patch: Patch, target: str, config: dict) -> Patch:

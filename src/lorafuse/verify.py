@@ -33,6 +33,7 @@ from .formats.folder import INDEX, SINGLE
 from .formats.safetensors import FLOAT_DTYPES, read_header, torch_dtype
 from .manifest import MANIFEST, identity, read_settings, sha256_file
 from .output import model_card, written_files
+from .patches import AddBias, ExpertLoRA, LoRA, SliceRef
 from .plan import CONV1D_MODULES, Plan, TensorPlan, make_plan, model_types
 from .quant import QuantizedTensor
 
@@ -304,6 +305,9 @@ def _exact(plan: Plan, tensor: TensorPlan) -> torch.Tensor:
     w = src.dequantize().double() if isinstance(src, QuantizedTensor) else src.read().double()
     config = plan.adapter.config
     for patch in tensor.patches:
+        if isinstance(patch, ExpertLoRA) or any(isinstance(ref, SliceRef) for ref in patch.refs):
+            w = _from_parts(w, patch)
+            continue
         parts = {}
         for key in patch.origins:
             module, role = split_key(key)
@@ -325,6 +329,23 @@ def _exact(plan: Plan, tensor: TensorPlan) -> torch.Tensor:
         else:  # a whole saved tensor (modules_to_save, bias, a saved embedding) replaces the base's
             (w,) = parts.values()
     return w
+
+
+def _from_parts(w, patch) -> torch.Tensor:
+    """A patch on a tensor the checkpoint stores apart from the model's layout: a stack of experts stored
+    whole, by ParamWrapper.get_delta_weight's einsum; a piece of a model tensor (one expert, half of a
+    fused weight), from the parts of the adapter tensors the plan cut for it (layouts.cut)."""
+    if isinstance(patch, ExpertLoRA):
+        E = patch.experts
+        A = patch.A.read().double().reshape(E, -1, patch.A.shape[-1])
+        B = patch.B.read().double().reshape(patch.B.shape[0], -1, E)
+        return w + patch.scale * torch.einsum("o r e, e r i -> e o i" if patch.out_in else "o r e, e r i -> e i o", B, A)
+    if isinstance(patch, LoRA):
+        delta = patch.scale * (patch.B.read().double() @ patch.A.read().double())
+        return w + (delta.T if patch.transposed(tuple(w.shape)) else delta)
+    if isinstance(patch, AddBias):
+        return w + patch.scale * patch.bias.read().double()
+    return patch.source.read().double()  # Replace
 
 
 def _lora(w, A, B, scale: float, magnitude, conv1d: bool | None) -> torch.Tensor:

@@ -17,12 +17,12 @@ import warnings
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from ..errors import LorafuseError
 from ..formats.jsonfile import read_json
 from ..formats.safetensors import dtype_name, read_header
-from ..patches import AddBias, LoRA, Patch, Replace, ReplaceRows
+from ..patches import AddBias, ExpertLoRA, LoRA, Patch, Replace, ReplaceRows
 
 if TYPE_CHECKING:
     import torch
@@ -36,7 +36,6 @@ UNMERGEABLE_OPTIONS = {
     "layer_replication": "layer_replication shares layers between positions",
     "use_qalora": "QA-LoRA pools inputs group-wise",
     "alora_invocation_tokens": "activated LoRA applies only after its invocation tokens",
-    "target_parameters": "LoRA on raw parameters (target_parameters)",
     "use_bdlora": "block-diagonal LoRA (use_bdlora)",
     "arrow_config": "Arrow routing chooses experts per token",
     "monteclora_config": "MonteCLoRA samples its weights",
@@ -179,7 +178,7 @@ def _check_targeting(config: dict, where: Path) -> None:
     string or list). A missing target_modules makes PEFT pick modules by model type (LoraModel's
     _prepare_adapter_config), a table lorafuse does not copy; PEFT's save_pretrained always records them."""
     target = config.get("target_modules")
-    if target is None:
+    if target is None and not config.get("target_parameters"):
         raise LorafuseError(f"{where}: target_modules is not set, so PEFT would choose the modules by model type; "
                             "re-save the adapter with PEFT, which records them")
     for key, value in (("target_modules", target), ("exclude_modules", config.get("exclude_modules")),
@@ -258,7 +257,7 @@ def untargeted(config: dict, module: str, kind: str) -> str | None:
     for name in _saved_modules(config):
         if _match(rf"(^|.*\.){name}($|\..*)", name, "modules_to_save entry", module):
             return "it is in modules_to_save"
-    target = config["target_modules"]
+    target = _target_modules(config)
     if _all_linear(config):
         if kind != "linear":
             return f"target_modules is {ALL_LINEAR}, and it is no linear layer"
@@ -278,8 +277,14 @@ def untargeted(config: dict, module: str, kind: str) -> str | None:
     return None
 
 
+def _target_modules(config: dict) -> str | list[str]:
+    """target_modules; none with only target_parameters (PEFT then adapts no module as a whole)."""
+    target = config.get("target_modules")
+    return [] if target is None else target
+
+
 def _all_linear(config: dict) -> bool:
-    target = config["target_modules"]
+    target = _target_modules(config)
     return isinstance(target, str) and target.lower() == ALL_LINEAR
 
 
@@ -289,7 +294,7 @@ def _tied(config: dict, module: str) -> bool:
     EMBEDDING_LAYER_NAMES): PEFT adapts it, or ties it to the embedding's LoRA if the base ties them."""
     if not (config.get("ensure_weight_tying") and module.rpartition(".")[2] in EMBEDDING_LAYER_NAMES):
         return False
-    target = config["target_modules"]
+    target = _target_modules(config)
     if isinstance(target, str):
         return any(_match(target, target, "target_modules", name, full=True) for name in EMBEDDING_LAYER_NAMES)
     return any(name.split(".")[-1] in EMBEDDING_LAYER_NAMES for name in target)
@@ -417,23 +422,47 @@ def split_key(key: str) -> tuple[str, str]:
     return name, "tensor"
 
 
-def patches_by_tensor(adapter: Adapter) -> dict[str, list[Patch]]:
+# module path -> (its own parameters in registration order, is_transposed, their shapes), from the model
+# in memory (layouts.Layout); None for a module the model lacks
+Parameters = Callable[[str], "tuple[tuple[str, ...], bool, dict[str, tuple[int, ...]]] | None"]
+BASE_LAYER = ".base_layer"
+
+
+def wrapper_owners(adapter: Adapter) -> set[str]:
+    """The modules that may hold ParamWrappers (target_parameters): every module path with LoRA tensors,
+    its `.base_layer` suffixes (one per wrapper nested inside the outermost) taken off."""
+    if not adapter.config.get("target_parameters"):
+        return set()
+    return {_unwrapped(split_key(key)[0])[0] for key in adapter.tensors}
+
+
+def _unwrapped(module: str) -> tuple[str, int]:
+    depth = 0
+    while module.endswith(BASE_LAYER):
+        module, depth = module[: -len(BASE_LAYER)], depth + 1
+    return module, depth
+
+
+def patches_by_tensor(adapter: Adapter, parameters: Parameters | None = None) -> dict[str, list[Patch]]:
     """Group the adapter's tensors into patches keyed by the base tensor (in model naming) they change.
 
     Tensors that fit no patch are recorded in `adapter.unused`. Shape checks against the base happen in
-    the planner, which knows the base.
+    the planner, which knows the base. `parameters` describes the model's modules, for target_parameters.
     """
     config = adapter.config
     groups: dict[str, dict[str, tuple[str, object]]] = {}
     for key, ref in adapter.tensors.items():
         module, role = split_key(key)
         groups.setdefault(module, {})[role] = (key, ref)
-
-    _check_targets(config, groups)
     patches: dict[str, list[Patch]] = {}
 
     def add(target: str, patch: Patch) -> None:
         patches.setdefault(target, []).append(patch)
+
+    if config.get("target_parameters"):
+        for target, patch in _parameter_patches(config, groups, parameters):
+            add(target, patch)
+    _check_targets(config, groups)
 
     for module, roles in groups.items():
         if "tensor" in roles:  # modules_to_save or bias=all: `module` is the full tensor name here
@@ -479,6 +508,69 @@ def patches_by_tensor(adapter: Adapter) -> dict[str, list[Patch]]:
 
 
 LORA_ROLES = ("A", "B", "emb_A", "emb_B", "magnitude", "lora_bias")
+
+
+def _parameter_patches(config: dict, groups: dict[str, dict], parameters: Parameters) -> list[tuple[str, Patch]]:
+    """The patches of PEFT's ParamWrappers (target_parameters), taken out of `groups`.
+
+    PEFT wraps each targeted parameter of a module in turn, in the module's registration order (a
+    parameter is targeted when `module.param` is, or ends with `.`, one of target_parameters), each
+    wrapper around the previous one: the first is the innermost, saved under the most `.base_layer`s.
+    A 2-D parameter is a plain linear weight (out × in). A 3-D one is a stack of experts, (E, in, out) as
+    PEFT reads it unless the experts module is not `is_transposed`, which PEFT 0.19 and later read as
+    (E, out, in) (PEFT 0.18 did not swap them: `peft_version` in the config tells which wrote it)."""
+    if config.get("use_dora") or config.get("lora_bias") or config.get("fan_in_fan_out"):
+        raise LorafuseError("adapter_config.json: target_parameters with use_dora, lora_bias or fan_in_fan_out is not "
+                            "something PEFT's ParamWrapper accepts; re-save the adapter with PEFT")
+    targets = config["target_parameters"]
+    if not _names(targets):
+        raise LorafuseError(f"adapter_config.json: target_parameters must be a list of parameter names, got {_short(targets)}")
+    found = []
+    for module in list(groups):
+        roles = groups[module]
+        owner, depth = _unwrapped(module)
+        described = parameters(owner) if "A" in roles and "B" in roles else None
+        if described is None:
+            continue
+        names, is_transposed, shapes = described
+        wrapped = [p for p in names if any(f"{owner}.{p}" == t or f"{owner}.{p}".endswith(f".{t}") for t in targets)]
+        if not wrapped:
+            continue
+        if depth >= len(wrapped):
+            raise LorafuseError(f"adapter tensors of {module} sit {depth} wrapper(s) deep, but target_parameters "
+                                f"targets {len(wrapped)} parameter(s) of {owner}; re-save the adapter with PEFT")
+        groups.pop(module)
+        param = wrapped[len(wrapped) - 1 - depth]
+        target, shape = f"{owner}.{param}", shapes[param]
+        (a_key, A), (b_key, B) = roles.pop("A"), roles.pop("B")
+        if roles:
+            raise LorafuseError(f"adapter tensor {next(iter(roles.values()))[0]} does not belong with a LoRA on the "
+                                f"parameter {target}; re-save the adapter with PEFT")
+        _, scale = scaling(config, target)
+        if len(shape) == 2:
+            found.append((target, LoRA(A, B, scale, "linear", False, None, (a_key, b_key), layer_known=True)))
+        elif len(shape) == 3:
+            out_in = _experts_out_in(config, is_transposed, shape, A, target)
+            found.append((target, ExpertLoRA(A, B, scale, shape[0], out_in, (a_key, b_key))))
+        else:
+            raise LorafuseError(f"target_parameters names {target}, a {len(shape)}-D parameter; PEFT's ParamWrapper "
+                                "adapts 2-D and 3-D parameters only")
+    return found
+
+
+def _experts_out_in(config: dict, is_transposed: bool, shape: tuple[int, ...], A, target: str) -> bool:
+    """Whether PEFT read the expert stack `shape` as (E, out, in): never for an is_transposed module;
+    otherwise from PEFT 0.19 on, and for an adapter that does not say which PEFT wrote it, where lora_A's
+    input size says it (a stack of square experts cannot tell, and is refused)."""
+    if is_transposed:
+        return False
+    found = re.match(r"(\d+)\.(\d+)", str(config.get("peft_version") or ""))
+    if found:
+        return (int(found[1]), int(found[2])) >= (0, 19)
+    if shape[1] == shape[2]:
+        raise LorafuseError(f"adapter_config.json has no peft_version, and the experts of {target} are square, so "
+                            "which PEFT layout its LoRA has cannot be told; add the peft_version that saved it")
+    return A.shape[-1] == shape[2]
 
 
 def _check_targets(config: dict, groups: dict[str, dict]) -> None:

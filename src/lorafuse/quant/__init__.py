@@ -2,7 +2,9 @@
 
 `bnb` reads bitsandbytes 4-bit (NF4/FP4, optionally double-quantized) and LLM.int8 weights as
 transformers saves them; `fp8` reads block-scaled (DeepSeek-V3 / Qwen3-FP8 `weight_scale_inv`) and
-per-tensor or per-channel scaled (`weight_scale`) FP8 weights. Neither needs bitsandbytes or a GPU.
+per-tensor or per-channel scaled (`weight_scale`) FP8 weights; `mxfp4` reads gpt-oss's MXFP4 experts
+(`_blocks` and `_scales`), as the transposed 16-bit parameters transformers dequantizes them to. None
+needs bitsandbytes, triton or a GPU.
 A new format is one module with a `claim(tensors, config)` function, listed in FORMATS. Claiming reads
 headers and quant states without torch, so a quantized base plans (and copies its untouched tensors)
 while torch loads; the functions that compute import torch when called.
@@ -16,10 +18,11 @@ from ..errors import LorafuseError
 from .base import QuantizedTensor
 
 # quantization_config.quant_method -> the module that reads it, imported only for a quantized base
-FORMATS = {"bitsandbytes": "bnb", "fp8": "fp8", "fbgemm_fp8": "fp8", "compressed-tensors": "fp8"}
+FORMATS = {"bitsandbytes": "bnb", "fp8": "fp8", "fbgemm_fp8": "fp8", "compressed-tensors": "fp8", "mxfp4": "mxfp4"}
 # what the package offers from those modules, imported on first use
 EXPORTS = {"dequantize_4bit": "bnb", "dequantize_4bit_saved": "bnb", "dequantize_int8": "bnb", "parse_quant_state": "bnb",
-           "quantize_4bit": "bnb", "dequantize_fp8_block": "fp8", "dequantize_fp8_scaled": "fp8", "quantize_fp8_block": "fp8"}
+           "quantize_4bit": "bnb", "dequantize_fp8_block": "fp8", "dequantize_fp8_scaled": "fp8", "quantize_fp8_block": "fp8",
+           "dequantize_mxfp4": "mxfp4"}
 
 
 def __getattr__(name: str):
@@ -43,16 +46,19 @@ def logical_tensors(tensors: dict, config: dict) -> tuple[dict, str | None]:
     claimed = importlib.import_module(f".{FORMATS[method]}", __name__).claim(tensors, config)
     if not claimed:
         raise LorafuseError(
-            f"the base model is quantized with {method!r}, but in a layout lorafuse cannot read (no bitsandbytes "
-            "or FP8 weights found); pass the 16-bit model as BASE"
+            f"the base model is quantized with {method!r}, but in a layout lorafuse cannot read (no bitsandbytes, "
+            "FP8 or MXFP4 weights found); pass the 16-bit model as BASE"
         )
-    taken = {key for q in claimed.values() for key in q.keys}
+    owner = {key: name for name, q in claimed.items() for key in q.keys}
     logical = {}
     for key, ref in tensors.items():
         if key in claimed:
             logical[key] = claimed[key]
-        elif key not in taken:
+        elif key not in owner:
             logical[key] = ref
+        elif owner[key] not in tensors and owner[key] not in logical:
+            # stored only under other names (MXFP4's X_blocks and X_scales): where its first part is
+            logical[owner[key]] = claimed[owner[key]]
     return logical, method
 
 
@@ -64,6 +70,7 @@ __all__ = [
     "dequantize_int8",
     "dequantize_fp8_block",
     "dequantize_fp8_scaled",
+    "dequantize_mxfp4",
     "parse_quant_state",
     "quantize_4bit",
     "quantize_fp8_block",

@@ -95,10 +95,14 @@ class Lookup:
     4-bit weight's last block may hold padding).
     """
 
-    codes: torch.Tensor  # 2-D uint8
+    codes: torch.Tensor  # 2-D uint8 (with `arrange`: their bytes in the stored order, which sets the shape)
     table: torch.Tensor  # 256 entries: float32, or int64 holding a 4-bit byte's two float32 values
     scale: Callable[[int, int, torch.Tensor], object]
     shape: tuple[int, ...]
+    # arrange(start, stop): code rows [start, stop), where the stored bytes are in another order than the
+    # weight's values (MXFP4 stores each expert's matrix transposed). Made a step at a time, so the
+    # rearranged codes never exist whole.
+    arrange: Callable[[int, int], torch.Tensor] | None = None
 
     @property
     def width(self) -> int:
@@ -127,7 +131,8 @@ class Lookup:
         for row in range(first, end, step):
             last = min(end, row + step)
             into = decoded[row - first:last - first]
-            torch.index_select(self.table, 0, self.codes[row:last].reshape(-1).int(), out=into.view(-1))
+            codes = self.arrange(row, last) if self.arrange else self.codes[row:last]
+            torch.index_select(self.table, 0, codes.reshape(-1).int(), out=into.view(-1))
             self.scale(row, last, into)
         return decoded.view(torch.float32).reshape(-1)[: stop - start]
 
