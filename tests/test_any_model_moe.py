@@ -669,3 +669,154 @@ def test_t5_attention_lora_merges_exactly(artefacts, tmp_path):
                  LOGIT_RTOL["fp32"])
     changed = [k for k in want if not torch.equal(got[k], want[k])]
     assert changed and all(re.search(r"\.(q|v)\.weight$", k) for k in changed), changed
+
+
+# --- 7: a bitsandbytes 4-bit (NF4) MoE base with expert LoRA ------------------------------------------------
+#
+# As test_quantized_bases.bnb_checkpoint: transformers quantizes the bf16 model on the CPU and save_pretrained
+# writes it; PEFT puts the adapter on the model transformers + bitsandbytes load (target_parameters included:
+# PEFT 0.21 wraps the fused expert parameters of a bnb-loaded model as of a 16-bit one). What transformers writes:
+# bitsandbytes replaces nn.Linear modules only, so q/k/v/o_proj are NF4 (packed uint8 `weight` with absmax,
+# nested_absmax, quant_map, nested_quant_map and quant_state.bitsandbytes__nf4); the experts, 3-D nn.Parameters
+# of the fused experts module, stay bf16 and are written per expert as the 16-bit model's are; the router,
+# embeddings, norms and lm_head stay bf16 too. The oracle is PEFT, unmerged, on the model transformers +
+# bitsandbytes load from the 4-bit checkpoint, with bitsandbytes computing in fp32 on exactly its dequantized
+# weights (test_quantized_bases.bnb_model).
+
+from test_quantized_bases import FP32_NOISE as Q_FP32_NOISE  # noqa: E402
+from test_quantized_bases import assert_rounded_once, bnb_dequantized, bnb_model, needs_bnb, same_bits  # noqa: E402
+
+# hidden_size a multiple of 64 (the attention weights' last dimension): bnb's AVX-512 dequantize kernel, the
+# oracle, mis-indexes other last dims (test_quant_kernels.avx512_misindexes). The experts stay 16-bit, so they
+# keep I != H (48 vs 64): an expert's delta written transposed cannot pass.
+_Q4_ATTENTION = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+MOE_CONFIGS.update(qwen3_moe_q4=dict(MOE_CONFIGS["qwen3_moe"], **_Q4_ATTENTION),
+                   mixtral_q4=dict(MOE_CONFIGS["mixtral"], intermediate_size=48, **_Q4_ATTENTION))
+CONFIG_CLASSES.update(qwen3_moe_q4="Qwen3MoeConfig", mixtral_q4="MixtralConfig")
+NUM_EXPERTS.update(qwen3_moe_q4=4, mixtral_q4=4)
+Q4_KWARGS = dict(load_in_4bit=True, bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_type="nf4",
+                 bnb_4bit_use_double_quant=True)
+Q4_LORA = lora(target_modules=["q_proj", "v_proj"], target_parameters=BOTH)
+ATTENTION = re.compile(r"model\.layers\.\d+\.self_attn\.(q|k|v|o)_proj\.weight")
+
+
+def q4_moe(artefacts, kind: str) -> tuple[Path, Path, Path]:
+    """(bf16 model, its NF4 checkpoint, PEFT's adapter made on the model transformers loads from the NF4 one)."""
+    from peft import LoraConfig
+
+    def build(folder: Path) -> Path:
+        import transformers as tf
+
+        quiet()
+        model = tf.AutoModelForCausalLM.from_pretrained(
+            moe_base(artefacts, kind, "bf16"), quantization_config=tf.BitsAndBytesConfig(**Q4_KWARGS),
+            device_map="cpu", dtype=torch.bfloat16)
+        model.save_pretrained(folder / "base")
+        make_adapter(folder / "base", folder / "adapter", LoraConfig(**Q4_LORA), model=model)
+        return folder
+
+    folder = artefacts.get(("moe-nf4", kind), build)
+    return moe_base(artefacts, kind, "bf16"), folder / "base", folder / "adapter"
+
+
+@pytest.fixture(scope="module", params=["qwen3_moe_q4", "mixtral_q4"], ids=["qwen3_moe", "mixtral"])
+def q4(request, artefacts, tmp_path_factory):
+    plain, base, adapter = q4_moe(artefacts, request.param)
+    work = tmp_path_factory.mktemp(f"moe-nf4-{request.param}")
+    return plain, base, adapter, merged(base, adapter, work / "merged"), work
+
+
+@needs_bnb
+def test_nf4_moe_checkpoint_has_4bit_attention_and_16bit_per_expert_experts(q4):
+    """Guard on the inputs: on disk the attention weights are NF4, every other tensor (the experts per expert
+    included) is the bf16 model's, byte for byte; the adapter has LoRA on the fused experts and on q/v; the plan
+    dequantizes the attention weights (bnb-nf4) and reads the experts as they are."""
+    from lorafuse.quant import QuantizedTensor
+
+    plain, base, adapter, _, _ = q4
+    stored, sixteen = read_tensors(base), read_tensors(plain)
+    assert read_config(base)["quantization_config"]["bnb_4bit_quant_type"] == "nf4"
+    quantized = {k for k in sixteen if ATTENTION.fullmatch(k)}
+    assert quantized and all(stored[k].dtype == torch.uint8 for k in quantized)
+    assert all(k + ".quant_state.bitsandbytes__nf4" in stored and k + ".absmax" in stored for k in quantized)
+    assert all(same_bytes(stored[k], sixteen[k]) for k in sixteen.keys() - quantized)
+    assert len(expert_pieces(stored)) == 2 * NUM_EXPERTS["qwen3_moe_q4"] * 3  # layers x experts x gate/up/down
+    keys = read_adapter(adapter)
+    assert any(".mlp.experts.base_layer.lora_A." in k for k in keys) and any(".mlp.experts.lora_B." in k for k in keys)
+    assert any(".self_attn.q_proj.lora_A." in k for k in keys) and any(".self_attn.v_proj.lora_B." in k for k in keys)
+    methods = {t.name: t.source.method for t in lorafuse.plan(base, adapter).tensors
+               if isinstance(t.source, QuantizedTensor)}
+    assert methods == dict.fromkeys(quantized, "bnb-nf4")
+
+
+@needs_bnb
+def test_nf4_moe_output_is_a_plain_16bit_model(q4):
+    """(a) The bf16 model's tensors, names and shapes (experts per expert), all bf16, no bnb statistics; no
+    quantization_config; transformers loads it with no missing or unexpected keys."""
+    plain, _, _, out, _ = q4
+    got, want = read_tensors(out), read_tensors(plain)
+    assert got.keys() == want.keys(), (sorted(got.keys() - want.keys())[:5], sorted(want.keys() - got.keys())[:5])
+    assert all(got[k].shape == want[k].shape and got[k].dtype == torch.bfloat16 for k in want)
+    assert "quantization_config" not in read_config(out)
+    _, info = load_model(out, torch.float32, info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+
+
+@needs_bnb
+def test_nf4_moe_logits_match_peft_on_the_4bit_base(q4):
+    """(b) OUT computes what the NF4 base + adapter compute, unmerged, in PEFT (bitsandbytes in fp32 on its
+    exact dequantization), within the 16-bit tolerance test_quantized_bases allows for 4-bit bases."""
+    _, base, adapter, out, _ = q4
+    ids = input_ids()
+    want = logits(bnb_model(base, adapter, exact=True), ids)
+    check_logits(want, logits(load_model(out), ids), logits(bnb_model(base, None, exact=True), ids),
+                 LOGIT_RTOL["bf16"])
+
+
+@needs_bnb
+def test_nf4_moe_weights_are_the_dequantized_base_plus_delta_rounded_once(q4):
+    """(c) Against PEFT's float64 merge on the bf16 model with bitsandbytes' dequantization of the NF4 weights
+    (saved in the disk layout by save_pretrained): each tensor PEFT changes (q/v and every expert) is that,
+    rounded once to bf16; untouched NF4 weights (k/o) are bnb's own bf16 dequantization bit for bit; the rest
+    are the base's bytes. (d) Every expert's gate/up/down changed."""
+    from peft import PeftModel
+
+    plain, base, adapter, out, work = q4
+    dequantized = bnb_dequantized(base, torch.bfloat16)
+    assert dequantized.keys() == {k for k in read_tensors(plain) if ATTENTION.fullmatch(k)}
+    model = load_model(plain, torch.float64)
+    with torch.no_grad():
+        for name, (w, _) in dequantized.items():
+            model.get_parameter(name).copy_(w)
+    exact = saved_merge(PeftModel.from_pretrained(model, adapter).merge_and_unload(), work / "exact")
+    stored, got = read_tensors(base), read_tensors(out)
+    assert got.keys() == exact.keys()
+    changed, untouched, experts = 0, 0, set(k[2] for k in expert_pieces(got))
+    for name, value in got.items():
+        before = dequantized[name][0] if name in dequantized else stored[name]
+        truth = exact[name]
+        if torch.equal(truth, before.double()):
+            if name in dequantized:
+                assert same_bits(value, dequantized[name][1]), f"{name} is not bnb's dequantization"
+                untouched += 1
+            else:
+                assert same_bytes(value, stored[name]), f"{name} is not copied unchanged"
+            continue
+        assert name in dequantized or name in experts, f"the adapter changes {name}"
+        noise = Q_FP32_NOISE * (before.double().abs() + (truth - before.double()).abs().max())
+        assert_rounded_once(name, value, truth, noise)
+        changed += 1
+    assert untouched == changed - len(experts) == 2 * 2  # k/o untouched, q/v merged, in both layers
+    assert check_every_expert(got, stored, {"gate_up_proj", "down_proj"}) == len(experts)
+
+
+@needs_bnb
+def test_nf4_moe_verify_recomputes_every_tensor(q4, capsys):
+    """`lorafuse verify OUT --base --adapter --sample all` recomputes every merged tensor from the NF4 base."""
+    from lorafuse.cli import main
+
+    _, base, adapter, out, _ = q4
+    assert main(["verify", str(out), "--base", str(base), "--adapter", str(adapter), "--sample", "all"]) == 0, \
+        capsys.readouterr()
+    printed = capsys.readouterr().out
+    assert re.search(r"(\d+) of \1 merged tensors recomputed", printed), printed
