@@ -529,14 +529,15 @@ def test_moe_merge_memory_is_a_few_expert_tensors(artefacts, tmp_path, monkeypat
     test does) so that their fixed size does not hide the rest."""
     from peft import LoraConfig
 
-    from lorafuse import compute
+    from lorafuse import costs
+    from lorafuse.formats import arrays
     from lorafuse.compute import rows
 
     base = moe_base(artefacts, "mixtral_wide")
     adapter = artefacts.get("moe-wide-adapter", lambda d: make_adapter(
         base, d, LoraConfig(**lora(r=8, target_parameters=BOTH, target_modules=["q_proj"]))))
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(2)))  # 2 cores: 2 tensors in flight
-    monkeypatch.setattr(compute, "BLOCK_VALUES", 256)
+    monkeypatch.setattr(costs, "BLOCK_VALUES", 256)
     stored = read_tensors(base)
     experts = expert_pieces(stored)
     expert_bytes = max(t.numel() * 4 for t in experts.values())  # one per-expert tensor, in fp32
@@ -545,7 +546,7 @@ def test_moe_merge_memory_is_a_few_expert_tensors(artefacts, tmp_path, monkeypat
 
     taken: dict[str, dict[str, int]] = {}
     current = threading.local()
-    real_get, real_fp32, real_output_bytes = rows.Buffers.get, rows.fp32, rows.Producer.output_bytes
+    real_get, real_fp32, real_output_bytes = rows.Buffers.get, arrays.fp32, rows.Producer.output_bytes
 
     def get(self, role, nbytes):
         mine = taken[current.name]
@@ -562,7 +563,7 @@ def test_moe_merge_memory_is_a_few_expert_tensors(artefacts, tmp_path, monkeypat
         return real_output_bytes(self, tensor, *args)
 
     monkeypatch.setattr(rows.Buffers, "get", get)
-    monkeypatch.setattr(rows, "fp32", fp32)
+    monkeypatch.setattr(arrays, "fp32", fp32)
     monkeypatch.setattr(rows.Producer, "output_bytes", output_bytes)
     try:
         lorafuse.merge(base, adapter, tmp_path / "out")

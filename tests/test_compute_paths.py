@@ -17,8 +17,10 @@ import pytest
 import torch
 
 import lorafuse
-from lorafuse import compute
-from lorafuse.compute import needs_torch, rows, tensors, threads_per_worker
+from lorafuse import costs
+from lorafuse.formats import arrays
+from lorafuse.compute import rows, tensors
+from lorafuse.costs import needs_torch, threads_per_worker
 from conftest import MERGE_DEVICES, read_tensors
 from test_merge_vs_peft import TENSOR_SLACK, VARIANTS, get_adapter
 
@@ -46,7 +48,7 @@ def edge_values() -> np.ndarray:
 def test_rounding_matches_torch_bit_for_bit(dtype):
     """narrow() rounds fp32 to 16 bits as torch does: ties to even, overflow to inf, subnormals, -0."""
     values = edge_values()
-    out = np.empty(values.shape, dtype=rows.STORED[dtype])
+    out = np.empty(values.shape, dtype=arrays.STORED[dtype])
     with np.errstate(over="ignore"):  # overflow to inf is one of the cases
         rows.narrow(values, out)
     want = torch.from_numpy(values).to(TORCH_OF[dtype]).view(torch.int16).numpy().view(np.uint16)
@@ -56,7 +58,7 @@ def test_rounding_matches_torch_bit_for_bit(dtype):
 
 @pytest.mark.parametrize("dtype", ["BF16", "F16"])
 def test_widening_is_exact(dtype):
-    stored = np.arange(1 << 16, dtype=np.uint16).view(rows.STORED[dtype])  # every 16-bit value
+    stored = np.arange(1 << 16, dtype=np.uint16).view(arrays.STORED[dtype])  # every 16-bit value
     got = np.empty(stored.shape, dtype=np.float32)
     rows.widen(stored, got)
     want = torch.from_numpy(stored.view(np.int16)).view(TORCH_OF[dtype]).float().numpy()
@@ -132,7 +134,7 @@ def test_numpy_and_torch_paths_agree(variant, dtype, block_values, device, tiny_
     blocks of 97 values (one to three rows), each block starts at another row. On a GPU (device cuda) the
     torch path's arithmetic runs there, and is held to the same bounds."""
     if block_values:
-        monkeypatch.setattr(compute, "BLOCK_VALUES", block_values)
+        monkeypatch.setattr(costs, "BLOCK_VALUES", block_values)
     plan = lorafuse.plan(tiny_base(variant.model, dtype), adapter_of(variant.id))
     produced = [t for t in plan.tensors if not t.is_copy]
     assert produced and not any(needs_torch(t, "cpu") for t in produced)

@@ -314,11 +314,11 @@ def test_the_numpy_path_decodes_one_expert_a_block(artefacts, tmp_path, monkeypa
     matrix to it): each expert tensor's fp32 block holds one expert, no fp32 copy of a whole tensor is
     made, everything it takes stays within its planned work_bytes, and OUT is the bytes of the default
     blocks."""
-    from lorafuse import compute
+    from lorafuse import costs
     from lorafuse.compute import rows
 
     base, adapter = mxfp4_base(artefacts), mxfp4_adapter(artefacts)
-    monkeypatch.setattr(compute, "BLOCK_VALUES", 1)
+    monkeypatch.setattr(costs, "BLOCK_VALUES", 1)
     taken: dict[str, dict[str, int]] = {}
     current = threading.local()
     real_get, real_output_bytes = rows.Buffers.get, rows.Producer.output_bytes

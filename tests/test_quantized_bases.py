@@ -665,15 +665,16 @@ def test_the_planned_memory_bounds_what_each_tensor_takes(variant, block_values,
     buffers and fp32 adapter factors, also where a quantized weight's blocks of codes span rows (its
     blocks of rows then start every few rows, and hold more of them); and blocks of a few rows (97 values)
     give the bits that one block gives."""
-    from lorafuse import compute
+    from lorafuse import costs
+    from lorafuse.formats import arrays
     from lorafuse.compute import rows
 
     base, adapter = quantized_checkpoint(artefacts, variant)
     if block_values:
-        monkeypatch.setattr(compute, "BLOCK_VALUES", block_values)
+        monkeypatch.setattr(costs, "BLOCK_VALUES", block_values)
     taken: dict[str, dict[str, int]] = {}  # tensor -> what it took: buffer role or factor -> bytes
     current = threading.local()
-    real_get, real_fp32, real_output_bytes = rows.Buffers.get, rows.fp32, rows.Producer.output_bytes
+    real_get, real_fp32, real_output_bytes = rows.Buffers.get, arrays.fp32, rows.Producer.output_bytes
 
     def get(self, role, nbytes):
         mine = taken[current.name]
@@ -690,7 +691,7 @@ def test_the_planned_memory_bounds_what_each_tensor_takes(variant, block_values,
         return real_output_bytes(self, tensor, *args)
 
     monkeypatch.setattr(rows.Buffers, "get", get)
-    monkeypatch.setattr(rows, "fp32", fp32)
+    monkeypatch.setattr(arrays, "fp32", fp32)
     monkeypatch.setattr(rows.Producer, "output_bytes", output_bytes)
     lorafuse.merge(base, adapter, tmp_path / "out")
     planned = {t.name: t.work_bytes for t in lorafuse.plan(base, adapter).tensors}

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
-from .compute import needs_torch
+from .costs import needs_torch
 from .errors import InputError, LorafuseError, OutputComplete
 from .execute import disk_error, write_shards
 from .formats.folder import identity_of

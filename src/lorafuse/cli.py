@@ -13,7 +13,7 @@ import sys
 import traceback
 import unicodedata
 
-from . import __version__
+from .version import __version__
 from .api import merge, plan, room_problem
 from .errors import LorafuseError, OutputComplete
 from .plan import describe

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
-from . import compute
+from . import compute, costs
 from .errors import InputError, LorafuseError
 from .formats.safetensors import TensorSlot
 from .manifest import HASH_CHUNK, Ledger
@@ -107,7 +107,7 @@ def write_shards(plan: Plan, folder: Path, device: str, ledger: Ledger,
     needs = [shard.tensors[i].downloads for shard, i in order]
     downloads = Downloads(needs, hold, before_delete=lambda f: sources.close_file(f.path)) if downloading else None
     producers = {}  # needs torch -> the path's Producer, made when the first tensor that takes it comes up
-    threads = compute.threads_per_worker(plan.tensors, device, usable_cores(), plan.depth)
+    threads = costs.threads_per_worker(plan.tensors, device, usable_cores(), plan.depth)
     thread_limits = contextlib.ExitStack()
     handed_over = threading.Condition()  # a shard finished and passed to on_shard_done
     unfinished: set[str] = set()  # shards opened and not handed over yet
@@ -227,7 +227,7 @@ def write_shards(plan: Plan, folder: Path, device: str, ledger: Ledger,
 
     def producer_for(tensor: TensorPlan):
         """The Producer of the tensor's path, made the first time the path comes up (torch's waits for the import)."""
-        torch_needed = compute.needs_torch(tensor, device)
+        torch_needed = costs.needs_torch(tensor, device)
         if torch_needed not in producers:
             producers[torch_needed] = compute.producer(torch_needed, device)
             thread_limits.enter_context(producers[torch_needed].intra_op_threads(threads))

@@ -17,7 +17,7 @@ import stat
 import threading
 from pathlib import Path
 
-from . import __version__ as VERSION
+from .version import __version__ as VERSION
 from .errors import LorafuseError
 from .formats.jsonfile import parse_json
 from .output import create, fsync_path

@@ -221,7 +221,7 @@ class LoRA:
         """W[rows] += (s·B)[rows] @ A, or (s·Aᵀ)[rows] @ Bᵀ when W is stored input-major."""
         import numpy as np
 
-        from .compute.rows import fp32
+        from .formats.arrays import fp32
 
         A, B = fp32(self.A), fp32(self.B)
         A, B = A.reshape(A.shape[0], -1), B.reshape(B.shape[0], -1)  # a convolution's kernel joins its inputs
@@ -266,7 +266,7 @@ class AddBias:
     def row_update(self, shape: tuple[int, ...]) -> RowUpdate:
         import numpy as np
 
-        from .compute.rows import fp32
+        from .formats.arrays import fp32
 
         delta = fp32(self.bias).reshape(1, -1) * np.float32(self.scale)  # a vector: one row
 
@@ -311,7 +311,7 @@ class ReplaceRows:
     def row_update(self, shape: tuple[int, ...]) -> RowUpdate:
         import numpy as np
 
-        from .compute.rows import fp32
+        from .formats.arrays import fp32
 
         rows = fp32(self.rows).reshape(len(self.indices), math.prod(shape[1:]))
         index = np.asarray(self.indices, dtype=np.intp)
@@ -378,7 +378,7 @@ class ExpertLoRA:
         """Row e of the stack (experts × the rest) is expert e's matrix, flattened."""
         import numpy as np
 
-        from .compute.rows import fp32
+        from .formats.arrays import fp32
 
         A, B = fp32(self.A), fp32(self.B)
         A *= np.float32(self.scale)

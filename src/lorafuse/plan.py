@@ -18,7 +18,7 @@ from pathlib import Path
 from huggingface_hub import split_state_dict_into_shards_factory
 
 from .adapters.peft import Adapter, check_untrained, open_adapter, patches_by_tensor, split_key, wrapper_owners
-from .compute import block_shape, in_rows, matrix_shape
+from .costs import block_shape, in_rows, matrix_shape
 from .errors import LorafuseError
 from .layouts import cut
 from .formats.folder import TOKENIZER_FILE, identity_of, is_weight_file
@@ -451,6 +451,11 @@ def _spellings(path: Path) -> set[Path]:
 def _memory_layout(folder: Path, sources: dict, modules: set[str] = frozenset()):
     from .layouts import memory_layout
 
+    import importlib.util
+
+    if importlib.util.find_spec("transformers") is None:
+        raise LorafuseError("the adapter is named after the model in memory, not after the checkpoint's tensors, and "
+                            "mapping one onto the other needs transformers: pip install transformers") from None
     return memory_layout(folder, {k: tuple(ref.shape) for k, ref in sources.items()}, modules)
 
 

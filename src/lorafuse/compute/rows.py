@@ -15,15 +15,19 @@ import math
 import threading
 from typing import Callable
 
-import ml_dtypes
+from typing import TYPE_CHECKING
+
 import numpy as np
 
-from ..formats.safetensors import TensorRef, TensorSlot, dtype_size, read_exact
-from ..plan import TensorPlan
+from ..costs import block_shape, matrix_shape
+from ..formats.arrays import STORED
+from ..formats.safetensors import TensorSlot, dtype_size, read_exact
 from ..quant import QuantizedTensor
-from . import Write, block_shape, matrix_shape, not_finite, overflows
+from . import Write, non_finite_error, overflow_error
 
-STORED = {"BF16": ml_dtypes.bfloat16, "F16": np.float16, "F32": np.float32}  # the numpy type of the bytes
+if TYPE_CHECKING:
+    from ..plan import TensorPlan
+
 BF16_NAN = 0x7FC0  # the one NaN written (torch writes it or 0xFFFF, by kernel; ml_dtypes keeps the sign)
 
 
@@ -134,12 +138,12 @@ class Producer:
             update(block, start, scratch)
         finite = math.isfinite(float(block.sum())) or bool(np.isfinite(block).all())
         if not finite and tensor.patches:
-            raise not_finite(tensor)
+            raise non_finite_error(tensor)
         narrow(block, out)
         if not finite and tensor.dtype == "BF16":
             out.view(np.uint16)[np.isnan(block)] = BF16_NAN
         if tensor.dtype == "F16" and finite and not np.isfinite(out).all():
-            raise overflows(tensor, float(np.abs(block).max()))
+            raise overflow_error(tensor, float(np.abs(block).max()))
 
 
 def widen(stored: np.ndarray, out: np.ndarray) -> None:
@@ -153,7 +157,3 @@ def narrow(values: np.ndarray, out: np.ndarray) -> None:
     np.copyto(out, values, casting="unsafe")
 
 
-def fp32(ref: TensorRef) -> np.ndarray:
-    """An adapter tensor read as fp32, in its own memory."""
-    stored = np.frombuffer(ref.read_into(bytearray(ref.nbytes)), dtype=STORED[ref.dtype]).reshape(ref.shape)
-    return stored.astype(np.float32)

@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
 from ..formats.safetensors import TensorSlot, dtype_size, read_exact, torch_dtype
-from ..plan import TensorPlan
 from ..quant import QuantizedTensor
-from . import Write, in_rows, not_finite, overflows, rows
+from ..costs import in_rows
+from . import Write, non_finite_error, overflow_error, rows
+
+if TYPE_CHECKING:
+    from ..plan import TensorPlan
 
 
 class Producer:
@@ -77,7 +80,7 @@ def _produce(tensor: TensorPlan, source: torch.Tensor, buffer: Callable[[str, in
         for patch in tensor.patches:
             value = patch.apply(value)
         if not all_finite(value):
-            raise not_finite(tensor)
+            raise non_finite_error(tensor)
     if value.dtype == out_dtype and value.device.type == "cpu":
         out = value
     else:
@@ -88,7 +91,7 @@ def _produce(tensor: TensorPlan, source: torch.Tensor, buffer: Callable[[str, in
         rounded = value if value.device.type == "cpu" else value.to(out_dtype)  # on the GPU, as above
         out = buffer(role, nbytes).view(out_dtype).view(value.shape).copy_(rounded)
     if out_dtype == torch.float16 and not all_finite(out) and all_finite(value):
-        raise overflows(tensor, value.abs().max().item())
+        raise overflow_error(tensor, value.abs().max().item())
     return out
 
 

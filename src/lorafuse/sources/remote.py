@@ -54,7 +54,7 @@ class RemoteFile:
         """Fetch the file with huggingface_hub and check it is the file that was planned."""
         from huggingface_hub import hf_hub_download
 
-        from .hub import call_hub
+        from .hub_calls import call_hub
 
         where = {"local_dir": self.scratch} if self.scratch is not None else {}
         got = Path(call_hub(lambda: hf_hub_download(self.repo_id, self.filename, revision=self.commit, **where),
@@ -76,7 +76,7 @@ class RemoteFile:
         from huggingface_hub import constants, hf_hub_url
         from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
 
-        from .hub import call_hub, hub_timeout
+        from .hub_calls import call_hub, hub_timeout
 
         url = hf_hub_url(self.repo_id, self.filename, revision=self.commit)
 
