@@ -46,7 +46,7 @@ def test_conv_lora_matches_peft(tmp_path):
     merged = read_tensors(tmp_path / "out")
     for key, value in merged_by_peft.items():
         torch.testing.assert_close(merged[key], value, rtol=1e-5, atol=1e-6)
-    from lorafuse.verify import verify
+    from lorafuse.tools.verify import verify
 
     assert verify(tmp_path / "out", tmp_path / "base", tmp_path / "adapter") == []
     net2 = Net()

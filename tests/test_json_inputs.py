@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 import lorafuse
 from lorafuse.adapters.peft import pattern_value, untargeted
-from lorafuse.verify import verify
+from lorafuse.tools.verify import verify
 
 INDEX = "model.safetensors.index.json"
 DEEP = "[" * 100_000 + "]" * 100_000

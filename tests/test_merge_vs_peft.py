@@ -325,7 +325,7 @@ def test_merged_tensors_at_least_as_accurate_as_peft_merge(case):
 def test_verify_recomputes_every_merged_tensor(case):
     """`lorafuse verify --base --adapter`, whose float64 recomputation shares no arithmetic with the merge,
     agrees with every tensor of an output (a)-(c) hold for: its formulas are PEFT's for each variant."""
-    from lorafuse.verify import verify
+    from lorafuse.tools.verify import verify
 
     assert verify(case.out, case.base, case.adapter, sample=len(case.plan.merged)) == []
 
@@ -394,7 +394,7 @@ def test_a_model_with_its_own_code_keeps_the_saved_fan_in_fan_out(tiny_base, art
     """lorafuse cannot know the layer types of a model with its own code (auto_map): non-square weights
     go by their shapes, square ones by the saved fan_in_fan_out (here GPT-2's Conv1D layers, under a
     model_type transformers does not have)."""
-    from lorafuse.verify import verify
+    from lorafuse.tools.verify import verify
 
     base, adapter, out = tmp_path / "base", get_adapter(artefacts, tiny_base, VARIANT["fanin-gpt2"]), tmp_path / "out"
     shutil.copytree(tiny_base("gpt2"), base)
@@ -693,7 +693,7 @@ def test_a_targeted_module_missing_from_the_file(init, tiny_base, artefacts, tmp
 @pytest.mark.parametrize("variant", [v.id for v in TARGETING_VARIANTS])
 def test_verify_passes_adapters_that_target_some_modules(variant, tiny_base, artefacts, tmp_path):
     """`verify --base --adapter` plans with the same matching and finds nothing wrong with every tensor."""
-    from lorafuse.verify import verify
+    from lorafuse.tools.verify import verify
 
     v = VARIANT[variant]
     base, adapter, out = tiny_base(v.model), get_adapter(artefacts, tiny_base, v), tmp_path / "out"

@@ -303,7 +303,7 @@ def test_logits_match_peft_on_the_mxfp4_base(merged, artefacts):
 
 def test_verify_recomputes_every_merged_tensor(merged, artefacts):
     """verify dequantizes the base as the merge does and agrees with OUT."""
-    from lorafuse.verify import verify
+    from lorafuse.tools.verify import verify
 
     base, adapter = mxfp4_base(artefacts), mxfp4_adapter(artefacts)
     assert verify(merged, base, adapter, sample=len(lorafuse.plan(base, adapter).merged)) == []

@@ -487,7 +487,7 @@ def test_weights_are_the_dequantized_base_plus_delta_rounded_once(case):
 
 def test_verify_recomputes_every_merged_tensor(case):
     """verify's float64 recomputation dequantizes the base as the merge does and agrees with OUT."""
-    from lorafuse.verify import verify
+    from lorafuse.tools.verify import verify
 
     assert verify(case.out, case.base, case.adapter, sample=len(case.plan.merged)) == []
 
@@ -731,7 +731,7 @@ def test_merged_4bit_is_what_bitsandbytes_writes(source, device, artefacts, tmp_
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM
 
-    from lorafuse.verify import verify
+    from lorafuse.tools.verify import verify
 
     if source == "16bit":
         base = llama_base(artefacts, "bf16")
@@ -774,7 +774,7 @@ def test_inspect_compares_the_adapter_with_the_quantization_gap(artefacts, capsy
     """inspect --compare-base: per weight, ‖ΔW‖ of the adapter and ‖W16 − dequant(W4)‖, and the plan
     of a merge into the 16-bit base names the 4-bit checkpoint the adapter was trained on."""
     from lorafuse.cli import main
-    from lorafuse.inspect import inspect
+    from lorafuse.tools.inspection import inspect
 
     quantized, adapter = bnb_checkpoint(artefacts, BNB[0])
     base16 = llama_base(artefacts, "bf16")

@@ -338,7 +338,7 @@ def merged(inputs, tmp_path):
 
 
 def test_verify_passes_a_clean_merge(inputs, merged):
-    from lorafuse.verify import verify
+    from lorafuse.tools.verify import verify
 
     assert verify(merged) == []
     assert verify(merged, *inputs, sample="all") == []
@@ -347,7 +347,7 @@ def test_verify_passes_a_clean_merge(inputs, merged):
 
 
 def test_verify_catches_a_flipped_bit(merged):
-    from lorafuse.verify import verify
+    from lorafuse.tools.verify import verify
 
     shard = sorted(merged.glob("model-*.safetensors"))[1]
     data = bytearray(shard.read_bytes())
@@ -362,7 +362,7 @@ def test_verify_catches_a_flipped_bit(merged):
 ])
 def test_verify_recomputes_merged_tensors(inputs, merged, key, problem):
     """A wrong tensor with a matching manifest is caught only by recomputing from the inputs."""
-    from lorafuse.verify import verify
+    from lorafuse.tools.verify import verify
 
     _overwrite_tensor(merged, key, lambda ref: ref.read() * 1.1)  # as a wrong scale would
     _rewrite_manifest(merged)
@@ -389,7 +389,7 @@ def _square_transposed(monkeypatch):
 @pytest.mark.parametrize("mistake", [_wrong_scale, _square_transposed])
 def test_verify_recomputes_independently_of_the_merge(inputs, tmp_path, monkeypatch, mistake):
     """A mistake in the merge's own arithmetic is not repeated by verify's recomputation."""
-    from lorafuse.verify import verify
+    from lorafuse.tools.verify import verify
 
     mistake(monkeypatch)
     out = tmp_path / "out"
@@ -414,7 +414,7 @@ def _edit_manifest(out: Path, edit) -> None:
     (lambda m: m["settings"].update(dtype="F32", max_shard_size=None), "missing or invalid dtype, max_shard_size"),
 ], ids=["no-record", "not-a-record", "no-save-method", "bad-values"])
 def test_verify_refuses_a_manifest_without_a_valid_settings_record(inputs, merged, edit, problem):
-    from lorafuse.verify import verify
+    from lorafuse.tools.verify import verify
 
     _edit_manifest(merged, edit)
     for problems in verify(merged), verify(merged, *inputs):
@@ -423,7 +423,7 @@ def test_verify_refuses_a_manifest_without_a_valid_settings_record(inputs, merge
 
 def test_verify_plans_the_merge_from_the_settings_record(inputs, merged):
     """The record says how OUT was made: the same inputs merged with other settings give other files."""
-    from lorafuse.verify import verify
+    from lorafuse.tools.verify import verify
 
     assert verify(merged, *inputs) == []
     _edit_manifest(merged, lambda m: m["settings"].update(dtype="fp32"))
@@ -435,7 +435,7 @@ def test_verify_plans_the_merge_from_the_settings_record(inputs, merged):
 def test_verify_says_when_the_inputs_are_not_those_of_the_merge(inputs, merged, tiny_base, artefacts):
     from peft import LoraConfig
 
-    from lorafuse.verify import verify
+    from lorafuse.tools.verify import verify
 
     base, adapter = inputs
     other_adapter = artefacts.get("other-adapter", lambda d: make_adapter(
@@ -471,7 +471,7 @@ def _listed(out: Path, name: str, text: str) -> None:
 def test_verify_checks_the_other_files_against_the_inputs(inputs, merged, change, problem):
     """config.json (tying, vocabulary), the carried files and the file list are known from the inputs: a
     change that keeps the manifest consistent is still caught with --base/--adapter."""
-    from lorafuse.verify import verify
+    from lorafuse.tools.verify import verify
 
     change(merged)
     assert verify(merged) == []
@@ -483,7 +483,7 @@ def test_verify_checks_the_other_files_against_the_inputs(inputs, merged, change
                                    "sub/model.safetensors", "link"])
 def test_verify_reports_files_the_manifest_does_not_list(merged, extra):
     """transformers loads model.safetensors before the index, a .bin, a chat template: none may slip in."""
-    from lorafuse.verify import verify
+    from lorafuse.tools.verify import verify
 
     path = merged / extra
     path.parent.mkdir(exist_ok=True)
@@ -500,7 +500,7 @@ def test_verify_reports_files_the_manifest_does_not_list(merged, extra):
 
 
 def test_verify_ignores_what_the_hub_client_adds_to_a_download(merged):
-    from lorafuse.verify import verify
+    from lorafuse.tools.verify import verify
 
     (merged / ".gitattributes").write_text("*.safetensors filter=lfs diff=lfs merge=lfs -text\n")
     (merged / ".cache" / "huggingface" / "download").mkdir(parents=True)
@@ -512,7 +512,7 @@ def test_verify_ignores_what_the_hub_client_adds_to_a_download(merged):
 
 
 def test_verify_reports_a_manifest_that_lists_too_little(merged):
-    from lorafuse.verify import verify
+    from lorafuse.tools.verify import verify
 
     listed = json.loads((merged / MANIFEST).read_text())["files"]
     _edit_manifest(merged, lambda m: m.update(files={}))
@@ -525,7 +525,7 @@ def test_verify_reports_a_manifest_that_lists_too_little(merged):
 
 
 def test_verify_catches_nan_and_index_errors(merged):
-    from lorafuse.verify import verify
+    from lorafuse.tools.verify import verify
 
     _overwrite_tensor(merged, "model.norm.weight", lambda ref: ref.read() * float("nan"))
     index = json.loads((merged / "model.safetensors.index.json").read_text())
@@ -1229,7 +1229,7 @@ def test_force_replaces_the_out_of_the_start_unchanged_or_nothing(inputs, refere
 def test_a_merge_of_an_earlier_merge_has_its_own_manifest(inputs, tmp_path):
     """The base's lorafuse-manifest.json is not carried: OUT's would list a copy of it, hashed before the
     merge wrote its own over it, and fail verify."""
-    from lorafuse.verify import verify
+    from lorafuse.tools.verify import verify
 
     lorafuse.merge(*inputs, tmp_path / "m1")
     lorafuse.merge(tmp_path / "m1", inputs[1], tmp_path / "m2")

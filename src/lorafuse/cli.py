@@ -310,8 +310,8 @@ def _inspect(args) -> int:
     from dataclasses import asdict
 
     _positional(args)
-    from .inspect import describe as describe_rows
-    from .inspect import inspect
+    from .tools.inspection import describe as describe_rows
+    from .tools.inspection import inspect
 
     rows = inspect(args.base, args.adapter, args.compare_base)
     _say(json.dumps([asdict(r) for r in rows], indent=2) if args.json else "\n".join(describe_rows(rows)))
@@ -319,7 +319,7 @@ def _inspect(args) -> int:
 
 
 def _verify(args) -> int:
-    from .verify import verify
+    from .tools.verify import verify
 
     if not args.out:
         raise LorafuseError("the folder to verify is empty; name it: lorafuse verify OUT")
@@ -342,7 +342,7 @@ def _verify(args) -> int:
 
 
 def _demo(args) -> int:
-    from .demo import run_demo
+    from .tools.demo import run_demo
 
     return run_demo(args.keep, say=_say)
 

@@ -16,9 +16,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .api import merge
-from .errors import LorafuseError
-from .plan import describe, make_plan
+from ..api import merge
+from ..errors import LorafuseError
+from ..plan import describe, make_plan
 
 LAYERS, HIDDEN, INTERMEDIATE, VOCAB, HEADS, KV_HEADS = 2, 64, 128, 256, 4, 2
 R, ALPHA = 8, 16

@@ -25,17 +25,17 @@ from typing import Callable
 
 import torch
 
-from .adapters.peft import split_key
-from .compute.tensors import all_finite
-from .errors import LorafuseError
-from .formats.jsonfile import parse_json
-from .formats.folder import INDEX, SINGLE
-from .formats.safetensors import FLOAT_DTYPES, read_header, torch_dtype
-from .manifest import MANIFEST, identity, read_settings, sha256_file
-from .output import model_card, written_files
-from .patches import AddBias, ExpertLoRA, LoRA, SliceRef
-from .plan import CONV1D_MODULES, Plan, TensorPlan, make_plan, model_types
-from .quant import QuantizedTensor
+from ..adapters.peft import split_key
+from ..compute.tensors import all_finite
+from ..errors import LorafuseError
+from ..formats.jsonfile import parse_json
+from ..formats.folder import INDEX, SINGLE
+from ..formats.safetensors import FLOAT_DTYPES, read_header, torch_dtype
+from ..manifest import MANIFEST, identity, read_settings, sha256_file
+from ..output import model_card, written_files
+from ..patches import AddBias, ExpertLoRA, LoRA, SliceRef
+from ..plan import CONV1D_MODULES, Plan, TensorPlan, make_plan, model_types
+from ..quant import QuantizedTensor
 
 FP32_SLACK = 64 * torch.finfo(torch.float32).eps
 # What the Hugging Face client adds to a folder it downloads a repo into; transformers reads neither.

@@ -14,13 +14,13 @@ from dataclasses import dataclass
 
 import torch
 
-from .compute import fp32_value
-from .errors import LorafuseError
-from .plan import make_plan
-from .quant import logical_tensors
-from .sources.hub import resolve_model
-from .sources.local import open_model
-from .units import natural
+from ..compute import fp32_value
+from ..errors import LorafuseError
+from ..plan import make_plan
+from ..quant import logical_tensors
+from ..sources.hub import resolve_model
+from ..sources.local import open_model
+from ..units import natural
 
 
 @dataclass
