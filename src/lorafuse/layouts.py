@@ -48,6 +48,7 @@ class Layout:
     shapes: dict[str, tuple[int, ...]]  # every in-memory tensor name -> its shape
     modules: dict[str, tuple[tuple[str, ...], bool]] = field(default_factory=dict)  # see `parameters`
     tied: dict[str, tuple[str, ...]] = field(default_factory=dict)  # name -> every name of its tied group
+    unplaceable: dict[str, str] = field(default_factory=dict)  # name -> why its pieces cannot be placed
     used: int = 0  # how many of an adapter's targets were mapped through it
 
     def parameters(self, module: str) -> tuple[tuple[str, ...], bool, dict[str, tuple[int, ...]]] | None:
@@ -92,8 +93,12 @@ def memory_layout(folder: Path, stored: dict[str, tuple[int, ...]], modules: set
             continue
         converter, sources = groups.setdefault(name, (by_pattern[pattern], {}))
         sources.setdefault(pattern, []).append(key)
+    unplaceable = {}
     for name, (converter, sources) in groups.items():
-        pieces[name] = _place(name, converter, sources, stored, shapes[name])
+        try:
+            pieces[name] = _place(name, converter, sources, stored, shapes[name])
+        except LorafuseError as e:  # only an error if the adapter changes this tensor
+            unplaceable[name] = str(e)
     found = {}
     for module in modules:
         try:
@@ -106,7 +111,7 @@ def memory_layout(folder: Path, stored: dict[str, tuple[int, ...]], modules: set
         aliases.setdefault(id(param), []).append(param_name)
     tied = {n: tuple(group) for group in aliases.values() if len(group) > 1 for n in group}
     description = f"transformers {transformers.__version__}'s conversion rules for {cls}"
-    return Layout(description, {k: tuple(v) for k, v in pieces.items()}, shapes, found, tied)
+    return Layout(description, {k: tuple(v) for k, v in pieces.items()}, shapes, found, tied, unplaceable)
 
 
 def _meta_model(folder: Path, transformers, torch):
@@ -117,7 +122,10 @@ def _meta_model(folder: Path, transformers, torch):
     config = json.loads((folder / "config.json").read_text())
     names = config.get("architectures") or []
     cls = getattr(transformers, names[0], None) if names and isinstance(names[0], str) else None
-    if config.get("auto_map") or cls is None:
+    if config.get("auto_map"):
+        raise LorafuseError("the base model has its own code (auto_map in config.json), which lorafuse does not run, "
+                            "so its checkpoint layout cannot be mapped")
+    if cls is None:
         raise LorafuseError(f"the base model's class {names[0] if names else '(none in config.json)'} is not one "
                             f"transformers {transformers.__version__} knows, so its checkpoint layout cannot be mapped")
     from transformers.utils import logging as hf_logging
@@ -154,6 +162,8 @@ def _place(name: str, converter, sources: dict[str, list[str]], stored: dict, sh
                     where[key][op.dim] = _moved(where[key][op.dim], offset)
                 offset += length
         elif isinstance(op, Transpose):
+            if op.check_dims and _extent(where) == shape:  # transformers swaps only what does not fit
+                continue
             for key in where:
                 dims = where[key]
                 dims[op.dim0], dims[op.dim1] = dims[op.dim1], dims[op.dim0]
@@ -171,7 +181,7 @@ def _place(name: str, converter, sources: dict[str, list[str]], stored: dict, sh
                 order[entry[1]] = i
         piece = Piece(key, tuple(index), tuple(order))
         if len(index) != len(shape) or any(isinstance(i, tuple) and i[1] > n or isinstance(i, int) and i >= n
-                                           for i, n in zip(index, shape)):
+                                           for i, n in zip(index, shape)) or _extent(where) != shape:
             raise LorafuseError(f"checkpoint tensor {key} {tuple(stored[key])} does not fit {name} {shape} as transformers "
                                 "maps it; was the checkpoint saved for another configuration?")
         pieces.append(piece)
@@ -180,6 +190,14 @@ def _place(name: str, converter, sources: dict[str, list[str]], stored: dict, sh
         raise LorafuseError(f"the checkpoint tensors that make {name} {shape} hold {covered} values, not "
                             f"{math.prod(shape)}; the checkpoint is incomplete or saved for another configuration")
     return pieces
+
+
+def _extent(where: dict[str, list[tuple]]) -> tuple[int, ...]:
+    """The shape of the tensor the stored tensors make, as they are placed so far: along each dimension, to
+    the end of the furthest piece."""
+    dims = len(next(iter(where.values())))
+    return tuple(max(entry[1] + 1 if entry[0] == "index" else entry[2] + entry[3] for entry in (w[d] for w in where.values()))
+                 for d in range(dims))
 
 
 def _moved(entry: tuple, offset: int) -> tuple:
@@ -199,6 +217,8 @@ def cut(patch: Patch, piece: Piece, shape: tuple[int, ...], name: str) -> Patch:
     if piece.is_whole(shape):
         return patch
     flipped = list(piece.dims) != sorted(piece.dims)
+    if isinstance(patch, ExpertLoRA) and piece.dims == (0, 2, 1) and all(i == (0, n) for i, n in zip(piece.index, shape)):
+        return replace(patch, out_in=not patch.out_in)  # the whole stack, each expert stored transposed
     if isinstance(patch, ExpertLoRA) and len(shape) == 3 and isinstance(piece.index[0], int):
         (a, _), (_, b) = patch.factors(piece.index[0])
         rows, cols = piece.index[1:]
@@ -206,7 +226,7 @@ def cut(patch: Patch, piece: Piece, shape: tuple[int, ...], name: str) -> Patch:
         return LoRA(SliceRef(patch.A, (a, slice(*in_range))), SliceRef(patch.B, (slice(*out_range), b)), patch.scale,
                     "linear", (not patch.out_in) != flipped, None, patch.origins, layer_known=True)
     if isinstance(patch, LoRA) and patch.kind == "linear" and patch.magnitude is None and len(shape) == 2 \
-            and len(patch.A.shape) == 2:
+            and len(patch.A.shape) == 2 and all(isinstance(i, tuple) for i in piece.index):
         stored_in_out = patch.transposed(shape)
         rows, cols = piece.index
         out_range, in_range = (cols, rows) if stored_in_out else (rows, cols)

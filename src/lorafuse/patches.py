@@ -13,7 +13,9 @@ weight is then seen as a matrix, rows × the rest (a vector is one row).
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, replace
+from functools import lru_cache
 from typing import TYPE_CHECKING, Callable
 
 from .errors import LorafuseError
@@ -67,6 +69,12 @@ class SliceRef:
         """Bytes read (and held while they are cut) to make it."""
         return self._rows()[0].nbytes
 
+    @property
+    def shared(self) -> bool:
+        """Whether it interleaves with the parts of other experts (lora_B's columns): its rows are then read
+        once for all of them (SLICE_CACHE)."""
+        return any(isinstance(i, slice) and i.step not in (None, 1) for i in self.index)
+
     def _rows(self) -> tuple[object, tuple]:
         """What is read (the file's rows from the first needed to the last) and the index into it."""
         first, rows = self.index[0], self.ref.shape[0]
@@ -85,17 +93,38 @@ class SliceRef:
         return part, (inner,) + tuple(self.index[1:])
 
     def read(self) -> torch.Tensor:
-        part, index = self._rows()
-        return part.read()[index].contiguous()
+        from .formats.safetensors import bytes_to_tensor
+
+        return bytes_to_tensor(self.read_into(bytearray(self.nbytes)), self.dtype, self.shape)
 
     def read_into(self, buf: bytearray | memoryview) -> bytearray | memoryview:
         import numpy as np
 
         part, index = self._rows()
-        size = dtype_size(self.dtype)
-        stored = np.frombuffer(part.read_into(bytearray(part.nbytes)), np.uint8).reshape(*part.shape, size)
+        shared = self.shared and hasattr(part, "path")
+        raw = _rows_read(part, _version(part.path)) if shared else part.read_into(bytearray(part.nbytes))
+        stored = np.frombuffer(raw, np.uint8).reshape(*part.shape, dtype_size(self.dtype))
         memoryview(buf)[:] = np.ascontiguousarray(stored[index]).reshape(-1)
         return buf
+
+
+# Rows of lora_B kept after they are read: every expert of a weight is cut from the same rows (PEFT
+# interleaves the experts' columns), and a checkpoint stores each expert's tensors together (gate, up and
+# down: three row ranges in turn), the experts one after another.
+SLICE_CACHE = 4
+
+
+@lru_cache(maxsize=SLICE_CACHE)
+def _rows_read(part, version: tuple) -> bytes:
+    """The bytes of `part` (a TensorRef's rows that several experts' columns interleave), read once for
+    all the expert slices cut from them; `version`
+    (the file's identity and change time) makes a file rewritten since a new entry."""
+    return bytes(part.read_into(bytearray(part.nbytes)))
+
+
+def _version(path) -> tuple:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
 @dataclass(frozen=True)

@@ -23,9 +23,10 @@ from .errors import LorafuseError
 from .layouts import cut
 from .formats.folder import TOKENIZER_FILE, identity_of, is_weight_file
 from .formats.safetensors import FLOAT_DTYPES, TensorSlot, dtype_size, layout, tensor_nbytes
-from .patches import LoRA, Patch, Replace, ReplaceRows, SliceRef
+from .patches import SLICE_CACHE, LoRA, Patch, Replace, ReplaceRows, SliceRef
 from .quant import QuantizedTensor, logical_tensors
 from .sources.hub import ADAPTER_CONFIG, base_from_adapter, parse_spec, resolve_adapter, resolve_model_lazily
+from .sources.hub_calls import cache_dir
 from .sources.local import Checkpoint, check_inside, open_model
 from .sources.remote import RemoteFile, min_hold
 from .units import human_size, natural
@@ -134,8 +135,9 @@ class TensorPlan:
 
 def _factor_bytes(ref) -> int:
     """Memory for an adapter tensor while a tensor is made: its fp32 value, and for a part of one (an
-    expert's factors) the rows read to cut it from."""
-    return 4 * math.prod(ref.shape) + (ref.read_bytes if isinstance(ref, SliceRef) else 0)
+    expert's factors) the rows read to cut it from, unless those are kept for all experts (Plan.peak_memory
+    counts them once)."""
+    return 4 * math.prod(ref.shape) + (ref.read_bytes if isinstance(ref, SliceRef) and not ref.shared else 0)
 
 
 @dataclass(frozen=True)
@@ -165,9 +167,11 @@ def pipeline_depth() -> int:
     return max(2, min(MAX_PIPELINE_DEPTH, usable_cores() // 2))
 
 
-@dataclass
+@dataclass(frozen=True)
 class Plan:
-    """A merge, decided: a plain value that `lorafuse plan` prints and the executor carries out."""
+    """A merge, decided: a plain value that `lorafuse plan` prints and the executor carries out. The free
+    space of the disks it writes to is measured once, when it is made, so that the disk check is part of
+    planning and reading the plan never touches the disk."""
 
     base: Checkpoint
     adapter: Adapter
@@ -183,6 +187,9 @@ class Plan:
     carried: list[Path] = field(default_factory=list)  # non-weight files copied into OUT (see carried_files)
     max_shard_size: int | str = "5GB"  # as given: recorded in the manifest's settings
     depth: int = field(default_factory=pipeline_depth)  # tensors in flight at once in the executor
+    disk_free: int | None = None  # bytes free on OUT's disk when planned (None: no OUT)
+    cache_free: int | None = None  # bytes free in the Hugging Face cache when planned, where base shards are downloaded
+    cache_shares_out_disk: bool = False  # the cache is on OUT's disk: downloads and output share its room
 
     @property
     def tensors(self) -> list[TensorPlan]:
@@ -199,13 +206,11 @@ class Plan:
 
     @property
     def peak_memory(self) -> int:
-        """Working memory beyond the interpreter: the largest tensors in flight at once."""
+        """Working memory beyond the interpreter: the largest tensors in flight at once, and the adapter rows
+        kept read for the experts cut from them (patches.SLICE_CACHE)."""
         work = sorted((t.work_bytes for t in self.tensors), reverse=True)
-        return sum(work[:self.depth])
-
-    @property
-    def disk_free(self) -> int | None:
-        return None if self.out is None else shutil.disk_usage(existing_ancestor(self.out.absolute())).free
+        cut_from = [r.read_bytes for t in self.tensors for p in t.patches for r in p.refs if isinstance(r, SliceRef) and r.shared]
+        return sum(work[:self.depth]) + SLICE_CACHE * max(cut_from, default=0)
 
     @property
     def merged(self) -> list[TensorPlan]:
@@ -272,9 +277,9 @@ def make_plan(base: str | os.PathLike | None, adapter: str | os.PathLike, out: s
     sources, quant_method = logical_tensors(checkpoint.tensors, config)
     owners = wrapper_owners(adapter_obj)
     layout = _memory_layout(base_dir, sources, owners) if owners else None
-    patches = patches_by_tensor(adapter_obj, layout.parameters if layout else None)
+    patches, unmatched = patches_by_tensor(adapter_obj, layout.parameters if layout else None)
     oriented = {k: [_orient(p, k, config) for p in v] for k, v in patches.items()}
-    by_name, layout = _match_names(base_dir, sources, oriented, adapter_obj, layout)
+    by_name, layout = _match_names(base_dir, sources, oriented, unmatched, layout)
     if layout is not None and layout.used:
         notes.append(f"the adapter is named after the model in memory: {layout.used} of its targets are mapped onto the "
                      f"checkpoint's tensors by {layout.description}")
@@ -313,7 +318,22 @@ def make_plan(base: str | os.PathLike | None, adapter: str | os.PathLike, out: s
             counts[p.label] = counts.get(p.label, 0) + 1
     notes += _base_mismatch(adapter_obj.base_name, str(base), base_dir, quant_method)
     return Plan(checkpoint, adapter_obj, out_path, out_dtype or "auto", shards, config, counts, notes, save_method,
-                str(base), str(adapter), carried_files(base_dir, adapter_dir), max_shard_size)
+                str(base), str(adapter), carried_files(base_dir, adapter_dir), max_shard_size,
+                **_free_space(out_path, checkpoint))
+
+
+def _free_space(out: Path | None, base: Checkpoint) -> dict:
+    """The Plan fields that say how much room the disks have: OUT's, and the cache's when shards are to be
+    downloaded into it."""
+    if out is None:
+        return {}
+    out_disk = existing_ancestor(out)
+    found = {"disk_free": shutil.disk_usage(out_disk).free}
+    if base.remote:
+        cache = existing_ancestor(cache_dir())
+        found["cache_free"] = shutil.disk_usage(cache).free
+        found["cache_shares_out_disk"] = os.stat(cache).st_dev == os.stat(out_disk).st_dev
+    return found
 
 
 def carried_files(base: Path, adapter: Path) -> list[Path]:
@@ -459,7 +479,7 @@ def _memory_layout(folder: Path, sources: dict, modules: set[str] = frozenset())
     return memory_layout(folder, {k: tuple(ref.shape) for k, ref in sources.items()}, modules)
 
 
-def _match_names(folder: Path, sources: dict, patches: dict[str, list[Patch]], adapter: Adapter,
+def _match_names(folder: Path, sources: dict, patches: dict[str, list[Patch]], unmatched: list[str],
                  layout) -> tuple[dict[str, list[Patch]], object]:
     """The patches keyed by checkpoint tensor names instead of the model's (as PEFT sees modules).
 
@@ -474,7 +494,9 @@ def _match_names(folder: Path, sources: dict, patches: dict[str, list[Patch]], a
     missing = []
     for target, chain in patches.items():
         rest = target.partition(".")[2]
-        if target in names or (target == HEAD and not _stored_head(names)):
+        if layout is not None and _converted(layout, target):
+            missing.append(target)  # stored under its own name, but converted on load (a transposed stack)
+        elif target in names or (target == HEAD and not _stored_head(names)):
             found.setdefault(target, []).extend(chain)
         elif rest in names:
             found.setdefault(rest, []).extend(chain)
@@ -487,8 +509,10 @@ def _match_names(folder: Path, sources: dict, patches: dict[str, list[Patch]], a
             why = str(e)
         else:
             why = None
-    unused, used = list(adapter.unused), 0
+    unused, used = list(unmatched), 0
     for target in missing:
+        if layout is not None and target in layout.unplaceable:
+            raise LorafuseError(layout.unplaceable[target])
         pieces = layout.pieces.get(target) if layout is not None else None
         if pieces:
             used += 1
@@ -520,6 +544,13 @@ def _tied_change(target: str, aliases: tuple[str, ...], names: set[str], patches
     return (f"{why}, but the checkpoint stores them as one tensor, {stored} (tied weights): one stored tensor cannot "
             "hold different changes, so no exact merge exists; train the adapter without these modules (or with "
             "modules_to_save), or untie the weights in the base model first")
+
+
+def _converted(layout, target: str) -> bool:
+    """Whether transformers makes `target` from stored tensors other than one of that name, as it is."""
+    pieces = layout.pieces.get(target, ())
+    return target in layout.unplaceable or bool(pieces) and not (
+        len(pieces) == 1 and pieces[0].key == target and pieces[0].is_whole(layout.shapes[target]))
 
 
 def _stored_head(names: set[str]) -> bool:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import re
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -74,13 +74,12 @@ class MemoryRef:
         return buf
 
 
-@dataclass
+@dataclass(frozen=True)
 class Adapter:
     folder: Path
     config: dict
     tensors: dict  # adapter key -> TensorRef | MemoryRef
     weights_file: Path
-    unused: list[str] = field(default_factory=list)
 
     @property
     def base_name(self) -> str | None:
@@ -443,11 +442,10 @@ def _unwrapped(module: str) -> tuple[str, int]:
     return module, depth
 
 
-def patches_by_tensor(adapter: Adapter, parameters: Parameters | None = None) -> dict[str, list[Patch]]:
-    """Group the adapter's tensors into patches keyed by the base tensor (in model naming) they change.
-
-    Tensors that fit no patch are recorded in `adapter.unused`. Shape checks against the base happen in
-    the planner, which knows the base. `parameters` describes the model's modules, for target_parameters.
+def patches_by_tensor(adapter: Adapter, parameters: Parameters | None = None) -> tuple[dict[str, list[Patch]], list[str]]:
+    """Group the adapter's tensors into patches keyed by the base tensor (in model naming) they change;
+    also returns the adapter tensors that fit no patch. Shape checks against the base happen in the
+    planner, which knows the base. `parameters` describes the model's modules, for target_parameters.
     """
     config = adapter.config
     groups: dict[str, dict[str, tuple[str, object]]] = {}
@@ -455,6 +453,7 @@ def patches_by_tensor(adapter: Adapter, parameters: Parameters | None = None) ->
         module, role = split_key(key)
         groups.setdefault(module, {})[role] = (key, ref)
     patches: dict[str, list[Patch]] = {}
+    unused: list[str] = []
 
     def add(target: str, patch: Patch) -> None:
         patches.setdefault(target, []).append(patch)
@@ -498,13 +497,13 @@ def patches_by_tensor(adapter: Adapter, parameters: Parameters | None = None) ->
                 add(f"{module}.weight", LoRA(a_ref, b_ref, scale, kind, bool(config.get("fan_in_fan_out")), magnitude[1], (a_key, b_key) + ((magnitude[0],) if magnitude[0] else ())))
                 magnitude = (None, None)
         if magnitude[0] is not None:
-            adapter.unused.append(magnitude[0])
+            unused.append(magnitude[0])
         if "lora_bias" in roles:
             key, ref = roles.pop("lora_bias")
             add(f"{module}.bias", AddBias(ref, scale, key))
-        adapter.unused.extend(key for key, _ in roles.values())
+        unused.extend(key for key, _ in roles.values())
     # A whole replacement comes first: the other patches act on the replaced tensor.
-    return {target: sorted(chain, key=lambda p: not isinstance(p, Replace)) for target, chain in patches.items()}
+    return {target: sorted(chain, key=lambda p: not isinstance(p, Replace)) for target, chain in patches.items()}, unused
 
 
 LORA_ROLES = ("A", "B", "emb_A", "emb_B", "magnitude", "lora_bias")
