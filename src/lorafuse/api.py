@@ -17,13 +17,14 @@ from typing import Callable
 
 from .compute import needs_torch
 from .errors import InputError, LorafuseError, OutputComplete
-from .execute import disk_error, write_shards
+from .execute import write_shards
 from .formats.folder import identity_of
 from .manifest import LEDGER, MANIFEST, Ledger, fingerprint, settings_record, write_manifest
-from .output import (MARKER, check_staged, check_target, claim_staging, clear, exclusive, make_staging,
-                     publish, regular_file, staging_folder, write_metadata, written_files)
+from .output import (MARKER, check_staged, check_target, claim_staging, clear, disk_error, exclusive, make_staging,
+                     move_into_place, regular_file, staging_folder)
 from .plan import Plan, existing_ancestor, make_plan, output_path
-from .publish import HubPublisher
+from .sinks.hub import HubPublisher
+from .sinks.safetensors import SAFETENSORS
 from .sources.hub import cache_dir
 from .units import human_size
 
@@ -108,11 +109,11 @@ def merge(base: str | os.PathLike | None, adapter: str | os.PathLike, out: str |
         try:
             counters = write_shards(the_plan, staging, torch_device, ledger, on_progress,
                                     on_shard_done=(lambda path, sha: hub.shard_done(path, sha256=sha)) if hub else None,
-                                    hold=hold, before_shard=hub.wait if hub and low_disk else None)
+                                    sink=SAFETENSORS, hold=hold, before_shard=hub.wait if hub and low_disk else None)
             clear(staging / DOWNLOADS)
-            made = written_files(the_plan)
+            made = SAFETENSORS.written_files(the_plan)
             try:
-                write_metadata(the_plan, staging, settings)
+                SAFETENSORS.write_metadata(the_plan, staging, settings)
                 write_manifest(the_plan, staging, settings, ledger.shards, made)
             except OSError as e:
                 raise disk_error(e, staging) from None
@@ -124,7 +125,7 @@ def merge(base: str | os.PathLike | None, adapter: str | os.PathLike, out: str |
             hub_url = hub.finish(staging, skip={LEDGER, MARKER}) if hub else None
             interrupt.staged = identity_of(staging)
             try:
-                publish(staging, out, keep_until_renamed=ledger.path, replacing=replacing, written=written)
+                move_into_place(staging, out, keep_until_renamed=ledger.path, replacing=replacing, written=written)
             except (LorafuseError, KeyboardInterrupt):  # OUT taken meanwhile, or Ctrl-C: unless it was moved into
                 if identity_of(staging) == interrupt.staged:  # place, the finished merge stays staged, resumable
                     ledger.save()

@@ -32,7 +32,7 @@ from .formats.jsonfile import parse_json
 from .formats.folder import INDEX, SINGLE
 from .formats.safetensors import FLOAT_DTYPES, read_header, torch_dtype
 from .manifest import MANIFEST, identity, read_settings, sha256_file
-from .output import model_card, written_files
+from .sinks.safetensors.files import model_card, written_files
 from .patches import AddBias, ExpertLoRA, LoRA, SliceRef
 from .plan import CONV1D_MODULES, Plan, TensorPlan, make_plan, model_types
 from .quant import QuantizedTensor
