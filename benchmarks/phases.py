@@ -24,6 +24,8 @@ from pathlib import Path
 
 import lorafuse
 from lorafuse import api, execute
+from lorafuse.output import PARTIAL
+from lorafuse.sinks.safetensors import shard_file
 from lorafuse.compute import rows
 
 SPENT: dict[str, float] = collections.defaultdict(float)
@@ -53,18 +55,18 @@ class NoHash:
 def instrument(no_hash: bool) -> None:
     rows.Producer.output_bytes = timed("produce (read, compute, write)", rows.Producer.output_bytes)
     rows.read_exact = timed("read", rows.read_exact)
-    execute._write_bytes = timed("pwrite", execute._write_bytes)
-    execute._copy = timed("copy_file_range", execute._copy)
-    execute._start_writeback = timed("sync_file_range", execute._start_writeback)
+    shard_file._write_bytes = timed("pwrite", shard_file._write_bytes)
+    shard_file._copy = timed("copy_file_range", shard_file._copy)
+    shard_file._start_writeback = timed("sync_file_range", shard_file._start_writeback)
     execute._finish_shard = timed("finish shard (fsync, wait for hash)", execute._finish_shard)
     if no_hash:
-        init = execute._RunningHash.__init__
+        init = shard_file._RunningHash.__init__
 
         def without_digest(self, *args):
             init(self, *args)
             self.digest = NoHash()
-        execute._RunningHash.__init__ = without_digest
-    start, completed, run = execute._RunningHash.start, execute._RunningHash.completed, execute._RunningHash._run
+        shard_file._RunningHash.__init__ = without_digest
+    start, completed, run = shard_file._RunningHash.start, shard_file._RunningHash.completed, shard_file._RunningHash._run
 
     def noted_start(self):
         EVENTS.append((time.perf_counter(), "opened", self.path.name))
@@ -79,8 +81,8 @@ def instrument(no_hash: bool) -> None:
         cpu = time.thread_time()
         run(self)
         EVENTS.append((time.perf_counter(), f"hashed ({time.thread_time() - cpu:.2f} s of CPU)", self.path.name))
-    execute._RunningHash.start, execute._RunningHash._run = noted_start, noted_run
-    execute._RunningHash.completed = timed("hash in workers (and waits for it)", noted_completed)
+    shard_file._RunningHash.start, shard_file._RunningHash._run = noted_start, noted_run
+    shard_file._RunningHash.completed = timed("hash in workers (and waits for it)", noted_completed)
     try:
         from lorafuse.compute import tensors
     except ImportError:  # no torch
@@ -126,7 +128,7 @@ def main() -> None:
                 print(f"    {name:<40} {seconds:7.2f} s")
             if args.timeline:
                 for at, what, shard in sorted(EVENTS):
-                    print(f"    {at - t0:6.2f} s  {shard.removesuffix(execute.PARTIAL):<36} {what}")
+                    print(f"    {at - t0:6.2f} s  {shard.removesuffix(PARTIAL):<36} {what}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -1,7 +1,8 @@
 """The shape of the code: every module imports on its own, and imports point one way.
 
-Data flows source -> plan -> executor -> sink, and so do the imports: a lower layer never imports a higher
-one, and no modules import each other in a loop (an import deferred into a function counts too: it is a
+Data flows source -> plan -> executor -> sink; the imports follow, except that the executor drives a
+sink through its protocol, so sinks sit below it (a sink knows plans, never the executor). A lower layer
+never imports a higher one, and no modules import each other in a loop (an import deferred into a function counts too: it is a
 dependency all the same). The layers are the README's Architecture section.
 """
 
@@ -23,8 +24,8 @@ LAYERS = [
     ("inputs", ["lorafuse.sources", "lorafuse.adapters", "lorafuse.quant", "lorafuse.patches", "lorafuse.layouts",
                 "lorafuse.costs"]),
     ("plan", ["lorafuse.plan"]),
-    ("execute", ["lorafuse.compute", "lorafuse.execute", "lorafuse.manifest", "lorafuse.output"]),
-    ("sinks", ["lorafuse.sinks", "lorafuse.publish"]),
+    ("sinks", ["lorafuse.sinks", "lorafuse.manifest", "lorafuse.output"]),
+    ("execute", ["lorafuse.compute", "lorafuse.execute"]),
     ("commands", ["lorafuse.api", "lorafuse.cli", "lorafuse.tools", "lorafuse"]),
 ]
 

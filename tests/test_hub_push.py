@@ -20,7 +20,7 @@ import pytest
 from conftest import make_adapter
 from hub_server import HubServer, use_in_process
 from lorafuse.errors import LorafuseError
-from lorafuse.publish import HubPublisher
+from lorafuse.sinks.hub import HubPublisher
 
 TOKEN = "hf_lorafuse_test_token"
 REPO = "me/merged"
@@ -216,15 +216,15 @@ def test_low_disk_push_writes_one_shard_at_a_time(cores, hub, tiny_base, tmp_pat
     previous one's upload: so even where shards are otherwise written side by side (16 cores), they are
     written one at a time (side by side, the wait for uploads would wait for shards not yet written)."""
     import lorafuse
-    import lorafuse.execute as execute
+    import lorafuse.execute.scheduler as scheduler
     from peft import LoraConfig
 
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     base = tiny_base("llama", "fp32")
     adapter = make_adapter(base, tmp_path / "adapter",
                            LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], init_lora_weights=False))
-    tensor_order, asked, outcome = execute._tensor_order, [], []
-    monkeypatch.setattr(execute, "_tensor_order", lambda shards, at_once: asked.append(at_once) or tensor_order(shards, at_once))
+    tensor_order, asked, outcome = scheduler._tensor_order, [], []
+    monkeypatch.setattr(scheduler, "_tensor_order", lambda shards, at_once: asked.append(at_once) or tensor_order(shards, at_once))
 
     def run() -> None:
         try:

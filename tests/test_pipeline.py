@@ -9,10 +9,12 @@ import pytest
 
 import lorafuse
 import lorafuse.execute as execute
+import lorafuse.execute.scheduler as scheduler
+import lorafuse.sinks.safetensors.shard_file as shard_file
 from conftest import make_adapter, tree_hash
 from test_resilience import SHARD, failed_flush, shard_threads
 from lorafuse.compute import rows
-from lorafuse.execute import HashCancelled, _RunningHash
+from lorafuse.sinks.safetensors.shard_file import HashCancelled, _RunningHash
 from lorafuse.plan import MAX_PIPELINE_DEPTH, describe, pipeline_depth
 
 @pytest.fixture(scope="module")
@@ -90,7 +92,7 @@ def test_shards_side_by_side_share_the_bytes_fairly(at_once, shard_size, inputs)
     differ by at most a tensor of each, so their hashes keep the same pace (a shard opened late is not
     given every turn until it catches up). One at a time is the plan's order."""
     shards = lorafuse.plan(*inputs, max_shard_size=shard_size).shards
-    order = execute._tensor_order(shards, at_once)
+    order = scheduler._tensor_order(shards, at_once)
     assert sorted((shards.index(s), i) for s, i in order) == [(k, i) for k, s in enumerate(shards) for i in range(len(s.tensors))]
     assert [i for s, i in order if s is shards[1]] == list(range(len(shards[1].tensors)))
     if at_once == 1:
@@ -112,7 +114,7 @@ def test_shards_side_by_side_share_the_bytes_fairly(at_once, shard_size, inputs)
 def test_on_many_cores_shards_are_written_side_by_side(inputs, tmp_path, monkeypatch):
     """On 16 cores the workers take the tensors of four shards in turn, so four shards hash at once (one
     core each), and the bytes are those of a merge that writes one shard at a time."""
-    run_bounded, taken = execute._run_bounded, []
+    run_bounded, taken = scheduler._run_bounded, []
 
     def recorded(job, jobs, depth, on_failure):
         def noted():
@@ -120,14 +122,14 @@ def test_on_many_cores_shards_are_written_side_by_side(inputs, tmp_path, monkeyp
                 taken.append((target.shard.filename, tensor.name))
                 yield (target, slots, tensor, *rest)
         return run_bounded(job, noted(), depth, on_failure)
-    monkeypatch.setattr(execute, "_run_bounded", recorded)
+    monkeypatch.setattr(scheduler, "_run_bounded", recorded)
     plan, orders = lorafuse.plan(*inputs, max_shard_size=SHARD), {}
     for cores, at_once in ((16, 4), (2, 1)):
         monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)))
         taken.clear()
         (tmp_path / str(cores)).mkdir()
         lorafuse.merge(*inputs, tmp_path / str(cores) / "out", max_shard_size=SHARD)
-        orders[cores] = [(s.filename, s.tensors[i].name) for s, i in execute._tensor_order(plan.shards, at_once)]
+        orders[cores] = [(s.filename, s.tensors[i].name) for s, i in scheduler._tensor_order(plan.shards, at_once)]
         assert taken == orders[cores]
     assert orders[16] != orders[2]
     assert tree_hash(tmp_path / "16" / "out") == tree_hash(tmp_path / "2" / "out")
@@ -135,7 +137,7 @@ def test_on_many_cores_shards_are_written_side_by_side(inputs, tmp_path, monkeyp
 
 def test_a_shard_that_fails_to_finish_fails_the_merge(inputs, tmp_path, monkeypatch):
     """A finish that fails (here the fsync) on its own thread is the merge's error, and nothing is published."""
-    monkeypatch.setattr(execute.os, "fsync", failed_flush)
+    monkeypatch.setattr(shard_file.os, "fsync", failed_flush)
     with pytest.raises(lorafuse.LorafuseError, match="^I/O error while writing the output: Input/output error$"):
         lorafuse.merge(*inputs, tmp_path / "out", max_shard_size=SHARD)
     assert not (tmp_path / "out").exists()

@@ -10,6 +10,7 @@ import pytest
 
 import lorafuse
 import lorafuse.execute as execute
+import lorafuse.sinks.safetensors.shard_file as shard_file
 from conftest import leftovers, make_adapter, tree_hash
 from lorafuse.manifest import LEDGER, MANIFEST, sha256_file
 from lorafuse.output import staging_folder
@@ -247,8 +248,8 @@ def test_shards_are_flushed_while_written_and_a_failed_flush_fails_the_merge(inp
         assert tried.wait(30)
         return finish(*args)
     finish = execute._finish_shard
-    monkeypatch.setattr(execute, "FLUSH_BYTES", 1)
-    monkeypatch.setattr(execute, "_datasync", flush)
+    monkeypatch.setattr(shard_file, "FLUSH_BYTES", 1)
+    monkeypatch.setattr(shard_file, "_datasync", flush)
     monkeypatch.setattr(execute, "_finish_shard", finish_after_a_flush)
     out = tmp_path / "out"
     lorafuse.merge(*inputs, out, max_shard_size=SHARD)
@@ -261,7 +262,7 @@ def test_shards_are_flushed_while_written_and_a_failed_flush_fails_the_merge(inp
         tried.set()
         failed_flush(fd)
     tried.clear()
-    monkeypatch.setattr(execute, "_datasync", failing)
+    monkeypatch.setattr(shard_file, "_datasync", failing)
     with pytest.raises(lorafuse.LorafuseError, match="^I/O error while writing the output: Input/output error$"):
         lorafuse.merge(*inputs, tmp_path / "failed", max_shard_size=SHARD)
     assert not (tmp_path / "failed").exists() and not list(staging_folder(tmp_path / "failed").glob("*.partial"))
@@ -273,14 +274,14 @@ def test_a_flush_that_fails_after_the_last_write_fails_the_shard(tmp_path, monke
     the failed flush must fail when it is finished, and leave no thread behind."""
     from types import SimpleNamespace
 
-    monkeypatch.setattr(execute, "_datasync", failed_flush)
+    monkeypatch.setattr(shard_file, "_datasync", failed_flush)
     path = tmp_path / "shard.partial"
     path.write_bytes(b"x" * 10)
     fd = os.open(path, os.O_WRONLY)
-    flusher = execute._Flusher(fd).start()
-    flusher.wrote(execute.FLUSH_BYTES)
+    flusher = shard_file._Flusher(fd).start()
+    flusher.wrote(shard_file.FLUSH_BYTES)
     flusher.thread.join(30)  # the flush runs, fails, and ends the flushing thread
-    target = execute._OpenShard(SimpleNamespace(filename="shard"), fd, 0, execute._RunningHash(path, 10, 0).start(), flusher)
+    target = shard_file.ShardFile(SimpleNamespace(filename="shard"), fd, 0, shard_file._RunningHash(path, 10, 0).start(), flusher)
     with pytest.raises(OSError, match="Input/output error"):
         execute._finish_shard(tmp_path, target, ledger=None)
     assert not shard_threads()
@@ -542,8 +543,9 @@ def test_verify_says_how_much_it_recomputed_and_all_recomputes_everything(inputs
     line calls a sample; --sample all recomputes (and compares with the base) every tensor and finds it."""
     from lorafuse.cli import main
     from lorafuse.plan import make_plan
+    from lorafuse.sinks.safetensors import SAFETENSORS
 
-    plan = make_plan(*inputs, max_shard_size=SHARD)
+    plan = make_plan(*inputs, sink=SAFETENSORS, max_shard_size=SHARD)
     merged_names = [t.name for t in plan.tensors if t.patches]
     untouched = [t.name for t in plan.tensors if not t.patches]
     argv = ["verify", str(merged), "--base", str(inputs[0]), "--adapter", str(inputs[1])]
@@ -586,7 +588,7 @@ def test_running_hash_of_ranges_completed_out_of_order(tmp_path):
     """The shard hash follows writes in any order, empty tensors included, and equals the file's SHA-256."""
     import hashlib
 
-    from lorafuse.execute import _RunningHash
+    from lorafuse.sinks.safetensors.shard_file import _RunningHash
 
     path = tmp_path / "f"
     data = os.urandom(100)
@@ -602,7 +604,7 @@ def test_running_hash_takes_the_writers_bytes_when_they_extend_the_prefix(tmp_pa
     when written ahead of it) give the file's SHA-256, whichever way each range was hashed."""
     import hashlib
 
-    from lorafuse.execute import _RunningHash
+    from lorafuse.sinks.safetensors.shard_file import _RunningHash
 
     path = tmp_path / "f"
     data = os.urandom(100)

@@ -17,13 +17,14 @@ from typing import Callable
 
 from .costs import needs_torch
 from .errors import InputError, LorafuseError, OutputComplete
-from .execute import disk_error, write_shards
+from .execute import write_shards
 from .formats.folder import identity_of
 from .manifest import LEDGER, MANIFEST, Ledger, fingerprint, settings_record, write_manifest
-from .output import (MARKER, check_staged, check_target, claim_staging, clear, exclusive, make_staging,
-                     publish, regular_file, staging_folder, write_metadata, written_files)
+from .output import (MARKER, check_staged, check_target, claim_staging, clear, disk_error, exclusive, make_staging,
+                     move_into_place, regular_file, staging_folder)
 from .plan import Plan, existing_ancestor, make_plan, output_path
-from .publish import HubPublisher
+from .sinks.hub import HubPublisher
+from .sinks.safetensors import SAFETENSORS
 from .sources.hub import cache_dir
 from .units import human_size
 
@@ -52,7 +53,7 @@ class MergeReport:
 def plan(base: str | os.PathLike | None, adapter: str | os.PathLike, out: str | os.PathLike | None = None, *,
          dtype: str = "auto", max_shard_size: int | str = "5GB", save_method: str = "merged_16bit") -> Plan:
     """Plan a merge from the headers alone; nothing is written."""
-    return make_plan(base, adapter, out, dtype=dtype, max_shard_size=max_shard_size, save_method=save_method)
+    return make_plan(base, adapter, out, sink=SAFETENSORS, dtype=dtype, max_shard_size=max_shard_size, save_method=save_method)
 
 
 def merge(base: str | os.PathLike | None, adapter: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "auto",
@@ -82,7 +83,7 @@ def merge(base: str | os.PathLike | None, adapter: str | os.PathLike, out: str |
     replacing = check_target(out, force)
     staging = staging_folder(out)
     # Before anything is created or deleted: the plan checks that no input is a path the merge writes.
-    the_plan = make_plan(base, adapter, out, dtype=dtype, max_shard_size=max_shard_size, save_method=save_method,
+    the_plan = make_plan(base, adapter, out, sink=SAFETENSORS, dtype=dtype, max_shard_size=max_shard_size, save_method=save_method,
                          scratch=staging / DOWNLOADS if low_disk else None)
     interrupt = _InterruptAfterPublish(out)
     with interrupt, exclusive(out):  # a second merge into OUT would wipe this one's staging folder
@@ -108,11 +109,11 @@ def merge(base: str | os.PathLike | None, adapter: str | os.PathLike, out: str |
         try:
             counters = write_shards(the_plan, staging, torch_device, ledger, on_progress,
                                     on_shard_done=(lambda path, sha: hub.shard_done(path, sha256=sha)) if hub else None,
-                                    hold=hold, before_shard=hub.wait if hub and low_disk else None)
+                                    sink=SAFETENSORS, hold=hold, before_shard=hub.wait if hub and low_disk else None)
             clear(staging / DOWNLOADS)
-            made = written_files(the_plan)
+            made = SAFETENSORS.written_files(the_plan)
             try:
-                write_metadata(the_plan, staging, settings)
+                SAFETENSORS.write_metadata(the_plan, staging, settings)
                 write_manifest(the_plan, staging, settings, ledger.shards, made)
             except OSError as e:
                 raise disk_error(e, staging) from None
@@ -124,7 +125,7 @@ def merge(base: str | os.PathLike | None, adapter: str | os.PathLike, out: str |
             hub_url = hub.finish(staging, skip={LEDGER, MARKER}) if hub else None
             interrupt.staged = identity_of(staging)
             try:
-                publish(staging, out, keep_until_renamed=ledger.path, replacing=replacing, written=written)
+                move_into_place(staging, out, keep_until_renamed=ledger.path, replacing=replacing, written=written)
             except (LorafuseError, KeyboardInterrupt):  # OUT taken meanwhile, or Ctrl-C: unless it was moved into
                 if identity_of(staging) == interrupt.staged:  # place, the finished merge stays staged, resumable
                     ledger.save()

@@ -20,7 +20,7 @@ from pathlib import Path
 from .version import __version__ as VERSION
 from .errors import LorafuseError
 from .formats.jsonfile import parse_json
-from .output import create, fsync_path
+from .formats.folder import create, fsync_path
 from .plan import SAVE_METHODS, Plan
 
 MANIFEST = "lorafuse-manifest.json"
@@ -145,7 +145,7 @@ class Ledger:
             self._write()
 
     def save(self) -> None:
-        """Write the ledger again (after `publish` deleted it and could not move the folder into place)."""
+        """Write the ledger again (after `move_into_place` deleted it and could not move the folder into place)."""
         with self._lock:
             self._write()
 

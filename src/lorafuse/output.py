@@ -1,4 +1,5 @@
-"""Everything in the output folder besides the shards, and the atomic finish.
+"""The staging folder and the atomic finish: where a merge writes, one merge at a time, and how the
+finished folder becomes OUT (what goes into it is the sinks' business: lorafuse.sinks).
 
 The output is assembled in a hidden staging folder next to OUT and renamed into place only when
 complete, so OUT is either absent, the previous folder (with --force), or the finished merge.
@@ -10,7 +11,6 @@ import contextlib
 import ctypes
 import errno
 import fcntl
-import json
 import os
 import re
 import shutil
@@ -19,13 +19,15 @@ import tempfile
 from pathlib import Path
 
 from .errors import LorafuseError
-from .formats.folder import INDEX, identity_of
+from .formats.folder import create, fsync_path, identity_of
 from .formats.jsonfile import read_json
-from .plan import Plan, work_path
-from .sources.hub import parse_spec
+from .manifest import MANIFEST
+from .plan import work_path
+from .units import human_size
 
 
 MARKER = ".lorafuse-staging"  # written into the staging folder right after it is made: lorafuse's own
+PARTIAL = ".partial"  # a file being written in the staging folder ends so until it is complete
 
 
 def staging_folder(out: Path) -> Path:
@@ -38,19 +40,6 @@ def make_staging(staging: Path) -> None:
     staging.mkdir(exist_ok=True)
     if not os.path.lexists(staging / MARKER):
         create(staging / MARKER).close()
-
-
-def create_fd(path: Path) -> int:
-    """A new file's descriptor, open for writing, whatever was at `path` unlinked first: never a link
-    followed, nor a file truncated that another name shares (a link planted in the staging folder would
-    otherwise turn a write into an overwrite of the file it names; O_EXCL fails on one made meanwhile)."""
-    path.unlink(missing_ok=True)
-    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
-
-
-def create(path: Path):
-    """`create_fd` as a binary file object."""
-    return open(create_fd(path), "wb")
 
 
 def claim_staging(out: Path) -> None:
@@ -183,8 +172,6 @@ def check_target(out: Path, force: bool) -> tuple[int, int, int] | None:
         raise LorafuseError(f"output folder {out} is a mount point, which lorafuse cannot replace (it moves the "
                             "finished merge into place by renaming); name a new folder inside it or elsewhere")
     if out.is_dir():
-        from .manifest import MANIFEST  # not at the top: manifest imports this module
-
         try:
             held = sorted(p.name for p in out.iterdir())
         except OSError as e:
@@ -225,8 +212,6 @@ def check_target(out: Path, force: bool) -> tuple[int, int, int] | None:
 def _not_merged(out: Path, held: list[str]) -> str | None:
     """The first entry of an earlier merge's folder that its manifest does not list as a regular file, or
     None: --force deletes the whole folder, so everything in it must be lorafuse's own."""
-    from .manifest import MANIFEST
-
     try:
         listed = read_json(out / MANIFEST, "output").get("files")
     except LorafuseError:
@@ -247,69 +232,7 @@ def folder_state(path: Path) -> tuple[int, int, int] | None:
     return st.st_dev, st.st_ino, st.st_ctime_ns
 
 
-def written_files(plan: Plan) -> set[str]:
-    """The names of the files `write_metadata` writes; with the shards, all that OUT's manifest lists."""
-    return {"config.json", "README.md", *(source.name for source in plan.carried),
-            *([INDEX] if len(plan.shards) > 1 else [])}
-
-
-def write_metadata(plan: Plan, folder: Path, settings: dict) -> None:
-    """Index, config.json, tokenizer and other non-weight files, and a model card."""
-    texts = {"config.json": json.dumps(plan.config, indent=2, sort_keys=True) + "\n",
-             "README.md": model_card(plan, settings)}
-    if len(plan.shards) > 1:
-        index = {
-            "metadata": {"total_size": plan.total_size},
-            "weight_map": {slot.name: s.filename for s in plan.shards for group in s.slots for slot in group},
-        }
-        texts[INDEX] = json.dumps(index, indent=2) + "\n"
-    for source in plan.carried:
-        with open(source, "rb") as src, create(folder / source.name) as dst:
-            shutil.copyfileobj(src, dst)
-    for name, text in texts.items():
-        with create(folder / name) as f:
-            f.write(text.encode())
-
-
-def model_card(plan: Plan, settings: dict) -> str:
-    """The README.md that huggingface_hub's ModelCard would save, without importing its Hub client (0.25 s).
-    `lorafuse verify` writes it again to check OUT's."""
-    from huggingface_hub import ModelCardData  # 0.05 s, imported while the merge runs (api._import_in_background)
-
-    repo_id = _repo_id(plan.base_name) or _repo_id(plan.adapter.base_name or "")
-    data = ModelCardData(base_model=repo_id, library_name="transformers", tags=["lorafuse", "merge", "lora"])
-    config = plan.adapter.config
-    shown = {
-        "base": plan.base_name,
-        "adapter": plan.adapter_name,
-        "r / lora_alpha": f"{config.get('r')} / {config.get('lora_alpha')}",
-        "rsLoRA": bool(config.get("use_rslora")),
-        "patches": ", ".join(f"{n} {k}" for k, n in sorted(plan.counts.items())),
-        "output dtype": plan.dtype,
-        "save method": plan.save_method,
-        "shards": len(plan.shards),
-        "device": settings["device"],
-        "lorafuse": settings["lorafuse"],
-    }
-    rows = "\n".join(f"| {k} | {v} |" for k, v in shown.items())
-    return (
-        f"---\n{data.to_yaml()}\n---\n\n# {plan.out.name if plan.out else 'merged model'}\n\n"
-        f"This model is `{repo_id or plan.base_name}` with the LoRA adapter `{plan.adapter_name}` merged into its weights "
-        "by [lorafuse](https://pypi.org/project/lorafuse/). It needs no PEFT to load.\n\n"
-        f"| setting | value |\n|---|---|\n{rows}\n"
-    )
-
-
-def _repo_id(name: str) -> str | None:
-    """The Hub repo a name refers to (for the card's base_model), or None for a local folder."""
-    try:
-        parsed = parse_spec(name)
-    except LorafuseError:
-        return None
-    return parsed[0] if parsed else None
-
-
-def publish(staging: Path, out: Path, keep_until_renamed: Path, replacing: tuple[int, int, int] | None,
+def move_into_place(staging: Path, out: Path, keep_until_renamed: Path, replacing: tuple[int, int, int] | None,
             written: set[str]) -> None:
     """Make the staged folder durable, then move it into place in one step that cannot destroy anything
     but the folder `replacing` identifies (the OUT that --force was given for, found when the merge
@@ -414,11 +337,13 @@ def _renameat2(a: Path, b: Path, flags: int) -> bool:
     return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), flags) == 0
 
 
-def fsync_path(path: Path, follow: bool = True) -> None:
-    """fsync a file or a folder (a folder's entries: the names of what was created or renamed in it);
-    `follow=False` for a file in the staging folder, where no link is followed."""
-    fd = os.open(path, os.O_RDONLY | (0 if follow else os.O_NOFOLLOW))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def disk_error(e: OSError, folder: Path) -> LorafuseError:
+    """An OS error while writing the output folder's staging copy, as a user-facing message."""
+    if e.errno == errno.ENOSPC:
+        kept = sum(p.stat().st_size for p in folder.iterdir() if p.is_file() and not p.name.endswith(PARTIAL)) \
+            if folder.is_dir() else 0
+        return LorafuseError(f"the disk holding {folder.parent} is full; free space and run the same command again"
+                             + (f": it goes on from the {human_size(kept)} finished in {folder}" if kept else ""))
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return LorafuseError(f"cannot write to {folder.parent}: {e.strerror}; choose another output folder")
+    return LorafuseError(f"I/O error while writing the output: {e.strerror or e}")

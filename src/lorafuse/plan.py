@@ -14,15 +14,15 @@ import shutil
 import stat
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Protocol
 
-from huggingface_hub import split_state_dict_into_shards_factory
 
 from .adapters.peft import Adapter, check_untrained, open_adapter, patches_by_tensor, split_key, wrapper_owners
 from .costs import block_shape, in_rows, matrix_shape
 from .errors import LorafuseError
 from .layouts import cut
 from .formats.folder import TOKENIZER_FILE, identity_of, is_weight_file
-from .formats.safetensors import FLOAT_DTYPES, TensorSlot, dtype_size, layout, tensor_nbytes
+from .formats.safetensors import FLOAT_DTYPES, TensorSlot, dtype_size
 from .patches import SLICE_CACHE, LoRA, Patch, Replace, ReplaceRows, SliceRef
 from .quant import QuantizedTensor, logical_tensors
 from .sources.hub import ADAPTER_CONFIG, base_from_adapter, parse_spec, resolve_adapter, resolve_model_lazily
@@ -248,11 +248,18 @@ def existing_ancestor(path: Path) -> Path:
     return path
 
 
+class Layout(Protocol):
+    """How an output format (a sink: lorafuse.sinks) places the tensors: the plan asks it, never imports it."""
+
+    def layout(self, tensors: list[TensorPlan], max_shard_size: int | str) -> list[ShardPlan]:
+        """The output files and each tensor's place in them."""
+
+
 def make_plan(base: str | os.PathLike | None, adapter: str | os.PathLike, out: str | os.PathLike | None = None, *,
-              dtype: str = "auto", max_shard_size: int | str = "5GB", save_method: str = "merged_16bit",
+              sink: Layout, dtype: str = "auto", max_shard_size: int | str = "5GB", save_method: str = "merged_16bit",
               scratch: Path | None = None) -> Plan:
     """Open base and adapter (folders, or repo ids resolved through the Hugging Face cache), match every
-    adapter tensor, and lay out the output. BASE None: the base the adapter names.
+    adapter tensor, and lay out the output through `sink`. BASE None: the base the adapter names.
 
     Base shards the cache lacks are planned from their headers and downloaded by the executor when it
     needs them: into the cache, or into `scratch` (--low-disk)."""
@@ -311,7 +318,7 @@ def make_plan(base: str | os.PathLike | None, adapter: str | os.PathLike, out: s
         if not any(k in config for k in ("dtype", "torch_dtype")):
             config["dtype"] = CONFIG_DTYPES[out_dtype]
 
-    shards = _shard(tensors, max_shard_size)
+    shards = sink.layout(tensors, max_shard_size)
     counts: dict[str, int] = {}
     for t in tensors:
         for p in t.patches:
@@ -667,28 +674,6 @@ def _follow_vocab(tensors: list[TensorPlan], config: dict, notes: list[str]) -> 
         if "vocab_size" in holder:
             holder["vocab_size"] = vocab
     notes.append(f"the adapter resizes the vocabulary: vocab_size = {vocab}")
-
-
-def _shard(tensors: list[TensorPlan], max_shard_size: int | str) -> list[ShardPlan]:
-    """Split by size alone with huggingface_hub's own rule and names, then lay out each file."""
-    sizes = {t.name: sum(tensor_nbytes(d, shape) for _, d, shape in t.entries) for t in tensors}
-    try:
-        split = split_state_dict_into_shards_factory(
-            sizes, get_storage_size=lambda n: n, filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_size
-        )
-    except ValueError:
-        raise LorafuseError(f"--max-shard-size {max_shard_size!r} is not a size like 5GB or 500MB") from None
-    by_name = {t.name: t for t in tensors}
-    shards = []
-    for filename, names in split.filename_to_tensors.items():
-        members = tuple(by_name[n] for n in names)
-        header, slots = layout([entry for t in members for entry in t.entries])
-        grouped, i = [], 0
-        for t in members:
-            grouped.append(tuple(slots[i:i + len(t.entries)]))
-            i += len(t.entries)
-        shards.append(ShardPlan(filename, members, header, tuple(grouped)))
-    return shards
 
 
 def _is_nf4_uint8(quantization: dict | None) -> bool:

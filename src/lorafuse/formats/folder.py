@@ -1,4 +1,5 @@
-"""The files of a Hugging Face model or adapter folder: which hold weights, which the tokenizer."""
+"""The files of a Hugging Face model or adapter folder: which hold weights, which the tokenizer; and how
+lorafuse creates and syncs files in the folders it writes."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import errno
 import os
 import re
 import stat
+from pathlib import Path
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -53,3 +55,26 @@ def identity_of(file: int | str | os.PathLike, follow: bool = False) -> tuple[in
             return None
         raise
     return st.st_dev, st.st_ino
+
+
+def create_fd(path: Path) -> int:
+    """A new file's descriptor, open for writing, whatever was at `path` unlinked first: never a link
+    followed, nor a file truncated that another name shares (a link planted in the staging folder would
+    otherwise turn a write into an overwrite of the file it names; O_EXCL fails on one made meanwhile)."""
+    path.unlink(missing_ok=True)
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+
+
+def create(path: Path):
+    """`create_fd` as a binary file object."""
+    return open(create_fd(path), "wb")
+
+
+def fsync_path(path: Path, follow: bool = True) -> None:
+    """fsync a file or a folder (a folder's entries: the names of what was created or renamed in it);
+    `follow=False` for a file in the staging folder, where no link is followed."""
+    fd = os.open(path, os.O_RDONLY | (0 if follow else os.O_NOFOLLOW))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 from ..api import merge
 from ..errors import LorafuseError
 from ..plan import describe, make_plan
+from ..sinks.safetensors import SAFETENSORS
 
 LAYERS, HIDDEN, INTERMEDIATE, VOCAB, HEADS, KV_HEADS = 2, 64, 128, 256, 4, 2
 R, ALPHA = 8, 16
@@ -103,7 +104,7 @@ def run_demo(keep: str | None = None, say: Callable[[str], None] = print) -> int
         base = build_base(root / "base", gen)
         adapter = build_adapter(root / "adapter", gen)
         say(f"built a tiny Llama-shaped bf16 model and a LoRA adapter (r={R}) in {root}\n")
-        say("\n".join(describe(make_plan(root / "base", root / "adapter", root / "merged", max_shard_size="200KB"))) + "\n")
+        say("\n".join(describe(make_plan(root / "base", root / "adapter", root / "merged", sink=SAFETENSORS, max_shard_size="200KB"))) + "\n")
         report = merge(root / "base", root / "adapter", root / "merged", max_shard_size="200KB")
         exact, total = check(root / "merged", base, adapter)
         say(f"merged {report.tensors_merged} tensors and copied {report.tensors_copied} into {report.shards} shards in {report.seconds:.2f} s")

@@ -18,6 +18,7 @@ from ..compute import fp32_value
 from ..errors import LorafuseError
 from ..plan import make_plan
 from ..quant import logical_tensors
+from ..sinks.safetensors import SAFETENSORS
 from ..sources.hub import resolve_model
 from ..sources.local import open_model
 from ..units import natural
@@ -34,7 +35,7 @@ class Row:
 def inspect(base: str | os.PathLike | None, adapter: str | os.PathLike, compare_base: str | os.PathLike | None = None) -> list[Row]:
     """One row per base tensor the adapter changes, in natural order, and a last row named "overall" (root
     of sums of squares)."""
-    plan = make_plan(base, adapter)
+    plan = make_plan(base, adapter, sink=SAFETENSORS)
     other = None
     if compare_base is not None:
         checkpoint = open_model(resolve_model(compare_base, what="base to compare with"))

@@ -32,7 +32,8 @@ from ..formats.jsonfile import parse_json
 from ..formats.folder import INDEX, SINGLE
 from ..formats.safetensors import FLOAT_DTYPES, read_header, torch_dtype
 from ..manifest import MANIFEST, identity, read_settings, sha256_file
-from ..output import model_card, written_files
+from ..sinks.safetensors import SAFETENSORS
+from ..sinks.safetensors.files import model_card, written_files
 from ..patches import AddBias, ExpertLoRA, LoRA, SliceRef
 from ..plan import CONV1D_MODULES, Plan, TensorPlan, make_plan, model_types
 from ..quant import QuantizedTensor
@@ -83,7 +84,7 @@ def verify(out: str | Path, base: str | Path | None = None, adapter: str | Path 
             if ref.dtype in FLOAT_DTYPES and not all_finite(ref.read()):
                 verdict.append(f"{name}: tensor {key} holds NaN or Inf values")
     if base is not None and not verdict:  # a manifest with a valid settings record
-        plan = make_plan(base, adapter, dtype=settings["dtype"], save_method=settings["save_method"],
+        plan = make_plan(base, adapter, sink=SAFETENSORS, dtype=settings["dtype"], save_method=settings["save_method"],
                          max_shard_size=settings["max_shard_size"])
         verdict += _check_inputs(plan, manifest)
         if not verdict:

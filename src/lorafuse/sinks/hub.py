@@ -1,5 +1,7 @@
 """Publish a merged model to the Hugging Face Hub: shards as they are done, one commit at the end.
 
+It wraps any sink: it hears of each weight file the sink finishes (`shard_done`, from the executor's
+on_shard_done), and commits the staged folder the sink and the manifest filled (`finish`).
 Each shard is pre-uploaded (LFS) as soon as the executor reports it complete, on one background thread,
 so uploading overlaps merging; the repo only changes when `finish` sends a single commit holding every
 file of the output (shards, config, tokenizer, index, model card, manifest): nobody sees a half-merged repo.
@@ -15,9 +17,8 @@ import queue
 import threading
 from pathlib import Path
 
-from .errors import LorafuseError
-
-PARTIAL_SUFFIX = ".partial"
+from ..errors import LorafuseError
+from ..output import PARTIAL
 
 
 class HubPublisher:
@@ -98,7 +99,7 @@ class HubPublisher:
         folder = Path(folder)
         operations = {}
         for path in sorted(folder.rglob("*")):
-            if not path.is_file() or path.name.endswith(PARTIAL_SUFFIX) or path.name in skip:
+            if not path.is_file() or path.name.endswith(PARTIAL) or path.name in skip:
                 continue
             name = path.relative_to(folder).as_posix()
             with self._lock:

@@ -1,0 +1,115 @@
+"""The work on one tensor (`write_tensor`) and what the workers share to do it: the source files, the
+compute paths, the counters."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Iterable
+
+from .. import compute, costs
+from ..formats.safetensors import TensorSlot
+from ..plan import ShardPlan, TensorPlan
+from ..quant import QuantizedTensor
+
+if TYPE_CHECKING:
+    from ..sinks import OutputFile
+
+
+def write_tensor(target: OutputFile, slots: tuple[TensorSlot, ...], tensor: TensorPlan, sources: SourceFiles,
+                 producer) -> tuple[str, Iterable[memoryview]]:
+    """Write one tensor into its `slots` of `target`: untouched, copied file to file inside the kernel;
+    else made by `producer` (read, patched in fp32, cast) and written as it comes. Returns the counter it
+    counts in, and its bytes where the producer still holds them (for the hash: copied bytes never pass
+    through memory, and are read back)."""
+    if tensor.is_copy:
+        target.copy_in((sources.fd(ref.path), ref.offset, slot.offset, slot.nbytes)
+                       for slot, ref in zip(slots, tensor.source_refs, strict=True))
+        return "tensors_copied", ()
+    source_fd = None if isinstance(tensor.source, QuantizedTensor) else sources.fd(tensor.source.path)
+
+    def write(slot: int, offset: int, data: memoryview) -> None:
+        target.write(data, slots[slot].offset + offset)
+    pieces = producer.output_bytes(tensor, slots, source_fd, write)
+    return ("tensors_merged" if tensor.patches else "tensors_cast"), pieces
+
+
+@dataclass
+class Counters:
+    tensors_merged: int = 0
+    tensors_cast: int = 0
+    tensors_copied: int = 0
+    bytes_read: int = 0
+    bytes_written: int = 0
+    shards_resumed: int = 0
+
+
+class Progress:
+    """The counters of a run, and `on_progress(bytes)` told of every tensor written (from any worker)."""
+
+    def __init__(self, on_progress: Callable[[int], None] | None) -> None:
+        self.counters = Counters()
+        self.on_progress = on_progress
+        self.lock = threading.Lock()
+
+    def tensor(self, kind: str, read: int, written: int) -> None:
+        with self.lock:
+            setattr(self.counters, kind, getattr(self.counters, kind) + 1)
+            self.counters.bytes_read += read
+            self.counters.bytes_written += written
+            if self.on_progress:
+                self.on_progress(written)
+
+    def resumed(self, shard: ShardPlan) -> None:
+        """A shard an earlier run finished (told from the thread that hands out the jobs, before any job)."""
+        self.counters.shards_resumed += 1
+        if self.on_progress:
+            self.on_progress(shard.size - len(shard.header))
+
+
+class SourceFiles:
+    """Read-only descriptors of the source files, opened once and shared by the workers."""
+
+    def __init__(self) -> None:
+        self._fds: dict[Path, int] = {}
+        self._lock = threading.Lock()
+
+    def fd(self, path: Path) -> int:
+        with self._lock:
+            if path not in self._fds:
+                self._fds[path] = os.open(path, os.O_RDONLY)
+            return self._fds[path]
+
+    def close_file(self, path: Path) -> None:
+        """Close one file (about to be deleted: an open descriptor would keep its disk space)."""
+        with self._lock:
+            fd = self._fds.pop(path, None)
+        if fd is not None:
+            os.close(fd)
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+
+
+class Producers(contextlib.ExitStack):
+    """The compute path (compute.producer) of each kind of tensor, made when the first tensor that takes
+    it comes up (torch's waits for torch's import), each held to `threads` threads of its own kernels
+    until the stack is closed. Used from one thread: the one that hands out the jobs."""
+
+    def __init__(self, device: str, threads: int) -> None:
+        super().__init__()
+        self.device, self.threads = device, threads
+        self.made: dict[bool, object] = {}  # needs torch -> its Producer
+
+    def for_tensor(self, tensor: TensorPlan):
+        if tensor.is_copy:
+            return None
+        torch_needed = costs.needs_torch(tensor, self.device)
+        if torch_needed not in self.made:
+            self.made[torch_needed] = compute.producer(torch_needed, self.device)
+            self.enter_context(self.made[torch_needed].intra_op_threads(self.threads))
+        return self.made[torch_needed]
