@@ -328,7 +328,7 @@ def test_verify_lists_each_problem_on_one_line(llama, tmp_path, capsys):
 def test_plan_that_will_not_fit_says_so_and_exits_2(llama, tmp_path, capsys, monkeypatch):
     import shutil
 
-    from lorafuse.api import DISK_MARGIN
+    from lorafuse.plan import DISK_MARGIN
     from lorafuse.units import human_size
 
     base, adapter = llama

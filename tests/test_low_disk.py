@@ -234,7 +234,7 @@ def test_plan_says_what_each_mode_needs(hub, folders, tmp_path, capsys):
 def test_a_disk_too_small_for_the_default_suggests_low_disk(hub, folders, tmp_path, monkeypatch, capsys):
     """Room for the output and one input shard, not for the whole base in the cache too: the default
     refuses before any work and names --low-disk, which then merges."""
-    from lorafuse.api import DISK_MARGIN
+    from lorafuse.plan import DISK_MARGIN
     from lorafuse.cli import main
 
     plan = lorafuse.plan("org/many", "org/adapter", tmp_path / "out", max_shard_size=SHARD_SIZE)

@@ -185,7 +185,7 @@ def test_disk_full_part_way_then_resume(inputs, reference, small_disk):
     assert not out.exists() and not list(staging.glob("*.partial"))
     assert (tree_hash(inputs[0]), tree_hash(inputs[1])) == before
     # Free just enough for what is left, not for the whole output: the resume must still start.
-    from lorafuse.api import DISK_MARGIN
+    from lorafuse.plan import DISK_MARGIN
 
     finished = sum(e["size"] for e in json.loads((staging / LEDGER).read_text())["shards"].values())
     left = lorafuse.plan(*inputs, max_shard_size=SHARD).output_bytes - finished
@@ -202,7 +202,7 @@ def test_disk_full_part_way_then_resume(inputs, reference, small_disk):
 def test_a_killed_run_s_half_written_shards_leave_room_for_the_rerun(cores, inputs, reference, small_disk):
     """A merge killed with shards half written (16 cores: several side by side) leaves them at full
     size on disk; a rerun deletes them before it checks for room, so room for what is left is enough."""
-    from lorafuse.api import DISK_MARGIN
+    from lorafuse.plan import DISK_MARGIN
 
     out, filler = small_disk / "out", small_disk / "filler"
     assert _run_killed(3, "merge", *inputs, out, "--max-shard-size", SHARD, "--quiet", cores=cores) == 137
@@ -843,7 +843,7 @@ def test_a_shard_finished_but_not_recorded_when_the_disk_filled_does_not_block_t
     room for a fresh merge is enough; with less, the refusal names the staging folder and what it holds."""
     import errno
 
-    from lorafuse.api import DISK_MARGIN
+    from lorafuse.plan import DISK_MARGIN
     from lorafuse.manifest import Ledger
     from lorafuse.units import human_size
 

@@ -7,7 +7,6 @@ import gc
 import importlib
 import os
 import resource
-import shutil
 import sys
 import threading
 import time
@@ -22,13 +21,10 @@ from .formats.folder import identity_of
 from .manifest import LEDGER, MANIFEST, Ledger, fingerprint, settings_record, write_manifest
 from .output import (MARKER, check_staged, check_target, claim_staging, clear, disk_error, exclusive, make_staging,
                      move_into_place, regular_file, staging_folder)
-from .plan import Plan, existing_ancestor, make_plan, output_path
+from .plan import Plan, make_plan, output_path, room
 from .sinks.hub import HubPublisher
 from .sinks.safetensors import SAFETENSORS
-from .sources.hub import cache_dir
-from .units import human_size
 
-DISK_MARGIN = 64 << 20  # room for config, tokenizer files and the file system's own overhead
 DOWNLOADS = "downloads"  # in the staging folder: base shards fetched for a --low-disk merge
 
 
@@ -83,113 +79,95 @@ def merge(base: str | os.PathLike | None, adapter: str | os.PathLike, out: str |
     replacing = check_target(out, force)
     staging = staging_folder(out)
     # Before anything is created or deleted: the plan checks that no input is a path the merge writes.
-    the_plan = make_plan(base, adapter, out, sink=SAFETENSORS, dtype=dtype, max_shard_size=max_shard_size, save_method=save_method,
-                         scratch=staging / DOWNLOADS if low_disk else None)
+    plan = make_plan(base, adapter, out, sink=SAFETENSORS, dtype=dtype, max_shard_size=max_shard_size,
+                     save_method=save_method, scratch=staging / DOWNLOADS if low_disk else None)
     interrupt = _InterruptAfterPublish(out)
     with interrupt, exclusive(out):  # a second merge into OUT would wipe this one's staging folder
-        claim_staging(out)
-        _import_in_background(the_plan, device)
-        torch_device = _device(device)
-        settings = settings_record(the_plan, device)
-        shard_names = {s.filename for s in the_plan.shards}
-        ledger = _reusable_run(staging, fingerprint(the_plan, settings), resume, shard_names)
-        # A resume needs room only for the rest: what an interrupted run left (finished shards, base shards
-        # fetched for --low-disk) already takes its share.
-        done = sum(entry["size"] for name, entry in ledger.shards.items() if (staging / name).is_file()) \
-            + _bytes_under(staging / DOWNLOADS)
-        hold = _check_disk(the_plan, done, low_disk, pushing=bool(push_to_hub))
+        run = _start_run(plan, staging, device, resume, low_disk, pushing=bool(push_to_hub))
         if on_plan:
-            on_plan(the_plan)
+            on_plan(plan)
         hub = HubPublisher(push_to_hub, private=private, revision=revision, commit_message=commit_message,
                            delete_uploaded=low_disk).start() if push_to_hub else None  # a bad token or repo fails now
         make_staging(staging)
         if hub and low_disk:  # an earlier run's shards that went up and were deleted need not be merged again
-            ledger.uploaded = {name for name, entry in ledger.shards.items()
-                               if not (staging / name).exists() and hub.adopt(name, entry["sha256"], entry["size"])}
+            run.ledger.uploaded = {name for name, entry in run.ledger.shards.items()
+                                   if not (staging / name).exists() and hub.adopt(name, entry["sha256"], entry["size"])}
         try:
-            counters = write_shards(the_plan, staging, torch_device, ledger, on_progress,
+            counters = write_shards(plan, staging, run.device, run.ledger, on_progress,
                                     on_shard_done=(lambda path, sha: hub.shard_done(path, sha256=sha)) if hub else None,
-                                    sink=SAFETENSORS, hold=hold, before_shard=hub.wait if hub and low_disk else None)
-            clear(staging / DOWNLOADS)
-            made = SAFETENSORS.written_files(the_plan)
-            try:
-                SAFETENSORS.write_metadata(the_plan, staging, settings)
-                write_manifest(the_plan, staging, settings, ledger.shards, made)
-            except OSError as e:
-                raise disk_error(e, staging) from None
-            written = made | shard_names | {MANIFEST}
-            # The commit goes first: if it fails, the staging folder and its ledger are still there, and a
-            # rerun commits without merging again (with --low-disk the shards exist only on the Hub).
-            if hub:
-                check_staged(staging, out, written | {LEDGER, MARKER})
-            hub_url = hub.finish(staging, skip={LEDGER, MARKER}) if hub else None
-            interrupt.staged = identity_of(staging)
-            try:
-                move_into_place(staging, out, keep_until_renamed=ledger.path, replacing=replacing, written=written)
-            except (LorafuseError, KeyboardInterrupt):  # OUT taken meanwhile, or Ctrl-C: unless it was moved into
-                if identity_of(staging) == interrupt.staged:  # place, the finished merge stays staged, resumable
-                    ledger.save()
-                raise
-            except OSError as e:
-                raise disk_error(e, staging) from None
+                                    sink=SAFETENSORS, hold=run.hold, before_shard=hub.wait if hub and low_disk else None)
+            hub_url = _finish(plan, staging, out, run, hub, interrupt, replacing)
         except BaseException as e:
             if hub:
                 hub.close()
             # Nothing finished, or bad inputs that a rerun must change anyway (hence start afresh): no trace.
-            if (not ledger.resumable or isinstance(e, InputError)) and interrupt.staged is None:
+            if (not run.ledger.resumable or isinstance(e, InputError)) and interrupt.staged is None:
                 with contextlib.suppress(LorafuseError):  # what stopped the merge is what to report
                     clear(staging)
             raise
-        return MergeReport(
-            out=str(out),
-            shards=len(the_plan.shards),
-            seconds=round(time.perf_counter() - started, 3),
-            peak_memory=_peak_rss(),
-            hub_url=hub_url,
-            **vars(counters),
-        )
+        return MergeReport(out=str(out), shards=len(plan.shards), seconds=round(time.perf_counter() - started, 3),
+                           peak_memory=_peak_rss(), hub_url=hub_url, **vars(counters))
 
 
-def room_problem(plan: Plan, done: int = 0, low_disk: bool = False, pushing: bool = False) -> str | None:
-    """Why the disks cannot hold the merge into plan.out (`done`: bytes of it already in the staging
-    folder), saying what would fit; None if they can or OUT is not known."""
-    return _room(plan, done, low_disk, pushing)[0]
+@dataclass
+class _Run:
+    """What a merge into the staging folder goes on with, once its earlier run (if any) is weighed."""
+
+    device: object  # the torch device, or "cpu"
+    settings: dict  # the manifest's record of the settings
+    ledger: Ledger  # the shards finished so far (a resumed run's)
+    hold: int | None  # --low-disk: downloaded base shards kept at once
 
 
-def _room(plan: Plan, done: int, low_disk: bool, pushing: bool) -> tuple[str | None, int]:
-    """(room_problem's answer, bytes free on OUT's disk beyond what the merge needs and DISK_MARGIN)."""
-    if plan.out is None:
-        return None, 0
-    out_need, cache_need = plan.disk_needs(low_disk, pushing)
-    out_need = max(out_need - done, 0)
-    free = plan.disk_free
-    margin = f"and {human_size(DISK_MARGIN)} to spare"
-    low_disk_need = plan.disk_needs(True, pushing)[0]
-    hint = f", or pass --low-disk (needs {human_size(low_disk_need)})" \
-        if not low_disk and low_disk_need + DISK_MARGIN <= free else ""
-    what = "the output needs"
-    if cache_need:
-        cache = existing_ancestor(cache_dir())
-        if os.stat(cache).st_dev == os.stat(existing_ancestor(plan.out.absolute())).st_dev:
-            out_need += cache_need
-            what = "the output and the downloads need"
-        elif (cache_free := shutil.disk_usage(cache).free) < cache_need + DISK_MARGIN:
-            return (f"downloading the base needs {human_size(cache_need)} {margin} in the Hugging Face cache {cache}, "
-                    f"but only {human_size(cache_free)} is free there: it will not fit; free space, point HF_HUB_CACHE "
-                    f"at another disk{hint}"), 0
-    spare = free - out_need - DISK_MARGIN
-    if spare < 0:
-        kept = f" (besides the {human_size(done)} of it that {staging_folder(plan.out)} holds)" if done else ""
-        return (f"{what} {human_size(out_need)} more{kept} {margin}, but only {human_size(free)} is free on the disk "
-                f"holding {plan.out.absolute().parent}: it will not fit; free space{hint}"), 0
-    return None, spare
+def _start_run(plan: Plan, staging: Path, device: str, resume: bool, low_disk: bool, pushing: bool) -> _Run:
+    """Under the lock: claim the staging folder, start importing what the merge needs, take over an earlier
+    run's finished shards if it merged the same thing, and check the disks' room for the rest."""
+    claim_staging(plan.out)
+    _import_in_background(plan, device)
+    torch_device = _device(device)
+    settings = settings_record(plan, device)
+    ledger = _reusable_run(staging, fingerprint(plan, settings), resume, {s.filename for s in plan.shards})
+    # A resume needs room only for the rest: what an interrupted run left (finished shards, base shards
+    # fetched for --low-disk) already takes its share.
+    done = sum(entry["size"] for name, entry in ledger.shards.items() if (staging / name).is_file()) \
+        + _bytes_under(staging / DOWNLOADS)
+    return _Run(torch_device, settings, ledger, _check_disk(plan, done, low_disk, pushing))
+
+
+def _finish(plan: Plan, staging: Path, out: Path, run: _Run, hub, interrupt: _InterruptAfterPublish,
+            replacing: tuple[int, int, int] | None) -> str | None:
+    """The shards are written: write the small files and the manifest, commit to the Hub if asked, and move
+    the staging folder into place. Returns the Hub commit's URL."""
+    clear(staging / DOWNLOADS)
+    made = SAFETENSORS.written_files(plan)
+    try:
+        SAFETENSORS.write_metadata(plan, staging, run.settings)
+        write_manifest(plan, staging, run.settings, run.ledger.shards, made)
+    except OSError as e:
+        raise disk_error(e, staging) from None
+    written = made | {s.filename for s in plan.shards} | {MANIFEST}
+    # The commit goes first: if it fails, the staging folder and its ledger are still there, and a rerun
+    # commits without merging again (with --low-disk the shards exist only on the Hub).
+    if hub:
+        check_staged(staging, out, written | {LEDGER, MARKER})
+    hub_url = hub.finish(staging, skip={LEDGER, MARKER}) if hub else None
+    interrupt.staged = identity_of(staging)
+    try:
+        move_into_place(staging, out, keep_until_renamed=run.ledger.path, replacing=replacing, written=written)
+    except (LorafuseError, KeyboardInterrupt):  # OUT taken meanwhile, or Ctrl-C: unless it was moved into
+        if identity_of(staging) == interrupt.staged:  # place, the finished merge stays staged, resumable
+            run.ledger.save()
+        raise
+    except OSError as e:
+        raise disk_error(e, staging) from None
+    return hub_url
 
 
 def _check_disk(plan: Plan, done: int, low_disk: bool, pushing: bool) -> int | None:
     """Refuse a merge the disks cannot hold (`done`: bytes of it already there), saying what would fit.
     Returns how many downloaded base shards a --low-disk merge keeps at once: one more than it must when
     the disk has room, so that the next downloads while the current one is merged."""
-    problem, spare = _room(plan, done, low_disk, pushing)
+    problem, spare = room(plan, done, low_disk, pushing)
     if problem:
         raise LorafuseError(problem)
     if not low_disk or not plan.base.remote:

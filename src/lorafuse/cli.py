@@ -14,9 +14,9 @@ import traceback
 import unicodedata
 
 from .version import __version__
-from .api import merge, plan, room_problem
+from .api import merge, plan
 from .errors import LorafuseError, OutputComplete
-from .plan import describe
+from .plan import describe, room_problem
 from .sources.hub import resolve_adapter
 from .units import human_size
 

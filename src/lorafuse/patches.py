@@ -16,7 +16,7 @@ import math
 import os
 from dataclasses import dataclass, replace
 from functools import lru_cache
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Protocol
 
 from .errors import LorafuseError
 from .formats.safetensors import dtype_size
@@ -127,22 +127,57 @@ def _version(path) -> tuple:
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
+class Patch(Protocol):
+    """A change to one base tensor: what the plan, the producers and verify need of it.
+
+    `out_shape` checks it against the base tensor's shape before any data is read; `apply` changes an fp32
+    torch tensor in place (or returns a new one when the shape changes): the path for whole tensors, DoRA,
+    4-bit output and the GPU. A `rowwise` patch, which changes each row independently, also has
+    `row_update`: the same arithmetic in numpy on blocks of rows, which lets most merges run without
+    importing torch at all. The two are kept on purpose and tested against each other
+    (tests/test_compute_paths.py); see costs.py for which a tensor takes."""
+
+    label: str  # its kind, as the plan counts and shows them
+    rowwise: bool
+
+    @property
+    def refs(self) -> tuple:
+        """The adapter tensors it reads."""
+
+    @property
+    def origins(self) -> tuple[str, ...]:
+        """Their names in the adapter file, for messages and verify."""
+
+    def out_shape(self, shape: tuple[int, ...], name: str) -> tuple[int, ...]: ...
+
+    def apply(self, w: torch.Tensor) -> torch.Tensor: ...
+
+    def row_update(self, shape: tuple[int, ...]) -> RowUpdate: ...
+
+
+class OneTensor:
+    """The bookkeeping of a patch read from one adapter tensor (the field TENSOR names), saved as `origin`."""
+
+    TENSOR: str
+
+    @property
+    def refs(self) -> tuple:
+        return (getattr(self, self.TENSOR),)
+
+    @property
+    def origins(self) -> tuple[str, ...]:
+        return (self.origin,)
+
+
 @dataclass(frozen=True)
-class Replace:
+class Replace(OneTensor):
     """A whole tensor saved by the adapter (modules_to_save, bias="all", a resized embedding)."""
 
     source: object
     origin: str
     label = "replace"
+    TENSOR = "source"
     rowwise = True  # the numpy path reads the replacing tensor instead of the base
-
-    @property
-    def refs(self) -> tuple:
-        return (self.source,)
-
-    @property
-    def origins(self) -> tuple[str, ...]:
-        return (self.origin,)
 
     def out_shape(self, shape: tuple[int, ...], name: str) -> tuple[int, ...]:
         new = tuple(self.source.shape)
@@ -267,22 +302,15 @@ class LoRA:
 
 
 @dataclass(frozen=True)
-class AddBias:
+class AddBias(OneTensor):
     """lora_bias: b' = b + s·lora_B.bias (PEFT lora.Linear.merge)."""
 
     bias: object
     scale: float
     origin: str
     label = "lora_bias"
+    TENSOR = "bias"
     rowwise = True
-
-    @property
-    def refs(self) -> tuple:
-        return (self.bias,)
-
-    @property
-    def origins(self) -> tuple[str, ...]:
-        return (self.origin,)
 
     def out_shape(self, shape: tuple[int, ...], name: str) -> tuple[int, ...]:
         if tuple(self.bias.shape) != tuple(shape):
@@ -305,22 +333,15 @@ class AddBias:
 
 
 @dataclass(frozen=True)
-class ReplaceRows:
+class ReplaceRows(OneTensor):
     """trainable_token_indices: W[indices] = rows (PEFT TrainableTokensLayer.merge, an index_copy)."""
 
     rows: object
     indices: tuple[int, ...]
     origin: str
     label = "rows"
+    TENSOR = "rows"
     rowwise = True
-
-    @property
-    def refs(self) -> tuple:
-        return (self.rows,)
-
-    @property
-    def origins(self) -> tuple[str, ...]:
-        return (self.origin,)
 
     def out_shape(self, shape: tuple[int, ...], name: str) -> tuple[int, ...]:
         want = (len(self.indices),) + tuple(shape[1:])
@@ -421,6 +442,3 @@ class ExpertLoRA:
                 np.matmul(left, right, out=product)
                 block[i] += scratch[i]
         return update
-
-
-Patch = Replace | LoRA | AddBias | ReplaceRows | ExpertLoRA

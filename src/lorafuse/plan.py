@@ -43,6 +43,7 @@ CONV1D_MODULES = {"gpt2": GPT2_CONV1D, "openai-gpt": GPT2_CONV1D, "imagegpt": GP
                   "clvp_decoder": frozenset({"c_fc", "c_proj"})}
 EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight", "tok_embeddings.weight")
 MAX_PIPELINE_DEPTH = 8
+DISK_MARGIN = 64 << 20  # room for config, tokenizer files and the file system's own overhead
 NAME_MAX = 255  # bytes in one file name, on every file system Linux and macOS write models to
 # OUT gets its own card, config and manifest (a base that is an earlier merge has one)
 NOT_CARRIED = {"README.md", "adapter_config.json", "config.json", "lorafuse-manifest.json"}
@@ -239,6 +240,40 @@ class Plan:
         if pushing:
             output = min(output, 2 * max(s.size for s in self.shards))
         return output + inputs, 0
+
+
+def room_problem(plan: Plan, done: int = 0, low_disk: bool = False, pushing: bool = False) -> str | None:
+    """Why the disks cannot hold the merge into plan.out (`done`: bytes of it already in the staging
+    folder), saying what would fit; None if they can or OUT is not known."""
+    return room(plan, done, low_disk, pushing)[0]
+
+
+def room(plan: Plan, done: int, low_disk: bool, pushing: bool) -> tuple[str | None, int]:
+    """(room_problem's answer, bytes free on OUT's disk beyond what the merge needs and DISK_MARGIN)."""
+    if plan.out is None:
+        return None, 0
+    out_need, cache_need = plan.disk_needs(low_disk, pushing)
+    out_need = max(out_need - done, 0)
+    free = plan.disk_free
+    margin = f"and {human_size(DISK_MARGIN)} to spare"
+    low_disk_need = plan.disk_needs(True, pushing)[0]
+    hint = f", or pass --low-disk (needs {human_size(low_disk_need)})" \
+        if not low_disk and low_disk_need + DISK_MARGIN <= free else ""
+    what = "the output needs"
+    if cache_need:
+        if plan.cache_shares_out_disk:
+            out_need += cache_need
+            what = "the output and the downloads need"
+        elif plan.cache_free < cache_need + DISK_MARGIN:
+            return (f"downloading the base needs {human_size(cache_need)} {margin} in the Hugging Face cache "
+                    f"{cache_dir()}, but only {human_size(plan.cache_free)} is free there: it will not fit; free space, "
+                    f"point HF_HUB_CACHE at another disk{hint}"), 0
+    spare = free - out_need - DISK_MARGIN
+    if spare < 0:
+        kept = f" (besides the {human_size(done)} of it that {work_path(plan.out, 'partial')} holds)" if done else ""
+        return (f"{what} {human_size(out_need)} more{kept} {margin}, but only {human_size(free)} is free on the disk "
+                f"holding {plan.out.absolute().parent}: it will not fit; free space{hint}"), 0
+    return None, spare
 
 
 def existing_ancestor(path: Path) -> Path:
