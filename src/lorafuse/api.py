@@ -21,7 +21,7 @@ from .formats.folder import identity_of
 from .manifest import LEDGER, MANIFEST, Ledger, fingerprint, settings_record, write_manifest
 from .output import (MARKER, check_staged, check_target, claim_staging, clear, disk_error, exclusive, make_staging,
                      move_into_place, regular_file, staging_folder)
-from .plan import Plan, make_plan, output_path, room
+from .plan import Plan, make_plan, output_path, remeasured, room
 from .sinks.hub import HubPublisher
 from .sinks.safetensors import SAFETENSORS
 
@@ -131,7 +131,7 @@ def _start_run(plan: Plan, staging: Path, device: str, resume: bool, low_disk: b
     # fetched for --low-disk) already takes its share.
     done = sum(entry["size"] for name, entry in ledger.shards.items() if (staging / name).is_file()) \
         + _bytes_under(staging / DOWNLOADS)
-    return _Run(torch_device, settings, ledger, _check_disk(plan, done, low_disk, pushing))
+    return _Run(torch_device, settings, ledger, _check_disk(remeasured(plan), done, low_disk, pushing))
 
 
 def _finish(plan: Plan, staging: Path, out: Path, run: _Run, hub, interrupt: _InterruptAfterPublish,

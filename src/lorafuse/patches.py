@@ -122,6 +122,12 @@ def _rows_read(part, version: tuple) -> bytes:
     return bytes(part.read_into(bytearray(part.nbytes)))
 
 
+def forget_cut_rows() -> None:
+    """Drop the rows kept for cutting experts' factors: a merge is over (a process may live on, a training
+    script's, with its memory)."""
+    _rows_read.cache_clear()
+
+
 def _version(path) -> tuple:
     st = os.stat(path)
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections import Counter
 import re
 import shutil
 import stat
@@ -346,22 +347,19 @@ def make_plan(base: str | os.PathLike | None, adapter: str | os.PathLike, out: s
         nf4_base = quant_method == "bitsandbytes" and _is_nf4_uint8(base_quantization)
         tensors = _to_nf4(tensors, base_quantization if nf4_base else None, config, notes)
     if out_dtype:
-        for holder in _configs(config):
-            for key in ("dtype", "torch_dtype"):
-                if key in holder:
-                    holder[key] = CONFIG_DTYPES[out_dtype]
-        if not any(k in config for k in ("dtype", "torch_dtype")):
-            config["dtype"] = CONFIG_DTYPES[out_dtype]
-
+        _set_dtype(config, out_dtype)
     shards = sink.layout(tensors, max_shard_size)
-    counts: dict[str, int] = {}
-    for t in tensors:
-        for p in t.patches:
-            counts[p.label] = counts.get(p.label, 0) + 1
+    counts = Counter(p.label for t in tensors for p in t.patches)
     notes += _base_mismatch(adapter_obj.base_name, str(base), base_dir, quant_method)
-    return Plan(checkpoint, adapter_obj, out_path, out_dtype or "auto", shards, config, counts, notes, save_method,
+    return Plan(checkpoint, adapter_obj, out_path, out_dtype or "auto", shards, config, dict(counts), notes, save_method,
                 str(base), str(adapter), carried_files(base_dir, adapter_dir), max_shard_size,
                 **_free_space(out_path, checkpoint))
+
+
+def remeasured(plan: Plan) -> Plan:
+    """The plan with the disks' free space measured again: a resumed merge first deletes what its earlier
+    run left half written."""
+    return replace(plan, **_free_space(plan.out, plan.base))
 
 
 def _free_space(out: Path | None, base: Checkpoint) -> dict:
@@ -376,6 +374,16 @@ def _free_space(out: Path | None, base: Checkpoint) -> dict:
         found["cache_free"] = shutil.disk_usage(cache).free
         found["cache_shares_out_disk"] = os.stat(cache).st_dev == os.stat(out_disk).st_dev
     return found
+
+
+def _set_dtype(config: dict, dtype: str) -> None:
+    """The output config names the output dtype, wherever the base's config named one."""
+    for holder in _configs(config):
+        for key in ("dtype", "torch_dtype"):
+            if key in holder:
+                holder[key] = CONFIG_DTYPES[dtype]
+    if not any(k in config for k in ("dtype", "torch_dtype")):
+        config["dtype"] = CONFIG_DTYPES[dtype]
 
 
 def carried_files(base: Path, adapter: Path) -> list[Path]:

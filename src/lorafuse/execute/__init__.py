@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from .. import costs
+from ..patches import forget_cut_rows
 from ..manifest import Ledger
 from ..output import disk_error
 from ..plan import Plan, ShardPlan, usable_cores
@@ -68,6 +69,7 @@ def write_shards(plan: Plan, folder: Path, device: str, ledger: Ledger,
         files.close()
         sources.close()
         sink.clean(folder)
+        forget_cut_rows()
     return pipeline.progress.counters
 
 
