@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import os
 import resource
 import shutil
@@ -107,8 +108,7 @@ def main() -> None:
         write_shards = api.write_shards
 
         def with_depth(plan, *rest, **kwargs):
-            plan.depth = args.depth
-            return write_shards(plan, *rest, **kwargs)
+            return write_shards(dataclasses.replace(plan, depth=args.depth), *rest, **kwargs)
         api.write_shards = with_depth
     work = Path(tempfile.mkdtemp(prefix="lorafuse-phases-", dir=Path.home()))
     try:
