@@ -18,7 +18,7 @@ from .costs import needs_torch
 from .errors import InputError, LorafuseError, OutputComplete
 from .execute import write_shards
 from .formats.folder import identity_of
-from .manifest import LEDGER, MANIFEST, Ledger, fingerprint, settings_record, write_manifest
+from .manifest import LEDGER, MANIFEST, Ledger, fingerprint as run_fingerprint, settings_record, write_manifest
 from .output import (MARKER, check_staged, check_target, claim_staging, clear, disk_error, exclusive, make_staging,
                      move_into_place, regular_file, staging_folder)
 from .plan import Plan, make_plan, output_path, remeasured, room
@@ -126,7 +126,7 @@ def _start_run(plan: Plan, staging: Path, device: str, resume: bool, low_disk: b
     _import_in_background(plan, device)
     torch_device = _device(device)
     settings = settings_record(plan, device)
-    ledger = _reusable_run(staging, fingerprint(plan, settings), resume, {s.filename for s in plan.shards})
+    ledger = _reusable_run(staging, run_fingerprint(plan, settings), resume, {s.filename for s in plan.shards})
     # A resume needs room only for the rest: what an interrupted run left (finished shards, base shards
     # fetched for --low-disk) already takes its share.
     done = sum(entry["size"] for name, entry in ledger.shards.items() if (staging / name).is_file()) \
@@ -179,13 +179,13 @@ def _bytes_under(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else 0
 
 
-def _reusable_run(staging: Path, print_: str, resume: bool, shard_names: set[str]) -> Ledger:
+def _reusable_run(staging: Path, fingerprint: str, resume: bool, shard_names: set[str]) -> Ledger:
     """The ledger of this merge's unfinished run, if there is one, and nothing else in the staging folder:
     everything there that the rerun cannot trust (a killed run's half-written shards, a shard finished but
     not recorded when the disk filled, another merge's run, a link or anything else not a regular file at
     a shard's name) is deleted before the room is checked, so that a rerun fits whenever a fresh merge
     would. `claim_staging` has checked that the folder is lorafuse's."""
-    ledger = Ledger(staging, print_, shard_names)
+    ledger = Ledger(staging, fingerprint, shard_names)
     ledger.shards = {name: entry for name, entry in ledger.shards.items()  # a shard gone was uploaded (--low-disk)
                      if regular_file(staging / name) or not os.path.lexists(staging / name)}
     if not ledger.resumable:
@@ -221,13 +221,13 @@ def _import_in_background(plan: Plan, device: str) -> None:
     """Import the compute paths the plan takes on a thread of its own; the first tensor that needs one
     waits for it.
 
-    numpy (0.07 s; both paths use its buffers) is imported here because a Ctrl-C that lands in the main
+    numpy (both paths use its buffers) is imported here because a Ctrl-C that lands in the main
     thread while numpy's C extension loads breaks numpy and comes out as an ImportError; landing while
-    the main thread waits for this thread's import, it is a plain KeyboardInterrupt. Torch (1.3-1.8 s,
+    the main thread waits for this thread's import, it is a plain KeyboardInterrupt. Torch (a long import,
     mostly holding the GIL) only when a tensor needs it, as it would hold the GIL the numpy path needs;
     meanwhile what releases the GIL overlaps it (copying untouched tensors, hashing them). The cyclic
     garbage collector stays off during torch's import and then leaves what exists alone (gc.freeze): it
-    would rescan torch's hundred thousand new objects again and again (0.2-0.3 s). Last, what writing the
+    would rescan torch's many new objects again and again. Last, what writing the
     model card needs. An import that fails here fails again, with its message, where it is needed."""
     modules = []
     if not all(t.is_copy for t in plan.tensors):

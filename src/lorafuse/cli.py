@@ -14,7 +14,7 @@ import traceback
 import unicodedata
 
 from .version import __version__
-from .api import merge, plan
+from .api import merge, plan as plan_merge
 from .errors import LorafuseError, OutputComplete
 from .plan import describe, room_problem
 from .sources.hub import resolve_adapter
@@ -183,13 +183,13 @@ def _positional(args) -> None:
 def _plan(args) -> int:
     _positional(args)
     _show_cache_status(args)
-    the_plan = plan(args.base, args.adapter, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size,
-                    save_method=args.save_method)
-    problem = room_problem(the_plan)
+    plan = plan_merge(args.base, args.adapter, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size,
+                      save_method=args.save_method)
+    problem = room_problem(plan)
     if args.json:
-        _say(json.dumps({**_plan_dict(the_plan), "fits": None if args.out is None else problem is None}, indent=2))
+        _say(json.dumps({**_plan_dict(plan), "fits": None if args.out is None else problem is None}, indent=2))
     else:
-        _say("\n".join(describe(the_plan, verbose=args.verbose)))
+        _say("\n".join(describe(plan, verbose=args.verbose)))
     if problem:  # after the plan, which says what each mode needs
         raise LorafuseError(problem)
     return 0
@@ -216,21 +216,21 @@ def _show_cache_status(args) -> None:
             _say(line)
 
 
-def _plan_dict(the_plan) -> dict:
+def _plan_dict(plan) -> dict:
     return {
-        "shards": [{"file": s.filename, "bytes": s.size, "tensors": len(s.tensors)} for s in the_plan.shards],
-        "changed": {t.name: [p.label for p in t.patches] for t in the_plan.merged},
-        "copied": sum(t.is_copy for t in the_plan.tensors),
-        "output_bytes": the_plan.output_bytes,
-        "peak_memory": the_plan.peak_memory,
-        "pipeline_depth": the_plan.depth,
-        "disk_free": the_plan.disk_free,
-        "download_bytes": the_plan.base.download_bytes,
-        "disk_needs": {mode: dict(zip(("out", "cache"), the_plan.disk_needs(low_disk=low, pushing=push)))
+        "shards": [{"file": s.filename, "bytes": s.size, "tensors": len(s.tensors)} for s in plan.shards],
+        "changed": {t.name: [p.label for p in t.patches] for t in plan.merged},
+        "copied": sum(t.is_copy for t in plan.tensors),
+        "output_bytes": plan.output_bytes,
+        "peak_memory": plan.peak_memory,
+        "pipeline_depth": plan.depth,
+        "disk_free": plan.disk_free,
+        "download_bytes": plan.base.download_bytes,
+        "disk_needs": {mode: dict(zip(("out", "cache"), plan.disk_needs(low_disk=low, pushing=push)))
                        for mode, low, push in (("default", False, False), ("low_disk", True, False),
                                                ("low_disk_push", True, True))},
-        "config": the_plan.config,
-        "notes": the_plan.notes,
+        "config": plan.config,
+        "notes": plan.notes,
     }
 
 
@@ -250,11 +250,11 @@ def _run_merge(args, merged: list) -> int:
     show = not args.quiet and not args.json
     bar = None
 
-    def on_plan(the_plan) -> None:
+    def on_plan(plan) -> None:
         nonlocal bar
         if show:
-            _tell("\n".join(describe(the_plan)))
-            bar = _progress(the_plan.total_size, len(the_plan.tensors))
+            _tell("\n".join(describe(plan)))
+            bar = _progress(plan.total_size, len(plan.tensors))
 
     try:
         report = merge(args.base, args.adapter, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size,

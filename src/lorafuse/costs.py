@@ -15,9 +15,9 @@ import math
 from .quant import QuantizedTensor
 
 ROW_DTYPES = {"BF16", "F16", "F32"}  # what the numpy path reads and writes
-# The numpy path's rows per block: 256 Ki fp32 values (1 MB), cached. A 5632 × 2048 LoRA merge alone
-# takes 24-24.5 ms in blocks of 128 Ki or 256 Ki values, 28 ms in blocks of 32 Ki; in a whole merge the
-# larger blocks halve the Python calls (4 GB: 0.3 s less CPU than 128 Ki, see benchmarks/NOTES.md).
+# The numpy path's rows per block: 256 Ki fp32 values (1 MB), which stays in the CPU's cache. Smaller
+# blocks make more Python calls per tensor (a block is about a dozen numpy calls and a write); larger ones
+# fall out of the cache (measurements in benchmarks/NOTES.md).
 BLOCK_VALUES = 1 << 18
 
 
@@ -55,7 +55,7 @@ def needs_torch(tensor, device: str) -> bool:
 def threads_per_worker(tensors, device: str, cores: int, depth: int) -> int:
     """Intra-op threads for each of `depth` pipeline threads (torch's and numpy's BLAS): one where every
     computed tensor is made in rows, since a team of threads spins more than it works on a block of 1 MB
-    (16 cores, 2 GB NF4 base: 35-42 s of CPU and 3.7-4.7 s with two each, 8 s and 2.8-3.8 s with one);
+    (it takes several times the CPU and more wall time than one thread each: see benchmarks/NOTES.md);
     the worker's share of the cores where some tensor takes torch whole (DoRA, 4-bit output, the GPU).
     The settings are the process's, so in a merge that has both, the rows get that share too."""
     whole = any(not t.is_copy and not in_rows(t, device) for t in tensors)

@@ -109,14 +109,14 @@ def _sha256_bytes(data: bytes) -> str:
 class Ledger:
     """The staging folder's record of finished shards."""
 
-    def __init__(self, staging: Path, print_: str, shard_names: set[str]) -> None:
+    def __init__(self, staging: Path, fingerprint: str, shard_names: set[str]) -> None:
         self.path = staging / LEDGER
-        self.fingerprint = print_
+        self.fingerprint = fingerprint
         self.shards: dict[str, dict] = {}
         self.uploaded: set[str] = set()  # finished shards the Hub holds and the disk no longer does (--low-disk)
         self._lock = threading.Lock()  # shards finish on different threads
         saved = _read_ledger(self.path)
-        if isinstance(saved, dict) and saved.get("fingerprint") == print_ and isinstance(saved.get("shards"), dict):
+        if isinstance(saved, dict) and saved.get("fingerprint") == fingerprint and isinstance(saved.get("shards"), dict):
             self.shards = {name: entry for name, entry in saved["shards"].items()
                            if name in shard_names and _valid_entry(entry)}
 

@@ -165,7 +165,8 @@ def usable_cores() -> int:
 def pipeline_depth() -> int:
     """Tensors in flight at once: one per two usable cores (the kernel's copies, the hashing and the
     flushing take the others), at least two (one tensor is computed while another is read or written),
-    at most MAX_PIPELINE_DEPTH (on 16 cores, 8 were 1.6x faster than 2 without hashing)."""
+    at most MAX_PIPELINE_DEPTH (on many cores, that many threads merge much faster than two: see
+    benchmarks/NOTES.md)."""
     return max(2, min(MAX_PIPELINE_DEPTH, usable_cores() // 2))
 
 

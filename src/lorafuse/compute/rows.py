@@ -63,9 +63,8 @@ class Producer:
 
     @staticmethod
     def intra_op_threads(n: int):
-        """Each pipeline thread's share of the cores for numpy's BLAS: left alone, two workers' OpenBLAS
-        thread teams compete for two cores (measured: a 1 GB merge 1.9-2.1 s with one thread each,
-        2.4-3.2 s without a limit)."""
+        """Each pipeline thread's share of the cores for numpy's BLAS: left alone, every worker's OpenBLAS
+        thread team would use all the cores, and the teams would compete for them, slowing the merge."""
         from threadpoolctl import threadpool_limits
 
         return threadpool_limits(limits=n, user_api="blas")

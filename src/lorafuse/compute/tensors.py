@@ -52,8 +52,7 @@ class Producer:
     @contextlib.contextmanager
     def intra_op_threads(n: int):
         """Give each pipeline thread its share of the cores, for torch and for the numpy path's BLAS: more
-        torch threads than cores makes their OpenMP teams spin against each other (measured: 2 workers x 2
-        threads on 2 cores is slower)."""
+        torch threads than cores makes their OpenMP teams spin against each other instead of working."""
         before = torch.get_num_threads()
         torch.set_num_threads(n)
         try:

@@ -24,8 +24,8 @@ if TYPE_CHECKING:
 Empty = Callable[[int], "torch.Tensor"]  # nbytes -> uint8 tensor to decode into
 
 # Output bytes decoded per step on the CPU: a step's values stay in the CPU's cache from the lookup to
-# the scaling. The gather alone, 8 Mi codes on one core: 158 ms on int64 indices, 31 ms on int32 ones in
-# one step, 9-13 ms in steps of 16-256 Ki codes (see benchmarks/NOTES.md).
+# the scaling, which is much faster than gathering the whole weight in one step (benchmarks/NOTES.md,
+# "Quantized bases").
 LOOKUP_BYTES = 1 << 19
 
 
@@ -77,8 +77,7 @@ class QuantizedTensor:
         """The float32 weight, as the format's reference implementation computes it, on `device`.
 
         On the CPU the result goes into `buffer("fp32", nbytes)` when given: fresh memory costs a page
-        fault per 4 KiB (one 4096 × 4096 NF4 weight on one core: 52-69 ms into fresh memory, 14-16 ms
-        into reused).
+        fault per 4 KiB, which takes longer than the decoding itself.
         """
         import torch
 

@@ -38,9 +38,10 @@ def write_metadata(plan: Plan, folder: Path, settings: dict) -> None:
 
 
 def model_card(plan: Plan, settings: dict) -> str:
-    """The README.md that huggingface_hub's ModelCard would save, without importing its Hub client (0.25 s).
+    """The README.md that huggingface_hub's ModelCard would save, without importing its Hub client (a slow
+    import that writing a file does not need).
     `lorafuse verify` writes it again to check OUT's."""
-    from huggingface_hub import ModelCardData  # 0.05 s, imported while the merge runs (api._import_in_background)
+    from huggingface_hub import ModelCardData  # a merge imports it on a thread while it runs (api._import_in_background)
 
     repo_id = _repo_id(plan.base_name) or _repo_id(plan.adapter.base_name or "")
     data = ModelCardData(base_model=repo_id, library_name="transformers", tags=["lorafuse", "merge", "lora"])

@@ -139,8 +139,7 @@ class _RunningHash:
     overlaps the merge instead of following it. A writer whose tensor extends the prefix hashes it from
     its own buffer when the hash has caught up; the rest (copies, tensors written ahead of the prefix,
     tensors written while the hash lags) a thread of its own reads back from the page cache. The workers
-    never wait for it: SHA-256 is one core's work per file (0.8-1.6 GB/s), slower than the merge on many
-    cores."""
+    never wait for it: SHA-256 is one core's work per file, slower than the merge on many cores."""
 
     def __init__(self, path: Path, size: int, done_prefix: int) -> None:
         self.size, self.prefix, self.hashed = size, done_prefix, 0
@@ -163,7 +162,7 @@ class _RunningHash:
             return
         with self.cond:
             # Everything before is written and hashed: hash these bytes here, which spares reading them
-            # back (0.1 s per GB).
+            # back from the page cache (CPU time for every byte).
             own = self.prefix == self.hashed == start and sum(len(p) for p in pieces) == end - start
         if own:  # outside the lock: the thread idles until the prefix passes `start`, so the digest is ours
             for piece in pieces:
@@ -218,7 +217,8 @@ class _RunningHash:
 class _Flusher:
     """fdatasync an output shard after every FLUSH_BYTES written to it, on a thread of its own, so the
     disk makes the data durable while the merge goes on instead of all of it at the final fsync (on a
-    virtual disk that flush is the host writing out its cache: 0.8-1.2 s per GB when left to the end).
+    virtual disk that flush is the host writing out its cache, which the final fsync would otherwise wait
+    for whole).
     The workers never wait for it; flushes that take longer than FLUSH_BYTES takes to write merge into one."""
 
     def __init__(self, fd: int) -> None:
