@@ -173,3 +173,41 @@ def test_a_plain_merge_never_imports_transformers(tiny_base, artefacts, tmp_path
     done = subprocess.run([sys.executable, "-c", script, str(base), str(adapter), str(tmp_path / "out")],
                           capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
+
+
+def test_a_vit_checkpoint_in_the_old_layout_merges_as_peft_computes(artefacts, tmp_path):
+    """transformers 5 names ViT's modules anew in memory (`vit.layers.N.attention.q_proj`) and still saves
+    the old layout (`vit.encoder.layer.N.attention.attention.query`): a classifier adapter (LoRA on the
+    attention and MLP, the head in modules_to_save) merges into the old names, and the result loads and
+    computes what the unmerged PEFT model computes."""
+    import transformers as tf
+    from peft import LoraConfig, PeftModel
+    from safetensors import safe_open
+
+    def build(folder: Path) -> Path:
+        quiet()
+        torch.manual_seed(0)
+        config = tf.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                              image_size=16, patch_size=4, num_labels=3)
+        return save_model(tf.ViTForImageClassification(config), folder)
+    base = artefacts.get("vit-old-layout", build)
+    model = tf.ViTForImageClassification.from_pretrained(base)
+    adapter = make_adapter(base, tmp_path / "adapter", LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "fc1"],
+                                                                  modules_to_save=["classifier"], init_lora_weights=False),
+                           model=model)
+    out = tmp_path / "out"
+    lorafuse.merge(base, adapter, out)
+
+    def names(folder: Path) -> dict:
+        with safe_open(folder / "model.safetensors", "pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    assert any(".attention.attention.query." in k for k in names(base)) and names(out) == names(base)
+    pixels = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    merged, info = tf.ViTForImageClassification.from_pretrained(out, output_loading_info=True)
+    assert not any(info.values()), info
+    peft = PeftModel.from_pretrained(tf.ViTForImageClassification.from_pretrained(base), adapter).eval()
+    plain = tf.ViTForImageClassification.from_pretrained(base).eval()
+    with torch.no_grad():
+        want, got, before = (m(pixel_values=pixels).logits for m in (peft, merged.eval(), plain))
+    assert (want - before).abs().max() > 100 * (got - want).abs().max()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
