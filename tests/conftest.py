@@ -256,3 +256,35 @@ def sharded(tiny_base, artefacts):
     adapter = artefacts.get("sharded-adapter", lambda d: make_adapter(
         base, d, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], init_lora_weights=False)))
     return base, adapter
+
+
+def record_work(monkeypatch) -> dict[str, dict[str, int]]:
+    """Hook the numpy path so that each tensor it makes records what it takes: its buffers (the largest asked
+    for, by role) and its adapter factors in fp32 (bytes each). `monkeypatch.undo()` ends the recording."""
+    import threading
+
+    from lorafuse.compute import rows
+    from lorafuse.formats import arrays
+
+    taken: dict[str, dict[str, int]] = {}
+    current = threading.local()
+    real_get, real_fp32, real_output_bytes = rows.Buffers.get, arrays.fp32, rows.Producer.output_bytes
+
+    def get(self, role, nbytes):
+        mine = taken[current.name]
+        mine[role] = max(mine.get(role, 0), nbytes)
+        return real_get(self, role, nbytes)
+
+    def fp32(ref):
+        factor = real_fp32(ref)
+        taken[current.name][f"factor {len(taken[current.name])}"] = factor.nbytes
+        return factor
+
+    def output_bytes(self, tensor, *args):
+        current.name, taken[tensor.name] = tensor.name, {}
+        return real_output_bytes(self, tensor, *args)
+
+    monkeypatch.setattr(rows.Buffers, "get", get)
+    monkeypatch.setattr(arrays, "fp32", fp32)
+    monkeypatch.setattr(rows.Producer, "output_bytes", output_bytes)
+    return taken

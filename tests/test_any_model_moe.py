@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import threading
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -35,7 +34,7 @@ import torch
 
 import lorafuse
 from conftest import (leftovers, load_model, load_peft, logits, make_adapter, quiet, read_adapter, read_config,
-                      read_tensors, same_bytes, save_model, tree_hash)
+                      read_tensors, record_work, same_bytes, save_model, tree_hash)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -371,15 +370,21 @@ def test_dsv3_fp8_adapter_has_expert_and_attention_lora(dsv3):
     assert any(".self_attn.q_b_proj.lora_A." in k for k in keys)
 
 
-def test_dsv3_fp8_output_is_a_plain_16bit_model(dsv3):
-    """(a) The bf16 model's tensors, per expert, no scales; no quantization_config; transformers loads it."""
-    plain, _, _, out, _ = dsv3
+
+def assert_plain_16bit(out: Path, plain: Path) -> None:
+    """OUT holds the 16-bit model's tensors (names, shapes; all bf16), no quantization_config, and loads
+    with no missing, unexpected or mismatched keys."""
     got, want = read_tensors(out), read_tensors(plain)
     assert got.keys() == want.keys(), (sorted(got.keys() - want.keys())[:5], sorted(want.keys() - got.keys())[:5])
     assert all(got[k].shape == want[k].shape and got[k].dtype == torch.bfloat16 for k in want)
     assert "quantization_config" not in read_config(out)
     _, info = load_model(out, torch.float32, info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+
+def test_dsv3_fp8_output_is_a_plain_16bit_model(dsv3):
+    """(a) The bf16 model's tensors, per expert, no scales; no quantization_config; transformers loads it."""
+    plain, _, _, out, _ = dsv3
+    assert_plain_16bit(out, plain)
 
 
 def test_dsv3_fp8_logits_match_peft_on_the_dequantized_base(dsv3):
@@ -530,8 +535,6 @@ def test_moe_merge_memory_is_a_few_expert_tensors(artefacts, tmp_path, monkeypat
     from peft import LoraConfig
 
     from lorafuse import costs
-    from lorafuse.formats import arrays
-    from lorafuse.compute import rows
 
     base = moe_base(artefacts, "mixtral_wide")
     adapter = artefacts.get("moe-wide-adapter", lambda d: make_adapter(
@@ -544,27 +547,7 @@ def test_moe_merge_memory_is_a_few_expert_tensors(artefacts, tmp_path, monkeypat
     fused_bytes = 2 * NUM_EXPERTS["mixtral_wide"] * expert_bytes  # one (E, 2I, H) gate_up_proj
     total = sum(t.numel() * t.element_size() for t in stored.values())
 
-    taken: dict[str, dict[str, int]] = {}
-    current = threading.local()
-    real_get, real_fp32, real_output_bytes = rows.Buffers.get, arrays.fp32, rows.Producer.output_bytes
-
-    def get(self, role, nbytes):
-        mine = taken[current.name]
-        mine[role] = max(mine.get(role, 0), nbytes)
-        return real_get(self, role, nbytes)
-
-    def fp32(ref):
-        factor = real_fp32(ref)
-        taken[current.name][f"factor {len(taken[current.name])}"] = factor.nbytes
-        return factor
-
-    def output_bytes(self, tensor, *args):
-        current.name, taken[tensor.name] = tensor.name, {}
-        return real_output_bytes(self, tensor, *args)
-
-    monkeypatch.setattr(rows.Buffers, "get", get)
-    monkeypatch.setattr(arrays, "fp32", fp32)
-    monkeypatch.setattr(rows.Producer, "output_bytes", output_bytes)
+    taken = record_work(monkeypatch)  # tensor -> what it took: buffer role or factor -> bytes
     try:
         lorafuse.merge(base, adapter, tmp_path / "out")
         plan = lorafuse.plan(base, adapter)
@@ -755,12 +738,7 @@ def test_nf4_moe_output_is_a_plain_16bit_model(q4):
     """(a) The bf16 model's tensors, names and shapes (experts per expert), all bf16, no bnb statistics; no
     quantization_config; transformers loads it with no missing or unexpected keys."""
     plain, _, _, out, _ = q4
-    got, want = read_tensors(out), read_tensors(plain)
-    assert got.keys() == want.keys(), (sorted(got.keys() - want.keys())[:5], sorted(want.keys() - got.keys())[:5])
-    assert all(got[k].shape == want[k].shape and got[k].dtype == torch.bfloat16 for k in want)
-    assert "quantization_config" not in read_config(out)
-    _, info = load_model(out, torch.float32, info=True)
-    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    assert_plain_16bit(out, plain)
 
 
 @needs_bnb

@@ -28,7 +28,6 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -37,8 +36,8 @@ import pytest
 import torch
 
 import lorafuse
-from conftest import (MERGE_DEVICES, device_suffix, leftovers, load_model, logits, make_adapter, quiet, read_adapter, read_config, read_tensors,
-                      same_bytes, save_model, tree_hash)
+from conftest import (MERGE_DEVICES, device_suffix, leftovers, load_model, logits, make_adapter, quiet, read_adapter,
+                      read_config, read_tensors, record_work, same_bytes, save_model, tree_hash)
 from lorafuse.formats.safetensors import TensorRef, read_header
 from lorafuse.quant import QuantizedTensor, quantize_fp8_block
 
@@ -666,33 +665,11 @@ def test_the_planned_memory_bounds_what_each_tensor_takes(variant, block_values,
     blocks of rows then start every few rows, and hold more of them); and blocks of a few rows (97 values)
     give the bits that one block gives."""
     from lorafuse import costs
-    from lorafuse.formats import arrays
-    from lorafuse.compute import rows
 
     base, adapter = quantized_checkpoint(artefacts, variant)
     if block_values:
         monkeypatch.setattr(costs, "BLOCK_VALUES", block_values)
-    taken: dict[str, dict[str, int]] = {}  # tensor -> what it took: buffer role or factor -> bytes
-    current = threading.local()
-    real_get, real_fp32, real_output_bytes = rows.Buffers.get, arrays.fp32, rows.Producer.output_bytes
-
-    def get(self, role, nbytes):
-        mine = taken[current.name]
-        mine[role] = max(mine.get(role, 0), nbytes)
-        return real_get(self, role, nbytes)
-
-    def fp32(ref):
-        factor = real_fp32(ref)
-        taken[current.name][f"factor {len(taken[current.name])}"] = factor.nbytes
-        return factor
-
-    def output_bytes(self, tensor, *args):
-        current.name, taken[tensor.name] = tensor.name, {}
-        return real_output_bytes(self, tensor, *args)
-
-    monkeypatch.setattr(rows.Buffers, "get", get)
-    monkeypatch.setattr(arrays, "fp32", fp32)
-    monkeypatch.setattr(rows.Producer, "output_bytes", output_bytes)
+    taken = record_work(monkeypatch)  # tensor -> what it took: buffer role or factor -> bytes
     lorafuse.merge(base, adapter, tmp_path / "out")
     planned = {t.name: t.work_bytes for t in lorafuse.plan(base, adapter).tensors}
     monkeypatch.undo()
