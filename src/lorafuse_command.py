@@ -9,6 +9,7 @@ exit code stands.
 """
 
 import os
+import sys
 import signal
 
 
@@ -60,3 +61,7 @@ def _on_sigint(code: int, line: bytes) -> None:
 
 
 _on_sigint(130, b"lorafuse: interrupted\n")  # on import: the console script imports this module, then calls main
+
+
+if __name__ == "__main__":  # python -m lorafuse_command, as the console script runs it
+    sys.exit(main())
