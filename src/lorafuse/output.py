@@ -347,3 +347,36 @@ def disk_error(e: OSError, folder: Path) -> LorafuseError:
     if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return LorafuseError(f"cannot write to {folder.parent}: {e.strerror}; choose another output folder")
     return LorafuseError(f"I/O error while writing the output: {e.strerror or e}")
+
+
+GGUF_MAGIC = b"GGUF"
+
+
+def check_file_target(out: Path, force: bool) -> bool:
+    """Refuse an OUT file that cannot be written or replaced safely; True if --force replaces one. --force
+    replaces only a GGUF file (its magic says so): anything else may be the user's."""
+    if out.is_symlink():
+        raise LorafuseError(f"output path {out} is a symbolic link (to {os.readlink(out)}); name a file, not a link")
+    if not os.path.lexists(out):
+        return False
+    if not out.is_file():
+        raise LorafuseError(f"output path {out} exists and is not a file; choose another output file")
+    if not force:
+        raise LorafuseError(f"output file {out} already exists; pass --force to replace it, or choose another name")
+    with open(out, "rb") as f:
+        if f.read(4) != GGUF_MAGIC:
+            raise LorafuseError(f"output file {out} is not a GGUF file, so lorafuse will not replace it, even with "
+                                "--force; remove it by hand or choose another name")
+    return True
+
+
+def move_file_into_place(made: Path, out: Path, replacing: bool) -> None:
+    """Make the finished file durable and give it OUT's name: atomically, over the file --force replaces,
+    or only where nothing is (a file that appeared at OUT meanwhile is left alone)."""
+    fsync_path(made)
+    if replacing:
+        os.replace(made, out)
+    elif not _rename_noreplace(made, out):
+        raise LorafuseError(f"{out} was created by something else during the merge; the finished file stays in "
+                            f"{made.parent}: move it yourself, or run again with --force")
+    fsync_path(out.parent)

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Callable, Iterable
 
 from .. import compute, costs
 from ..formats.safetensors import TensorSlot
-from ..plan import ShardPlan, TensorPlan
+from ..plan import Plan, ShardPlan, TensorPlan
 from ..quant import QuantizedTensor
 
 if TYPE_CHECKING:
@@ -113,3 +113,34 @@ class Producers(contextlib.ExitStack):
             self.made[torch_needed] = compute.producer(torch_needed, self.device)
             self.enter_context(self.made[torch_needed].intra_op_threads(self.threads))
         return self.made[torch_needed]
+
+
+class TensorValues:
+    """The output tensors' bytes one at a time, on demand, for a sink that pulls them (GGUF: llama.cpp's
+    converter asks for each tensor as it writes it): made by the same producers as a safetensors merge,
+    so the bytes are the same. `close` closes the source files and ends the producers' thread limits."""
+
+    def __init__(self, plan: Plan, device: str = "cpu") -> None:
+        self.sources = SourceFiles()
+        self.producers = Producers(device, costs.threads_per_worker(plan.tensors, device, 1, 1))
+        self.slots = {t.name: slots for shard in plan.shards for t, slots in zip(shard.tensors, shard.slots)}
+
+    def get(self, tensor: TensorPlan) -> bytearray:
+        slots = self.slots[tensor.name]
+        out = bytearray(sum(slot.nbytes for slot in slots))
+        first = slots[0].offset
+        if tensor.is_copy:
+            for slot, ref in zip(slots, tensor.source_refs, strict=True):
+                ref.read_into(memoryview(out)[slot.offset - first:slot.offset - first + slot.nbytes])
+            return out
+
+        class Buffer:  # the OutputFile a producer writes into: this tensor's bytes
+            @staticmethod
+            def write(data: memoryview, offset: int) -> None:
+                memoryview(out)[offset - first:offset - first + len(data)] = data
+        write_tensor(Buffer, slots, tensor, self.sources, self.producers.for_tensor(tensor))
+        return out
+
+    def close(self) -> None:
+        self.producers.close()
+        self.sources.close()

@@ -1,0 +1,87 @@
+"""The GGUF sink: one GGUF file for llama.cpp, Ollama and LM Studio, written by llama.cpp's own converter.
+
+The converter indexes a model's tensors as name -> callable and calls each while it writes the file; here
+each callable makes that merged tensor (read, patched in fp32, rounded once, by the same producers as a
+safetensors merge), so the GGUF is what the converter makes of lorafuse's safetensors merge, byte for byte,
+with no merged model on disk at any moment: the converter reads config.json and the tokenizer from the
+staging folder and the tensors from the stream. Memory: the converter's lazy tensors hold one tensor (and
+its conversion) at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Callable
+
+from ...errors import LorafuseError
+from ...formats.safetensors import torch_dtype
+from ...plan import Plan, TensorPlan
+from ..safetensors import files
+from . import converter
+
+GGUF_TYPES = ("auto", "f32", "f16", "bf16", "q8_0")  # what the converter writes itself, in the stream
+FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0", "auto": "GUESSED"}
+
+
+def is_gguf(out) -> bool:
+    return str(out).lower().endswith(".gguf")
+
+
+def check_type(gguf_type: str) -> str:
+    if gguf_type not in GGUF_TYPES:
+        raise LorafuseError(f"--gguf-type {gguf_type!r} is not one of {', '.join(GGUF_TYPES)} (the types llama.cpp's "
+                            "converter writes; quantize further with llama-quantize)")
+    return gguf_type
+
+
+def write(plan: Plan, folder: Path, name: str, gguf_type: str, llama_cpp: Path, settings: dict,
+          value: Callable[[TensorPlan], object]) -> Path:
+    """Write the merge as `folder/name` with the converter in `llama_cpp`; `value(tensor)` makes one output
+    tensor (a torch tensor of the plan's dtype). The small files it reads are written into `folder` first."""
+    import torch
+
+    conversion, gguf = converter.load(llama_cpp)
+    files.write_metadata(plan, folder, settings)
+    try:
+        hparams = conversion.ModelBase.load_hparams(folder, False)
+        model_class = conversion.get_model_class(conversion.get_model_architecture(hparams, conversion.ModelType.TEXT),
+                                                 mmproj=False)
+    except (NotImplementedError, ValueError, KeyError) as e:
+        raise LorafuseError(f"llama.cpp's converter ({llama_cpp}) cannot convert this model: {e}; "
+                            "merge to safetensors instead (an OUT folder)") from None
+    lazy = conversion.LazyTorchTensor
+
+    class Merged(model_class):
+        """The model's converter class, its tensors indexed from the merge instead of from files."""
+
+        model_arch = model_class.model_arch  # the converter requires each class to name it
+
+        def index_tensors(self, remote_hf_model_id: str | None = None) -> dict:
+            found = {}
+            for tensor in plan.tensors:
+                def made(tensor=tensor):
+                    meta = lazy.meta_with_dtype_and_shape(torch_dtype(tensor.dtype), tensor.shape)
+                    return lazy(meta=meta, args=(tensor,), func=value)
+                if item := self.filter_tensors((tensor.name, made)):
+                    found[item[0]] = item[1]
+            return found
+
+        def write(self) -> None:
+            """The converter's own `write`, without its progress bar (the merge shows one)."""
+            self.prepare_tensors()
+            self.prepare_metadata(vocab_only=False)
+            self.gguf_writer.write_header_to_file(path=self.fname_out)
+            self.gguf_writer.write_kv_data_to_file()
+            self.gguf_writer.write_tensors_to_file(progress=False)
+            self.gguf_writer.close()
+
+    target = folder / name
+    chatter = logging.getLogger("hf-to-gguf")
+    level, chatter.level = chatter.level, logging.ERROR  # its notes are for its own command line
+    try:
+        with torch.inference_mode():
+            Merged(folder, getattr(gguf.LlamaFileType, FILE_TYPES[gguf_type]), target).write()
+    finally:
+        chatter.setLevel(level)
+    return target

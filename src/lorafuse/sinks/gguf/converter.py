@@ -1,0 +1,89 @@
+"""Where llama.cpp's converter comes from, and loading it.
+
+llama.cpp's `convert_hf_to_gguf.py` (with its `conversion/` package and `gguf-py`) is the authority on
+GGUF: architecture names, hyper-parameter keys, tokenizer metadata, per-architecture tensor transforms,
+the quantizers. lorafuse drives it rather than rewriting it. It comes from a llama.cpp checkout named by
+`--llama-cpp DIR` or LLAMA_CPP_DIR, or else from the llama-cpp-python source distribution on PyPI, pinned
+to the version tested here, fetched once into lorafuse's cache: a fresh machine with PyPI needs nothing else.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+from ...errors import LorafuseError
+
+PINNED = "0.3.36"  # llama-cpp-python, whose vendor/llama.cpp holds the converter tested here
+NEEDED = ("convert_hf_to_gguf.py", "conversion/__init__.py", "gguf-py/gguf/__init__.py")
+SOURCE = f"llama_cpp_python-{PINNED}/vendor/llama.cpp/"
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lorafuse"
+
+
+def find(llama_cpp: str | os.PathLike | None) -> Path:
+    """The llama.cpp folder to convert with: `llama_cpp`, LLAMA_CPP_DIR, or the pinned copy (fetched now
+    if it is not cached yet)."""
+    named = llama_cpp or os.environ.get("LLAMA_CPP_DIR")
+    if named:
+        folder = Path(named).expanduser()
+        missing = [n for n in NEEDED if not (folder / n).is_file()]
+        if missing:
+            raise LorafuseError(f"{folder} is not a llama.cpp checkout ({', '.join(missing)} missing); pass the folder "
+                                "that holds convert_hf_to_gguf.py, or leave --llama-cpp out to use the pinned copy")
+        return folder
+    folder = cache_root() / f"llama.cpp-{PINNED}"
+    if not all((folder / n).is_file() for n in NEEDED):
+        _fetch(folder)
+    return folder
+
+
+def _fetch(folder: Path) -> None:
+    """pip download the pinned source distribution and keep only the converter's files, made whole under a
+    temporary name and renamed into place (a second merge meanwhile finds it complete or not at all)."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder.parent, prefix=".fetch-") as work:
+        done = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary",
+                               "llama-cpp-python", f"llama-cpp-python=={PINNED}", "-d", work],
+                              capture_output=True, text=True)
+        archive = Path(work) / f"llama_cpp_python-{PINNED}.tar.gz"
+        if done.returncode or not archive.is_file():
+            why = (done.stderr.strip().splitlines() or ["no archive"])[-1]
+            raise LorafuseError(f"fetching llama.cpp's converter (llama-cpp-python {PINNED} from PyPI) failed ({why}); "
+                                "pass --llama-cpp DIR with a llama.cpp checkout")
+        staged = Path(work) / "llama.cpp"
+        with tarfile.open(archive) as tar:
+            members = [m for m in tar.getmembers() if m.name.startswith(SOURCE) and m.isfile()
+                       and m.name[len(SOURCE):].split("/")[0] in ("convert_hf_to_gguf.py", "conversion", "gguf-py")]
+            for member in members:
+                member.name = member.name[len(SOURCE):]
+            tar.extractall(staged, members=members, filter="data")
+        if folder.exists():
+            shutil.rmtree(folder)
+        staged.rename(folder)
+
+
+def load(folder: Path):
+    """Import the converter's `conversion` package and its `gguf` from `folder` (a `gguf` imported from
+    elsewhere first would not match the converter): returns (conversion, gguf)."""
+    gguf_py, loaded = folder / "gguf-py", sys.modules.get("gguf")
+    if loaded is not None and not Path(loaded.__file__).resolve().is_relative_to(gguf_py.resolve()):
+        raise LorafuseError(f"another gguf package ({Path(loaded.__file__).parent}) is already imported in this process; "
+                            "convert to GGUF in a process of its own (the lorafuse command)")
+    for path in (str(folder), str(gguf_py)):
+        if path not in sys.path:
+            sys.path.insert(0, path)
+    try:
+        import conversion
+        import gguf
+    except ImportError as e:
+        raise LorafuseError(f"llama.cpp's converter in {folder} cannot be imported ({e}); install what it needs: "
+                            "pip install 'lorafuse[gguf]'") from None
+    return conversion, gguf
