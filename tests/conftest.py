@@ -288,3 +288,41 @@ def record_work(monkeypatch) -> dict[str, dict[str, int]]:
     monkeypatch.setattr(arrays, "fp32", fp32)
     monkeypatch.setattr(rows.Producer, "output_bytes", output_bytes)
     return taken
+
+
+def cached_smollm2_adapter(base: Path, seed: int = 0) -> Path:
+    """realmodel.smollm2_adapter(base, ..., seed=seed), kept in the test cache next to the model: training it is
+    the slowest step of the real-model tests, and the same recipe, seed, base and libraries give the same adapter.
+    Keyed by all of those (the recipe by realmodel.py's source); built in a private folder under a file lock and
+    renamed into place, like the model."""
+    import inspect
+    import shutil
+    import tempfile
+
+    import peft
+    import transformers
+    from filelock import FileLock
+
+    import realmodel
+
+    key = json.dumps([realmodel.NAME, str(Path(base).resolve()), seed, inspect.getsource(realmodel),
+                      torch.__version__, transformers.__version__, peft.__version__])
+    root = realmodel.cache_root()
+    name = f"smollm2-adapter-seed{seed}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+    final = root / name
+    if (final / "adapter_config.json").is_file():
+        return final
+    root.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(root / f"{name}.lock")):
+        if (final / "adapter_config.json").is_file():
+            return final
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
+        try:
+            realmodel.smollm2_adapter(base, tmp, seed=seed)
+            tmp.chmod(0o755)
+            if final.exists():  # an incomplete one (no adapter_config.json): replaced whole
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final

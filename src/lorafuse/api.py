@@ -29,7 +29,6 @@ from .sinks.gguf.converter import find as find_converter
 from .sinks.hub import HubPublisher
 from .sinks.safetensors import SAFETENSORS
 
-GGUF_ONE_FILE = 1 << 60  # the plan's layout in one piece: a GGUF sink takes each tensor's bytes whole
 DOWNLOADS = "downloads"  # in the staging folder: base shards fetched for a --low-disk merge
 
 
@@ -124,9 +123,9 @@ def merge(base: str | os.PathLike | None, adapter: str | os.PathLike, out: str |
 
 def _merge_gguf(base, adapter, out, dtype: str, save_method: str, gguf_type: str, llama_cpp, force: bool,
                 on_plan: Callable[[Plan], None] | None, on_progress: Callable[[int], None] | None) -> MergeReport:
-    """The merge as one GGUF file: planned as a safetensors merge (the same tensors, the same bytes), then
-    llama.cpp's converter pulls each merged tensor and writes the file in the staging folder, which is moved
-    to OUT when complete."""
+    """The merge as one GGUF file: planned as a safetensors merge (the same tensors, the same bytes, its files
+    giving the converter's order), then llama.cpp's converter pulls each merged tensor and writes the file in
+    the staging folder, which is moved to OUT when complete."""
     import torch
 
     from .formats.safetensors import torch_dtype
@@ -138,7 +137,7 @@ def _merge_gguf(base, adapter, out, dtype: str, save_method: str, gguf_type: str
     out = output_path(out)
     replacing = check_file_target(out, force)
     staging = staging_folder(out)
-    plan = make_plan(base, adapter, out, sink=SAFETENSORS, dtype=dtype, max_shard_size=GGUF_ONE_FILE)
+    plan = make_plan(base, adapter, out, sink=SAFETENSORS, dtype=dtype)  # the safetensors merge's files: their order
     llama_cpp = find_converter(llama_cpp)
     with exclusive(out):
         claim_staging(out)

@@ -38,19 +38,29 @@ def check_type(gguf_type: str) -> str:
 def write(plan: Plan, folder: Path, name: str, gguf_type: str, llama_cpp: Path, settings: dict,
           value: Callable[[TensorPlan], object]) -> Path:
     """Write the merge as `folder/name` with the converter in `llama_cpp`; `value(tensor)` makes one output
-    tensor (a torch tensor of the plan's dtype). The small files it reads are written into `folder` first."""
+    tensor (a torch tensor of the plan's dtype). The small files it reads are written first, into a folder
+    in `folder` named after the output (the converter names the model after it)."""
+    with converter.loaded(llama_cpp) as (conversion, gguf):
+        return _convert(conversion, gguf, plan, folder, name, gguf_type, settings, value)
+
+
+def _convert(conversion, gguf, plan: Plan, folder: Path, name: str, gguf_type: str, settings: dict,
+             value: Callable[[TensorPlan], object]) -> Path:
     import torch
 
-    conversion, gguf = converter.load(llama_cpp)
+    target = folder / name
+    folder = folder / Path(name).stem  # the converter names the model after the folder it reads: OUT's name
+    folder.mkdir()
     files.write_metadata(plan, folder, settings)
     try:
         hparams = conversion.ModelBase.load_hparams(folder, False)
         model_class = conversion.get_model_class(conversion.get_model_architecture(hparams, conversion.ModelType.TEXT),
                                                  mmproj=False)
     except (NotImplementedError, ValueError, KeyError) as e:
-        raise LorafuseError(f"llama.cpp's converter ({llama_cpp}) cannot convert this model: {e}; "
+        raise LorafuseError(f"llama.cpp's converter cannot convert this model: {e}; "
                             "merge to safetensors instead (an OUT folder)") from None
     lazy = conversion.LazyTorchTensor
+    shard_of = {t.name: shard.filename for shard in plan.shards for t in shard.tensors}
 
     class Merged(model_class):
         """The model's converter class, its tensors indexed from the merge instead of from files."""
@@ -58,8 +68,10 @@ def write(plan: Plan, folder: Path, name: str, gguf_type: str, llama_cpp: Path, 
         model_arch = model_class.model_arch  # the converter requires each class to name it
 
         def index_tensors(self, remote_hf_model_id: str | None = None) -> dict:
+            """In the order the converter indexes a safetensors folder: its files in name order, each
+            file's tensors in name order (so the GGUF lists them as the two-step route does)."""
             found = {}
-            for tensor in plan.tensors:
+            for tensor in sorted(plan.tensors, key=lambda t: (shard_of[t.name], t.name)):
                 def made(tensor=tensor):
                     meta = lazy.meta_with_dtype_and_shape(torch_dtype(tensor.dtype), tensor.shape)
                     return lazy(meta=meta, args=(tensor,), func=value)
@@ -76,7 +88,6 @@ def write(plan: Plan, folder: Path, name: str, gguf_type: str, llama_cpp: Path, 
             self.gguf_writer.write_tensors_to_file(progress=False)
             self.gguf_writer.close()
 
-    target = folder / name
     chatter = logging.getLogger("hf-to-gguf")
     level, chatter.level = chatter.level, logging.ERROR  # its notes are for its own command line
     try:

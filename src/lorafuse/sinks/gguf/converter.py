@@ -9,6 +9,7 @@ to the version tested here, fetched once into lorafuse's cache: a fresh machine 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -65,25 +66,43 @@ def _fetch(folder: Path) -> None:
             for member in members:
                 member.name = member.name[len(SOURCE):]
             tar.extractall(staged, members=members, filter="data")
-        if folder.exists():
-            shutil.rmtree(folder)
-        staged.rename(folder)
+        if folder.exists():  # incomplete (complete ones are not fetched again): replaced whole
+            shutil.rmtree(folder, ignore_errors=True)
+        try:
+            staged.rename(folder)
+        except OSError:  # another merge fetched it meanwhile
+            if not all((folder / n).is_file() for n in NEEDED):
+                raise
 
 
-def load(folder: Path):
-    """Import the converter's `conversion` package and its `gguf` from `folder` (a `gguf` imported from
-    elsewhere first would not match the converter): returns (conversion, gguf)."""
-    gguf_py, loaded = folder / "gguf-py", sys.modules.get("gguf")
-    if loaded is not None and not Path(loaded.__file__).resolve().is_relative_to(gguf_py.resolve()):
-        raise LorafuseError(f"another gguf package ({Path(loaded.__file__).parent}) is already imported in this process; "
-                            "convert to GGUF in a process of its own (the lorafuse command)")
+@contextlib.contextmanager
+def loaded(folder: Path):
+    """The converter's `conversion` package and its own `gguf` (gguf-py), imported from `folder`:
+    yields (conversion, gguf). Another `gguf` already imported in this process (transformers' GGUF support
+    imports the PyPI one) is set aside meanwhile and put back after, so that each side keeps its own; the
+    converter's modules leave with it."""
+    gguf_py = folder / "gguf-py"
+    ours = lambda module: Path(getattr(module, "__file__", None) or "/").resolve().is_relative_to(folder.resolve())  # noqa: E731
+    names = ("gguf", "conversion")
+    before = {k: m for k, m in sys.modules.items() if k.split(".")[0] in names}
+    for k, module in before.items():
+        if not ours(module):
+            del sys.modules[k]
     for path in (str(folder), str(gguf_py)):
         if path not in sys.path:
             sys.path.insert(0, path)
     try:
-        import conversion
-        import gguf
-    except ImportError as e:
-        raise LorafuseError(f"llama.cpp's converter in {folder} cannot be imported ({e}); install what it needs: "
-                            "pip install 'lorafuse[gguf]'") from None
-    return conversion, gguf
+        try:
+            import conversion
+            import gguf
+        except ImportError as e:
+            raise LorafuseError(f"llama.cpp's converter in {folder} cannot be imported ({e}); install what it needs: "
+                                "pip install 'lorafuse[gguf]'") from None
+        yield conversion, gguf
+    finally:
+        for path in (str(folder), str(gguf_py)):
+            if path in sys.path:
+                sys.path.remove(path)
+        for k in [k for k in sys.modules if k.split(".")[0] in names]:  # the process as it was before
+            del sys.modules[k]
+        sys.modules.update(before)
