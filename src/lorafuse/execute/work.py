@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Callable, Iterable
 
 from .. import compute, costs
 from ..formats.safetensors import TensorSlot
+from ..patches import forget_cut_rows
 from ..plan import Plan, ShardPlan, TensorPlan
 from ..quant import QuantizedTensor
 
@@ -118,7 +119,8 @@ class Producers(contextlib.ExitStack):
 class TensorValues:
     """The output tensors' bytes one at a time, on demand, for a sink that pulls them (GGUF: llama.cpp's
     converter asks for each tensor as it writes it): made by the same producers as a safetensors merge,
-    so the bytes are the same. `close` closes the source files and ends the producers' thread limits."""
+    so the bytes are the same. `close` closes the source files, ends the producers' thread limits and drops
+    the adapter rows kept for cutting experts."""
 
     def __init__(self, plan: Plan, device: str = "cpu") -> None:
         self.sources = SourceFiles()
@@ -144,3 +146,4 @@ class TensorValues:
     def close(self) -> None:
         self.producers.close()
         self.sources.close()
+        forget_cut_rows()
