@@ -459,6 +459,26 @@ def test_unknown_gguf_type(real, llama_cpp_dir, tmp_path, capsys):
     assert os.listdir(tmp_path / "out") == []
 
 
+def test_a_disk_that_cannot_hold_the_gguf_is_refused_before_anything_is_written(real, llama_cpp_dir, tmp_path, capsys,
+                                                                                   monkeypatch):
+    """The GGUF's size is bounded from the plan (tensors at their GGUF type, the vocabulary): with less room
+    than that the merge stops with one line before the converter runs, and nothing appears; the bound is
+    an upper bound of the GGUF the merge writes."""
+    from lorafuse.plan import DISK_MARGIN
+    from lorafuse.sinks.gguf import size_bound
+
+    plan = lorafuse.plan(real.base, real.adapter)
+    bound = size_bound(plan, "q8_0")
+    assert real.a["q8_0"].path.stat().st_size <= bound < plan.output_bytes
+    (tmp_path / "out").mkdir()
+    real_usage = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real_usage(p)._replace(free=bound + DISK_MARGIN - 1))
+    code, _, err = run_cli(capsys, "merge", real.base, real.adapter, tmp_path / "out" / "a.gguf",
+                           "--gguf-type", "q8_0", "--llama-cpp", llama_cpp_dir, "--quiet")
+    assert_one_line_error(code, err, "GGUF needs", "free")
+    assert os.listdir(tmp_path / "out") == []
+
+
 def test_force_does_not_replace_a_file_that_is_not_gguf(real, llama_cpp_dir, tmp_path, capsys):
     """--force replaces only a GGUF file: a file of the user's that merely has the name is kept."""
     out = tmp_path / "notes.gguf"

@@ -17,17 +17,19 @@ from typing import Callable
 from .costs import needs_torch
 from .errors import InputError, LorafuseError, OutputComplete
 from .execute import write_shards
+from .execute.work import TensorValues
 from .formats.folder import identity_of
 from .manifest import LEDGER, MANIFEST, Ledger, fingerprint as run_fingerprint, settings_record, write_manifest
 from .output import (MARKER, check_file_target, check_staged, check_target, claim_staging, clear, disk_error, exclusive,
                      make_staging, move_file_into_place, move_into_place, regular_file, staging_folder)
-from .plan import Plan, make_plan, output_path, remeasured, room
-from .execute.work import TensorValues
+from .plan import DISK_MARGIN, Plan, make_plan, output_path, remeasured, room
 from .sinks.gguf import check_type, is_gguf
+from .sinks.gguf import size_bound as gguf_size_bound
 from .sinks.gguf import write as write_gguf
 from .sinks.gguf.converter import find as find_converter
 from .sinks.hub import HubPublisher
 from .sinks.safetensors import SAFETENSORS
+from .units import human_size
 
 DOWNLOADS = "downloads"  # in the staging folder: base shards fetched for a --low-disk merge
 
@@ -138,6 +140,11 @@ def _merge_gguf(base, adapter, out, dtype: str, save_method: str, gguf_type: str
     replacing = check_file_target(out, force)
     staging = staging_folder(out)
     plan = make_plan(base, adapter, out, sink=SAFETENSORS, dtype=dtype)  # the safetensors merge's files: their order
+    need = gguf_size_bound(plan, gguf_type) + DISK_MARGIN
+    if plan.disk_free is not None and plan.disk_free < need:
+        raise LorafuseError(f"the GGUF needs up to {human_size(need)} (with {human_size(DISK_MARGIN)} to spare), but only "
+                            f"{human_size(plan.disk_free)} is free on the disk holding {out.parent}; free space or "
+                            "write it elsewhere")
     llama_cpp = find_converter(llama_cpp)
     with exclusive(out):
         claim_staging(out)

@@ -11,17 +11,41 @@ its conversion) at a time.
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import Callable
 
 from ...errors import LorafuseError
-from ...formats.safetensors import torch_dtype
+from ...formats.safetensors import dtype_size, torch_dtype
 from ...plan import Plan, TensorPlan
 from ..safetensors import files
 from . import converter
 
 GGUF_TYPES = ("auto", "f32", "f16", "bf16", "q8_0")  # what the converter writes itself, in the stream
 FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0", "auto": "GUESSED"}
+
+
+# bytes per value of a weight in the GGUF, by type (q8_0: blocks of 32 values in 34 bytes); vectors are
+# kept in f32 by the converter, and a weight q8_0 cannot block stays 16-bit
+VALUE_BYTES = {"f32": 4, "f16": 2, "bf16": 2, "q8_0": 34 / 32}
+Q8_BLOCK = 32
+
+
+def size_bound(plan: Plan, gguf_type: str) -> int:
+    """An upper bound of the GGUF's size from the plan alone, for the disk check: the tensors at their GGUF
+    type, and room for the metadata (the vocabulary) as large as the carried tokenizer files."""
+    total = sum(path.stat().st_size for path in plan.carried)
+    for tensor in plan.tensors:
+        values = math.prod(tensor.shape)
+        if len(tensor.shape) < 2:
+            total += 4 * values
+        elif gguf_type == "auto":
+            total += dtype_size(tensor.dtype) * values
+        elif gguf_type == "q8_0" and tensor.shape[-1] % Q8_BLOCK:
+            total += 2 * values
+        else:
+            total += math.ceil(VALUE_BYTES[gguf_type] * values)
+    return total
 
 
 def is_gguf(out) -> bool:
