@@ -170,6 +170,9 @@ def _place(name: str, converter, sources: dict[str, list[str]], stored: dict, sh
         else:
             raise LorafuseError(f"{name} is made from the checkpoint by transformers' {type(op).__name__}, which lorafuse "
                                 "cannot split a delta across yet; please report this model")
+    if _extent(where) != shape:
+        raise LorafuseError(f"the checkpoint tensors that make {name} {shape} make {_extent(where)} as transformers maps "
+                            "them; was the checkpoint saved for another configuration?")
     pieces = []
     for key, dims in where.items():
         index, order = [], [None] * len(stored[key])
@@ -181,7 +184,7 @@ def _place(name: str, converter, sources: dict[str, list[str]], stored: dict, sh
                 order[entry[1]] = i
         piece = Piece(key, tuple(index), tuple(order))
         if len(index) != len(shape) or any(isinstance(i, tuple) and i[1] > n or isinstance(i, int) and i >= n
-                                           for i, n in zip(index, shape)) or _extent(where) != shape:
+                                           for i, n in zip(index, shape)):
             raise LorafuseError(f"checkpoint tensor {key} {tuple(stored[key])} does not fit {name} {shape} as transformers "
                                 "maps it; was the checkpoint saved for another configuration?")
         pieces.append(piece)
