@@ -117,6 +117,9 @@ def _convert(conversion, gguf, plan: Plan, folder: Path, name: str, gguf_type: s
     try:
         with torch.inference_mode():
             Merged(folder, getattr(gguf.LlamaFileType, FILE_TYPES[gguf_type]), target).write()
+    except (NotImplementedError, ValueError, KeyError) as e:  # the converter's refusals (a tensor it cannot map)
+        raise LorafuseError(f"llama.cpp's converter cannot convert this model: {str(e).splitlines()[0] if str(e) else e!r}; "
+                            "merge to safetensors instead (an OUT folder)") from None
     finally:
         chatter.setLevel(level)
     return target
