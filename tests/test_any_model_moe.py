@@ -747,9 +747,34 @@ def test_nf4_moe_logits_match_peft_on_the_4bit_base(q4):
     exact dequantization), within the 16-bit tolerance test_quantized_bases allows for 4-bit bases."""
     _, base, adapter, out, _ = q4
     ids = input_ids()
-    want = logits(bnb_model(base, adapter, exact=True), ids)
-    check_logits(want, logits(load_model(out), ids), logits(bnb_model(base, None, exact=True), ids),
+    oracle, merged_model = bnb_model(base, adapter, exact=True), load_model(out)
+    want, got = routed_logits(oracle, ids), routed_logits(merged_model, ids)
+    same = same_routing(want[1], got[1])
+    assert same.float().mean() >= 0.25, "the merged model routes most tokens unlike PEFT's: not a rounding effect"
+    check_logits(want[0][same], got[0][same], logits(bnb_model(base, None, exact=True), ids)[same],
                  LOGIT_RTOL["bf16"])
+
+
+def routed_logits(model, ids: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The logits and, per MoE layer, the experts each token was routed to (sorted, shaped (*ids.shape, k))."""
+    chosen = []
+    hooks = [m.register_forward_hook(lambda _m, _i, out: chosen.append(out[2].sort(-1).values.reshape(*ids.shape, -1)))
+             for m in model.modules() if type(m).__name__.endswith("TopKRouter")]
+    try:
+        return logits(model, ids), chosen
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def same_routing(want: list[torch.Tensor], got: list[torch.Tensor]) -> torch.Tensor:
+    """The positions whose logits are comparable under a 16-bit tolerance: every earlier position of the
+    sequence (attention mixes them in) and itself went to the same experts in every layer. A token near a
+    routing tie can flip to another expert when the weights are rounded to 16 bits; that is the rounding's
+    effect, not the merge's, and its logits differ by far more than the tolerance."""
+    assert want and len(want) == len(got), "no MoE router seen: the test checks nothing"
+    agree = torch.stack([(w == g).all(-1) for w, g in zip(want, got)]).all(0)
+    return agree.int().cumprod(-1).bool()
 
 
 @needs_bnb
