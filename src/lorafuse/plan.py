@@ -193,6 +193,7 @@ class Plan:
     disk_free: int | None = None  # bytes free on OUT's disk when planned (None: no OUT)
     cache_free: int | None = None  # bytes free in the Hugging Face cache when planned, where base shards are downloaded
     cache_shares_out_disk: bool = False  # the cache is on OUT's disk: downloads and output share its room
+    file_output: FileOutput | None = None  # what is written instead of the shards' folder (a GGUF file)
 
     @property
     def tensors(self) -> list[TensorPlan]:
@@ -205,7 +206,7 @@ class Plan:
 
     @property
     def output_bytes(self) -> int:
-        return sum(s.size for s in self.shards)
+        return self.file_output.size if self.file_output else sum(s.size for s in self.shards)
 
     @property
     def peak_memory(self) -> int:
@@ -260,7 +261,7 @@ def room(plan: Plan, done: int, low_disk: bool, pushing: bool) -> tuple[str | No
     margin = f"and {human_size(DISK_MARGIN)} to spare"
     low_disk_need = plan.disk_needs(True, pushing)[0]
     hint = f", or pass --low-disk (needs {human_size(low_disk_need)})" \
-        if not low_disk and low_disk_need + DISK_MARGIN <= free else ""
+        if not low_disk and not plan.file_output and low_disk_need + DISK_MARGIN <= free else ""
     what = "the output needs"
     if cache_need:
         if plan.cache_shares_out_disk:
@@ -283,6 +284,19 @@ def existing_ancestor(path: Path) -> Path:
     while not path.exists():
         path = path.parent
     return path
+
+
+class FileOutput(Protocol):
+    """A sink that writes file(s) of its own making from the planned tensors rather than the planned shards
+    (GGUF: lorafuse.sinks.gguf): what the plan says of the output and counts on the disk."""
+
+    size: int  # bytes on OUT's disk at most
+
+    def describe(self) -> list[str]:
+        """Lines for `lorafuse plan`, in place of the shards' line."""
+
+    def to_dict(self) -> dict:
+        """For `lorafuse plan --json`."""
 
 
 class Layout(Protocol):
@@ -767,8 +781,9 @@ def describe(plan: Plan, verbose: bool = False) -> list[str]:
         f"{' rsLoRA' if config.get('use_rslora') else ''}, {len(plan.adapter.tensors)} tensors)",
         f"changes  {len(plan.merged)} base tensors: {how}",
         f"copies   {len(copied)} tensors as raw bytes ({human_size(sum(t.source.nbytes for t in copied))})",
-        f"output   {len(plan.shards)} shard(s), {human_size(plan.output_bytes)}, dtype {plan.dtype}"
-        + (f" -> {plan.out}" if plan.out else ""),
+        *(plan.file_output.describe() if plan.file_output else
+          [f"output   {len(plan.shards)} shard(s), {human_size(plan.output_bytes)}, dtype {plan.dtype}"
+           + (f" -> {plan.out}" if plan.out else "")]),
         f"memory   about {human_size(plan.peak_memory)} for the tensors in flight, {plan.depth} at a time at most "
         "(plus the Python runtime)",
     ]
@@ -794,7 +809,7 @@ def _describe_disk(plan: Plan) -> list[str]:
     free = plan.disk_free
     text = f"disk     needs {human_size(out)} for the output" + (f" + {human_size(cache)} in the cache" if cache else "")
     lines.append(text + (f"; {human_size(free)} free" if free is not None else ""))
-    if not remote and (free is None or out <= free):
+    if plan.file_output or (not remote and (free is None or out <= free)):  # --low-disk: for shards only
         return lines
     for flags, pushing in (("--low-disk", False), ("--low-disk --push-to-hub", True)):
         need = plan.disk_needs(low_disk=True, pushing=pushing)[0]

@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import logging
 import math
+import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from ...errors import LorafuseError
 from ...formats.safetensors import dtype_size, torch_dtype
 from ...plan import Plan, TensorPlan
+from ...units import human_size
 from ..safetensors import files
 from . import converter
 
@@ -48,6 +51,69 @@ def size_bound(plan: Plan, gguf_type: str) -> int:
     return total
 
 
+# The Hub stores files of up to 50 GB: a pushed GGUF that may be larger is split, in llama.cpp's format, at 48 GB.
+HUB_FILE_LIMIT = 50 * 10**9
+HUB_SPLIT = 48 * 10**9
+
+
+@dataclass(frozen=True)
+class GgufOutput:
+    """What a GGUF merge writes: one file at `out`, or, split at `split` bytes, llama.cpp's split files
+    beside it (`out`'s stem + -00001-of-0000N.gguf: llama.cpp loads them from the first); `size` bounds
+    them all, and the disk needs `size` while they are written."""
+
+    out: Path
+    gguf_type: str
+    size: int
+    split: int | None
+
+    def describe(self) -> list[str]:
+        files = (f"{self.out.stem}-00001-of-NNNNN.gguf and the rest of llama.cpp's split files, "
+                 f"{human_size(self.split)} each at most" if self.split else self.out.name)
+        return [f"output   GGUF {self.gguf_type} -> {self.out.parent / files}, {human_size(self.size)} at most, "
+                "written by llama.cpp's converter"]
+
+    def to_dict(self) -> dict:
+        return {"file": str(self.out), "gguf_type": self.gguf_type, "bytes_at_most": self.size,
+                "split_bytes": self.split}
+
+
+def gguf_output(plan: Plan, out: Path, gguf_type: str, max_shard_size: int | str | None, pushing: bool) -> GgufOutput:
+    """The GGUF a merge with these settings writes: split when --max-shard-size says so, or when pushed to
+    the Hub and possibly larger than it takes."""
+    size = size_bound(plan, check_type(gguf_type))
+    if max_shard_size is None:
+        split = HUB_SPLIT if pushing and size > HUB_FILE_LIMIT else None
+    else:
+        split = _size(max_shard_size)
+    return GgufOutput(out, gguf_type, size, split)
+
+
+def _size(max_shard_size: int | str) -> int:
+    from huggingface_hub.serialization._base import parse_size_to_int
+
+    try:
+        n = max_shard_size if isinstance(max_shard_size, int) else parse_size_to_int(max_shard_size)
+    except ValueError:
+        n = 0
+    if isinstance(n, bool) or n <= 0:
+        raise LorafuseError(f"--max-shard-size {max_shard_size!r} is not a size like 5GB or 500MB")
+    return n
+
+
+def split_files(out: Path) -> list[Path]:
+    """The files of an earlier split GGUF named after OUT in its folder (llama.cpp's split names)."""
+    pattern = re.compile(re.escape(out.stem) + r"-\d{5}-of-\d{5}\.gguf")
+    return sorted(p for p in out.parent.iterdir() if pattern.fullmatch(p.name)) if out.parent.is_dir() else []
+
+
+def gguf_model_card(plan: Plan, settings: dict, names: list[str]) -> str:
+    """The README.md pushed with a GGUF: the merge's card, its output rows saying what the files are."""
+    output = plan.file_output
+    return files.model_card(plan, settings, {"format": f"GGUF {output.gguf_type}", "files": ", ".join(names)},
+                            library="gguf", tags=("gguf",))
+
+
 def is_gguf(out) -> bool:
     return str(out).lower().endswith(".gguf")
 
@@ -59,22 +125,25 @@ def check_type(gguf_type: str) -> str:
     return gguf_type
 
 
-def write(plan: Plan, folder: Path, name: str, gguf_type: str, llama_cpp: Path, settings: dict,
-          value: Callable[[TensorPlan], object]) -> Path:
-    """Write the merge as `folder/name` with the converter in `llama_cpp`; `value(tensor)` makes one output
-    tensor (a torch tensor of the plan's dtype). The small files it reads are written first, into a folder
-    in `folder` named after the output (the converter names the model after it)."""
+def write(plan: Plan, output: GgufOutput, staging: Path, llama_cpp: Path, settings: dict,
+          value: Callable[[TensorPlan], object]) -> list[Path]:
+    """Write the merge with the converter in `llama_cpp` into `staging`/gguf: OUT's file, or its split files;
+    returns them, the first first. `value(tensor)` makes one output tensor (a torch tensor of the plan's
+    dtype). The small files the converter reads are written first, into `staging`/source/OUT's stem (the
+    converter names the model after that folder)."""
+    made = staging / "gguf"
+    made.mkdir()
     with converter.loaded(llama_cpp) as (conversion, gguf):
-        return _convert(conversion, gguf, plan, folder, name, gguf_type, settings, value)
+        _convert(conversion, gguf, plan, staging / "source" / output.out.stem, made / output.out.name, output,
+                 settings, value)
+    return sorted(made.iterdir())
 
 
-def _convert(conversion, gguf, plan: Plan, folder: Path, name: str, gguf_type: str, settings: dict,
-             value: Callable[[TensorPlan], object]) -> Path:
+def _convert(conversion, gguf, plan: Plan, folder: Path, target: Path, output: GgufOutput, settings: dict,
+             value: Callable[[TensorPlan], object]) -> None:
     import torch
 
-    target = folder / name
-    folder = folder / Path(name).stem  # the converter names the model after the folder it reads: OUT's name
-    folder.mkdir()
+    folder.mkdir(parents=True)
     files.write_metadata(plan, folder, settings)
     try:
         hparams = conversion.ModelBase.load_hparams(folder, False)
@@ -116,10 +185,10 @@ def _convert(conversion, gguf, plan: Plan, folder: Path, name: str, gguf_type: s
     level, chatter.level = chatter.level, logging.ERROR  # its notes are for its own command line
     try:
         with torch.inference_mode():
-            Merged(folder, getattr(gguf.LlamaFileType, FILE_TYPES[gguf_type]), target).write()
+            Merged(folder, getattr(gguf.LlamaFileType, FILE_TYPES[output.gguf_type]), target,
+                   split_max_size=output.split or 0).write()
     except (NotImplementedError, ValueError, KeyError) as e:  # the converter's refusals (a tensor it cannot map)
         raise LorafuseError(f"llama.cpp's converter cannot convert this model: {str(e).splitlines()[0] if str(e) else e!r}; "
                             "merge to safetensors instead (an OUT folder)") from None
     finally:
         chatter.setLevel(level)
-    return target

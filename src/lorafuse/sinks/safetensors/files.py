@@ -37,14 +37,16 @@ def write_metadata(plan: Plan, folder: Path, settings: dict) -> None:
             f.write(text.encode())
 
 
-def model_card(plan: Plan, settings: dict) -> str:
+def model_card(plan: Plan, settings: dict, output: dict | None = None, library: str = "transformers",
+               tags: tuple[str, ...] = ()) -> str:
     """The README.md that huggingface_hub's ModelCard would save, without importing its Hub client (a slow
-    import that writing a file does not need).
+    import that writing a file does not need). `output`: the rows that describe the files, for an output
+    other than the plan's safetensors shards (a GGUF).
     `lorafuse verify` writes it again to check OUT's."""
     from huggingface_hub import ModelCardData  # a merge imports it on a thread while it runs (api._import_in_background)
 
     repo_id = _repo_id(plan.base_name) or _repo_id(plan.adapter.base_name or "")
-    data = ModelCardData(base_model=repo_id, library_name="transformers", tags=["lorafuse", "merge", "lora"])
+    data = ModelCardData(base_model=repo_id, library_name=library, tags=["lorafuse", "merge", "lora", *tags])
     config = plan.adapter.config
     shown = {
         "base": plan.base_name,
@@ -52,9 +54,7 @@ def model_card(plan: Plan, settings: dict) -> str:
         "r / lora_alpha": f"{config.get('r')} / {config.get('lora_alpha')}",
         "rsLoRA": bool(config.get("use_rslora")),
         "patches": ", ".join(f"{n} {k}" for k, n in sorted(plan.counts.items())),
-        "output dtype": plan.dtype,
-        "save method": plan.save_method,
-        "shards": len(plan.shards),
+        **(output or {"output dtype": plan.dtype, "save method": plan.save_method, "shards": len(plan.shards)}),
         "device": settings["device"],
         "lorafuse": settings["lorafuse"],
     }
