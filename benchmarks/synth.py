@@ -34,20 +34,20 @@ def layer_params() -> int:
     return attn + mlp + 2 * HIDDEN
 
 
-def layers_for(size_gb: float) -> int:
+def layers_for(size_gb: float, vocab: int = VOCAB) -> int:
     """Decoder layers needed for a bf16 model of about ``size_gb`` (10^9 bytes)."""
-    fixed = 2 * VOCAB * HIDDEN + HIDDEN  # embed + untied lm_head + final norm
+    fixed = 2 * vocab * HIDDEN + HIDDEN  # embed + untied lm_head + final norm
     budget = size_gb * 1e9 / 2 - fixed
     return max(1, round(budget / layer_params()))
 
 
-def llama_config(layers: int):
+def llama_config(layers: int, tokens: dict | None = None):
     from transformers import LlamaConfig
 
     return LlamaConfig(
+        **(tokens or {"vocab_size": VOCAB}),
         hidden_size=HIDDEN,
         intermediate_size=INTERMEDIATE,
-        vocab_size=VOCAB,
         num_hidden_layers=layers,
         num_attention_heads=HEADS,
         num_key_value_heads=KV_HEADS,
@@ -56,7 +56,7 @@ def llama_config(layers: int):
     )
 
 
-def random_model(layers: int):
+def random_model(layers: int, tokens: dict | None = None):
     """Build on 'meta', allocate uninitialised bf16, then fill in place.
 
     ``nn.init`` on a multi-GB model takes minutes and an fp32 build would
@@ -67,7 +67,7 @@ def random_model(layers: int):
 
     torch.manual_seed(0)
     with torch.device("meta"):
-        model = LlamaForCausalLM(llama_config(layers))
+        model = LlamaForCausalLM(llama_config(layers, tokens))
     model = model.to(torch.bfloat16).to_empty(device="cpu")  # rotary buffers unset: never saved
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -104,22 +104,36 @@ def save_nf4(bf16_dir: Path, dest: Path, shard_size: str) -> None:
     model.save_pretrained(str(dest), max_shard_size=shard_size)
 
 
-def build(dest: Path, size_gb: float, shard_size: str, quantize: str = "none") -> None:
+TOKEN_FIELDS = ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "tokenizer.model", "vocab.json", "merges.txt")
+
+
+def build(dest: Path, size_gb: float, shard_size: str, quantize: str = "none", tokenizer_from: Path | None = None) -> None:
     """Write ``dest/base`` and ``dest/adapter`` (and ``dest/base-16bit`` for a quantized base); atomic
     via a temp folder + rename."""
     tmp = dest.with_name(dest.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    layers = layers_for(size_gb)
-    model = random_model(layers)
+    tokens = None
+    if tokenizer_from:
+        config = json.loads((tokenizer_from / "config.json").read_text())
+        tokens = {k: config[k] for k in TOKEN_FIELDS if k in config}
+    layers = layers_for(size_gb, (tokens or {}).get("vocab_size", VOCAB))
+    model = random_model(layers, tokens)
     model.config._name_or_path = str(dest / "base")  # recorded in adapter_config.json
-    model.save_pretrained(str(tmp / ("base-16bit" if quantize == "nf4" else "base")), max_shard_size=shard_size)
+    saved = tmp / ("base-16bit" if quantize == "nf4" else "base")
+    model.save_pretrained(str(saved), max_shard_size=shard_size)
+    for name in TOKENIZER_FILES if tokenizer_from else ():
+        if (tokenizer_from / name).is_file():
+            shutil.copy2(tokenizer_from / name, saved / name)
     save_adapter(model, tmp / "adapter")
     del model
     if quantize == "nf4":
         save_nf4(tmp / "base-16bit", tmp / "base", shard_size)
     meta = {"size_gb": size_gb, "shard_size": shard_size, "layers": layers, "hidden": HIDDEN,
-            "intermediate": INTERMEDIATE, "vocab": VOCAB, "quantize": quantize}
+            "intermediate": INTERMEDIATE, "vocab": (tokens or {}).get("vocab_size", VOCAB), "quantize": quantize,
+            "tokenizer": tokenizer_from.name if tokenizer_from else None}
     (tmp / DONE_MARKER).write_text(json.dumps(meta))
     shutil.rmtree(dest, ignore_errors=True)
     tmp.rename(dest)
@@ -131,9 +145,10 @@ def main() -> None:
     parser.add_argument("--size-gb", type=float, default=1.0)
     parser.add_argument("--shard-size", default="5GB")
     parser.add_argument("--quantize", choices=["none", "nf4"], default="none", help="store the base in 4 bits")
+    parser.add_argument("--tokenizer-from", type=Path, help="a model folder whose tokenizer the base gets")
     args = parser.parse_args()
     warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation chatter
-    build(args.dest, args.size_gb, args.shard_size, args.quantize)
+    build(args.dest, args.size_gb, args.shard_size, args.quantize, args.tokenizer_from)
 
 
 if __name__ == "__main__":
