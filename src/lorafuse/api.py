@@ -23,7 +23,7 @@ from .manifest import LEDGER, MANIFEST, Ledger, fingerprint as run_fingerprint, 
 from .output import (MARKER, check_file_target, check_staged, check_target, claim_staging, clear, disk_error, exclusive,
                      make_staging, move_file_into_place, move_into_place, regular_file, staging_folder)
 from .plan import DISK_MARGIN, Plan, make_plan, output_path, remeasured, room
-from .sinks.gguf import check_type, gguf_model_card, gguf_output, is_gguf, split_files
+from .sinks.gguf import check_type, converter_order, gguf_model_card, gguf_output, is_gguf, split_files
 from .sinks.gguf import write as write_gguf
 from .sinks.gguf.converter import find as find_converter
 from .sinks.hub import HubPublisher
@@ -178,7 +178,7 @@ def _merge_gguf(base, adapter, out, dtype: str, save_method: str, gguf_type: str
         make_staging(staging)
         if on_plan:
             on_plan(plan)
-        values = TensorValues(plan)
+        values = TensorValues(plan, order=converter_order(plan))
 
         def value(tensor):
             data = values.get(tensor)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable
@@ -119,15 +120,31 @@ class Producers(contextlib.ExitStack):
 class TensorValues:
     """The output tensors' bytes one at a time, on demand, for a sink that pulls them (GGUF: llama.cpp's
     converter asks for each tensor as it writes it): made by the same producers as a safetensors merge,
-    so the bytes are the same. `close` closes the source files, ends the producers' thread limits and drops
-    the adapter rows kept for cutting experts."""
+    so the bytes are the same. When the sink asks in a known `order`, the next tensor is made on a thread
+    of its own while the sink works on the one it has (numpy and torch release the GIL), so the merge hides
+    behind the conversion; one tensor at most is made ahead. `close` closes the source files, ends the
+    producers' thread limits and drops the adapter rows kept for cutting experts."""
 
-    def __init__(self, plan: Plan, device: str = "cpu") -> None:
+    def __init__(self, plan: Plan, device: str = "cpu", order: list[TensorPlan] = ()) -> None:
         self.sources = SourceFiles()
         self.producers = Producers(device, costs.threads_per_worker(plan.tensors, device, 1, 1))
         self.slots = {t.name: slots for shard in plan.shards for t, slots in zip(shard.tensors, shard.slots)}
+        self.order = list(order)
+        self.following = {t.name: nxt for t, nxt in zip(self.order, self.order[1:])}
+        self.ahead: tuple[str, Future] | None = None
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="lorafuse-ahead") if self.order else None
 
     def get(self, tensor: TensorPlan) -> bytearray:
+        if self.ahead is not None and self.ahead[0] == tensor.name:
+            data, self.ahead = self.ahead[1].result(), None
+        else:  # asked out of order: made here, and what was made ahead waits for its turn
+            data = self._make(tensor, self.producers.for_tensor(tensor))
+        nxt = self.following.get(tensor.name)
+        if self.pool is not None and self.ahead is None and nxt is not None:
+            self.ahead = (nxt.name, self.pool.submit(self._make, nxt, self.producers.for_tensor(nxt)))
+        return data
+
+    def _make(self, tensor: TensorPlan, producer) -> bytearray:
         slots = self.slots[tensor.name]
         out = bytearray(sum(slot.nbytes for slot in slots))
         first = slots[0].offset
@@ -140,10 +157,12 @@ class TensorValues:
             @staticmethod
             def write(data: memoryview, offset: int) -> None:
                 memoryview(out)[offset - first:offset - first + len(data)] = data
-        write_tensor(Buffer, slots, tensor, self.sources, self.producers.for_tensor(tensor))
+        write_tensor(Buffer, slots, tensor, self.sources, producer)
         return out
 
     def close(self) -> None:
+        if self.pool is not None:  # a tensor being made ahead is finished first: its sources stay open meanwhile
+            self.pool.shutdown(wait=True, cancel_futures=True)
         self.producers.close()
         self.sources.close()
         forget_cut_rows()

@@ -114,6 +114,12 @@ def gguf_model_card(plan: Plan, settings: dict, names: list[str]) -> str:
                             library="gguf", tags=("gguf",))
 
 
+def converter_order(plan: Plan) -> list[TensorPlan]:
+    """The order in which the converter indexes a safetensors folder, and so asks for the tensors: its files
+    in name order, each file's tensors in name order."""
+    return [t for shard in sorted(plan.shards, key=lambda s: s.filename) for t in sorted(shard.tensors, key=lambda t: t.name)]
+
+
 def is_gguf(out) -> bool:
     return str(out).lower().endswith(".gguf")
 
@@ -153,7 +159,6 @@ def _convert(conversion, gguf, plan: Plan, folder: Path, target: Path, output: G
         raise LorafuseError(f"llama.cpp's converter cannot convert this model: {e}; "
                             "merge to safetensors instead (an OUT folder)") from None
     lazy = conversion.LazyTorchTensor
-    shard_of = {t.name: shard.filename for shard in plan.shards for t in shard.tensors}
 
     class Merged(model_class):
         """The model's converter class, its tensors indexed from the merge instead of from files."""
@@ -161,10 +166,9 @@ def _convert(conversion, gguf, plan: Plan, folder: Path, target: Path, output: G
         model_arch = model_class.model_arch  # the converter requires each class to name it
 
         def index_tensors(self, remote_hf_model_id: str | None = None) -> dict:
-            """In the order the converter indexes a safetensors folder: its files in name order, each
-            file's tensors in name order (so the GGUF lists them as the two-step route does)."""
+            """In the converter's own order (so the GGUF lists them as the two-step route does)."""
             found = {}
-            for tensor in sorted(plan.tensors, key=lambda t: (shard_of[t.name], t.name)):
+            for tensor in converter_order(plan):
                 def made(tensor=tensor):
                     meta = lazy.meta_with_dtype_and_shape(torch_dtype(tensor.dtype), tensor.shape)
                     return lazy(meta=meta, args=(tensor,), func=value)
