@@ -26,7 +26,7 @@ LAYERS = [
     ("plan", ["lorafuse.plan"]),
     ("sinks", ["lorafuse.sinks", "lorafuse.manifest", "lorafuse.output"]),
     ("execute", ["lorafuse.compute", "lorafuse.execute"]),
-    ("commands", ["lorafuse.api", "lorafuse.cli", "lorafuse.tools", "lorafuse"]),
+    ("commands", ["lorafuse.api", "lorafuse.training", "lorafuse.cli", "lorafuse.tools", "lorafuse"]),
 ]
 
 

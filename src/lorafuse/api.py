@@ -10,7 +10,7 @@ import resource
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -46,6 +46,7 @@ class MergeReport:
     seconds: float
     peak_memory: int  # peak resident set size of this process, bytes
     hub_url: str | None = None  # the commit that published it, with push_to_hub
+    notes: list[str] = field(default_factory=list)  # the plan's notes: what the merge did that may surprise
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -140,7 +141,8 @@ def merge(base: str | os.PathLike | None, adapter: str | os.PathLike, out: str |
                     clear(staging)
             raise
         return MergeReport(out=str(out), shards=len(plan.shards), seconds=round(time.perf_counter() - started, 3),
-                           peak_memory=_peak_rss(), hub_url=hub_url, **vars(counters))
+                           peak_memory=_peak_rss(), hub_url=hub_url, notes=list(plan.notes),
+                           **vars(counters))
 
 
 def _merge_gguf(base, adapter, out, dtype: str, save_method: str, gguf_type: str, llama_cpp,
@@ -205,7 +207,8 @@ def _merge_gguf(base, adapter, out, dtype: str, save_method: str, gguf_type: str
     return MergeReport(out=str(written[0]), shards=len(written), tensors_merged=len(plan.merged), tensors_cast=0,
                        tensors_copied=len(plan.tensors) - len(plan.merged), bytes_read=plan.base.total_bytes,
                        bytes_written=sum(path.stat().st_size for path in written), shards_resumed=0,
-                       seconds=round(time.perf_counter() - started, 3), peak_memory=_peak_rss(), hub_url=hub_url)
+                       seconds=round(time.perf_counter() - started, 3), peak_memory=_peak_rss(), hub_url=hub_url,
+                       notes=list(plan.notes))
 
 
 def _publish_gguf(hub: HubPublisher, plan: Plan, made: list[Path], settings: dict) -> str:

@@ -252,7 +252,7 @@ def move_into_place(staging: Path, out: Path, keep_until_renamed: Path, replacin
         fsync_path(staging)
         if replacing is not None and os.path.lexists(out):
             _replace(staging, out, replacing)
-        elif not _rename_noreplace(staging, out):
+        elif not rename_noreplace(staging, out):
             raise LorafuseError(f"{out} appeared while merging (another program?) and is left as it is; the "
                                 f"finished merge is in {staging}: move {out} away, or pass --force to replace it, "
                                 "and run the same command again")
@@ -310,7 +310,7 @@ def _delete_replaced(folder: Path, out: Path) -> None:
 RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
 
 
-def _rename_noreplace(src: Path, dst: Path) -> bool:
+def rename_noreplace(src: Path, dst: Path) -> bool:
     """Rename src to dst unless something is at dst (False then). Where renameat2 is missing, a rename after
     a check: in the gap between the two only an empty folder made at dst could be replaced."""
     if _renameat2(src, dst, RENAME_NOREPLACE):
@@ -376,7 +376,7 @@ def move_file_into_place(made: Path, out: Path, replacing: bool) -> None:
     fsync_path(made)
     if replacing:
         os.replace(made, out)
-    elif not _rename_noreplace(made, out):
+    elif not rename_noreplace(made, out):
         raise LorafuseError(f"{out} was created by something else during the merge; the finished file stays in "
                             f"{made.parent}: move it yourself, or run again with --force")
     fsync_path(out.parent)
