@@ -14,8 +14,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
-from .costs import needs_torch
-from .errors import InputError, LorafuseError, OutputComplete
+from .costs import needs_torch, torch_feature
+from .errors import InputError, LorafuseError, OutputComplete, require_torch
 from .execute import write_shards
 from .execute.work import TensorValues
 from .formats.folder import identity_of
@@ -95,6 +95,7 @@ def merge(base: str | os.PathLike | None, adapter: str | os.PathLike, out: str |
     # Before anything is created or deleted: the plan checks that no input is a path the merge writes.
     plan = make_plan(base, adapter, out, sink=SAFETENSORS, dtype=dtype, max_shard_size=max_shard_size,
                      save_method=save_method, scratch=staging / DOWNLOADS if low_disk else None)
+    _check_torch(plan, device)
     interrupt = _InterruptAfterPublish(out)
     with interrupt, exclusive(out):  # a second merge into OUT would wipe this one's staging folder
         run = _start_run(plan, staging, device, resume, low_disk, pushing=bool(push_to_hub))
@@ -128,6 +129,7 @@ def _merge_gguf(base, adapter, out, dtype: str, save_method: str, gguf_type: str
     """The merge as one GGUF file: planned as a safetensors merge (the same tensors, the same bytes, its files
     giving the converter's order), then llama.cpp's converter pulls each merged tensor and writes the file in
     the staging folder, which is moved to OUT when complete."""
+    require_torch("a GGUF output (llama.cpp's converter)", extra="gguf")
     import torch
 
     from .formats.safetensors import torch_dtype
@@ -173,6 +175,16 @@ def _merge_gguf(base, adapter, out, dtype: str, save_method: str, gguf_type: str
                        tensors_copied=len(plan.tensors) - len(plan.merged), bytes_read=plan.base.total_bytes,
                        bytes_written=size, shards_resumed=0, seconds=round(time.perf_counter() - started, 3),
                        peak_memory=_peak_rss())
+
+
+def _check_torch(plan: Plan, device: str) -> None:
+    """A merge that needs torch (costs.needs_torch: a GPU, a quantized base, DoRA, 4-bit output) stops here,
+    before anything is written, with the install to run when torch is not installed: it is an extra."""
+    if device != "cpu":
+        require_torch(f"--device {device}")
+    feature = next(filter(None, map(torch_feature, plan.tensors)), None)
+    if feature:
+        require_torch(feature)
 
 
 @dataclass
