@@ -256,6 +256,35 @@ def machine_info() -> dict:
     }
 
 
+def import_costs(repeats: int = 5) -> list[dict]:
+    """The import time of each runtime dependency (what pyproject.toml's `dependencies` bring: an import
+    before the first tensor delays every merge) and of the command itself, median of fresh processes
+    (`-X importtime`, the module's cumulative time)."""
+    import re
+    import tomllib
+
+    requires = tomllib.loads((HERE.parent / "pyproject.toml").read_text())["project"]["dependencies"]
+    wanted = {re.split(r"[ <>=!~;\[]", r, maxsplit=1)[0].lower().replace("-", "_") for r in requires}
+    modules = {dist: mod for mod, dists in md.packages_distributions().items() for dist in dists
+               if dist.lower().replace("-", "_") in wanted and not mod.startswith("_")}
+    rows = []
+    for dist, module in sorted(modules.items()) + [("lorafuse", "lorafuse.cli")]:
+        times = []
+        for _ in range(repeats):
+            err = subprocess.run([PY, "-X", "importtime", "-c", f"import {module}"], capture_output=True, text=True).stderr
+            found = re.search(rf"^import time:\s+\d+ \|\s+(\d+) \| {re.escape(module)}$", err, re.M)
+            times.append(int(found.group(1)) / 1000 if found else float("nan"))
+        rows.append({"dependency": dist, "module": module, "version": version(dist),
+                     "median_ms": round(statistics.median(times), 1)})
+    return rows
+
+
+def import_table(rows: list[dict]) -> str:
+    lines = ["| dependency | version | import (median ms) |", "|---|---|---:|"]
+    lines += [f"| {r['dependency']} (`{r['module']}`) | {r['version']} | {r['median_ms']:.1f} |" for r in rows]
+    return "\n".join(lines)
+
+
 def gpu_name() -> str:
     """The GPUs nvidia-smi sees (torch-free: the driver process stays light)."""
     try:
@@ -334,10 +363,11 @@ def compare(args: argparse.Namespace, stem: str) -> None:
     jobs = {route: (route, model_dir) for route in args.routes}
     samples, skipped = run_round_robin(jobs, args.repeats, args.workdir)
     rows = summarise(samples)
+    imports = import_costs()
     md_text = (header("lorafuse merge benchmark", args)
                + f"- base: {model_line(info)}\n\n## Results\n\n{results_table(rows, skipped)}\n\n"
-               + f"## Ratios\n\n{ratios_table(rows)}\n")
-    raw = {"model": info, "samples": samples, "skipped": skipped, "machine": machine_info()}
+               + f"## Ratios\n\n{ratios_table(rows)}\n\n## Imports\n\n{import_table(imports)}\n")
+    raw = {"model": info, "samples": samples, "skipped": skipped, "machine": machine_info(), "imports": imports}
     what = "an NF4 base" if args.quantize == "nf4" else f"a {info['base_bytes'] / 1e9:.1f} GB base"
     what += " to a q8_0 GGUF" if args.gguf else ""
     write_report(args.out, stem, md_text, rows, f"merge of {what}", raw)

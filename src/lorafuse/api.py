@@ -14,8 +14,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
-from .costs import needs_torch
-from .errors import InputError, LorafuseError, OutputComplete
+from .costs import needs_torch, torch_feature
+from .errors import InputError, LorafuseError, OutputComplete, require_torch
 from .execute import write_shards
 from .execute.work import TensorValues
 from .formats.folder import identity_of
@@ -116,6 +116,7 @@ def merge(base: str | os.PathLike | None, adapter: str | os.PathLike, out: str |
     # Before anything is created or deleted: the plan checks that no input is a path the merge writes.
     plan = make_plan(base, adapter, out, sink=SAFETENSORS, dtype=dtype, max_shard_size=max_shard_size,
                      save_method=save_method, scratch=staging / DOWNLOADS if low_disk else None)
+    _check_torch(plan, device)
     interrupt = _InterruptAfterPublish(out)
     with interrupt, exclusive(out):  # a second merge into OUT would wipe this one's staging folder
         run = _start_run(plan, staging, device, resume, low_disk, pushing=bool(push_to_hub))
@@ -151,6 +152,7 @@ def _merge_gguf(base, adapter, out, dtype: str, save_method: str, gguf_type: str
     """The merge as GGUF: planned as a safetensors merge (the same tensors, the same bytes, its files giving
     the converter's order), then llama.cpp's converter pulls each merged tensor and writes the file (or the
     split files) in the staging folder; pushed to the Hub if asked, then moved beside OUT when complete."""
+    require_torch("a GGUF output (llama.cpp's converter)", extra="gguf")
     import torch
 
     from .formats.safetensors import torch_dtype
@@ -220,6 +222,16 @@ def _publish_gguf(hub: HubPublisher, plan: Plan, made: list[Path], settings: dic
         return hub.finish(made[0].parent)
     finally:
         card.unlink()
+
+
+def _check_torch(plan: Plan, device: str) -> None:
+    """A merge that needs torch (costs.needs_torch: a GPU, a quantized base, DoRA, 4-bit output) stops here,
+    before anything is written, with the install to run when torch is not installed: it is an extra."""
+    if device != "cpu":
+        require_torch(f"--device {device}")
+    feature = next(filter(None, map(torch_feature, plan.tensors)), None)
+    if feature:
+        require_torch(feature)
 
 
 @dataclass

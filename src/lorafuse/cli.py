@@ -15,7 +15,7 @@ import unicodedata
 
 from .version import __version__
 from .api import merge, plan as plan_merge
-from .errors import LorafuseError, OutputComplete
+from .errors import LorafuseError, OutputComplete, require_torch
 from .plan import describe, room_problem
 from .sources.hub import resolve_adapter
 from .units import human_size
@@ -318,6 +318,7 @@ def _inspect(args) -> int:
     from dataclasses import asdict
 
     _positional(args)
+    require_torch("lorafuse inspect")
     from .tools.inspection import describe as describe_rows
     from .tools.inspection import inspect
 
@@ -327,10 +328,11 @@ def _inspect(args) -> int:
 
 
 def _verify(args) -> int:
-    from .tools.verify import verify
-
     if not args.out:
         raise LorafuseError("the folder to verify is empty; name it: lorafuse verify OUT")
+    require_torch("lorafuse verify")
+    from .tools.verify import verify
+
     verdict = verify(args.out, args.base, args.adapter, args.sample)
     for problem in verdict:
         _tell(f"problem  {_one_line(problem)}")

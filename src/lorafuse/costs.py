@@ -52,6 +52,23 @@ def needs_torch(tensor, device: str) -> bool:
     return isinstance(tensor.computed_from[0], QuantizedTensor) or not in_rows(tensor, device)
 
 
+def torch_feature(tensor) -> str | None:
+    """What makes producing `tensor` (a plan.TensorPlan) on the CPU need torch, as the user would name it
+    (for the error when torch is not installed); None when nothing does."""
+    if not needs_torch(tensor, "cpu"):
+        return None
+    source, patches = tensor.computed_from
+    if tensor.to_nf4:
+        return "--save-method merged_4bit"
+    if isinstance(source, QuantizedTensor):
+        return f"a quantized base ({source.method})"
+    if not all(patch.rowwise for patch in patches):
+        return "DoRA"
+    refs = [ref for patch in patches for ref in patch.refs] + [source]
+    others = sorted({tensor.dtype, *(ref.dtype for ref in refs)} - ROW_DTYPES)
+    return f"merging {'/'.join(others)} tensors ({tensor.name})"
+
+
 def threads_per_worker(tensors, device: str, cores: int, depth: int) -> int:
     """Intra-op threads for each of `depth` pipeline threads (torch's and numpy's BLAS): one where every
     computed tensor is made in rows, since a team of threads spins more than it works on a block of 1 MB

@@ -538,9 +538,12 @@ def _memory_layout(folder: Path, sources: dict, modules: set[str] = frozenset())
 
     import importlib.util
 
-    if importlib.util.find_spec("transformers") is None:
+    install = {"transformers": "transformers", "torch": "'lorafuse[torch]'"}
+    missing = [name for name in install if importlib.util.find_spec(name) is None]
+    if missing:
         raise LorafuseError("the adapter is named after the model in memory, not after the checkpoint's tensors, and "
-                            "mapping one onto the other needs transformers: pip install transformers") from None
+                            "mapping one onto the other needs transformers and PyTorch: pip install "
+                            + " ".join(install[name] for name in missing))
     return memory_layout(folder, {k: tuple(ref.shape) for k, ref in sources.items()}, modules)
 
 

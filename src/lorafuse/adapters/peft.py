@@ -19,7 +19,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from ..errors import LorafuseError
+from ..errors import LorafuseError, require_torch
 from ..formats.jsonfile import read_json
 from ..formats.safetensors import dtype_name, read_header
 from ..patches import AddBias, ExpertLoRA, LoRA, Patch, Replace, ReplaceRows
@@ -112,6 +112,7 @@ def open_adapter(folder: str | Path) -> Adapter:
 
 def _load_pickle(path: Path) -> dict:
     """Load a pickle checkpoint without ever running code from it (weights_only=True)."""
+    require_torch(f"reading {path} (a pickle checkpoint; adapter_model.safetensors needs no torch)")
     import torch
 
     try:

@@ -27,15 +27,27 @@ def non_finite_error(tensor) -> InputError:
     """Merging `tensor` gave NaN or Inf. The base tensor is read again to say whose they are, since a
     checkpoint can hold NaN itself (on this error path only: a finite merge never pays for it), unless the
     adapter replaces it whole."""
-    import torch
-
     from ..patches import Replace
 
-    if not any(isinstance(p, Replace) for p in tensor.patches) and not torch.isfinite(fp32_value(tensor.source)).all():
+    if not any(isinstance(p, Replace) for p in tensor.patches) and not _all_finite(tensor.source):
         return InputError(f"base tensor {tensor.name} already holds NaN or Inf values, so no merge into it is "
                              "finite; repair or re-download the base model")
     origins = ", ".join(o for p in tensor.patches for o in p.origins)
     return InputError(f"merging {tensor.name} gives NaN or Inf values; the adapter tensors ({origins}) are broken")
+
+
+def _all_finite(source) -> bool:
+    """Whether a base tensor holds only finite values: read by numpy when it can be (a plain merge has
+    no torch), else (quantized, or another dtype) by torch, which that merge has."""
+    from ..formats.arrays import STORED, fp32
+
+    if not isinstance(source, QuantizedTensor) and source.dtype in STORED:
+        import numpy as np
+
+        return bool(np.isfinite(fp32(source)).all())
+    import torch
+
+    return bool(torch.isfinite(fp32_value(source)).all())
 
 
 def fp32_value(source):

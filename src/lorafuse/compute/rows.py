@@ -4,9 +4,8 @@ quantized weight, on the CPU.
 The tensor is seen as a matrix (rows × the rest) and done one block of rows at a time, in fp32 buffers
 that stay in the CPU's cache: widen to fp32 (or decode: torch's gather, see quant.Lookup), apply the
 patches (each changes rows independently: see patches.py), check for NaN and Inf, round once to the
-output dtype. Rounding is to nearest, ties to even, as torch rounds; a merge of 16/32-bit tensors needs no
-torch at all. bf16 is `ml_dtypes`' numpy type: its casts are one compiled pass each way, where integer
-ops in numpy took five.
+output dtype. Rounding is to nearest, ties to even, as torch rounds (formats.arrays); a merge of 16/32-bit
+tensors needs no torch at all.
 """
 
 from __future__ import annotations
@@ -20,15 +19,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..costs import block_shape, matrix_shape
-from ..formats.arrays import STORED
+from ..formats.arrays import STORED, narrow, widen
 from ..formats.safetensors import TensorSlot, dtype_size, read_exact
 from ..quant import QuantizedTensor
 from . import Write, non_finite_error, overflow_error
 
 if TYPE_CHECKING:
     from ..plan import TensorPlan
-
-BF16_NAN = 0x7FC0  # the one NaN written (torch writes it or 0xFFFF, by kernel; ml_dtypes keeps the sign)
 
 
 class Buffers(threading.local):
@@ -85,7 +82,7 @@ class Producer:
         stored = raw.view(STORED[source.dtype]).reshape(rows, cols)
 
         def fill(start: int, stop: int, block: np.ndarray) -> None:
-            widen(stored[start:stop], block[:(stop - start) * cols].reshape(-1, cols))
+            widen(stored[start:stop], source.dtype, block[:(stop - start) * cols].reshape(-1, cols))
 
         # The result overwrites rows already read when it is no wider than the source: one tensor buffer.
         narrower = dtype_size(tensor.dtype) <= dtype_size(source.dtype)
@@ -138,21 +135,6 @@ class Producer:
         finite = math.isfinite(float(block.sum())) or bool(np.isfinite(block).all())
         if not finite and tensor.patches:
             raise non_finite_error(tensor)
-        narrow(block, out)
-        if not finite and tensor.dtype == "BF16":
-            out.view(np.uint16)[np.isnan(block)] = BF16_NAN
+        narrow(block, tensor.dtype, out, scratch, nan_free=finite)
         if tensor.dtype == "F16" and finite and not np.isfinite(out).all():
             raise overflow_error(tensor, float(np.abs(block).max()))
-
-
-def widen(stored: np.ndarray, out: np.ndarray) -> None:
-    """fp32 values of stored BF16 / F16 / F32 values (exact: every such value is an fp32 value)."""
-    np.copyto(out, stored)
-
-
-def narrow(values: np.ndarray, out: np.ndarray) -> None:
-    """Round fp32 `values` into `out` (stored BF16 / F16 / F32) as torch does: to nearest, ties to even,
-    overflowing to inf."""
-    np.copyto(out, values, casting="unsafe")
-
-
