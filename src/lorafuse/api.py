@@ -12,7 +12,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 from .costs import needs_torch
 from .errors import InputError, LorafuseError, OutputComplete
@@ -52,14 +52,17 @@ class MergeReport:
         return asdict(self)
 
 
-def plan(base: str | os.PathLike | None, adapter: str | os.PathLike, out: str | os.PathLike | None = None, *,
-         dtype: str = "auto", max_shard_size: int | str = "5GB", save_method: str = "merged_16bit") -> Plan:
+def plan(base: str | os.PathLike | None, adapter: str | os.PathLike | Sequence[str | os.PathLike],
+         out: str | os.PathLike | None = None, *, dtype: str = "auto", max_shard_size: int | str = "5GB",
+         save_method: str = "merged_16bit", weights: Sequence[float] | None = None) -> Plan:
     """Plan a merge from the headers alone; nothing is written."""
-    return make_plan(base, adapter, out, sink=SAFETENSORS, dtype=dtype, max_shard_size=max_shard_size, save_method=save_method)
+    return make_plan(base, adapter, out, sink=SAFETENSORS, dtype=dtype, max_shard_size=max_shard_size,
+                     save_method=save_method, weights=weights)
 
 
-def merge(base: str | os.PathLike | None, adapter: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "auto",
-          max_shard_size: int | str = "5GB", save_method: str = "merged_16bit", device: str = "cpu", force: bool = False,
+def merge(base: str | os.PathLike | None, adapter: str | os.PathLike | Sequence[str | os.PathLike], out: str | os.PathLike,
+          *, weights: Sequence[float] | None = None, dtype: str = "auto", max_shard_size: int | str = "5GB",
+          save_method: str = "merged_16bit", device: str = "cpu", force: bool = False,
           resume: bool = False, push_to_hub: str | None = None, private: bool = False, revision: str | None = None,
           commit_message: str | None = None, low_disk: bool = False,
           gguf_type: str = "auto", llama_cpp: str | os.PathLike | None = None,
@@ -68,7 +71,9 @@ def merge(base: str | os.PathLike | None, adapter: str | os.PathLike, out: str |
     """Merge ADAPTER into BASE and write a standalone model to OUT.
 
     BASE and ADAPTER are folders or Hugging Face repo ids (`org/name[@revision]`, read from the cache
-    and downloaded when missing); BASE None takes the base the adapter names.
+    and downloaded when missing); BASE None takes the base the adapter names. ADAPTER may be a list of
+    adapters for one base: OUT is then the base plus the weighted sum of their deltas, W + Σ wᵢ·ΔWᵢ
+    (`weights`: one number per adapter, 1 each by default; BASE must be named), in fp32, rounded once.
     `on_plan` sees the plan before any work starts; `on_progress` receives the bytes of each tensor
     written. Raises LorafuseError for every problem the user can fix; OUT is then left untouched. With
     `force=True` the folder at OUT when the merge starts is replaced, and nothing else: a folder that
@@ -87,14 +92,15 @@ def merge(base: str | os.PathLike | None, adapter: str | os.PathLike, out: str |
         if push_to_hub or low_disk or resume:
             raise LorafuseError("a GGUF output is written in one go: --push-to-hub, --low-disk and --resume are for "
                                 "safetensors folders")
-        return _merge_gguf(base, adapter, out, dtype, save_method, gguf_type, llama_cpp, force, on_plan, on_progress)
+        return _merge_gguf(base, adapter, weights, out, dtype, save_method, gguf_type, llama_cpp, force, on_plan,
+                           on_progress)
     started = time.perf_counter()
     out = output_path(out)  # absolute and normalised: `.` or `dir/..` would give the staging folder a wrong name
     replacing = check_target(out, force)
     staging = staging_folder(out)
     # Before anything is created or deleted: the plan checks that no input is a path the merge writes.
     plan = make_plan(base, adapter, out, sink=SAFETENSORS, dtype=dtype, max_shard_size=max_shard_size,
-                     save_method=save_method, scratch=staging / DOWNLOADS if low_disk else None)
+                     save_method=save_method, scratch=staging / DOWNLOADS if low_disk else None, weights=weights)
     interrupt = _InterruptAfterPublish(out)
     with interrupt, exclusive(out):  # a second merge into OUT would wipe this one's staging folder
         run = _start_run(plan, staging, device, resume, low_disk, pushing=bool(push_to_hub))
@@ -123,7 +129,7 @@ def merge(base: str | os.PathLike | None, adapter: str | os.PathLike, out: str |
                            peak_memory=_peak_rss(), hub_url=hub_url, **vars(counters))
 
 
-def _merge_gguf(base, adapter, out, dtype: str, save_method: str, gguf_type: str, llama_cpp, force: bool,
+def _merge_gguf(base, adapter, weights, out, dtype: str, save_method: str, gguf_type: str, llama_cpp, force: bool,
                 on_plan: Callable[[Plan], None] | None, on_progress: Callable[[int], None] | None) -> MergeReport:
     """The merge as one GGUF file: planned as a safetensors merge (the same tensors, the same bytes, its files
     giving the converter's order), then llama.cpp's converter pulls each merged tensor and writes the file in
@@ -139,7 +145,7 @@ def _merge_gguf(base, adapter, out, dtype: str, save_method: str, gguf_type: str
     out = output_path(out)
     replacing = check_file_target(out, force)
     staging = staging_folder(out)
-    plan = make_plan(base, adapter, out, sink=SAFETENSORS, dtype=dtype)  # the safetensors merge's files: their order
+    plan = make_plan(base, adapter, out, sink=SAFETENSORS, dtype=dtype, weights=weights)  # the safetensors merge's files: their order
     need = gguf_size_bound(plan, gguf_type) + DISK_MARGIN
     if plan.disk_free is not None and plan.disk_free < need:
         raise LorafuseError(f"the GGUF needs up to {human_size(need)} (with {human_size(DISK_MARGIN)} to spare), but only "
