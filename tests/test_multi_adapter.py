@@ -31,8 +31,8 @@ import pytest
 import torch
 
 import lorafuse
-from conftest import (MERGE_DEVICES, TORCH_DTYPES, device_suffix, leftovers, load_model, logits, make_adapter,
-                      read_tensors, same_bytes, tree_hash)
+from conftest import (MERGE_DEVICES, TORCH_DTYPES, build_model, device_suffix, leftovers, load_model, logits,
+                      make_adapter, read_tensors, same_bytes, tree_hash)
 from lorafuse.cli import main
 from test_merge_vs_peft import EFFECT_RATIO, HALF_ULP, LOGIT_RTOL, TENSOR_SLACK, input_ids, lora
 
@@ -43,6 +43,8 @@ ADAPTERS = {
     "qv": lora(target_modules=["q_proj", "v_proj"]),
     "rs": lora(r=4, lora_alpha=8, use_rslora=True, target_modules=["q_proj", "down_proj"], rank_pattern={"down_proj": 6}),
     "emb": lora(r=2, lora_alpha=4, target_modules=["embed_tokens", "o_proj", "gate_proj"]),
+    "emb_too": lora(r=4, lora_alpha=4, target_modules=["embed_tokens", "k_proj"]),
+    "emb_other_base": lora(r=4, lora_alpha=4, target_modules=["embed_tokens"]),
     "dora": lora(target_modules=["q_proj"], use_dora=True),
     "save_head": lora(target_modules=["q_proj"], modules_to_save=["lm_head"]),
     "save_head_too": lora(r=2, target_modules=["k_proj"], modules_to_save=["lm_head"]),
@@ -54,12 +56,17 @@ ADAPTERS = {
 MODELS = {"other_base": "llama_wide", "bias": "qwen2", "qo": "qwen2"}
 
 
-def get_adapter(artefacts, tiny_base, name: str, seed: int | None = None) -> Path:
+def get_adapter(artefacts, tiny_base, name: str) -> Path:
+    """PEFT's adapter `name`; "emb_other_base" is trained on a Llama like the others but for its weights (another
+    seed), so the embedding it saves with its LoRA is another."""
     from peft import LoraConfig
 
-    seed = list(ADAPTERS).index(name) + 1 if seed is None else seed
-    return artefacts.get(("multi", name), lambda d: make_adapter(tiny_base(MODELS.get(name, "llama")), d,
-                                                                  LoraConfig(**ADAPTERS[name]), seed=seed))
+    def build(folder: Path) -> Path:
+        model = build_model("llama", seed=7) if name == "emb_other_base" else None
+        return make_adapter(tiny_base(MODELS.get(name, "llama")), folder, LoraConfig(**ADAPTERS[name]),
+                            seed=list(ADAPTERS).index(name) + 1, model=model)
+
+    return artefacts.get(("multi", name), build)
 
 
 def peft_model(base: Path, adapters: list[Path], dtype: torch.dtype):
@@ -141,7 +148,7 @@ def cli_merge(base: Path, adapters: list[Path], out: Path, weights: list[float] 
 
 COMBOS = {  # adapters (never an rsLoRA one first: see the module docstring), weights (None: 1 each)
     "two": (["qv", "rs"], [0.7, -0.3]),
-    "three-default-weights": (["emb", "qv", "rs"], None),
+    "three-default-weights": (["emb", "qv", "emb_too"], None),  # both save the embedding they were trained on
     "three": (["emb", "rs", "qv"], [0.5, 1.25, -0.3]),
 }
 CASES = [(combo, dtype, device) for combo in COMBOS for dtype in ("fp32", "bf16") for device in MERGE_DEVICES]
@@ -298,6 +305,8 @@ REFUSALS = {  # id: (adapters, --weights, what the message says, {adapter name} 
                                                             "adapter {save_head_too} replaces it too"]),
     "saved-weighted": (["save_head"], "0.5", ["adapter {save_head} replaces lm_head.weight",
                                               "give it weight 1, not 0.5"]),
+    "other-saved-base": (["emb", "emb_other_base"], None, ["adapters {emb} and {emb_other_base} save different base "
+                                                          "weights for model.embed_tokens.weight"]),
 }
 
 
