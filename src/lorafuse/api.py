@@ -12,7 +12,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 from .costs import needs_torch, torch_feature
 from .errors import InputError, LorafuseError, OutputComplete, require_torch
@@ -52,28 +52,31 @@ class MergeReport:
         return asdict(self)
 
 
-def plan(base: str | os.PathLike | None, adapter: str | os.PathLike, out: str | os.PathLike | None = None, *,
-         dtype: str = "auto", max_shard_size: int | str | None = None, save_method: str = "merged_16bit",
-         gguf_type: str = "auto", push_to_hub: str | None = None) -> Plan:
+def plan(base: str | os.PathLike | None, adapter: str | os.PathLike | Sequence[str | os.PathLike],
+         out: str | os.PathLike | None = None, *, dtype: str = "auto", max_shard_size: int | str | None = None,
+         save_method: str = "merged_16bit", weights: Sequence[float] | None = None, gguf_type: str = "auto",
+         push_to_hub: str | None = None) -> Plan:
     """Plan a merge from the headers alone; nothing is written. For an OUT ending in .gguf the plan's
     `file_output` says what GGUF file(s) the merge writes."""
     if out is not None and is_gguf(out):
-        return _gguf_plan(base, adapter, output_path(out), dtype, gguf_type, max_shard_size, bool(push_to_hub))
+        return _gguf_plan(base, adapter, weights, output_path(out), dtype, gguf_type, max_shard_size, bool(push_to_hub))
     return make_plan(base, adapter, out, sink=SAFETENSORS, dtype=dtype,
-                     max_shard_size="5GB" if max_shard_size is None else max_shard_size, save_method=save_method)
+                     max_shard_size="5GB" if max_shard_size is None else max_shard_size, save_method=save_method,
+                     weights=weights)
 
 
-def _gguf_plan(base, adapter, out: Path, dtype: str, gguf_type: str, max_shard_size: int | str | None,
+def _gguf_plan(base, adapter, weights, out: Path, dtype: str, gguf_type: str, max_shard_size: int | str | None,
                pushing: bool) -> Plan:
     """A safetensors merge's plan (the same tensors, the same bytes; its files give the converter's order)
     with the GGUF it becomes."""
     check_type(gguf_type)
-    plan = make_plan(base, adapter, out, sink=SAFETENSORS, dtype=dtype)
+    plan = make_plan(base, adapter, out, sink=SAFETENSORS, dtype=dtype, weights=weights)
     return replace(plan, file_output=gguf_output(plan, out, gguf_type, max_shard_size, pushing))
 
 
-def merge(base: str | os.PathLike | None, adapter: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "auto",
-          max_shard_size: int | str | None = None, save_method: str = "merged_16bit", device: str = "cpu", force: bool = False,
+def merge(base: str | os.PathLike | None, adapter: str | os.PathLike | Sequence[str | os.PathLike], out: str | os.PathLike,
+          *, weights: Sequence[float] | None = None, dtype: str = "auto", max_shard_size: int | str | None = None,
+          save_method: str = "merged_16bit", device: str = "cpu", force: bool = False,
           resume: bool = False, push_to_hub: str | None = None, private: bool = False, revision: str | None = None,
           commit_message: str | None = None, low_disk: bool = False,
           gguf_type: str = "auto", llama_cpp: str | os.PathLike | None = None,
@@ -82,7 +85,9 @@ def merge(base: str | os.PathLike | None, adapter: str | os.PathLike, out: str |
     """Merge ADAPTER into BASE and write a standalone model to OUT.
 
     BASE and ADAPTER are folders or Hugging Face repo ids (`org/name[@revision]`, read from the cache
-    and downloaded when missing); BASE None takes the base the adapter names.
+    and downloaded when missing); BASE None takes the base the adapter names. ADAPTER may be a list of
+    adapters for one base: OUT is then the base plus the weighted sum of their deltas, W + Σ wᵢ·ΔWᵢ
+    (`weights`: one number per adapter, 1 each by default; BASE must be named), in fp32, rounded once.
     `on_plan` sees the plan before any work starts; `on_progress` receives the bytes of each tensor
     written. Raises LorafuseError for every problem the user can fix; OUT is then left untouched. With
     `force=True` the folder at OUT when the merge starts is replaced, and nothing else: a folder that
@@ -105,7 +110,7 @@ def merge(base: str | os.PathLike | None, adapter: str | os.PathLike, out: str |
             raise LorafuseError("a GGUF output is written in one go: --low-disk and --resume are for safetensors folders")
         hub = HubPublisher(push_to_hub, private=private, revision=revision,
                            commit_message=commit_message) if push_to_hub else None
-        return _merge_gguf(base, adapter, out, dtype, save_method, gguf_type, llama_cpp, max_shard_size, hub, force,
+        return _merge_gguf(base, adapter, weights, out, dtype, save_method, gguf_type, llama_cpp, max_shard_size, hub, force,
                            on_plan, on_progress)
     if max_shard_size is None:
         max_shard_size = "5GB"
@@ -115,7 +120,7 @@ def merge(base: str | os.PathLike | None, adapter: str | os.PathLike, out: str |
     staging = staging_folder(out)
     # Before anything is created or deleted: the plan checks that no input is a path the merge writes.
     plan = make_plan(base, adapter, out, sink=SAFETENSORS, dtype=dtype, max_shard_size=max_shard_size,
-                     save_method=save_method, scratch=staging / DOWNLOADS if low_disk else None)
+                     save_method=save_method, scratch=staging / DOWNLOADS if low_disk else None, weights=weights)
     _check_torch(plan, device)
     interrupt = _InterruptAfterPublish(out)
     with interrupt, exclusive(out):  # a second merge into OUT would wipe this one's staging folder
@@ -146,7 +151,7 @@ def merge(base: str | os.PathLike | None, adapter: str | os.PathLike, out: str |
                            **vars(counters))
 
 
-def _merge_gguf(base, adapter, out, dtype: str, save_method: str, gguf_type: str, llama_cpp,
+def _merge_gguf(base, adapter, weights, out, dtype: str, save_method: str, gguf_type: str, llama_cpp,
                 max_shard_size: int | str | None, hub: HubPublisher | None, force: bool,
                 on_plan: Callable[[Plan], None] | None, on_progress: Callable[[int], None] | None) -> MergeReport:
     """The merge as GGUF: planned as a safetensors merge (the same tensors, the same bytes, its files giving
@@ -166,7 +171,7 @@ def _merge_gguf(base, adapter, out, dtype: str, save_method: str, gguf_type: str
     for earlier in split_files(out):
         check_file_target(earlier, force)
     staging = staging_folder(out)
-    plan = _gguf_plan(base, adapter, out, dtype, gguf_type, max_shard_size, pushing=hub is not None)
+    plan = _gguf_plan(base, adapter, weights, out, dtype, gguf_type, max_shard_size, pushing=hub is not None)
     output = plan.file_output
     need = output.size + DISK_MARGIN
     if plan.disk_free is not None and plan.disk_free < need:

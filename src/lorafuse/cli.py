@@ -16,8 +16,8 @@ import unicodedata
 from .version import __version__
 from .api import merge, plan as plan_merge
 from .errors import LorafuseError, OutputComplete, require_torch
-from .plan import describe, room_problem
-from .sources.hub import resolve_adapter
+from .plan import describe, patch_label, room_problem
+from .sources.hub import ADAPTER_CONFIG, resolve_adapter
 from .units import human_size
 
 
@@ -111,9 +111,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"lorafuse {__version__}")
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
-    m = commands.add_parser("merge", help="merge ADAPTER into BASE and write a standalone model to OUT",
-                            usage="lorafuse merge [options] [BASE] ADAPTER OUT")
-    _inputs(m, "[BASE] ADAPTER OUT", {3: ("base", "adapter", "out"), 2: ("adapter", "out")})
+    m = commands.add_parser("merge", help="merge ADAPTER into BASE (or several adapters, weighted) and write a standalone "
+                            "model to OUT", usage="lorafuse merge [options] [BASE] ADAPTER OUT\n"
+                            "       lorafuse merge [options] BASE ADAPTER1 ADAPTER2 ... OUT [--weights W1,W2,...]")
+    _inputs(m, "[BASE] ADAPTER... OUT", {3: ("base", "adapter", "out"), 2: ("adapter", "out")})
     m.add_argument("--device", default="cpu", help="where the delta arithmetic runs: cpu (default) or cuda")
     m.add_argument("--force", action="store_true", help="replace OUT if it exists")
     m.add_argument("--llama-cpp", metavar="DIR", help="with a .gguf OUT: the llama.cpp checkout whose converter writes "
@@ -132,8 +133,10 @@ def _parser() -> argparse.ArgumentParser:
     m.set_defaults(run=_merge)
 
     p = commands.add_parser("plan", help="dry run: what a merge would do and cost; no base shard is downloaded, nothing is written to OUT",
-                            usage="lorafuse plan [options] [BASE] ADAPTER [OUT]")
-    _inputs(p, "[BASE] ADAPTER [OUT]", {3: ("base", "adapter", "out"), 2: ("base", "adapter"), 1: ("adapter",)})
+                            usage="lorafuse plan [options] [BASE] ADAPTER [OUT]\n"
+                            "       lorafuse plan [options] BASE ADAPTER1 ADAPTER2 ... OUT\n"
+                            "       lorafuse plan [options] BASE ADAPTER1 ADAPTER2 ... --weights W1,W2,...")
+    _inputs(p, "[BASE] ADAPTER... [OUT]", {3: ("base", "adapter", "out"), 2: ("base", "adapter"), 1: ("adapter",)})
     p.add_argument("--verbose", "-v", action="store_true", help="list every changed tensor")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(run=_plan)
@@ -149,7 +152,7 @@ def _parser() -> argparse.ArgumentParser:
     v = commands.add_parser("verify", help="check a merged folder: manifest hashes, headers, index, NaN/Inf, and a recomputed sample")
     v.add_argument("out", metavar="OUT")
     v.add_argument("--base", help="the base it was merged from: recompute merged tensors (see --sample)")
-    v.add_argument("--adapter", help="the adapter it was merged from")
+    v.add_argument("--adapter", action="append", help="the adapter it was merged from (repeated, in order, for several)")
     v.add_argument("--sample", default="8", metavar="N|all",
                    help="with --base/--adapter: merged tensors to recompute, and untouched ones to compare with the "
                         "base (default 8 each, spread over the model); all: every one")
@@ -164,7 +167,10 @@ def _parser() -> argparse.ArgumentParser:
 def _inputs(p: argparse.ArgumentParser, metavar: str, shapes: dict) -> None:
     p.add_argument("paths", nargs="+", metavar=metavar,
                    help="BASE and ADAPTER: folders or Hugging Face repo ids org/name[@revision]; "
-                        "without BASE, the base the adapter names")
+                        "without BASE, the base the adapter names. Several adapters: BASE, the adapters, OUT")
+    p.add_argument("--weights", metavar="W1,W2,...",
+                   help="one weight per adapter, in order (default 1 each): OUT is the base plus the weighted sum of "
+                        "the adapters' deltas; a first weight below 0 is written --weights=-0.5,1")
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"], help="output dtype (default: as the base)")
     p.add_argument("--max-shard-size", help="largest output shard, e.g. 5GB or 500MB (default 5GB); with a .gguf "
                    "OUT, split it into llama.cpp's split files of this size (default one file)")
@@ -176,20 +182,48 @@ def _inputs(p: argparse.ArgumentParser, metavar: str, shapes: dict) -> None:
 
 
 def _positional(args) -> None:
-    """Name the positional paths by their count: BASE may be left out when the adapter names it."""
-    fields = args.shapes.get(len(args.paths))
-    if fields is None:
-        raise LorafuseError(f"expected {' or '.join(str(n) for n in sorted(args.shapes))} paths, got {len(args.paths)}; see --help")
+    """Name the positional paths by their count: BASE may be left out when the adapter names it. merge and
+    plan take several adapters: BASE, the adapters, then OUT. plan's OUT is optional, so there a --weights
+    that lists several weights says how many adapters there are, and the last path is OUT only beyond them."""
+    paths = args.paths
     args.base = args.out = None
-    for name, value in zip(fields, args.paths):
-        setattr(args, name, value)
+    args.weights = _weights(args.weights) if getattr(args, "weights", None) is not None else None
+    count = len(args.weights or ())
+    if count > 1:
+        planning = args.run is _plan
+        if len(paths) != count + 2 and not (planning and len(paths) == count + 1):
+            raise LorafuseError(f"--weights lists {count} weights, so {'plan' if planning else 'merge'} takes BASE, "
+                                f"{count} adapters and {'optionally ' if planning else ''}OUT: got {len(paths)} paths")
+        args.base, args.adapters, args.out = paths[0], paths[1:count + 1], (paths[count + 1:] or [None])[0]
+    elif args.run in (_plan, _merge) and len(paths) > 3:
+        args.base, args.adapters, args.out = paths[0], paths[1:-1], paths[-1]
+    else:
+        fields = args.shapes.get(len(paths))
+        if fields is None:
+            counts = f"at least {min(args.shapes)}" if args.run in (_plan, _merge) else " or ".join(map(str, sorted(args.shapes)))
+            raise LorafuseError(f"expected {counts} paths, got {len(paths)}; see --help")
+        for name, value in zip(fields, paths):
+            setattr(args, name, value)
+        args.adapters = [args.adapter]
+
+
+def _weights(text: str) -> list[float]:
+    """--weights as numbers (their count and finiteness are checked with the adapters)."""
+    try:
+        return [float(part) for part in text.split(",")]
+    except ValueError:
+        raise LorafuseError(f"--weights {text!r} is not a list of numbers; write one per adapter, separated by commas: "
+                            "--weights 0.7,0.3") from None
 
 
 def _plan(args) -> int:
     _positional(args)
+    if args.out is not None and os.path.isfile(os.path.join(args.out, ADAPTER_CONFIG)):
+        raise LorafuseError(f"OUT {args.out} is a PEFT adapter: to plan several adapters without OUT, give their weights "
+                            "(lorafuse plan BASE ADAPTER1 ADAPTER2 --weights 1,1), so that the paths can be told apart")
     _show_cache_status(args)
-    plan = plan_merge(args.base, args.adapter, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size,
-                      save_method=args.save_method, gguf_type=args.gguf_type)
+    plan = plan_merge(args.base, args.adapters, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size,
+                      save_method=args.save_method, weights=args.weights, gguf_type=args.gguf_type)
     problem = room_problem(plan)
     if args.json:
         _say(json.dumps({**_plan_dict(plan), "fits": None if args.out is None else problem is None}, indent=2))
@@ -206,7 +240,7 @@ def _show_cache_status(args) -> None:
     requests: no base shard is downloaded."""
     from .sources.hub import base_from_adapter, cache_status, describe_status, parse_spec
 
-    for spec, kind in ((args.adapter, "adapter"), (args.base, "model")):
+    for spec, kind in [*((adapter, "adapter") for adapter in args.adapters), (args.base, "model")]:
         if spec is None:
             spec = base_from_adapter(resolve_adapter(args.adapter))
             if spec is None:
@@ -226,7 +260,8 @@ def _plan_dict(plan) -> dict:
         "shards": [{"file": s.filename, "bytes": s.size, "tensors": len(s.tensors)} for s in plan.shards]}
     return {
         **output,
-        "changed": {t.name: [p.label for p in t.patches] for t in plan.merged},
+        "adapters": [{"adapter": name, "weight": weight} for name, weight in zip(plan.adapter_names, plan.weights)],
+        "changed": {t.name: [patch_label(plan, p) for p in t.patches] for t in plan.merged},
         "copied": sum(t.is_copy for t in plan.tensors),
         "output_bytes": plan.output_bytes,
         "peak_memory": plan.peak_memory,
@@ -264,8 +299,8 @@ def _run_merge(args, merged: list) -> int:
             bar = _progress(plan.total_size, len(plan.tensors))
 
     try:
-        report = merge(args.base, args.adapter, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size,
-                       save_method=args.save_method,
+        report = merge(args.base, args.adapters, args.out, weights=args.weights, dtype=args.dtype,
+                       max_shard_size=args.max_shard_size, save_method=args.save_method,
                        device=args.device, force=args.force, resume=args.resume, push_to_hub=args.push_to_hub,
                        private=args.private, revision=args.revision, commit_message=args.commit_message,
                        low_disk=args.low_disk, gguf_type=args.gguf_type, llama_cpp=args.llama_cpp,

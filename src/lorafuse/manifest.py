@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import stat
@@ -47,22 +48,28 @@ DTYPE_OPTIONS = {"auto": "auto", "BF16": "bf16", "F16": "fp16", "F32": "fp32"}  
 def settings_record(plan: Plan, device: str) -> dict:
     """The merge's settings as merge() takes them: `lorafuse verify` plans the same merge from them, and
     a merge can be reproduced (the model card shows them to people)."""
-    return {"lorafuse": VERSION, "base": plan.base_name, "adapter": plan.adapter_name,
-            "dtype": DTYPE_OPTIONS[plan.dtype], "save_method": plan.save_method,
+    return {"lorafuse": VERSION, "base": plan.base_name, "adapters": list(plan.adapter_names),
+            "weights": list(plan.weights), "dtype": DTYPE_OPTIONS[plan.dtype], "save_method": plan.save_method,
             "max_shard_size": plan.max_shard_size, "device": device}
 
 
 def read_settings(manifest: dict) -> dict:
-    """The settings record of a parsed manifest, checked; a one-line error says what is wrong with it."""
+    """The settings record of a parsed manifest, checked; a one-line error says what is wrong with it. A record
+    from before several adapters could be merged names one `adapter`: it is read as that adapter, weight 1."""
     record = manifest.get("settings")
     if not isinstance(record, dict):
         raise LorafuseError(f"{MANIFEST} has no settings record; it was not written by this lorafuse, so the "
                             "merge cannot be recomputed from it")
+    if "adapters" not in record and isinstance(record.get("adapter"), str):
+        record = {**{k: v for k, v in record.items() if k != "adapter"}, "adapters": [record["adapter"]], "weights": [1.0]}
     checks = {
         "dtype": lambda v: v in DTYPE_OPTIONS.values(),
         "save_method": lambda v: v in SAVE_METHODS,
         "max_shard_size": lambda v: isinstance(v, (int, str)) and not isinstance(v, bool),
-        **{key: lambda v: isinstance(v, str) for key in ("lorafuse", "base", "adapter", "device")},
+        "adapters": lambda v: isinstance(v, list) and v and all(isinstance(name, str) for name in v),
+        "weights": lambda v: isinstance(v, list) and len(v) == len(record.get("adapters") or ()) and all(
+            isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) for w in v),
+        **{key: lambda v: isinstance(v, str) for key in ("lorafuse", "base", "device")},
     }
     bad = [key for key, ok in checks.items() if not ok(record.get(key))]
     if bad:
@@ -71,33 +78,37 @@ def read_settings(manifest: dict) -> dict:
 
 
 def identity(plan: Plan) -> dict:
-    """Base and adapter as they were: config hashes and weight file sizes."""
-    base, adapter = plan.base, plan.adapter
+    """Base and adapter as they were: config hashes and weight file sizes; with several adapters, a list of
+    them under "adapters", in order."""
+    base = plan.base
+    adapters = [{
+        "path": str(adapter.folder),
+        "config_sha256": _sha256_bytes(json.dumps(adapter.config, sort_keys=True).encode()),
+        "files": {adapter.weights_file.name: adapter.weights_file.stat().st_size},
+    } for adapter in plan.adapters]
     return {
         "base": {
             "path": str(base.folder),
             "config_sha256": _sha256_bytes(json.dumps(base.config, sort_keys=True).encode()),
             "files": dict(base.file_sizes),
         },
-        "adapter": {
-            "path": str(adapter.folder),
-            "config_sha256": _sha256_bytes(json.dumps(adapter.config, sort_keys=True).encode()),
-            "files": {adapter.weights_file.name: adapter.weights_file.stat().st_size},
-        },
+        **({"adapters": adapters} if len(adapters) > 1 else {"adapter": adapters[0]}),
     }
 
 
 def fingerprint(plan: Plan, settings: dict) -> str:
-    """Equal for two runs exactly when they would write the same shards: the adapter's weights hashed
+    """Equal for two runs exactly when they would write the same shards: each adapter's weight file hashed
     (two checkpoints of one run have equal configs and sizes), each base file by size and version (inode,
     mtime and ctime: too big to hash on every run; a Hub repo's files by commit, cached or not), the
-    settings and the output layout; not the names the inputs were given by."""
+    settings (the adapters' weights among them) and the output layout; not the names the inputs were given by."""
     ident = identity(plan)
-    ident["adapter"]["weights_sha256"] = sha256_file(plan.adapter.weights_file)
+    adapters = ident.get("adapters") or [ident["adapter"]]
+    for adapter, entry in zip(plan.adapters, adapters):
+        entry["weights_sha256"] = sha256_file(adapter.weights_file)
     ident["base"]["versions"] = dict(plan.base.file_versions)
-    for side in ident.values():
+    for side in [ident["base"], *adapters]:
         side.pop("path")
-    kept = {k: v for k, v in settings.items() if k not in ("base", "adapter")}
+    kept = {k: v for k, v in settings.items() if k not in ("base", "adapters")}
     layout = [[s.filename, _sha256_bytes(s.header)] for s in plan.shards]
     return _sha256_bytes(json.dumps([VERSION, ident, kept, layout], sort_keys=True).encode())
 

@@ -145,6 +145,7 @@ class Patch(Protocol):
 
     label: str  # its kind, as the plan counts and shows them
     rowwise: bool
+    adapter: int  # which of the merge's adapters it comes from (an index into Plan.adapters)
 
     @property
     def refs(self) -> tuple:
@@ -181,6 +182,7 @@ class Replace(OneTensor):
 
     source: object
     origin: str
+    adapter: int = 0
     label = "replace"
     TENSOR = "source"
     rowwise = True  # the numpy path reads the replacing tensor instead of the base
@@ -215,6 +217,7 @@ class LoRA:
     magnitude: object | None
     origins: tuple[str, ...]
     layer_known: bool = False  # fan_in_fan_out comes from the layer's type (plan._orient), not the saved config
+    adapter: int = 0
 
     @property
     def label(self) -> str:
@@ -314,6 +317,7 @@ class AddBias(OneTensor):
     bias: object
     scale: float
     origin: str
+    adapter: int = 0
     label = "lora_bias"
     TENSOR = "bias"
     rowwise = True
@@ -345,6 +349,7 @@ class ReplaceRows(OneTensor):
     rows: object
     indices: tuple[int, ...]
     origin: str
+    adapter: int = 0
     label = "rows"
     TENSOR = "rows"
     rowwise = True
@@ -393,6 +398,7 @@ class ExpertLoRA:
     experts: int
     out_in: bool
     origins: tuple[str, ...]
+    adapter: int = 0
     label = "expert_lora"
     rowwise = True  # a row of the stack (seen as experts × the rest) is one expert
 

@@ -7,7 +7,9 @@ here; the merge checks the disk space against the plan before it writes anything
 
 from __future__ import annotations
 
+import contextlib
 import math
+import numbers
 import os
 from collections import Counter
 import re
@@ -15,7 +17,7 @@ import shutil
 import stat
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, Sequence
 
 
 from .adapters.peft import Adapter, check_untrained, open_adapter, patches_by_tensor, split_key, wrapper_owners
@@ -177,7 +179,7 @@ class Plan:
     planning and reading the plan never touches the disk."""
 
     base: Checkpoint
-    adapter: Adapter
+    adapters: tuple[Adapter, ...]  # one, or several whose weighted deltas are summed
     out: Path | None
     dtype: str
     shards: list[ShardPlan]
@@ -186,7 +188,8 @@ class Plan:
     notes: list[str] = field(default_factory=list)
     save_method: str = "merged_16bit"
     base_name: str = ""  # as the user named them: a folder or a repo id
-    adapter_name: str = ""
+    adapter_names: tuple[str, ...] = ()
+    weights: tuple[float, ...] = (1.0,)  # one per adapter: W + Σ weight·ΔW
     carried: list[Path] = field(default_factory=list)  # non-weight files copied into OUT (see carried_files)
     max_shard_size: int | str = "5GB"  # as given: recorded in the manifest's settings
     depth: int = field(default_factory=pipeline_depth)  # tensors in flight at once in the executor
@@ -194,6 +197,15 @@ class Plan:
     cache_free: int | None = None  # bytes free in the Hugging Face cache when planned, where base shards are downloaded
     cache_shares_out_disk: bool = False  # the cache is on OUT's disk: downloads and output share its room
     file_output: FileOutput | None = None  # what is written instead of the shards' folder (a GGUF file)
+
+    @property
+    def adapter(self) -> Adapter:
+        """The first adapter (the only one, in most merges)."""
+        return self.adapters[0]
+
+    @property
+    def adapter_name(self) -> str:
+        return self.adapter_names[0]
 
     @property
     def tensors(self) -> list[TensorPlan]:
@@ -306,53 +318,67 @@ class Layout(Protocol):
         """The output files and each tensor's place in them."""
 
 
-def make_plan(base: str | os.PathLike | None, adapter: str | os.PathLike, out: str | os.PathLike | None = None, *,
-              sink: Layout, dtype: str = "auto", max_shard_size: int | str = "5GB", save_method: str = "merged_16bit",
-              scratch: Path | None = None) -> Plan:
+def make_plan(base: str | os.PathLike | None, adapter: str | os.PathLike | Sequence[str | os.PathLike],
+              out: str | os.PathLike | None = None, *, sink: Layout, dtype: str = "auto", max_shard_size: int | str = "5GB",
+              save_method: str = "merged_16bit", scratch: Path | None = None,
+              weights: Sequence[float] | None = None) -> Plan:
     """Open base and adapter (folders, or repo ids resolved through the Hugging Face cache), match every
     adapter tensor, and lay out the output through `sink`. BASE None: the base the adapter names.
 
+    `adapter` may be a list of adapters: the output is then the base plus the weighted sum of their deltas,
+    W + Σ wᵢ·ΔWᵢ (`weights`, 1 each by default), each tensor patched by all of them in fp32 and rounded once.
     Base shards the cache lacks are planned from their headers and downloaded by the executor when it
     needs them: into the cache, or into `scratch` (--low-disk)."""
     out_dtype = _parse_dtype(dtype)
     if save_method not in SAVE_METHODS:
         raise LorafuseError(f"--save-method {save_method!r} is not one of {', '.join(SAVE_METHODS)}")
-    adapter_dir = resolve_adapter(adapter)
-    _check_roles(base, adapter, adapter_dir)
+    specs, weights = adapter_set(adapter, weights)
+    several = len(specs) > 1
+    adapter_dirs = [resolve_adapter(spec) for spec in specs]
+    for spec, adapter_dir in zip(specs, adapter_dirs):
+        _check_roles(base, spec, adapter_dir)
     if base is None:
-        base = base_from_adapter(adapter_dir)
+        if several:
+            raise LorafuseError("with several adapters, name BASE: lorafuse merge BASE ADAPTER1 ADAPTER2 ... OUT")
+        base = base_from_adapter(adapter_dirs[0])
         if base is None:
-            raise LorafuseError(f"{adapter} names no base model (base_model_name_or_path); pass BASE")
+            raise LorafuseError(f"{specs[0]} names no base model (base_model_name_or_path); pass BASE")
     base_dir, remote = resolve_model_lazily(base, scratch=scratch)
     checkpoint = open_model(base_dir, remote, commit=base_dir.name if parse_spec(base) else None)
-    adapter_obj = open_adapter(adapter_dir)
+    adapters = [open_adapter(adapter_dir) for adapter_dir in adapter_dirs]
+    names = [str(spec) for spec in specs]
+    for adapter_obj, name, weight in zip(adapters, names, weights):
+        _check_weighting(adapter_obj, name, weight, several)
     out_path = output_path(out) if out is not None else None
     if out_path is not None:
-        _check_out(out_path, checkpoint, adapter_obj)
+        for adapter_obj in adapters:
+            _check_out(out_path, checkpoint, adapter_obj)
     config = dict(checkpoint.config)
     notes: list[str] = []
 
     sources, quant_method = logical_tensors(checkpoint.tensors, config)
-    owners = wrapper_owners(adapter_obj)
-    layout = _memory_layout(base_dir, sources, owners) if owners else None
-    patches, unmatched = patches_by_tensor(adapter_obj, layout.parameters if layout else None)
-    oriented = {k: [_orient(p, k, config) for p in v] for k, v in patches.items()}
-    by_name, layout = _match_names(base_dir, sources, oriented, unmatched, layout)
-    if layout is not None and layout.used:
-        notes.append(f"the adapter is named after the model in memory: {layout.used} of its targets are mapped onto the "
-                     f"checkpoint's tensors by {layout.description}")
+    by_name: dict[str, list[Patch]] = {}
+    for index, (adapter_obj, name, weight) in enumerate(zip(adapters, names, weights)):
+        about = f"adapter {name}: " if several else ""
+        with _blaming(about):
+            matched = _adapter_patches(adapter_obj, base_dir, sources, config, notes, about)
+        for target, chain in matched.items():
+            by_name.setdefault(target, []).extend(_weighted(p, index, weight, name, target) for p in chain)
+    # A whole replacement comes first, as in one adapter's chain: the other patches act on the replaced tensor.
+    by_name = {target: sorted(chain, key=lambda p: not isinstance(p, Replace)) for target, chain in by_name.items()}
     base_quantization = config.pop("quantization_config", None)
     if quant_method and save_method == "merged_16bit":
         notes.append(f"the base is quantized ({quant_method}): its weights are dequantized and the output is 16-bit")
-    check_untrained(adapter_obj.config, sources, {k for k, v in by_name.items() if any(isinstance(p, LoRA) for p in v)})
     _untie(checkpoint, config, sources, by_name, notes)
+    _check_overlaps(by_name, names)
 
     tensors = []
     for name, ref in sources.items():
         chain = tuple(by_name.get(name, ()))
         shape = tuple(ref.shape)
         for patch in chain:
-            shape = patch.out_shape(shape, name)
+            with _blaming(f"adapter {names[patch.adapter]}: " if several else ""):
+                shape = patch.out_shape(shape, name)
         if chain and ref.dtype not in FLOAT_DTYPES:
             raise LorafuseError(f"base tensor {name} is {ref.dtype}; lorafuse merges into floating-point weights only")
         target = out_dtype if (out_dtype and ref.dtype in CASTABLE) else ref.dtype
@@ -365,10 +391,118 @@ def make_plan(base: str | os.PathLike | None, adapter: str | os.PathLike, out: s
         _set_dtype(config, out_dtype)
     shards = sink.layout(tensors, max_shard_size)
     counts = Counter(p.label for t in tensors for p in t.patches)
-    notes += _base_mismatch(adapter_obj.base_name, str(base), base_dir, quant_method)
-    return Plan(checkpoint, adapter_obj, out_path, out_dtype or "auto", shards, config, dict(counts), notes, save_method,
-                str(base), str(adapter), carried_files(base_dir, adapter_dir), max_shard_size,
+    for adapter_obj, name in zip(adapters, names):
+        notes += [(f"{name}: " if several else "") + note
+                  for note in _base_mismatch(adapter_obj.base_name, str(base), base_dir, quant_method)]
+    return Plan(checkpoint, tuple(adapters), out_path, out_dtype or "auto", shards, config, dict(counts), notes, save_method,
+                str(base), tuple(names), tuple(weights), carried_files(base_dir, adapter_dirs, names), max_shard_size,
                 **_free_space(out_path, checkpoint))
+
+
+def adapter_set(adapter, weights) -> tuple[list, list[float]]:
+    """The adapters as a list (one given alone is a list of one) and their weights, 1 each unless given:
+    one finite number per adapter."""
+    specs = [adapter] if isinstance(adapter, (str, os.PathLike)) else list(adapter)
+    if not specs:
+        raise LorafuseError("no adapter given; name at least one")
+    if weights is None:
+        return specs, [1.0] * len(specs)
+    weights = list(weights)
+    if len(weights) != len(specs):
+        raise LorafuseError(f"{len(weights)} weight(s) for {len(specs)} adapter(s): give one weight per adapter, in the "
+                            "order of the adapters")
+    for weight in weights:
+        if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or not math.isfinite(weight):
+            raise LorafuseError(f"adapter weight {weight!r} is not a finite number; give each adapter a number such as 1, "
+                                "0.7 or -0.3")
+    return specs, [float(w) for w in weights]
+
+
+@contextlib.contextmanager
+def _blaming(about: str):
+    """Name the adapter in what its tensors make go wrong, when there are several (`about`: its prefix)."""
+    try:
+        yield
+    except LorafuseError as e:
+        if not about:
+            raise
+        raise type(e)(about + str(e)) from None
+
+
+def _same_values(a, b) -> bool:
+    """Whether two stored tensors hold the same values (read whole: only for base layers two adapters save)."""
+    if (a.dtype, tuple(a.shape)) != (b.dtype, tuple(b.shape)):
+        return False
+    return a.read_into(bytearray(a.nbytes)) == b.read_into(bytearray(b.nbytes))
+
+
+def _check_weighting(adapter: Adapter, name: str, weight: float, several: bool) -> None:
+    """DoRA has no weighted sum: it rescales each weight row to its trained magnitude over the norm of W plus
+    its own delta, so neither a scaled DoRA delta nor one added to other adapters' is what was trained. PEFT's
+    add_weighted_adapter drops the magnitudes instead (the combined adapter is not DoRA's result either)."""
+    if adapter.config.get("use_dora") and (several or weight != 1):
+        raise LorafuseError(
+            f"adapter {name} is DoRA (use_dora), which has no weighted sum with other adapters or a weight other than 1 "
+            "(its magnitudes rescale W plus its own delta; PEFT's add_weighted_adapter drops them, so its combination "
+            "is not exact either); merge it alone with weight 1, then merge the other adapters into that output")
+
+
+def _adapter_patches(adapter: Adapter, base_dir: Path, sources: dict, config: dict, notes: list[str],
+                     about: str) -> dict[str, list[Patch]]:
+    """One adapter's patches, keyed by the checkpoint tensors they change (see _match_names)."""
+    owners = wrapper_owners(adapter)
+    layout = _memory_layout(base_dir, sources, owners) if owners else None
+    patches, unmatched = patches_by_tensor(adapter, layout.parameters if layout else None)
+    oriented = {k: [_orient(p, k, config) for p in v] for k, v in patches.items()}
+    by_name, layout = _match_names(base_dir, sources, oriented, unmatched, layout)
+    if layout is not None and layout.used:
+        notes.append(f"{about}the adapter is named after the model in memory: {layout.used} of its targets are mapped "
+                     f"onto the checkpoint's tensors by {layout.description}")
+    check_untrained(adapter.config, sources, {k for k, v in by_name.items() if any(isinstance(p, LoRA) for p in v)})
+    return by_name
+
+
+def _weighted(patch: Patch, index: int, weight: float, name: str, target: str) -> Patch:
+    """The patch of adapter number `index`, its delta scaled by the adapter's weight. A tensor the adapter
+    saves whole or in rows (modules_to_save, bias="all", trainable tokens) replaces the base's: there is no
+    delta to scale, so only weight 1 takes it as it is. A saved base layer is the weight the adapter's LoRA
+    acts on (PEFT loads it into the base model, under every adapter), not a change to weigh."""
+    if isinstance(patch, (Replace, ReplaceRows)):
+        if weight != 1 and not _saved_base(patch):
+            raise LorafuseError(
+                f"adapter {name} replaces {target} with a tensor it saved ({patch.origin}), which has no weighted "
+                f"version: give it weight 1, not {weight:g}, or leave the tensor out of the adapter")
+        return replace(patch, adapter=index)
+    return replace(patch, scale=patch.scale * weight, adapter=index)
+
+
+def _saved_base(patch: Patch) -> bool:
+    """A base layer's weight saved with the adapter (save_embedding_layers: the embedding its LoRA was trained
+    on, resized or not)."""
+    return isinstance(patch, Replace) and patch.origin.endswith((".base_layer.weight", ".base_layer.bias"))
+
+
+def _check_overlaps(by_name: dict[str, list[Patch]], names: list[str]) -> None:
+    """A tensor one adapter replaces (whole, or some rows) cannot take another adapter's change as well: the
+    other's delta was trained on the base's tensor, and a replaced tensor has no delta to weigh against it.
+    Base layers saved by several adapters must be one tensor: each adapter's LoRA was trained on its own."""
+    for target, chain in by_name.items():
+        bases = [p for p in chain if _saved_base(p)]
+        for other in bases[1:]:
+            if other.adapter != bases[0].adapter and not _same_values(bases[0].source, other.source):
+                raise LorafuseError(
+                    f"adapters {names[bases[0].adapter]} and {names[other.adapter]} save different base weights for "
+                    f"{target} ({bases[0].origin}): they were trained on different base models, and one merge cannot "
+                    "give both theirs; merge them into their own bases")
+        replacing = next((p for p in chain if isinstance(p, (Replace, ReplaceRows)) and not _saved_base(p)), None)
+        other = next((p for p in chain if replacing is not None and p.adapter != replacing.adapter), None)
+        if other is not None:
+            what = "replaces it too" if isinstance(other, (Replace, ReplaceRows)) and not _saved_base(other) \
+                else "changes it"
+            raise LorafuseError(
+                f"adapter {names[replacing.adapter]} replaces {target} with a tensor it saved and adapter "
+                f"{names[other.adapter]} {what}: a replaced tensor has no weighted sum with another adapter's change; "
+                "merge one adapter first and the other into that output, or leave one of them out")
 
 
 def remeasured(plan: Plan) -> Plan:
@@ -401,9 +535,10 @@ def _set_dtype(config: dict, dtype: str) -> None:
         config["dtype"] = CONFIG_DTYPES[dtype]
 
 
-def carried_files(base: Path, adapter: Path) -> list[Path]:
-    """The base's non-weight files, with the adapter's tokenizer files taking precedence (training may
-    have added tokens); subfolders are not carried.
+def carried_files(base: Path, adapters: list[Path], names: list[str]) -> list[Path]:
+    """The base's non-weight files, with the adapters' tokenizer files taking precedence (training may
+    have added tokens); subfolders are not carried. Two adapters with different tokenizer files of one name
+    are refused: the merged model can have one tokenizer only.
 
     Whatever is carried lands in OUT, its manifest and a --push-to-hub upload, so each must be a regular
     file inside its folder, by the rule for weights (sources.local.check_inside): a link elsewhere would
@@ -413,8 +548,17 @@ def carried_files(base: Path, adapter: Path) -> list[Path]:
     for path in sorted(base.iterdir()):
         if not path.name.startswith(".") and path.name not in NOT_CARRIED and not is_weight_file(path.name):
             chosen[path.name] = path
-    for path in sorted(adapter.iterdir()):
-        if TOKENIZER_FILE.match(path.name):
+    from_adapter: dict[str, tuple[Path, str]] = {}
+    for adapter, name in zip(adapters, names):
+        for path in sorted(adapter.iterdir()):
+            if not TOKENIZER_FILE.match(path.name):
+                continue
+            earlier = from_adapter.get(path.name)
+            if earlier and _is_carried_file(path) and _is_carried_file(earlier[0]) \
+                    and path.read_bytes() != earlier[0].read_bytes():
+                raise LorafuseError(f"adapters {earlier[1]} and {name} have different {path.name} files, and the merged "
+                                    "model can have one tokenizer only; merge adapters trained with the same tokenizer")
+            from_adapter[path.name] = (path, name)
             chosen[path.name] = path
     _is_carried_file(base / "config.json")
     return [path for path in chosen.values() if _is_carried_file(path)]
@@ -773,16 +917,12 @@ def _to_nf4(tensors: list[TensorPlan], base_quantization: dict | None, config: d
 
 def describe(plan: Plan, verbose: bool = False) -> list[str]:
     """The plan as a person reads it: what is matched and how, what it costs."""
-    config = plan.adapter.config
-    variant = "DoRA" if config.get("use_dora") else "LoRA"
     tensors = plan.tensors
     copied = [t for t in tensors if t.is_copy]
-    how = ", ".join(f"{n} {label}" for label, n in sorted(plan.counts.items())) or "nothing"
-    lines = [
-        f"base     {plan.base.folder}  ({len(plan.base.tensors)} tensors, {human_size(plan.base.total_bytes)} in {len(plan.base.weight_files)} file(s))",
-        f"adapter  {plan.adapter.folder}  ({variant} r={config.get('r')} alpha={config.get('lora_alpha')}"
-        f"{' rsLoRA' if config.get('use_rslora') else ''}, {len(plan.adapter.tensors)} tensors)",
-        f"changes  {len(plan.merged)} base tensors: {how}",
+    lines = [f"base     {plan.base.folder}  ({len(plan.base.tensors)} tensors, {human_size(plan.base.total_bytes)} in {len(plan.base.weight_files)} file(s))"]
+    lines += _describe_adapters(plan)
+    lines += [
+        f"changes  {len(plan.merged)} base tensors: {_how(plan.counts)}",
         f"copies   {len(copied)} tensors as raw bytes ({human_size(sum(t.source.nbytes for t in copied))})",
         *(plan.file_output.describe() if plan.file_output else
           [f"output   {len(plan.shards)} shard(s), {human_size(plan.output_bytes)}, dtype {plan.dtype}"
@@ -794,8 +934,35 @@ def describe(plan: Plan, verbose: bool = False) -> list[str]:
     lines += [f"note     {n}" for n in plan.notes]
     if verbose:
         for t in sorted(plan.merged, key=lambda t: natural(t.name)):
-            lines.append(f"  {t.name}: {' + '.join(p.label for p in t.patches)}")
+            lines.append(f"  {t.name}: {' + '.join(patch_label(plan, p) for p in t.patches)}")
     return lines
+
+
+def _describe_adapters(plan: Plan) -> list[str]:
+    """A line per adapter: what it is and, when it is one of several or weighted, its weight and the tensors
+    it changes."""
+    lines = []
+    for index, (adapter, weight) in enumerate(zip(plan.adapters, plan.weights)):
+        config = adapter.config
+        number = f"({index + 1}) " if len(plan.adapters) > 1 else ""
+        line = (f"adapter  {number}{adapter.folder}  ({'DoRA' if config.get('use_dora') else 'LoRA'} r={config.get('r')} "
+                f"alpha={config.get('lora_alpha')}{' rsLoRA' if config.get('use_rslora') else ''}, "
+                f"{len(adapter.tensors)} tensors)")
+        if len(plan.adapters) > 1 or weight != 1:
+            changed = [t for t in plan.merged if any(p.adapter == index for p in t.patches)]
+            labels = Counter(p.label for t in changed for p in t.patches if p.adapter == index)
+            line += f" weight {weight:g}: changes {len(changed)} base tensors: {_how(labels)}"
+        lines.append(line)
+    return lines
+
+
+def patch_label(plan: Plan, patch: Patch) -> str:
+    """A patch's kind, and with several adapters which one it comes from (numbered from 1, as listed)."""
+    return f"{patch.label} ({patch.adapter + 1})" if len(plan.adapters) > 1 else patch.label
+
+
+def _how(labels: dict[str, int]) -> str:
+    return ", ".join(f"{n} {label}" for label, n in sorted(labels.items())) or "nothing"
 
 
 def _describe_disk(plan: Plan) -> list[str]:

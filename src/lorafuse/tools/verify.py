@@ -52,10 +52,11 @@ class Verdict(list):
     requantized: int = 0  # merged tensors re-quantized to NF4: bitsandbytes' rounding, left to the manifest's hashes
 
 
-def verify(out: str | Path, base: str | Path | None = None, adapter: str | Path | None = None,
+def verify(out: str | Path, base: str | Path | None = None, adapter: str | Path | list | None = None,
            sample: int | str = 8) -> Verdict:
     """Everything wrong with OUT, as one line each; an empty list means it passed. `sample`: how many merged
-    (and untouched) tensors to recompute with base and adapter, or "all"."""
+    (and untouched) tensors to recompute with base and adapter, or "all". `adapter`: a list for a merge of
+    several, in the order they were merged (their weights are the manifest's)."""
     size = _sample_size(sample)
     out = Path(out)
     if not out.is_dir():
@@ -84,8 +85,14 @@ def verify(out: str | Path, base: str | Path | None = None, adapter: str | Path 
             if ref.dtype in FLOAT_DTYPES and not all_finite(ref.read()):
                 verdict.append(f"{name}: tensor {key} holds NaN or Inf values")
     if base is not None and not verdict:  # a manifest with a valid settings record
-        plan = make_plan(base, adapter, sink=SAFETENSORS, dtype=settings["dtype"], save_method=settings["save_method"],
-                         max_shard_size=settings["max_shard_size"])
+        adapters = [adapter] if isinstance(adapter, (str, os.PathLike)) else list(adapter)
+        recorded = settings["adapters"]
+        if len(adapters) != len(recorded):
+            verdict.append(f"the manifest records {len(recorded)} adapter(s) ({', '.join(recorded)}) but --adapter names "
+                           f"{len(adapters)}: pass each with --adapter, in that order")
+            return verdict
+        plan = make_plan(base, adapters, sink=SAFETENSORS, dtype=settings["dtype"], save_method=settings["save_method"],
+                         max_shard_size=settings["max_shard_size"], weights=settings["weights"])
         verdict += _check_inputs(plan, manifest)
         if not verdict:
             verdict += _check_layout(plan, headers) + _check_files(plan, out, manifest["files"])
@@ -212,11 +219,19 @@ def _check_inputs(plan: Plan, manifest: dict) -> list[str]:
     they lie now): with others every tensor would differ, for no fault of OUT's."""
     problems = []
     for side, given in identity(plan).items():
-        recorded = manifest.get(side)
-        if not isinstance(recorded, dict) or {**recorded, "path": None} != {**given, "path": None}:
-            problems.append(f"--{side} is not the {side} the manifest records (its config or weight files differ); "
-                            "pass the ones OUT was merged from")
+        if _placeless(manifest.get(side)) != _placeless(given):
+            what = "--adapter is not the adapters" if side == "adapters" else f"--{side} is not the {side}"
+            problems.append(f"{what} the manifest records (its config or weight files differ); "
+                            "pass the ones OUT was merged from" + (", in that order" if side == "adapters" else ""))
     return problems
+
+
+def _placeless(recorded):
+    """An input's identity (or a list of them) as the manifest records it, less where it lay; None for anything
+    else."""
+    if isinstance(recorded, list):
+        return [_placeless(entry) for entry in recorded]
+    return {**recorded, "path": None} if isinstance(recorded, dict) else None
 
 
 def _check_layout(plan: Plan, headers: dict) -> list[str]:
@@ -255,7 +270,7 @@ def _check_card(plan: Plan, out: Path, settings: dict) -> list[str]:
         return []  # reported with the file list
     text = card.read_bytes()
     title = next((line[2:] for line in text.decode("utf-8", "replace").split("\n") if line.startswith("# ")), "")
-    written = replace(plan, base_name=settings["base"], adapter_name=settings["adapter"], out=Path(title))
+    written = replace(plan, base_name=settings["base"], adapter_names=tuple(settings["adapters"]), out=Path(title))
     if model_card(written, settings).encode("utf-8") != text:
         return ["README.md is not the model card this merge writes"]
     return []
@@ -304,18 +319,19 @@ def _exact(plan: Plan, tensor: TensorPlan) -> torch.Tensor:
     definitions (lora.Linear/Embedding/Conv get_delta_weight, DoRA's merge, TrainableTokensLayer)."""
     src = tensor.source
     w = src.dequantize().double() if isinstance(src, QuantizedTensor) else src.read().double()
-    config = plan.adapter.config
     for patch in tensor.patches:
         if isinstance(patch, ExpertLoRA) or any(isinstance(ref, SliceRef) for ref in patch.refs):
             w = _from_parts(w, patch)
             continue
+        adapter = plan.adapters[patch.adapter]
+        config = adapter.config
         parts = {}
         for key in patch.origins:
             module, role = split_key(key)
-            parts[role] = plan.adapter.tensors[key].read().double()
+            parts[role] = adapter.tensors[key].read().double()
         r = _pattern(config.get("rank_pattern"), module, config["r"])
         alpha = _pattern(config.get("alpha_pattern"), module, config["lora_alpha"])
-        scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+        scale = plan.weights[patch.adapter] * (alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r)
         if "A" in parts:
             square = parts["B"].shape[0] == parts["A"].shape[1]
             conv1d = _conv1d(plan.base.config, module, config, square)

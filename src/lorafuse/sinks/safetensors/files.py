@@ -47,12 +47,22 @@ def model_card(plan: Plan, settings: dict, output: dict | None = None, library: 
 
     repo_id = _repo_id(plan.base_name) or _repo_id(plan.adapter.base_name or "")
     data = ModelCardData(base_model=repo_id, library_name=library, tags=["lorafuse", "merge", "lora", *tags])
-    config = plan.adapter.config
-    shown = {
-        "base": plan.base_name,
-        "adapter": plan.adapter_name,
-        "r / lora_alpha": f"{config.get('r')} / {config.get('lora_alpha')}",
-        "rsLoRA": bool(config.get("use_rslora")),
+    shown = {"base": plan.base_name}
+    if len(plan.adapters) == 1:
+        config, weight = plan.adapter.config, plan.weights[0]
+        shown |= {"adapter": plan.adapter_name, "r / lora_alpha": f"{config.get('r')} / {config.get('lora_alpha')}",
+                  "rsLoRA": bool(config.get("use_rslora"))}
+        if weight != 1:
+            shown["weight"] = f"{weight:g}"
+        merged = f"the LoRA adapter `{plan.adapter_name}`" + (f" (weight {weight:g})" if weight != 1 else "")
+    else:
+        for number, (name, adapter, weight) in enumerate(zip(plan.adapter_names, plan.adapters, plan.weights), 1):
+            config = adapter.config
+            shown[f"adapter {number}"] = (f"{name}: weight {weight:g}, r / lora_alpha {config.get('r')} / "
+                                          f"{config.get('lora_alpha')}{', rsLoRA' if config.get('use_rslora') else ''}")
+        listed = [f"`{name}` (weight {weight:g})" for name, weight in zip(plan.adapter_names, plan.weights)]
+        merged = f"the weighted sum of the LoRA adapters {', '.join(listed[:-1])} and {listed[-1]}"
+    shown |= {
         "patches": ", ".join(f"{n} {k}" for k, n in sorted(plan.counts.items())),
         **(output or {"output dtype": plan.dtype, "save method": plan.save_method, "shards": len(plan.shards)}),
         "device": settings["device"],
@@ -61,7 +71,7 @@ def model_card(plan: Plan, settings: dict, output: dict | None = None, library: 
     rows = "\n".join(f"| {k} | {v} |" for k, v in shown.items())
     return (
         f"---\n{data.to_yaml()}\n---\n\n# {plan.out.name if plan.out else 'merged model'}\n\n"
-        f"This model is `{repo_id or plan.base_name}` with the LoRA adapter `{plan.adapter_name}` merged into its weights "
+        f"This model is `{repo_id or plan.base_name}` with {merged} merged into its weights "
         "by [lorafuse](https://pypi.org/project/lorafuse/). It needs no PEFT to load.\n\n"
         f"| setting | value |\n|---|---|\n{rows}\n"
     )
