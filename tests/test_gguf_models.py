@@ -15,6 +15,7 @@ MoE), with random A and B. Route A is lorafuse's one pass; route B is lorafuse's
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import io
 import json
@@ -246,8 +247,7 @@ def test_merged_tensors_are_released_as_the_converter_writes_them(name, llama_cp
     from lorafuse import api
 
     spec = next(f for f in FAMILIES if f.name == name)
-    spec = Family(spec.name, spec.config_class, dict(spec.config, num_hidden_layers=DEEP[name]), spec.tokenizer,
-                  spec.architecture, spec.lora)
+    spec = dataclasses.replace(spec, config=dict(spec.config, num_hidden_layers=DEEP[name]))
     base = build_base(spec, tmp_path / "base", smollm2)
     adapter = build_adapter(spec, base, tmp_path / "adapter")
     stacked = spec.config.get("num_experts", 1) - 1
