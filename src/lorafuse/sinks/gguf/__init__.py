@@ -185,8 +185,12 @@ def _convert(conversion, gguf, plan: Plan, folder: Path, target: Path, output: G
             self.gguf_writer.write_tensors_to_file(progress=False)
             self.gguf_writer.close()
 
-    chatter = logging.getLogger("hf-to-gguf")
-    level, chatter.level = chatter.level, logging.ERROR  # its notes are for its own command line
+    # The notes of the converter and of its gguf-py (a key set twice, for Gemma 3) are for their own command
+    # line: with nothing set up, logging would print them through --quiet and across the progress bar.
+    chatter = [logging.getLogger(name) for name in ("hf-to-gguf", "gguf")]
+    levels = [logger.level for logger in chatter]
+    for logger in chatter:
+        logger.setLevel(logging.ERROR)
     try:
         with torch.inference_mode():
             Merged(folder, getattr(gguf.LlamaFileType, FILE_TYPES[output.gguf_type]), target,
@@ -195,4 +199,5 @@ def _convert(conversion, gguf, plan: Plan, folder: Path, target: Path, output: G
         raise LorafuseError(f"llama.cpp's converter cannot convert this model: {str(e).splitlines()[0] if str(e) else e!r}; "
                             "merge to safetensors instead (an OUT folder)") from None
     finally:
-        chatter.setLevel(level)
+        for logger, level in zip(chatter, levels):
+            logger.setLevel(level)
