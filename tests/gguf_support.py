@@ -173,12 +173,12 @@ MODEL_FILES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 
 def model_files_written(route: SimpleNamespace) -> list[str]:
     """What route A wrote, or left in its temporary folder, that holds a model, besides the GGUF itself (made in
-    the staging folder, then renamed to OUT): a merge that put its safetensors merge, or any other copy of the
-    model, on disk on the way."""
+    the staging folder's gguf/, then renamed to OUT): a merge that put its safetensors merge, or any other copy
+    of the model, on disk on the way."""
     from lorafuse.output import staging_folder
 
     out = route.path.resolve()
-    own = {staging_folder(out) / out.name, out}
+    own = {staging_folder(out) / "gguf" / out.name, out}
     return [p for p in route.written + route.tmp_files
             if p.lower().endswith(MODEL_FILES) and Path(p).resolve() not in own]
 
