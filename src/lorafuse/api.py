@@ -23,14 +23,18 @@ from .manifest import LEDGER, MANIFEST, Ledger, fingerprint as run_fingerprint, 
 from .output import (MARKER, check_file_target, check_staged, check_target, claim_staging, clear, disk_error, exclusive,
                      make_staging, move_file_into_place, move_into_place, regular_file, staging_folder)
 from .plan import DISK_MARGIN, Plan, make_plan, output_path, remeasured, room
+from .sinks import adapter_folder
 from .sinks.gguf import check_type, converter_order, gguf_model_card, gguf_output, is_gguf, split_files
+from .sinks.gguf import lora as lora_gguf
 from .sinks.gguf import write as write_gguf
+from .sinks.gguf.converter import NEEDED_FOR_LORA
 from .sinks.gguf.converter import find as find_converter
 from .sinks.hub import HubPublisher
 from .sinks.safetensors import SAFETENSORS
 from .units import human_size
 
 DOWNLOADS = "downloads"  # in the staging folder: base shards fetched for a --low-disk merge
+LORA = "lora"  # the save method that writes the adapter alone (api._save_lora)
 
 
 @dataclass
@@ -104,7 +108,15 @@ def merge(base: str | os.PathLike | None, adapter: str | os.PathLike | Sequence[
     llama.cpp's converter from `llama_cpp` (a checkout; default LLAMA_CPP_DIR, else a pinned copy fetched once);
     with `max_shard_size`, llama.cpp's split files beside OUT instead (OUT's stem + -00001-of-0000N.gguf), as
     also when `push_to_hub` gets a GGUF larger than the Hub takes in one file.
+    `save_method`: "merged_16bit" (the default), "merged_4bit" (the merged linear weights re-quantized to
+    bitsandbytes NF4), or "lora": no merge, the adapter alone, checked against BASE, as a LoRA GGUF for
+    llama.cpp's --lora when OUT ends in `.gguf` (written by llama.cpp's convert_lora_to_gguf.py; adapters it
+    would get wrong are rescaled or refused: sinks/gguf/lora.py), else as a PEFT folder.
     """
+    if save_method == LORA:
+        return _save_lora(base, adapter, weights, out, dtype=dtype, max_shard_size=max_shard_size, device=device, force=force,
+                          resume=resume, push_to_hub=push_to_hub, low_disk=low_disk, gguf_type=gguf_type,
+                          llama_cpp=llama_cpp)
     if is_gguf(out):
         if low_disk or resume:
             raise LorafuseError("a GGUF output is written in one go: --low-disk and --resume are for safetensors folders")
@@ -237,6 +249,59 @@ def _check_torch(plan: Plan, device: str) -> None:
     feature = next(filter(None, map(torch_feature, plan.tensors)), None)
     if feature:
         require_torch(feature)
+
+
+def _save_lora(base, adapter, weights, out, *, dtype: str, max_shard_size, device: str, force: bool, resume: bool,
+               push_to_hub: str | None, low_disk: bool, gguf_type: str, llama_cpp) -> MergeReport:
+    """save_method "lora": the adapter alone, as a LoRA GGUF (OUT ending in .gguf) or a PEFT folder. The merge's
+    plan is made all the same, for its checks (every adapter tensor matches a base tensor, in shape; OUT is no
+    input), though nothing is merged; then the file or folder is written in the staging folder and moved into
+    place when complete."""
+    started = time.perf_counter()
+    gguf = is_gguf(out)
+    given = {"several adapters": not isinstance(adapter, (str, os.PathLike)) and len(adapter) != 1,
+             "--weights": weights is not None,
+             "--dtype": dtype != "auto", "--max-shard-size": max_shard_size is not None, "--device": device != "cpu",
+             "--resume": resume, "--push-to-hub": bool(push_to_hub), "--low-disk": low_disk,
+             "--gguf-type": not gguf and gguf_type != "auto", "--llama-cpp": not gguf and llama_cpp is not None}
+    if any(given.values()):
+        raise LorafuseError(f"--save-method lora writes the adapter as it is, so {', '.join(k for k, v in given.items() if v)} "
+                            "does not apply; leave it out (--gguf-type and --llama-cpp are for an OUT ending in .gguf)")
+    if gguf:
+        check_type(gguf_type)
+    out = output_path(out)
+    replacing = check_file_target(out, force) if gguf else check_target(out, force)
+    staging = staging_folder(out)
+    plan = make_plan(base, adapter, out, sink=SAFETENSORS)
+    rescale = lora_gguf.needs_rescaling(plan) if gguf else False
+    need = (lora_gguf.size_bound(plan) if gguf else adapter_folder.size(plan.adapter)) + DISK_MARGIN
+    if plan.disk_free is not None and plan.disk_free < need:
+        raise LorafuseError(f"the adapter needs up to {human_size(need)} (with {human_size(DISK_MARGIN)} to spare), but "
+                            f"only {human_size(plan.disk_free)} is free on the disk holding {out.parent}; free space "
+                            "or write it elsewhere")
+    llama_cpp = find_converter(llama_cpp, NEEDED_FOR_LORA) if gguf else None
+    with exclusive(out):
+        claim_staging(out)
+        clear(staging)
+        make_staging(staging)
+        try:
+            if gguf:
+                move_file_into_place(lora_gguf.write(plan, staging, gguf_type, llama_cpp, rescale), out, replacing)
+            else:
+                written = adapter_folder.written_files(plan.adapter)
+                adapter_folder.write(plan.adapter, staging)
+                write_manifest(plan, staging, {**settings_record(plan, device), "save_method": LORA}, {}, written)
+                move_into_place(staging, out, keep_until_renamed=None, replacing=replacing, written=written | {MANIFEST})
+        except OSError as e:
+            raise disk_error(e, staging) from None
+        finally:
+            with contextlib.suppress(LorafuseError):
+                clear(staging)
+    size = out.stat().st_size if gguf else sum(p.stat().st_size for p in out.iterdir())
+    return MergeReport(out=str(out), shards=1, tensors_merged=0, tensors_cast=0,
+                       tensors_copied=len(plan.adapter.tensors), bytes_read=plan.adapter.weights_file.stat().st_size,
+                       bytes_written=size, shards_resumed=0, seconds=round(time.perf_counter() - started, 3),
+                       peak_memory=_peak_rss())
 
 
 @dataclass

@@ -114,7 +114,10 @@ def _parser() -> argparse.ArgumentParser:
     m = commands.add_parser("merge", help="merge ADAPTER into BASE (or several adapters, weighted) and write a standalone "
                             "model to OUT", usage="lorafuse merge [options] [BASE] ADAPTER OUT\n"
                             "       lorafuse merge [options] BASE ADAPTER1 ADAPTER2 ... OUT [--weights W1,W2,...]")
-    _inputs(m, "[BASE] ADAPTER... OUT", {3: ("base", "adapter", "out"), 2: ("adapter", "out")})
+    _inputs(m, "[BASE] ADAPTER... OUT", {3: ("base", "adapter", "out"), 2: ("adapter", "out")},
+            ["merged_16bit", "merged_4bit", "lora"], "merged_4bit re-quantizes the merged linear weights to "
+            "bitsandbytes NF4 (loses precision); lora writes the adapter alone, checked against BASE: a LoRA GGUF "
+            "for llama.cpp's --lora when OUT ends in .gguf, else a PEFT folder")
     m.add_argument("--device", default="cpu", help="where the delta arithmetic runs: cpu (default) or cuda")
     m.add_argument("--force", action="store_true", help="replace OUT if it exists")
     m.add_argument("--llama-cpp", metavar="DIR", help="with a .gguf OUT: the llama.cpp checkout whose converter writes "
@@ -136,7 +139,9 @@ def _parser() -> argparse.ArgumentParser:
                             usage="lorafuse plan [options] [BASE] ADAPTER [OUT]\n"
                             "       lorafuse plan [options] BASE ADAPTER1 ADAPTER2 ... OUT\n"
                             "       lorafuse plan [options] BASE ADAPTER1 ADAPTER2 ... --weights W1,W2,...")
-    _inputs(p, "[BASE] ADAPTER... [OUT]", {3: ("base", "adapter", "out"), 2: ("base", "adapter"), 1: ("adapter",)})
+    _inputs(p, "[BASE] ADAPTER... [OUT]", {3: ("base", "adapter", "out"), 2: ("base", "adapter"), 1: ("adapter",)},
+            ["merged_16bit", "merged_4bit"], "merged_4bit re-quantizes the merged linear weights to bitsandbytes NF4 "
+            "(loses precision)")
     p.add_argument("--verbose", "-v", action="store_true", help="list every changed tensor")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(run=_plan)
@@ -164,7 +169,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _inputs(p: argparse.ArgumentParser, metavar: str, shapes: dict) -> None:
+def _inputs(p: argparse.ArgumentParser, metavar: str, shapes: dict, save_methods: list[str], save_help: str) -> None:
     p.add_argument("paths", nargs="+", metavar=metavar,
                    help="BASE and ADAPTER: folders or Hugging Face repo ids org/name[@revision]; "
                         "without BASE, the base the adapter names. Several adapters: BASE, the adapters, OUT")
@@ -175,9 +180,9 @@ def _inputs(p: argparse.ArgumentParser, metavar: str, shapes: dict) -> None:
     p.add_argument("--max-shard-size", help="largest output shard, e.g. 5GB or 500MB (default 5GB); with a .gguf "
                    "OUT, split it into llama.cpp's split files of this size (default one file)")
     p.add_argument("--gguf-type", default="auto", metavar="TYPE",
-                   help="with an OUT ending in .gguf: auto (the base's 16-bit type), f32, f16, bf16 or q8_0")
-    p.add_argument("--save-method", default="merged_16bit", choices=["merged_16bit", "merged_4bit"],
-                   help="merged_4bit re-quantizes the merged linear weights to bitsandbytes NF4 (loses precision)")
+                   help="with an OUT ending in .gguf: auto (the base's 16-bit type; with --save-method lora, the "
+                        "adapter's, f16 for fp32), f32, f16, bf16 or q8_0")
+    p.add_argument("--save-method", default="merged_16bit", choices=save_methods, help=save_help)
     p.set_defaults(shapes=shapes)
 
 
@@ -311,6 +316,9 @@ def _run_merge(args, merged: list) -> int:
             bar.close()
     if args.json:
         _say(json.dumps(report.to_dict(), indent=2))
+    elif show and args.save_method == "lora":
+        _tell(f"done     {report.out}: the adapter's {report.tensors_copied} tensors, {human_size(report.bytes_written)} "
+              f"in {report.seconds:.1f} s")
     elif show:
         _tell(
             f"done     {report.out}: {report.tensors_merged} merged, {report.tensors_copied} copied, "

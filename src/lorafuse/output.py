@@ -177,7 +177,7 @@ def check_target(out: Path, force: bool) -> tuple[int, int, int] | None:
         except OSError as e:
             raise LorafuseError(f"cannot read the output folder {out}: {e.strerror}; choose another output folder") from None
         adapter = "adapter_config.json" in held
-        if adapter or ("config.json" in held and MANIFEST not in held):
+        if (adapter or "config.json" in held) and MANIFEST not in held:
             raise LorafuseError(f"output folder {out} holds {'an adapter' if adapter else 'a model'} that lorafuse did "
                                 "not write: is it an input? OUT is the last path (lorafuse merge [BASE] ADAPTER OUT), "
                                 "a new folder or an earlier merge; choose another output folder")
@@ -232,7 +232,7 @@ def folder_state(path: Path) -> tuple[int, int, int] | None:
     return st.st_dev, st.st_ino, st.st_ctime_ns
 
 
-def move_into_place(staging: Path, out: Path, keep_until_renamed: Path, replacing: tuple[int, int, int] | None,
+def move_into_place(staging: Path, out: Path, keep_until_renamed: Path | None, replacing: tuple[int, int, int] | None,
             written: set[str]) -> None:
     """Make the staged folder durable, then move it into place in one step that cannot destroy anything
     but the folder `replacing` identifies (the OUT that --force was given for, found when the merge
@@ -241,12 +241,13 @@ def move_into_place(staging: Path, out: Path, keep_until_renamed: Path, replacin
     finished merge, in the staging folder. A staging folder holding anything but the regular files
     `written` by the merge (and the ledger and marker) is refused: it would be published as part of OUT.
     The resume ledger and the marker go last, so an interruption before the move can still resume."""
-    check_staged(staging, out, written | {keep_until_renamed.name, MARKER})
+    check_staged(staging, out, written | {MARKER} | ({keep_until_renamed.name} if keep_until_renamed else set()))
     for path in staging.iterdir():
         if path != keep_until_renamed:
             fsync_path(path, follow=False)
     staged = identity_of(staging)
-    keep_until_renamed.unlink(missing_ok=True)
+    if keep_until_renamed:
+        keep_until_renamed.unlink(missing_ok=True)
     (staging / MARKER).unlink()
     try:
         fsync_path(staging)
