@@ -153,6 +153,20 @@ def logits(model, ids: torch.Tensor) -> torch.Tensor:
     return model(input_ids=ids).logits.double()
 
 
+EFFECT_RATIO = 10  # the adapter must move the logits ten times further than OUT is from PEFT
+
+
+def check_logits(want: torch.Tensor, got: torch.Tensor, base: torch.Tensor, rtol: float) -> None:
+    """OUT's logits (`got`) within `rtol` of the logit scale of PEFT's (`want`), and the adapter visibly matters:
+    the base alone (`base`) is much further away."""
+    scale = want.abs().max().item()
+    err, base_err = (got - want).abs().max().item(), (base - want).abs().max().item()
+    tol = rtol * scale
+    assert err <= tol, f"max |OUT - PEFT| = {err:.3g} > {tol:.3g} (logit scale {scale:.3g})"
+    assert base_err > 2 * tol, f"the adapter barely moves the logits ({base_err:.3g}): the test proves nothing"
+    assert base_err > EFFECT_RATIO * err, f"OUT ({err:.3g}) is not much closer to PEFT than the base ({base_err:.3g})"
+
+
 def tree_hash(folder: Path) -> dict[str, str]:
     """sha256 of every file under `folder`, by relative path."""
     folder = Path(folder)

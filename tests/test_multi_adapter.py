@@ -31,10 +31,10 @@ import pytest
 import torch
 
 import lorafuse
-from conftest import (MERGE_DEVICES, TORCH_DTYPES, build_model, device_suffix, leftovers, load_model, logits,
-                      make_adapter, read_tensors, same_bytes, tree_hash)
+from conftest import (MERGE_DEVICES, TORCH_DTYPES, build_model, check_logits, device_suffix, leftovers, load_model,
+                      logits, make_adapter, read_tensors, same_bytes, tree_hash)
 from lorafuse.cli import main
-from test_merge_vs_peft import EFFECT_RATIO, HALF_ULP, LOGIT_RTOL, TENSOR_SLACK, input_ids, lora
+from test_merge_vs_peft import HALF_ULP, LOGIT_RTOL, TENSOR_SLACK, input_ids, lora
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -105,16 +105,6 @@ def peft_all_active(base: Path, adapters: list[Path], weights: list[float], dtyp
                     module.scaling[name] *= weight
     model.eval()
     return model.merge_and_unload(adapter_names=names) if merge else model
-
-
-def check_logits(want: torch.Tensor, got: torch.Tensor, base: torch.Tensor, rtol: float) -> None:
-    """As test_merge_vs_peft's (b): within rtol of the logit scale, and the adapters visibly matter."""
-    scale = want.abs().max().item()
-    err, base_err = (got - want).abs().max().item(), (base - want).abs().max().item()
-    tol = rtol * scale
-    assert err <= tol, f"max |OUT - PEFT| = {err:.3g} > {tol:.3g} (logit scale {scale:.3g})"
-    assert base_err > 2 * tol, f"the adapters barely move the logits ({base_err:.3g}): the test proves nothing"
-    assert base_err > EFFECT_RATIO * err, f"OUT ({err:.3g}) is not much closer to PEFT than the base ({base_err:.3g})"
 
 
 def check_tensors(out: dict, base: dict, exact: dict, peft: dict, dtype: str) -> set[str]:
