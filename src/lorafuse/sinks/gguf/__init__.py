@@ -5,7 +5,8 @@ each callable makes that merged tensor (read, patched in fp32, rounded once, by 
 safetensors merge), so the GGUF is what the converter makes of lorafuse's safetensors merge, byte for byte,
 with no merged model on disk at any moment: the converter reads config.json and the tokenizer from the
 staging folder and the tensors from the stream. Memory: the converter's lazy tensors hold one tensor (and
-its conversion) at a time.
+its conversion) at a time. The types llama.cpp's quantizer makes (q4_k_m, ...) take one more step: the
+converter writes the merge exactly, then the quantizer makes the final file from it (quantize.py).
 """
 
 from __future__ import annotations
@@ -16,12 +17,13 @@ from pathlib import Path
 from typing import Callable
 
 from ...errors import LorafuseError
-from ...formats.safetensors import dtype_size, torch_dtype
+from ...formats.safetensors import FLOAT_DTYPES, dtype_size, torch_dtype
 from ...plan import Plan, TensorPlan
 from ..safetensors import files
-from . import converter
+from . import converter, quantize
 
-GGUF_TYPES = ("auto", "f32", "f16", "bf16", "q8_0")  # what the converter writes itself, in the stream
+CONVERTER_TYPES = ("auto", "f32", "f16", "bf16", "q8_0")  # what the converter writes itself, in the stream
+GGUF_TYPES = CONVERTER_TYPES + quantize.TYPES
 FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0", "auto": "GUESSED"}
 
 
@@ -32,9 +34,13 @@ Q8_BLOCK = 32
 
 
 def size_bound(plan: Plan, gguf_type: str) -> int:
-    """An upper bound of the GGUF's size from the plan alone, for the disk check: the tensors at their GGUF
-    type, and room for the metadata (the vocabulary) as large as the carried tokenizer files."""
-    total = sum(path.stat().st_size for path in plan.carried)
+    """An upper bound of the disk space the GGUF takes from the plan alone, for the disk check: the tensors
+    at their GGUF type, and room for the metadata (the vocabulary) as large as the carried tokenizer files.
+    A type the quantizer makes counts the intermediate GGUF too: both files are on disk at once."""
+    metadata = sum(path.stat().st_size for path in plan.carried)
+    if gguf_type in quantize.TYPES:
+        return size_bound(plan, intermediate_type(plan)) + metadata + quantize.tensors_bound(plan, gguf_type)
+    total = metadata
     for tensor in plan.tensors:
         values = math.prod(tensor.shape)
         if len(tensor.shape) < 2:
@@ -53,19 +59,45 @@ def is_gguf(out) -> bool:
 
 
 def check_type(gguf_type: str) -> str:
+    """The type in lower case (llama.cpp's tools spell them in either), or a one-line error."""
+    gguf_type = gguf_type.lower()
+    if gguf_type in quantize.NEEDS_IMATRIX:
+        raise LorafuseError(f"--gguf-type {gguf_type} needs an importance matrix (llama.cpp refuses it without "
+                            "--imatrix), which lorafuse does not make: choose another type (iq4_xs, q4_k_m, ...), or "
+                            "write --gguf-type auto and run llama-imatrix and llama-quantize on it")
     if gguf_type not in GGUF_TYPES:
-        raise LorafuseError(f"--gguf-type {gguf_type!r} is not one of {', '.join(GGUF_TYPES)} (the types llama.cpp's "
-                            "converter writes; quantize further with llama-quantize)")
+        raise LorafuseError(f"--gguf-type {gguf_type!r} is not one of {', '.join(GGUF_TYPES)}")
     return gguf_type
 
 
+def intermediate_type(plan: Plan) -> str:
+    """The type the converter writes the merge at for llama.cpp's quantizer: the merge's 16-bit type when
+    all its matrices have it (what the converter's `--outtype auto` writes, the two-step route's usual first
+    step), else f32; either holds the merge exactly. Not f32 always: the quantizer widens 16-bit values to f32
+    exactly, so the quantized tensors are the same, while the few matrices it leaves alone keep the
+    intermediate's type (16-bit: the merge's own precision, at half the size), and the intermediate, on disk
+    beside the final file, is half as large."""
+    dtypes = {t.dtype for t in plan.tensors if len(t.shape) >= 2 and t.dtype in FLOAT_DTYPES}
+    return {frozenset({"BF16"}): "bf16", frozenset({"F16"}): "f16"}.get(frozenset(dtypes), "f32")
+
+
 def write(plan: Plan, folder: Path, name: str, gguf_type: str, llama_cpp: Path, settings: dict,
-          value: Callable[[TensorPlan], object]) -> Path:
-    """Write the merge as `folder/name` with the converter in `llama_cpp`; `value(tensor)` makes one output
-    tensor (a torch tensor of the plan's dtype). The small files it reads are written first, into a folder
-    in `folder` named after the output (the converter names the model after it)."""
+          value: Callable[[TensorPlan], object], quantizer: quantize.Quantizer | None = None) -> Path:
+    """Write the merge into `folder` with the converter in `llama_cpp` and return the file; `value(tensor)`
+    makes one output tensor (a torch tensor of the plan's dtype). The small files it reads are written first,
+    into a folder in `folder` named after the output (the converter names the model after it). A type the
+    converter does not write is made by `quantizer` from the merge written exactly, which is then deleted."""
     with converter.loaded(llama_cpp) as (conversion, gguf):
-        return _convert(conversion, gguf, plan, folder, name, gguf_type, settings, value)
+        made = _convert(conversion, gguf, plan, folder, name, intermediate_type(plan) if quantizer else gguf_type,
+                        settings, value)
+    if quantizer is None:
+        return made
+    quantized = folder / f"{made.stem}.{gguf_type}{made.suffix}"
+    try:
+        quantizer.run(made, quantized, gguf_type)
+    finally:
+        made.unlink()
+    return quantized
 
 
 def _convert(conversion, gguf, plan: Plan, folder: Path, name: str, gguf_type: str, settings: dict,
