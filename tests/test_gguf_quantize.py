@@ -9,6 +9,7 @@ model itself. The helpers are in gguf_support; every GGUF is read in a subproces
 """
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -139,9 +140,11 @@ def test_llama_cpp_runs_the_q4_k_m_gguf_within_q4_k_ms_own_error(real, llama_cpp
     logits = {p: _logits(llama_cpp, p, prompt) for p in (base_bf16, base_q4, merge_bf16, merge_q4)}
     rms = lambda x, y: float(np.sqrt(np.mean((logits[x] - logits[y]) ** 2)))  # noqa: E731
     ours, own, adapter = rms(merge_q4, merge_bf16), rms(base_q4, base_bf16), rms(merge_bf16, base_bf16)
-    print(f"RMS logit error: q4_k_m of the merge {ours:.4f}, of the base {own:.4f}; the adapter's effect {adapter:.4f}")
-    assert ours < 1.5 * own, f"q4_k_m moves the merge's logits by {ours}, the base's by {own}"
-    assert adapter > 3 * ours, f"the adapter's effect {adapter} is not far above q4_k_m's error {ours}"
+    # Measured: 1.57 for the merge, 1.31 for the base, 5.66 for the adapter. The merge is the same network with
+    # other weights, quantized by the same mixture: its error may differ somewhat, not by half again.
+    tolerance = 1.5 * own
+    assert ours < tolerance, f"q4_k_m moves the merge's logits by {ours} (RMS), the base's by {own}"
+    assert adapter > 2 * tolerance, f"the adapter's effect {adapter} is not far above the tolerance {tolerance}"
 
     # Greedy decoding is sane: every token the q4_k_m GGUF picks is among the bf16 GGUF's five likeliest there.
     tokens = _greedy(llama_cpp, merge_q4, prompt, 24)
@@ -159,9 +162,11 @@ def test_only_out_appears_and_the_intermediate_is_gone(real):
     staging = work_path(a.path, "partial")
     assert a.listing == ["a.gguf"], f"beside OUT after the merge: {a.listing}"
     assert not staging.exists() and a.tmp_files == [], a.tmp_files
-    # The intermediate was written, in the staging folder, and nowhere else: every path written is in there.
+    # The intermediate was written, in the staging folder, and nowhere else: every path written is in there
+    # (besides OUT, the lock beside it, gone too, and /dev/null, the quantizer's input).
     assert [p for p in a.written if p.endswith(".gguf")], "the watch saw no GGUF written: it is broken"
-    stray = [p for p in a.written if not Path(p).is_relative_to(staging) and Path(p) != a.path]
+    stray = [p for p in a.written if not Path(p).is_relative_to(staging)
+             and Path(p) not in (a.path, work_path(a.path, "lock"), Path(os.devnull))]
     assert not stray, f"written outside the staging folder: {stray}"
 
 
@@ -170,37 +175,61 @@ def test_disk_check_counts_the_intermediate_and_refuses_before_anything_is_writt
     plan = lorafuse.plan(real.base, real.adapter)
     peak = size_bound(plan, "q4_k_m")
     intermediate = size_bound(plan, "bf16")
-    # The bound holds both files, each at most its bound: the converter's GGUF and the quantized one.
+    # The bound holds both files, each within its share: the converter's GGUF, and the quantized one.
+    both = real.converted.stat().st_size + real.a["q4_k_m"].path.stat().st_size
     assert real.converted.stat().st_size <= intermediate
     assert real.a["q4_k_m"].path.stat().st_size <= peak - intermediate < intermediate
-    # Room for the quantized file and then some, but not for the intermediate beside it: refused, nothing written.
+    # Room for the quantized file and much more, but not for the intermediate beside it: refused, nothing written.
     (tmp_path / "out").mkdir()
     real_usage = shutil.disk_usage
-    monkeypatch.setattr(shutil, "disk_usage", lambda p: real_usage(p)._replace(free=peak + DISK_MARGIN - 1))
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real_usage(p)._replace(free=both + DISK_MARGIN - 1))
     code, _, err = run_cli(capsys, "merge", real.base, real.adapter, tmp_path / "out" / "a.gguf",
                            "--gguf-type", "q4_k_m", "--llama-cpp", llama_cpp_dir, "--quiet")
     assert_one_line_error(code, err, "GGUF needs", "free")
     assert os.listdir(tmp_path / "out") == []
 
 
-def test_every_type_fits_its_bound_and_llama_cpp_refuses_the_imatrix_types(real):
-    """Each type lorafuse offers is one llama.cpp's quantizer makes without an importance matrix, and its file
-    fits the bound the disk check uses (SmolLM2's width takes most matrices through llama.cpp's fallbacks);
-    each type lorafuse refuses for want of one, llama.cpp refuses too. Through lorafuse's quantizer lookup."""
-    quantizer = quantize.find("q4_k_m", None)
-    assert quantizer.name.startswith("llama-cpp-python"), quantizer.name
+# llama.cpp's quantizer in its dry run (it chooses every tensor's type and adds up their sizes, writing nothing),
+# once per type named: its log on stderr, each type's ended by a line of ours.
+DRY_RUN = """
+import sys
+import llama_cpp
+for gguf_type in sys.argv[2:]:
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, "LLAMA_FTYPE_MOSTLY_" + gguf_type.upper())
+    params.dry_run = True
+    assert llama_cpp.llama_model_quantize(sys.argv[1].encode(), b"", params) == 0, gguf_type
+    print("-- end of", gguf_type, file=sys.stderr, flush=True)
+"""
+
+
+def test_every_type_fits_its_bound_and_needs_no_importance_matrix(real, llama_cpp_python_dir):
+    """For each type lorafuse offers, llama.cpp's quantizer (its dry run, which does the real run's accounting)
+    finds the tensors' size within the bound the disk check uses (SmolLM2's width takes most matrices through
+    llama.cpp's fallbacks), and needs no importance matrix; for the types lorafuse refuses for want of one, it
+    says that it would need one."""
+    types = quantize.TYPES + quantize.NEEDS_IMATRIX
+    done = subprocess.run([sys.executable, "-c", DRY_RUN, str(real.converted), *types], capture_output=True,
+                          text=True, env={**os.environ, "PYTHONPATH": str(llama_cpp_python_dir)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    logs = dict(zip(types, done.stderr.split("-- end of ")))
     plan = lorafuse.plan(real.base, real.adapter)
-    metadata = sum(path.stat().st_size for path in plan.carried)
-    (real.work / "every").mkdir()
     for gguf_type in quantize.TYPES:
-        out = real.work / "every" / f"{gguf_type}.gguf"
-        quantizer.run(real.converted, out, gguf_type)
-        assert out.stat().st_size <= metadata + quantize.tensors_bound(plan, gguf_type), gguf_type
-        out.unlink()
-    for gguf_type in quantize.NEEDS_IMATRIX:
-        with pytest.raises(LorafuseError, match="importance matrix") as refused:
-            quantizer.run(real.converted, real.work / "every" / f"{gguf_type}.gguf", gguf_type)
-        assert "\n" not in str(refused.value)
+        (mib,) = re.findall(r"quant size\s*=\s*([0-9.]+) MiB", logs[gguf_type])
+        assert float(mib) <= quantize.tensors_bound(plan, gguf_type) / 2**20 + 0.005, gguf_type  # logged to 0.01 MiB
+    needs = {t for t in types if "will require an imatrix" in logs[t]}
+    # iq3_xxs and iq3_xs give an importance-matrix type only to matrices whose width is a multiple of 256: none
+    # here (576), so llama.cpp needs none for this model; it does for any with such widths (most).
+    assert needs == set(quantize.NEEDS_IMATRIX) - {"iq3_xxs", "iq3_xs"}
+
+
+def test_a_failing_quantizer_is_one_line(real, tmp_path):
+    """llama.cpp's own refusal (q2_k_s without an importance matrix) is told in one line, with its reason."""
+    quantizer = quantize.find("q4_k_m", None)  # as found for a merge: llama-cpp-python, importable here
+    assert quantizer.name.startswith("llama-cpp-python"), quantizer.name
+    with pytest.raises(LorafuseError, match="requires an imatrix") as refused:
+        quantizer.run(real.converted, tmp_path / "q2_k_s.gguf", "q2_k_s")
+    assert "\n" not in str(refused.value)
 
 
 def test_block_sizes_are_ggmls(llama_cpp_dir):
