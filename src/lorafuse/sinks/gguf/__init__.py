@@ -76,8 +76,9 @@ class GgufOutput:
     def describe(self) -> list[str]:
         files = (f"{self.out.stem}-00001-of-NNNNN.gguf and the rest of llama.cpp's split files, "
                  f"{human_size(self.split)} each at most" if self.split else self.out.name)
-        return [f"output   GGUF {self.gguf_type} -> {self.out.parent / files}, {human_size(self.size)} at most, "
-                "written by llama.cpp's converter"]
+        how = ("written by llama.cpp's converter, then its quantizer (both files on disk meanwhile)"
+               if self.gguf_type in quantize.TYPES else "written by llama.cpp's converter")
+        return [f"output   GGUF {self.gguf_type} -> {self.out.parent / files}, {human_size(self.size)} at most, {how}"]
 
     def to_dict(self) -> dict:
         return {"file": str(self.out), "gguf_type": self.gguf_type, "bytes_at_most": self.size,
