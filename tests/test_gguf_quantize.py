@@ -106,7 +106,7 @@ def test_intermediate_is_what_the_converter_writes_by_default(real, llama_cpp_di
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 2. llama.cpp runs it, within q4_k_m's own error
+# 2. llama.cpp runs it, within the type's own error
 
 
 def _logits(llama_cpp, path: Path, prompt: list[int]) -> np.ndarray:
@@ -125,32 +125,41 @@ def _greedy(llama_cpp, path: Path, prompt: list[int], n: int) -> list[int]:
     return got
 
 
-def test_llama_cpp_runs_the_q4_k_m_gguf_within_q4_k_ms_own_error(real, llama_cpp_dir, llama_cpp_python_dir):
-    """q4_k_m moves the merge's logits (against its bf16 GGUF) about as much as it moves the base model's (against
-    the base's bf16 GGUF, both from the two-step route): the measure of q4_k_m's own error. The adapter moves
-    the logits by far more, so a q4_k_m GGUF of the base alone, or of a wrong merge, would fail."""
+@pytest.mark.parametrize("gguf_type", ["q8_0", "q4_k_m"])
+def test_llama_cpp_runs_the_quantized_gguf_within_the_types_own_error(real, llama_cpp_dir, llama_cpp_python_dir,
+                                                                       gguf_type):
+    """q8_0 (written by the converter in the stream) and q4_k_m (by the quantizer) move the merge's logits
+    (against its bf16 GGUF) about as much as they move the base model's (against the base's bf16 GGUF, both
+    from the two-step route): the measure of the type's own error. The adapter moves the logits by far more,
+    so a quantized GGUF of the base alone, or of a wrong merge, would fail."""
     import llama_cpp
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(real.work / "merged")
     prompt = chat_ids(tok, "What is the capital of France?")["input_ids"][0].tolist()
-    base_bf16 = start_convert(llama_cpp_dir, real.base, real.work / "base-bf16.gguf", "bf16")()
-    base_q4 = quantize_as_a_user(llama_cpp_python_dir, base_bf16, real.work / "base-q4_k_m.gguf", "q4_k_m")
-    merge_bf16, merge_q4 = real.a["bf16"].path, real.a["q4_k_m"].path
-    logits = {p: _logits(llama_cpp, p, prompt) for p in (base_bf16, base_q4, merge_bf16, merge_q4)}
+    base_bf16 = real.work / "base-bf16.gguf"
+    if not base_bf16.is_file():
+        start_convert(llama_cpp_dir, real.base, base_bf16, "bf16")()
+    base_q = real.work / f"base-{gguf_type}.gguf"
+    if gguf_type == "q8_0":
+        start_convert(llama_cpp_dir, real.base, base_q, gguf_type)()
+    else:
+        quantize_as_a_user(llama_cpp_python_dir, base_bf16, base_q, gguf_type)
+    merge_bf16, merge_q = real.a["bf16"].path, real.a[gguf_type].path
+    logits = {p: _logits(llama_cpp, p, prompt) for p in (base_bf16, base_q, merge_bf16, merge_q)}
     rms = lambda x, y: float(np.sqrt(np.mean((logits[x] - logits[y]) ** 2)))  # noqa: E731
-    ours, own, adapter = rms(merge_q4, merge_bf16), rms(base_q4, base_bf16), rms(merge_bf16, base_bf16)
-    # Measured: 1.57 for the merge, 1.31 for the base, 5.66 for the adapter. The merge is the same network with
-    # other weights, quantized by the same mixture: its error may differ somewhat, not by half again.
+    ours, own, adapter = rms(merge_q, merge_bf16), rms(base_q, base_bf16), rms(merge_bf16, base_bf16)
+    # Measured for q4_k_m: 1.57 for the merge, 1.31 for the base, 5.66 for the adapter. The merge is the same
+    # network with other weights, quantized the same way: its error may differ somewhat, not by half again.
     tolerance = 1.5 * own
-    assert ours < tolerance, f"q4_k_m moves the merge's logits by {ours} (RMS), the base's by {own}"
+    assert ours < tolerance, f"{gguf_type} moves the merge's logits by {ours} (RMS), the base's by {own}"
     assert adapter > 2 * tolerance, f"the adapter's effect {adapter} is not far above the tolerance {tolerance}"
 
-    # Greedy decoding is sane: every token the q4_k_m GGUF picks is among the bf16 GGUF's five likeliest there.
-    tokens = _greedy(llama_cpp, merge_q4, prompt, 24)
+    # Greedy decoding is sane: every token the quantized GGUF picks is among the bf16 GGUF's five likeliest there.
+    tokens = _greedy(llama_cpp, merge_q, prompt, 24)
     reference = _logits(llama_cpp, merge_bf16, prompt + tokens)[len(prompt) - 1:-1]
     ranks = [int((row > row[t]).sum()) for row, t in zip(reference, tokens)]
-    assert max(ranks) < 5, f"q4_k_m's greedy text {tok.decode(tokens)!r}: ranks under the bf16 GGUF {ranks}"
+    assert max(ranks) < 5, f"{gguf_type}'s greedy text {tok.decode(tokens)!r}: ranks under the bf16 GGUF {ranks}"
 
 
 # ----------------------------------------------------------------------------------------------------------------
