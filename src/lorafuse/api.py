@@ -425,14 +425,14 @@ def _import_in_background(plan: Plan, device: str) -> None:
     mostly holding the GIL) only when a tensor needs it, as it would hold the GIL the numpy path needs;
     meanwhile what releases the GIL overlaps it (copying untouched tensors, hashing them). The cyclic
     garbage collector stays off during torch's import and then leaves what exists alone (gc.freeze): it
-    would rescan torch's many new objects again and again. Last, what writing the
-    model card needs. An import that fails here fails again, with its message, where it is needed."""
+    would rescan torch's many new objects again and again. Nothing of huggingface_hub is imported here: its
+    lazy submodules, imported by this thread and the main thread at once, can deadlock the two. An import that fails here fails again, with its
+    message, where it is needed."""
     modules = []
     if not all(t.is_copy for t in plan.tensors):
         modules.append("lorafuse.compute.rows")
     if any(needs_torch(t, device) for t in plan.tensors) and "torch" not in sys.modules:
         modules.append("torch")
-    modules.append("huggingface_hub.repocard_data")
 
     def load() -> None:
         for name in modules:

@@ -43,7 +43,7 @@ def model_card(plan: Plan, settings: dict, output: dict | None = None, library: 
     import that writing a file does not need). `output`: the rows that describe the files, for an output
     other than the plan's safetensors shards (a GGUF).
     `lorafuse verify` writes it again to check OUT's."""
-    from huggingface_hub import ModelCardData  # a merge imports it on a thread while it runs (api._import_in_background)
+    from huggingface_hub import ModelCardData
 
     repo_id = _repo_id(plan.base_name) or _repo_id(plan.adapter.base_name or "")
     data = ModelCardData(base_model=repo_id, library_name=library, tags=["lorafuse", "merge", "lora", *tags])
