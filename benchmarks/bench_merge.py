@@ -1,4 +1,4 @@
-"""Side-by-side benchmark: lorafuse vs PEFT vs a shard-at-a-time script vs plain cp.
+"""Side-by-side benchmark: lorafuse vs PEFT vs mergekit vs a shard-at-a-time script vs plain cp.
 
 Each route runs in a fresh process (``routes.py``) so its peak RSS is its own;
 repeats go round-robin with a rotating order so no route always runs first on
@@ -27,13 +27,14 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from routes import ROUTES  # noqa: E402  (torch-free import)
+from routes import MERGEKIT_VERSION, ROUTES, ensure_mergekit  # noqa: E402  (torch-free import)
 from synth import DONE_MARKER  # noqa: E402
 
 PY = sys.executable
-RATIOS = [("lorafuse", "copy"), ("lorafuse", "copy-16bit"), ("lorafuse", "peft"), ("lorafuse", "shard"),
+RATIOS = [("lorafuse", "copy"), ("lorafuse", "copy-16bit"), ("lorafuse", "peft"), ("lorafuse", "mergekit"),
+          ("lorafuse", "shard"),
           ("lorafuse-cuda", "copy"), ("lorafuse-cuda", "lorafuse"), ("gguf", "convert"), ("gguf", "two-step")]
-DEFAULT_ROUTES = ["lorafuse", "peft", "shard", "copy"]  # lorafuse-cuda on request: it needs a GPU
+DEFAULT_ROUTES = ["lorafuse", "peft", "mergekit", "shard", "copy"]  # lorafuse-cuda on request: it needs a GPU
 # A 4-bit base: the floor is writing the 16-bit output; the shard script cannot read 4-bit weights
 NF4_ROUTES = ["lorafuse", "peft", "copy-16bit", "copy"]
 # Straight to a q8_0 GGUF, against the two-step route and the converter alone on an already merged model
@@ -63,6 +64,8 @@ def parse_args() -> argparse.Namespace:
     unknown = set(args.routes) - set(ROUTES)
     if unknown:
         p.error(f"unknown routes {sorted(unknown)}; choose from {sorted(ROUTES)}")
+    if "mergekit" in args.routes:
+        ensure_mergekit()  # once, before any timing
     return args
 
 
@@ -203,13 +206,19 @@ def summarise(samples: dict[str, list]) -> list[dict]:
 
 
 def results_table(rows: list[dict], skipped: dict[str, str], key: str = "Route") -> str:
-    lines = [f"| {key} | wall median (s) | wall min–max (s) | CPU median (s) | peak RSS (MB) | output (GB) | runs |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    """One row per route. CPU beyond the copy is (route's CPU − the copy's CPU) per GB the route wrote: the
+    work a route adds to moving the bytes, which travels between machines better than wall time. The copy
+    is of the bytes a merge writes: the 16-bit model for a quantized base."""
+    by = {r["label"]: r for r in rows}
+    copy = by.get("copy-16bit") or by.get("copy")
+    lines = [f"| {key} | wall median (s) | wall min–max (s) | CPU median (s) | CPU beyond copy (s/GB) "
+             "| peak RSS (MB) | output (GB) | runs |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
+        beyond = f"{(r['cpu_s'] - copy['cpu_s']) / r['out_gb']:.2f}" if copy and r["out_gb"] else ""
         lines.append(f"| {r['label']} | {r['median_s']:.2f} | {r['min_s']:.2f}–{r['max_s']:.2f} | {r['cpu_s']:.2f} "
-                     f"| {r['peak_rss_mb']:.0f} | {r['out_gb']:.2f} | {r['runs']} |")
+                     f"| {beyond} | {r['peak_rss_mb']:.0f} | {r['out_gb']:.2f} | {r['runs']} |")
     for label, why in skipped.items():
-        lines.append(f"| {label} | skipped | | | | | 0 |")
+        lines.append(f"| {label} | skipped | | | | | | 0 |")
     notes = [f"- `{label}` skipped: {why}" for label, why in skipped.items()]
     return "\n".join(lines + ([""] + notes if notes else []))
 
@@ -253,6 +262,7 @@ def machine_info() -> dict:
         "GPU": gpu_name(),
         "python": platform.python_version(),
         **{pkg: version(pkg) for pkg in ("torch", "transformers", "peft", "safetensors", "lorafuse")},
+        "mergekit": f"{MERGEKIT_VERSION} (a venv of its own, with its own torch, transformers and peft)",
     }
 
 

@@ -19,6 +19,13 @@ from functools import partial
 from pathlib import Path
 
 SAFETENSORS_META = {"format": "pt"}
+# mergekit pins its own torch / transformers / peft, so it runs from a venv of its own, outside the repo and
+# apart from lorafuse's, made once per mergekit version (ensure_mergekit); torch first, so that pip takes
+# the CPU build the rest then accepts.
+MERGEKIT_VERSION = "0.1.5"
+MERGEKIT_TORCH = "torch==2.13.0"
+MERGEKIT_VENV = Path.home() / ".cache" / "lorafuse-bench" / f"mergekit-venv-{MERGEKIT_VERSION}"
+MERGEKIT_CONFIG = "merge_method: passthrough\ndtype: bfloat16\nmodels:\n  - model: {base}+{adapter}\n"
 
 
 def run_command(argv: list[str]) -> str:
@@ -114,6 +121,38 @@ def route_shard(base: Path, adapter: Path, out: Path) -> str:
     return "self"
 
 
+def ensure_mergekit() -> Path:
+    """The mergekit venv, made on first use (a few minutes: torch, transformers, peft and mergekit)."""
+    command = MERGEKIT_VENV / "bin" / "mergekit-yaml"
+    if not command.exists():
+        print(f"installing mergekit {MERGEKIT_VERSION} into {MERGEKIT_VENV} ...", flush=True)
+        subprocess.run([sys.executable, "-m", "venv", "--clear", str(MERGEKIT_VENV)], check=True)
+        pip = [str(MERGEKIT_VENV / "bin" / "python"), "-m", "pip", "install", "--quiet"]
+        subprocess.run(pip + [MERGEKIT_TORCH], check=True)
+        subprocess.run(pip + [f"mergekit=={MERGEKIT_VERSION}"], check=True)
+    return command
+
+
+def route_mergekit(base: Path, adapter: Path, out: Path) -> str:
+    """mergekit's `BASE+ADAPTER` model: it merges the adapter with PEFT (`merge_and_unload`) into its LoRA
+    merge cache, saves that model there, then its passthrough method copies it tensor by tensor to OUT.
+    The cache is the run's own (a cached merge would be reused, not redone) and is deleted once synced:
+    the intermediate model's writing is part of what the route costs."""
+    command = MERGEKIT_VENV / "bin" / "mergekit-yaml"
+    if not command.exists():
+        sys.exit(f"{command}: missing (bench_merge.py installs it)")
+    cache = out.with_name(out.name + "-lora-cache")
+    shutil.rmtree(cache, ignore_errors=True)
+    config = out.with_name(out.name + "-mergekit.yml")
+    config.write_text(MERGEKIT_CONFIG.format(base=base, adapter=adapter))
+    try:
+        return run_command([str(command), str(config), str(out), "--lora-merge-cache", str(cache),
+                            "--lora-merge-dtype", "bfloat16", "--quiet"])
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+        config.unlink()
+
+
 def converter_script() -> str:
     """llama.cpp's convert_hf_to_gguf.py: the copy lorafuse itself converts with (LLAMA_CPP_DIR, or the
     pinned one in lorafuse's cache, fetched on first use)."""
@@ -150,6 +189,7 @@ ROUTES = {
     "lorafuse": route_lorafuse,
     "lorafuse-cuda": partial(route_lorafuse, device="cuda"),  # needs a CUDA build of torch and a GPU
     "peft": route_peft,
+    "mergekit": route_mergekit,  # from its own venv (ensure_mergekit)
     "shard": route_shard,
     "copy": route_copy,
     "copy-16bit": route_copy_16bit,  # a quantized base's 16-bit original

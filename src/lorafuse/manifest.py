@@ -32,10 +32,12 @@ SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def sha256_file(path: Path, follow: bool = True) -> str:
-    """`follow=False` for a file in the staging folder: a link there fails to open (OSError)."""
+    """`follow=False` for a file in the staging folder: a link there fails to open (OSError). The buffer is
+    no larger than the file: a full chunk's buffer would be zeroed and faulted in for every small file
+    (config, model card) too."""
     digest = hashlib.sha256()
     with open(os.open(path, os.O_RDONLY | (0 if follow else os.O_NOFOLLOW)), "rb", buffering=0) as f:
-        buf = bytearray(HASH_CHUNK)
+        buf = bytearray(max(1, min(HASH_CHUNK, os.fstat(f.fileno()).st_size)))
         view = memoryview(buf)
         while n := f.readinto(buf):
             digest.update(view[:n])

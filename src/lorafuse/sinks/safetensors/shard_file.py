@@ -176,7 +176,7 @@ class _RunningHash:
             self.cond.notify_all()
 
     def _run(self) -> None:
-        buf = bytearray(HASH_CHUNK)
+        buf = bytearray(max(1, min(HASH_CHUNK, self.size)))  # no larger than the file: see manifest.sha256_file
         view = memoryview(buf)
         try:
             while True:
