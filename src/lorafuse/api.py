@@ -25,6 +25,7 @@ from .output import (MARKER, check_file_target, check_staged, check_target, clai
 from .plan import DISK_MARGIN, Plan, make_plan, output_path, remeasured, room
 from .sinks.gguf import check_type, converter_order, gguf_model_card, gguf_output, is_gguf, split_files
 from .sinks.gguf import write as write_gguf
+from .sinks.gguf.converter import find as find_converter
 from .sinks.hub import HubPublisher
 from .sinks.safetensors import SAFETENSORS
 from .units import human_size
@@ -160,7 +161,6 @@ def _merge_gguf(base, adapter, weights, out, dtype: str, save_method: str, gguf_
     import torch
 
     from .formats.safetensors import torch_dtype
-    from .sinks.gguf.converter import find as find_converter
 
     started = time.perf_counter()
     if save_method != "merged_16bit":

@@ -22,6 +22,7 @@ from ...formats.safetensors import dtype_size, torch_dtype
 from ...plan import Plan, TensorPlan
 from ...units import human_size
 from ..safetensors import files
+from . import converter
 
 GGUF_TYPES = ("auto", "f32", "f16", "bf16", "q8_0")  # what the converter writes itself, in the stream
 FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0", "auto": "GUESSED"}
@@ -136,8 +137,6 @@ def write(plan: Plan, output: GgufOutput, staging: Path, llama_cpp: Path, settin
     returns them, the first first. `value(tensor)` makes one output tensor (a torch tensor of the plan's
     dtype). The small files the converter reads are written first, into `staging`/source/OUT's stem (the
     converter names the model after that folder)."""
-    from . import converter  # here, not at the top: finding and fetching it (subprocess, tarfile) is GGUF's alone
-
     made = staging / "gguf"
     made.mkdir()
     with converter.loaded(llama_cpp) as (conversion, gguf):
