@@ -28,11 +28,11 @@ def main() -> int:
         # Interrupted: what had to be cleaned up was. Threads still running are not waited for: one may be
         # stuck for good in an import that the KeyboardInterrupt broke in the main thread.
         os._exit(code)
+    _on_sigint(code, b"")
     # The interpreter's collections at exit would walk every object numpy, the Hub client and the merge
     # made, to free memory the process is about to give back: frozen, they are left alone (what reference
     # counting frees still goes as the modules are torn down, and the standard streams are flushed as ever).
     gc.freeze()
-    _on_sigint(code, b"")
     return code
 
 
