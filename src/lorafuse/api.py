@@ -188,11 +188,7 @@ def _merge_gguf(base, adapter, weights, out, dtype: str, save_method: str, gguf_
     staging = staging_folder(out)
     plan = _gguf_plan(base, adapter, weights, out, dtype, gguf_type, max_shard_size, pushing=hub is not None)
     output = plan.file_output
-    need = output.size + DISK_MARGIN
-    if plan.disk_free is not None and plan.disk_free < need:
-        raise LorafuseError(f"writing the GGUF needs up to {human_size(need)} (with {human_size(DISK_MARGIN)} to spare), but only "
-                            f"{human_size(plan.disk_free)} is free on the disk holding {out.parent}; free space or "
-                            "write it elsewhere")
+    _check_file_room(plan, output.size, "writing the GGUF")
     llama_cpp = find_converter(llama_cpp)
     with exclusive(out):
         claim_staging(out)
@@ -277,11 +273,7 @@ def _save_lora(base, adapter, weights, out, *, dtype: str, max_shard_size, devic
     staging = staging_folder(out)
     plan = make_plan(base, adapter, out, sink=SAFETENSORS)
     rescale = lora_gguf.needs_rescaling(plan) if gguf else False
-    need = (lora_gguf.size_bound(plan) if gguf else adapter_folder.size(plan.adapter)) + DISK_MARGIN
-    if plan.disk_free is not None and plan.disk_free < need:
-        raise LorafuseError(f"the adapter needs up to {human_size(need)} (with {human_size(DISK_MARGIN)} to spare), but "
-                            f"only {human_size(plan.disk_free)} is free on the disk holding {out.parent}; free space "
-                            "or write it elsewhere")
+    _check_file_room(plan, lora_gguf.size_bound(plan) if gguf else adapter_folder.size(plan.adapter), "the adapter")
     llama_cpp = find_converter(llama_cpp, NEEDED_FOR_LORA) if gguf else None
     with exclusive(out):
         claim_staging(out)
@@ -305,6 +297,15 @@ def _save_lora(base, adapter, weights, out, *, dtype: str, max_shard_size, devic
                        tensors_copied=len(plan.adapter.tensors), bytes_read=plan.adapter.weights_file.stat().st_size,
                        bytes_written=size, shards_resumed=0, seconds=round(time.perf_counter() - started, 3),
                        peak_memory=_peak_rss())
+
+
+def _check_file_room(plan: Plan, size: int, what: str) -> None:
+    """Refuse, before anything is written, an output of up to `size` bytes that OUT's disk cannot hold."""
+    need = size + DISK_MARGIN
+    if plan.disk_free is not None and plan.disk_free < need:
+        raise LorafuseError(f"{what} needs up to {human_size(need)} (with {human_size(DISK_MARGIN)} to spare), but only "
+                            f"{human_size(plan.disk_free)} is free on the disk holding {plan.out.parent}; free space or "
+                            "write it elsewhere")
 
 
 @dataclass
