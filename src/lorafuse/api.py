@@ -24,7 +24,7 @@ from .output import (MARKER, check_file_target, check_staged, check_target, clai
                      make_staging, move_file_into_place, move_into_place, regular_file, staging_folder)
 from .plan import DISK_MARGIN, Plan, make_plan, output_path, remeasured, room
 from .sinks import adapter_folder
-from .sinks.gguf import check_type, converter_order, gguf_model_card, gguf_output, is_gguf, split_files
+from .sinks.gguf import check_type, gguf_model_card, gguf_output, is_gguf, split_files
 from .sinks.gguf import lora as lora_gguf
 from .sinks.gguf import write as write_gguf
 from .sinks.gguf.converter import NEEDED_FOR_LORA
@@ -172,10 +172,6 @@ def _merge_gguf(base, adapter, weights, out, dtype: str, save_method: str, gguf_
     the converter's order), then llama.cpp's converter pulls each merged tensor and writes the file (or the
     split files) in the staging folder; pushed to the Hub if asked, then moved beside OUT when complete."""
     require_torch("a GGUF output (llama.cpp's converter)", extra="gguf")
-    import torch
-
-    from .formats.safetensors import torch_dtype
-
     started = time.perf_counter()
     gguf_type = check_type(gguf_type)
     quantizer = find_quantizer(gguf_type, llama_cpp)  # for the types llama.cpp's quantizer makes; else None
@@ -198,16 +194,10 @@ def _merge_gguf(base, adapter, weights, out, dtype: str, save_method: str, gguf_
         make_staging(staging)
         if on_plan:
             on_plan(plan)
-        values = TensorValues(plan, order=converter_order(plan))
-
-        def value(tensor):
-            data = values.get(tensor)
-            if on_progress:
-                on_progress(len(data))
-            return torch.frombuffer(data, dtype=torch_dtype(tensor.dtype)).reshape(tensor.shape)
+        values = TensorValues(plan, on_progress)
         try:
             settings = settings_record(plan, "cpu")
-            made = write_gguf(plan, output, staging, llama_cpp, settings, value, quantizer)
+            made = write_gguf(plan, output, staging, llama_cpp, settings, values, quantizer)
             hub_url = _publish_gguf(hub, plan, made, settings) if hub else None
             # The first file last: llama.cpp opens a split GGUF by its first file, which then finds all the rest.
             for path in made[1:] + made[:1]:

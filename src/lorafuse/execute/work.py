@@ -117,22 +117,44 @@ class Producers(contextlib.ExitStack):
         return self.made[torch_needed]
 
 
+class _InMemory:
+    """The OutputFile a producer writes into when the sink wants the bytes themselves: `out` holds the
+    tensor's slots, the first of which starts at file offset `first`. A plain object, not a class made per
+    tensor: a class is its own reference cycle, so a closure over `out` would keep every tensor's bytes
+    until the cycle collector ran, which on a deep model is rarely."""
+
+    __slots__ = ("out", "first")
+
+    def __init__(self, out: bytearray, first: int) -> None:
+        self.out, self.first = out, first
+
+    def write(self, data: memoryview, offset: int) -> None:
+        memoryview(self.out)[offset - self.first:offset - self.first + len(data)] = data
+
+
 class TensorValues:
     """The output tensors' bytes one at a time, on demand, for a sink that pulls them (GGUF: llama.cpp's
     converter asks for each tensor as it writes it): made by the same producers as a safetensors merge,
-    so the bytes are the same. When the sink asks in a known `order`, the next tensor is made on a thread
-    of its own while the sink works on the one it has (numpy and torch release the GIL), so the merge hides
-    behind the conversion; one tensor at most is made ahead. `close` closes the source files, ends the
-    producers' thread limits and drops the adapter rows kept for cutting experts."""
+    so the bytes are the same; `on_progress(bytes)` is told of each. Once the sink says in which order it
+    will ask (`expect`), the next tensor is made on a thread of its own while the sink works on the one it
+    has (numpy and torch release the GIL), so the merge hides behind the conversion; one tensor at most is
+    made ahead. `close` closes the source files, ends the producers' thread limits and drops the adapter rows
+    kept for cutting experts."""
 
-    def __init__(self, plan: Plan, device: str = "cpu", order: list[TensorPlan] = ()) -> None:
+    def __init__(self, plan: Plan, on_progress: Callable[[int], None] | None = None, device: str = "cpu") -> None:
         self.sources = SourceFiles()
         self.producers = Producers(device, costs.threads_per_worker(plan.tensors, device, 1, 1))
         self.slots = {t.name: slots for shard in plan.shards for t, slots in zip(shard.tensors, shard.slots)}
-        self.order = list(order)
-        self.following = {t.name: nxt for t, nxt in zip(self.order, self.order[1:])}
+        self.on_progress = on_progress
+        self.following: dict[str, TensorPlan] = {}
         self.ahead: tuple[str, Future] | None = None
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix="lorafuse-ahead") if self.order else None
+        self.pool: ThreadPoolExecutor | None = None
+
+    def expect(self, order: list[TensorPlan]) -> None:
+        """The sink will ask for the tensors in this order."""
+        self.following = {t.name: nxt for t, nxt in zip(order, order[1:])}
+        if self.pool is None and self.following:
+            self.pool = ThreadPoolExecutor(1, thread_name_prefix="lorafuse-ahead")
 
     def get(self, tensor: TensorPlan) -> bytearray:
         if self.ahead is not None and self.ahead[0] == tensor.name:
@@ -142,6 +164,8 @@ class TensorValues:
         nxt = self.following.get(tensor.name)
         if self.pool is not None and self.ahead is None and nxt is not None:
             self.ahead = (nxt.name, self.pool.submit(self._make, nxt, self.producers.for_tensor(nxt)))
+        if self.on_progress:
+            self.on_progress(len(data))
         return data
 
     def _make(self, tensor: TensorPlan, producer) -> bytearray:
@@ -153,11 +177,7 @@ class TensorValues:
                 ref.read_into(memoryview(out)[slot.offset - first:slot.offset - first + slot.nbytes])
             return out
 
-        class Buffer:  # the OutputFile a producer writes into: this tensor's bytes
-            @staticmethod
-            def write(data: memoryview, offset: int) -> None:
-                memoryview(out)[offset - first:offset - first + len(data)] = data
-        write_tensor(Buffer, slots, tensor, self.sources, producer)
+        write_tensor(_InMemory(out, first), slots, tensor, self.sources, producer)
         return out
 
     def close(self) -> None:

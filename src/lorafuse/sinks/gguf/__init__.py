@@ -16,7 +16,7 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Protocol
 
 from ...errors import LorafuseError
 from ...formats.safetensors import FLOAT_DTYPES, dtype_size, torch_dtype
@@ -131,6 +131,33 @@ def converter_order(plan: Plan) -> list[TensorPlan]:
     return [t for shard in sorted(plan.shards, key=lambda s: s.filename) for t in sorted(shard.tensors, key=lambda t: t.name)]
 
 
+def evaluation_order(writer_tensors: list[dict], lazy_base: type, merged: Callable) -> list[TensorPlan]:
+    """The merged tensors in the order the converter's writer will ask for them, read from what it has
+    prepared: its files' tensors in write order, each a lazy graph that gguf-py's `LazyBase.to_eager`
+    evaluates depth first, its arguments in order (lists and tuples inside them too), a node once. The
+    leaves are the calls to `merged(tensor)`. Read from the graph, not foreseen from the names: the converter
+    reorders tensors (a layer's experts are stacked one projection at a time), and guessing wrong costs a
+    tensor made twice. A graph not shaped as expected gives a shorter order: the merge is the same, made
+    ahead less often."""
+    order, seen = [], set()
+
+    def visit(node) -> None:
+        if isinstance(node, (list, tuple)):
+            for item in node:
+                visit(item)
+        elif isinstance(node, lazy_base) and id(node) not in seen and getattr(node, "_data", None) is None:
+            seen.add(id(node))
+            args = getattr(node, "_args", ())
+            if getattr(node, "_func", None) is merged:
+                order.extend(args[:1])
+            else:
+                visit(args)
+    for tensors in writer_tensors:
+        for info in tensors.values():
+            visit(info.tensor)
+    return order
+
+
 def is_gguf(out) -> bool:
     return str(out).lower().endswith(".gguf")
 
@@ -158,11 +185,20 @@ def intermediate_type(plan: Plan) -> str:
     return {frozenset({"BF16"}): "bf16", frozenset({"F16"}): "f16"}.get(frozenset(dtypes), "f32")
 
 
+class MergedTensors(Protocol):
+    """Where the converter's tensors come from (execute.work.TensorValues)."""
+
+    def expect(self, order: list[TensorPlan]) -> None:
+        """The tensors will be asked for in this order."""
+
+    def get(self, tensor: TensorPlan) -> bytearray:
+        """One output tensor's bytes, in the plan's dtype."""
+
+
 def write(plan: Plan, output: GgufOutput, staging: Path, llama_cpp: Path, settings: dict,
-          value: Callable[[TensorPlan], object], quantizer: quantize.Quantizer | None = None) -> list[Path]:
+          values: MergedTensors, quantizer: quantize.Quantizer | None = None) -> list[Path]:
     """Write the merge with the converter in `llama_cpp` into `staging`/gguf: OUT's file, or its split files;
-    returns them, the first first. `value(tensor)` makes one output tensor (a torch tensor of the plan's
-    dtype). The small files the converter reads are written first, into `staging`/source/OUT's stem (the
+    returns them, the first first. The merged tensors come from `values`. The small files the converter reads are written first, into `staging`/source/OUT's stem (the
     converter names the model after that folder). A type the converter does not write is made by `quantizer`
     from the merge written exactly into `staging`/intermediate, which is then deleted."""
     made = staging / "gguf"
@@ -172,7 +208,7 @@ def write(plan: Plan, output: GgufOutput, staging: Path, llama_cpp: Path, settin
     first.mkdir(exist_ok=True)
     with converter.loaded(llama_cpp) as (conversion, gguf):
         _convert(conversion, gguf, plan, staging / "source" / output.out.stem, first / name,
-                 intermediate_type(plan) if quantizer else output.gguf_type, output.split, settings, value)
+                 intermediate_type(plan) if quantizer else output.gguf_type, output.split, settings, values)
     if quantizer is not None:
         try:
             quantizer.run(first / name, made / name, output.gguf_type)
@@ -182,7 +218,7 @@ def write(plan: Plan, output: GgufOutput, staging: Path, llama_cpp: Path, settin
 
 
 def _convert(conversion, gguf, plan: Plan, folder: Path, target: Path, gguf_type: str, split: int | None,
-             settings: dict, value: Callable[[TensorPlan], object]) -> None:
+             settings: dict, values: MergedTensors) -> None:
     import torch
 
     folder.mkdir(parents=True)
@@ -196,6 +232,9 @@ def _convert(conversion, gguf, plan: Plan, folder: Path, target: Path, gguf_type
                             "merge to safetensors instead (an OUT folder)") from None
     lazy = conversion.LazyTorchTensor
 
+    def merged(tensor: TensorPlan):
+        return torch.frombuffer(values.get(tensor), dtype=torch_dtype(tensor.dtype)).reshape(tensor.shape)
+
     class Merged(model_class):
         """The model's converter class, its tensors indexed from the merge instead of from files."""
 
@@ -207,7 +246,7 @@ def _convert(conversion, gguf, plan: Plan, folder: Path, target: Path, gguf_type
             for tensor in converter_order(plan):
                 def made(tensor=tensor):
                     meta = lazy.meta_with_dtype_and_shape(torch_dtype(tensor.dtype), tensor.shape)
-                    return lazy(meta=meta, args=(tensor,), func=value)
+                    return lazy(meta=meta, args=(tensor,), func=merged)
                 if item := self.filter_tensors((tensor.name, made)):
                     found[item[0]] = item[1]
             return found
@@ -215,6 +254,7 @@ def _convert(conversion, gguf, plan: Plan, folder: Path, target: Path, gguf_type
         def write(self) -> None:
             """The converter's own `write`, without its progress bar (the merge shows one)."""
             self.prepare_tensors()
+            values.expect(evaluation_order(self.gguf_writer.tensors, gguf.LazyBase, merged))
             self.prepare_metadata(vocab_only=False)
             self.gguf_writer.write_header_to_file(path=self.fname_out)
             self.gguf_writer.write_kv_data_to_file()
