@@ -129,18 +129,36 @@ def values(stored: bytes | memoryview, dtype: str) -> torch.Tensor:
 PLAIN = [v for v in VARIANTS if "dora" not in v.id]
 
 
+@pytest.fixture(params=["kernel", "numpy"])
+def last_step(request, monkeypatch):
+    """The numpy path's last step (widen, add, check, round) by the compiled kernel, or by numpy alone
+    (what an install without a C compiler runs). With the kernel, the calls to it are counted; with numpy
+    alone the list is None."""
+    calls = []
+    if request.param == "numpy":
+        monkeypatch.setattr(rows, "add_round", None)
+        return None
+    if rows.add_round is None:
+        pytest.skip("the compiled kernel is not built here")
+    else:
+        kernel = rows.add_round
+        monkeypatch.setattr(rows, "add_round", lambda *args: calls.append(1) or kernel(*args))
+    return calls
+
+
 @pytest.mark.parametrize("device", MERGE_DEVICES)
 @pytest.mark.parametrize("block_values", [None, 97], ids=["one-block", "many-blocks"])
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 @pytest.mark.parametrize("variant", PLAIN, ids=[v.id for v in PLAIN])
 def test_numpy_and_torch_paths_agree(variant, dtype, block_values, device, tiny_base, adapter_of, one_torch_thread,
-                                     monkeypatch):
+                                     last_step, monkeypatch):
     """Every tensor the numpy path produces, the torch path produces too, within one ulp of the output
     dtype plus TENSOR_SLACK (2e-7 of the tensor's scale, the fp32 arithmetic's own error, which shows
     where W + ΔW cancels), and for 16-bit files mostly identical: the paths differ only in how the fp32
     sum is rounded (torch fuses it into addmm). The tiny models' tensors fit one block of rows; with
     blocks of 97 values (one to three rows), each block starts at another row. On a GPU (device cuda) the
-    torch path's arithmetic runs there, and is held to the same bounds."""
+    torch path's arithmetic runs there, and is held to the same bounds. The numpy path's last step runs
+    in the compiled kernel (which a plain LoRA must reach) and in numpy alone."""
     if block_values:
         monkeypatch.setattr(costs, "BLOCK_VALUES", block_values)
     plan = lorafuse.plan(tiny_base(variant.model, dtype), adapter_of(variant.id))
@@ -162,6 +180,8 @@ def test_numpy_and_torch_paths_agree(variant, dtype, block_values, device, tiny_
         total += a.numel()
     if dtype == "bf16":
         assert differing <= total / 100, f"{differing} of {total} values differ"
+    if last_step is not None and variant.id in ("lora-llama", "rslora-llama"):  # a LoRA alone on each matrix
+        assert last_step, "the compiled kernel was not used"
 
 
 def test_dora_and_gpu_take_torch(tiny_base, adapter_of):
@@ -221,3 +241,59 @@ def test_only_merges_that_need_torch_import_it(variant_id, imports_torch, tiny_b
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == (10 if imports_torch else 0), done.stderr
     assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("out_dtype", ["BF16", "F32"])
+@pytest.mark.parametrize("in_dtype", ["BF16", "F32"])
+@pytest.mark.parametrize("in_place", [False, True], ids=["apart", "in-place"])
+def test_the_kernel_is_the_numpy_last_step_bit_for_bit(in_dtype, out_dtype, in_place):
+    """rows.add_round (compiled) against widen + add + narrow in numpy on the rounding's edge cases and a
+    million random patterns: every finite sum rounds to the same bits, and the kernel says "not finite"
+    exactly when some sum is a NaN or an infinity. In place: the result written over the values it is made
+    from (the merge does so when the output is no wider than the input), which only a narrower or equal
+    output allows."""
+    if rows.add_round is None:
+        pytest.skip("the compiled kernel is not built here")
+    if in_place and arrays.STORED[out_dtype]().itemsize > arrays.STORED[in_dtype]().itemsize:
+        pytest.skip("a wider output is never written over its input")
+    values = edge_values()
+    rng = np.random.default_rng(1)
+    stored = np.empty(values.shape, dtype=arrays.STORED[in_dtype])
+    with np.errstate(over="ignore", invalid="ignore"):
+        arrays.narrow(values.copy(), in_dtype, stored, np.empty_like(values))
+        delta = (rng.standard_normal(values.shape) * rng.choice([0, 1e-3, 1, 1e30, 3e38], values.shape)).astype(np.float32)
+        want_sums = np.empty(values.shape, dtype=np.float32)
+        arrays.widen(stored, in_dtype, want_sums)
+        want_sums += delta
+    finite_sums = np.isfinite(want_sums)
+    assert 0.5 < finite_sums.mean() < 1
+    for part in (finite_sums, slice(None)):  # the finite sums alone, then all of them
+        finite = bool(np.isfinite(want_sums[part]).all())
+        assert finite == (part is finite_sums)
+        want = np.empty(stored[part].shape, dtype=arrays.STORED[out_dtype])
+        arrays.narrow(want_sums[part].copy(), out_dtype, want, np.empty_like(want_sums[part]), nan_free=finite)
+        source = stored[part].copy()
+        out = source.view(arrays.STORED[out_dtype])[:source.size] if in_place else np.empty_like(want)
+        got = rows.add_round(source, in_dtype == "BF16", delta[part].copy(), out, out_dtype == "BF16")
+        assert got == finite
+        if finite:
+            assert np.array_equal(out.view(np.uint8), want.view(np.uint8))
+
+
+def test_the_kernel_refuses_buffers_of_other_sizes():
+    if rows.add_round is None:
+        pytest.skip("the compiled kernel is not built here")
+    with pytest.raises(ValueError, match="sizes"):
+        rows.add_round(np.zeros(4, np.uint16), True, np.zeros(3, np.float32), np.zeros(4, np.uint16), True)
+
+
+def test_the_kernel_is_built_where_a_c_compiler_is():
+    """An install on a machine with a C compiler (this one, CI) builds the kernel (setup.py); without one,
+    the install goes on and the numpy step runs instead (the "numpy" cases above)."""
+    import shutil
+    import sysconfig
+
+    compiler = (sysconfig.get_config_var("CC") or "cc").split()[0]
+    if shutil.which(compiler) is None:
+        pytest.skip(f"no C compiler ({compiler}) here")
+    assert rows.add_round is not None, "pip install did not build lorafuse.compute._kernels"

@@ -30,6 +30,19 @@ if TYPE_CHECKING:
     RowUpdate = Callable[[np.ndarray, int, np.ndarray], None]
 
 
+class AddedRows:
+    """A RowUpdate that adds a change made a block at a time: `delta(first_row, out)` writes the change to
+    rows [first_row, first_row + len(out)) into `out` (fp32). Apart from being called as a RowUpdate, it
+    lets the numpy path add the change while it rounds, in one pass (compute/_kernels.c)."""
+
+    def __init__(self, delta: Callable[[int, np.ndarray], None]) -> None:
+        self.delta = delta
+
+    def __call__(self, block: np.ndarray, start: int, scratch: np.ndarray) -> None:
+        self.delta(start, scratch)
+        block += scratch
+
+
 def _load(ref, like: torch.Tensor) -> torch.Tensor:
     """An adapter tensor in the precision and on the device of the weight it patches (fp32 when merging)."""
     return ref.read().to(device=like.device, dtype=like.dtype)
@@ -304,10 +317,9 @@ class LoRA:
             left, right = B, A
         left *= np.float32(self.scale)
 
-        def update(block: np.ndarray, start: int, scratch: np.ndarray) -> None:
-            np.matmul(left[start:start + len(block)], right, out=scratch)
-            block += scratch
-        return update
+        def delta(start: int, out: np.ndarray) -> None:
+            np.matmul(left[start:start + len(out)], right, out=out)
+        return AddedRows(delta)
 
 
 @dataclass(frozen=True)

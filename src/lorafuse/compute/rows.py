@@ -22,7 +22,14 @@ from ..costs import block_shape, matrix_shape
 from ..formats.arrays import STORED, narrow, widen
 from ..formats.safetensors import TensorSlot, dtype_size, read_exact
 from ..quant import QuantizedTensor
+from ..patches import AddedRows
 from . import Write, non_finite_error, overflow_error
+
+try:  # the fused last step, compiled at install where a C compiler is found (setup.py)
+    from ._kernels import add_round
+except ImportError:
+    add_round = None
+FUSED_DTYPES = {"BF16", "F32"}
 
 if TYPE_CHECKING:
     from ..plan import TensorPlan
@@ -73,20 +80,24 @@ class Producer:
         source, patches = tensor.computed_from
         rows, cols = matrix_shape(tensor.shape)
         if isinstance(source, QuantizedTensor):
-            return self._write_rows(tensor, patches, self._decoder(source, cols), source.code_width, write=write)
+            updates = [patch.row_update(tensor.shape) for patch in patches]
+            return self._write_rows(tensor, updates, self._decoder(source, cols), source.code_width, write=write)
         raw = self.buffers.get("in", source.nbytes)
         if source is tensor.source:
             read_exact(source_fd, memoryview(raw), source.offset, source.path)
         else:
             source.read_into(memoryview(raw))
         stored = raw.view(STORED[source.dtype]).reshape(rows, cols)
+        # The result overwrites rows already read when it is no wider than the source: one tensor buffer.
+        out_raw = raw if dtype_size(tensor.dtype) <= dtype_size(source.dtype) else None
+        updates = [patch.row_update(tensor.shape) for patch in patches]
+        if add_round is not None and rows * cols and {source.dtype, tensor.dtype} <= FUSED_DTYPES \
+                and len(updates) == 1 and isinstance(updates[0], AddedRows):
+            return self._write_fused(tensor, updates[0], stored, write=write, out_raw=out_raw)
 
         def fill(start: int, stop: int, block: np.ndarray) -> None:
             widen(stored[start:stop], source.dtype, block[:(stop - start) * cols].reshape(-1, cols))
-
-        # The result overwrites rows already read when it is no wider than the source: one tensor buffer.
-        narrower = dtype_size(tensor.dtype) <= dtype_size(source.dtype)
-        return self._write_rows(tensor, patches, fill, write=write, out_raw=raw if narrower else None)
+        return self._write_rows(tensor, updates, fill, write=write, out_raw=out_raw)
 
     def _decoder(self, source: QuantizedTensor, cols: int) -> Callable[[int, int, np.ndarray], None]:
         """fill(start, stop, block) for a quantized weight: its rows [start, stop) decoded into the block by
@@ -100,20 +111,41 @@ class Producer:
 
         return fill
 
-    def _write_rows(self, tensor: TensorPlan, patches: tuple, fill: Callable[[int, int, np.ndarray], None],
+    def _write_fused(self, tensor: TensorPlan, update: AddedRows, stored: np.ndarray, *, write: Write,
+                     out_raw: np.ndarray | None) -> list[memoryview]:
+        """`_write_rows` for one added change to a stored BF16/F32 matrix: per block of rows, the change is
+        made into a buffer and the compiled kernel widens, adds, checks and rounds in one pass."""
+        rows, cols = stored.shape
+        row_bytes = cols * dtype_size(tensor.dtype)
+        out_raw = self._output_buffer(rows * row_bytes, out_raw)
+        step, _ = block_shape(cols)
+        change = self.buffers.get("scratch", min(step, rows) * cols * 4).view(np.float32)
+        for start in range(0, rows, step):
+            stop = min(rows, start + step)
+            block = change[:(stop - start) * cols].reshape(-1, cols)
+            update.delta(start, block)
+            done = out_raw[start * row_bytes:stop * row_bytes]
+            if not add_round(stored[start:stop], stored.dtype == np.uint16, block, done, tensor.dtype == "BF16"):
+                raise non_finite_error(tensor)
+            write(0, start * row_bytes, memoryview(done))
+        return [memoryview(out_raw)]
+
+    def _output_buffer(self, nbytes: int, given: np.ndarray | None) -> np.ndarray:
+        return given[:nbytes] if given is not None else self.buffers.get("out", nbytes)
+
+    def _write_rows(self, tensor: TensorPlan, updates: list, fill: Callable[[int, int, np.ndarray], None],
                     code_width: int = 0, *, write: Write, out_raw: np.ndarray | None = None) -> list[memoryview]:
         """Make the tensor a block of rows at a time: `fill(start, stop, block)` puts rows [start, stop) in
-        the block as fp32, then the patches, the check and the rounding, and the rows are written. Blocks
-        are shaped for a source whose code rows hold `code_width` values (compute.block_shape); the
-        result goes into `out_raw` when given."""
+        the block as fp32, then the patches' `updates`, the check and the rounding, and the rows are
+        written. Blocks are shaped for a source whose code rows hold `code_width` values
+        (compute.block_shape); the result goes into `out_raw` when given."""
         rows, cols = matrix_shape(tensor.shape)
         row_bytes = cols * dtype_size(tensor.dtype)
-        out_raw = out_raw[:rows * row_bytes] if out_raw is not None else self.buffers.get("out", rows * row_bytes)
+        out_raw = self._output_buffer(rows * row_bytes, out_raw)
         if rows * cols == 0:
             write(0, 0, memoryview(out_raw))
             return [memoryview(out_raw)]
         out = out_raw.view(STORED[tensor.dtype]).reshape(rows, cols)
-        updates = [patch.row_update(tensor.shape) for patch in patches]
         step, room = block_shape(cols, code_width)
         block = self.buffers.get("block", (min(step, rows) * cols + room) * 4).view(np.float32)
         scratch = self.buffers.get("scratch", min(step, rows) * cols * 4).view(np.float32)

@@ -151,10 +151,13 @@ class TensorValues:
         self.pool: ThreadPoolExecutor | None = None
 
     def expect(self, order: list[TensorPlan]) -> None:
-        """The sink will ask for the tensors in this order."""
+        """The sink will ask for the tensors in this order: the first is made now, while the sink prepares
+        the rest of its file (the converter: the tokenizer's metadata)."""
         self.following = {t.name: nxt for t, nxt in zip(order, order[1:])}
-        if self.pool is None and self.following:
+        if order and self.pool is None:
             self.pool = ThreadPoolExecutor(1, thread_name_prefix="lorafuse-ahead")
+        if order and self.ahead is None:
+            self._make_ahead(order[0])
 
     def get(self, tensor: TensorPlan) -> bytearray:
         if self.ahead is not None and self.ahead[0] == tensor.name:
@@ -162,11 +165,14 @@ class TensorValues:
         else:  # asked out of order: made here, and what was made ahead waits for its turn
             data = self._make(tensor, self.producers.for_tensor(tensor))
         nxt = self.following.get(tensor.name)
-        if self.pool is not None and self.ahead is None and nxt is not None:
-            self.ahead = (nxt.name, self.pool.submit(self._make, nxt, self.producers.for_tensor(nxt)))
+        if self.ahead is None and nxt is not None:
+            self._make_ahead(nxt)
         if self.on_progress:
             self.on_progress(len(data))
         return data
+
+    def _make_ahead(self, tensor: TensorPlan) -> None:
+        self.ahead = (tensor.name, self.pool.submit(self._make, tensor, self.producers.for_tensor(tensor)))
 
     def _make(self, tensor: TensorPlan, producer) -> bytearray:
         slots = self.slots[tensor.name]
