@@ -6,7 +6,7 @@
 Prints, per run, the wall time and the CPU time of the process (user + system, all threads), then the
 seconds each worker spent in each phase, summed over threads; with `--timeline`, when each output shard
 was opened, got its last byte and finished hashing (and the CPU time of its hashing thread). `--depth`
-changes the number of pipeline threads and `--no-hash` skips the output's SHA-256 (for measuring only:
+changes the number of pipeline threads and `--no-hash` skips the output's hash (for measuring only:
 the manifest then holds a wrong digest): both are experiments, not options of lorafuse.
 """
 
@@ -44,7 +44,7 @@ def timed(name: str, fn):
 
 
 class NoHash:
-    """Stands in for the SHA-256 of an output shard (measuring only)."""
+    """Stands in for the hash of an output shard (measuring only)."""
 
     def update(self, data) -> None:
         pass

@@ -239,3 +239,71 @@ def test_low_disk_push_writes_one_shard_at_a_time(cores, hub, tiny_base, tmp_pat
     assert asked == [1] and outcome[0].shards >= 3
     assert shards(tmp_path / "out") == []  # uploaded, then deleted
     assert len(commits(hub)) == 1 and len(hub.uploads) == outcome[0].shards
+
+
+def _recording_shard_done(monkeypatch) -> dict[str, str | None]:
+    """The SHA-256 each shard is handed to the publisher with (None: its client hashes the file), by name."""
+    handed, shard_done = {}, HubPublisher.shard_done
+
+    def recorded(self, path, path_in_repo=None, sha256=None):
+        handed[Path(path).name] = sha256
+        shard_done(self, path, path_in_repo, sha256)
+    monkeypatch.setattr(HubPublisher, "shard_done", recorded)
+    return handed
+
+
+def _manifest_files(out: Path) -> dict[str, dict]:
+    import json
+
+    from lorafuse.manifest import MANIFEST
+
+    return json.loads((out / MANIFEST).read_text())["files"]
+
+
+def test_a_pushed_merge_records_the_sha256_the_hub_names_its_objects_by(hub, tiny_base, tmp_path, monkeypatch):
+    """A merge pushed to the Hub hashes its output with SHA-256 (a merge kept local: XXH3-128), as the Hub's
+    LFS names each object by it: each shard's manifest entry is the oid the Hub got, and the publisher is
+    handed it, so the upload does not hash the shard again."""
+    import lorafuse
+    from peft import LoraConfig
+
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    handed = _recording_shard_done(monkeypatch)
+    base = tiny_base("llama", "fp32")
+    adapter = make_adapter(base, tmp_path / "adapter",
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], init_lora_weights=False))
+    out = tmp_path / "out"
+    lorafuse.merge(base, adapter, out, max_shard_size="20KB", push_to_hub=REPO)
+    listed = _manifest_files(out)
+    assert listed == {name: {"size": len(data), "sha256": sha(data)} for name, data in files(out).items()
+                      if name != "lorafuse-manifest.json"}
+    oids = {p.name: listed[p.name]["sha256"] for p in shards(out)}
+    assert len(oids) >= 3 and sorted(hub.uploads) == sorted(oids.values()) and set(oids.values()) <= set(hub.lfs)
+    assert handed == oids
+    assert {k: v for k, v in hub.repos[REPO].files().items() if k != ".gitattributes"} == files(out)
+
+
+def test_a_pushed_rerun_keeps_the_shards_of_a_run_that_was_not(hub, tiny_base, tmp_path, monkeypatch):
+    """A run not pushed, killed after two shards, recorded them in XXH3-128; the same merge run again with
+    --push-to-hub keeps them (checked by XXH3-128) and hands them to the publisher without a SHA-256 (its
+    client hashes them); the Hub gets every shard, under its right oid."""
+    import lorafuse
+    from peft import LoraConfig
+    from test_resilience import _run_killed
+
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    base = tiny_base("llama", "fp32")
+    adapter = make_adapter(base, tmp_path / "adapter",
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], init_lora_weights=False))
+    out = tmp_path / "out"
+    assert _run_killed(2, "merge", base, adapter, out, "--max-shard-size", "20KB", "--quiet") == 137
+    handed = _recording_shard_done(monkeypatch)
+    report = lorafuse.merge(base, adapter, out, max_shard_size="20KB", push_to_hub=REPO, resume=True)
+    assert report.shards_resumed == 2 and report.shards >= 3
+    listed = _manifest_files(out)
+    resumed = {name for name, sha256 in handed.items() if sha256 is None}
+    assert len(resumed) == 2 and all(set(listed[name]) == {"size", "xxh3_128"} for name in resumed)
+    assert {name: sha256 for name, sha256 in handed.items() if name not in resumed} == {
+        p.name: listed[p.name]["sha256"] for p in shards(out) if p.name not in resumed}
+    assert sorted(hub.uploads) == sorted(sha(p.read_bytes()) for p in shards(out))
+    assert {k: v for k, v in hub.repos[REPO].files().items() if k != ".gitattributes"} == files(out)

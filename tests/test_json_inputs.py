@@ -246,22 +246,27 @@ def merged(model, tmp_path_factory):
 def test_verify_reads_a_malformed_manifest_as_a_problem(merged, tmp_path):
     out = shutil.copytree(merged, tmp_path / "out")
     manifest = out / "lorafuse-manifest.json"
+    # entries without a hash, with an unknown one, with two, with one of the other's length (a bad settings
+    # record: test_resilience)
+    entries = [{"size": "1", "sha256": "x"}, {"size": 1}, {"size": 1, "md5": "0" * 32},
+               {"size": 1, "xxh3_128": "0" * 32, "sha256": "0" * 64}, {"size": 1, "xxh3_128": "0" * 64}]
     for text in [DEEP, "{\"files\":" + HUGE + "}", '{"files": []}', '{"files": {"config.json": []}}',
-                 '{"files": {"config.json": {"size": "1", "sha256": "x"}}}']:  # a bad settings record: test_resilience
+                 *(json.dumps({"files": {"config.json": entry}}) for entry in entries)]:
         manifest.write_text(text)
         with within(10):
             assert verify(out) == [f"{manifest} is not a valid lorafuse manifest"]
 
 
 @FUZZ
-@given(where=st.sampled_from(["manifest", "files", "entry", "size", "sha256", "settings", "index"]), value=JSON_VALUES)
+@given(where=st.sampled_from(["manifest", "files", "entry", "size", "hash", "settings", "index"]), value=JSON_VALUES)
 def test_fuzz_verify(merged, tmp_path_factory, where, value):
     out = merged
     path = out / (INDEX if where == "index" else "lorafuse-manifest.json")
     edits = {"manifest": lambda m: value, "files": _set("files", value), "settings": _set("settings", value),
              "entry": lambda m: {**m, "files": {**m["files"], "config.json": value}},
              "size": lambda m: {**m, "files": {**m["files"], "config.json": {**m["files"]["config.json"], "size": value}}},
-             "sha256": lambda m: {**m, "files": {**m["files"], "config.json": {**m["files"]["config.json"], "sha256": value}}},
+             "hash": lambda m: {**m, "files": {**m["files"],
+                                               "config.json": {**m["files"]["config.json"], "xxh3_128": value}}},
              "index": _set_weight_map(lambda m: {**m, next(iter(m)): value})}
     original = path.read_text()
     try:

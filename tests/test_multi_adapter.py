@@ -353,7 +353,7 @@ def test_plan_shows_each_adapter(tiny_base, artefacts, tmp_path, capsys):
 def test_a_changed_weight_is_not_resumed_as_the_same_merge(tiny_base, artefacts, tmp_path):
     """An interrupted run of weights (0.7, -0.3) left a finished shard: rerun with those weights it is kept,
     with (0.7, -0.2) it is merged again (the fingerprint holds the weights)."""
-    from lorafuse.manifest import LEDGER, fingerprint, settings_record, sha256_file
+    from lorafuse.manifest import LEDGER, file_digest, fingerprint, settings_record
     from lorafuse.output import MARKER, staging_folder
 
     base, adapters = tiny_base("llama"), [get_adapter(artefacts, tiny_base, n) for n in ("qv", "rs")]
@@ -370,7 +370,7 @@ def test_a_changed_weight_is_not_resumed_as_the_same_merge(tiny_base, artefacts,
         (staging / MARKER).write_bytes(b"")
         shard = staging / "model.safetensors"
         shutil.copy(tmp_path / str([0.7, -0.3]) / "model.safetensors", shard)
-        record = {"size": shard.stat().st_size, "sha256": sha256_file(shard)}
+        record = {"size": shard.stat().st_size, "xxh3_128": file_digest(shard, "xxh3_128")}
         (staging / LEDGER).write_text(json.dumps({"fingerprint": fingerprint(plan, settings_record(plan, "cpu")),
                                                   "shards": {"model.safetensors": record}}))
 

@@ -183,7 +183,7 @@ def test_a_cancelled_hash_gives_no_digest(tmp_path):
     """A merge that stops while a shard's hash runs must not record a digest of part of the shard."""
     path = tmp_path / "f"
     path.write_bytes(os.urandom(100))
-    running = _RunningHash(path, 100, 10).start()
+    running = _RunningHash(path, 100, 10, "xxh3_128").start()
     running.completed(10, 50)
     running.cancel()
     with pytest.raises(HashCancelled):

@@ -1,5 +1,6 @@
 """Resilience: interrupted merges resume to identical bytes; `lorafuse verify` catches damaged outputs."""
 
+import hashlib
 import json
 import os
 import subprocess
@@ -7,15 +8,19 @@ import sys
 from pathlib import Path
 
 import pytest
+import xxhash
 
 import lorafuse
 import lorafuse.execute as execute
 import lorafuse.sinks.safetensors.shard_file as shard_file
 from conftest import leftovers, make_adapter, tree_hash
-from lorafuse.manifest import LEDGER, MANIFEST, sha256_file
+from lorafuse.manifest import LEDGER, MANIFEST, file_digest
 from lorafuse.output import staging_folder
 
 SHARD = "8KB"  # the tiny model in about 8 shards
+# Each algorithm a run hashes with, and the digest of some bytes by another implementation than lorafuse's.
+DIGESTS = {"xxh3_128": lambda data: xxhash.xxh3_128(data).hexdigest(),
+           "sha256": lambda data: hashlib.sha256(data).hexdigest()}
 
 
 @pytest.fixture(scope="module")
@@ -106,6 +111,31 @@ def test_tampered_finished_shard_is_redone(inputs, reference, tmp_path):
     assert tree_hash(out) == reference
 
 
+def test_a_rerun_keeps_shards_recorded_with_the_other_algorithm(inputs, reference, tmp_path):
+    """A killed run records its shards in XXH3-128. Recorded in SHA-256 instead (as a run pushed to the Hub
+    records them), a rerun not pushed checks each shard with its entry's own algorithm: the shard that hashes
+    as recorded is kept, and listed in the manifest as recorded; the one recorded with a wrong SHA-256 is
+    merged again."""
+    out = tmp_path / "out"
+    assert _run_killed(2, "merge", *inputs, out, "--max-shard-size", SHARD, "--quiet") == 137
+    staging = staging_folder(out)
+    ledger = json.loads((staging / LEDGER).read_text())
+    kept, wrong = sorted(ledger["shards"])
+    assert ledger["shards"][kept] == {"size": (staging / kept).stat().st_size,
+                                      "xxh3_128": DIGESTS["xxh3_128"]((staging / kept).read_bytes())}
+    ledger["shards"] = {kept: {"size": (staging / kept).stat().st_size,
+                               "sha256": DIGESTS["sha256"]((staging / kept).read_bytes())},
+                        wrong: {"size": (staging / wrong).stat().st_size, "sha256": "0" * 64}}
+    (staging / LEDGER).write_text(json.dumps(ledger))
+    report = lorafuse.merge(*inputs, out, max_shard_size=SHARD, resume=True)
+    assert report.shards_resumed == 1
+    files = json.loads((out / MANIFEST).read_text())["files"]
+    assert files[kept] == ledger["shards"][kept]
+    assert all(set(entry) == {"size", "xxh3_128"} for name, entry in files.items() if name != kept)
+    without_manifest = lambda tree: {name: digest for name, digest in tree.items() if name != MANIFEST}  # noqa: E731
+    assert without_manifest(tree_hash(out)) == without_manifest(reference)
+
+
 def test_other_settings_start_afresh(inputs, reference, tmp_path):
     out = tmp_path / "out"
     assert _run_killed(2, "merge", *inputs, out, "--max-shard-size", SHARD, "--dtype", "fp32", "--quiet") == 137
@@ -149,13 +179,15 @@ def test_resume_without_an_unfinished_run_is_an_error(inputs, tmp_path):
 
 
 def test_manifest_records_every_file(inputs, tmp_path):
+    """A merge not pushed to the Hub hashes its files with XXH3-128: SHA-256 would cost 13 times the CPU
+    and add nothing a local check needs."""
     out = tmp_path / "out"
     lorafuse.merge(*inputs, out, max_shard_size=SHARD)
     manifest = json.loads((out / MANIFEST).read_text())
     files = {p.name for p in out.iterdir()} - {MANIFEST}
     assert set(manifest["files"]) == files
     for name, entry in manifest["files"].items():
-        assert entry == {"size": (out / name).stat().st_size, "sha256": sha256_file(out / name)}
+        assert entry == {"size": (out / name).stat().st_size, "xxh3_128": DIGESTS["xxh3_128"]((out / name).read_bytes())}
     assert manifest["settings"]["dtype"] == "auto" and manifest["settings"]["max_shard_size"] == SHARD
     assert set(manifest["base"]["files"]) == {"model.safetensors"} and manifest["adapter"]["config_sha256"]
 
@@ -281,7 +313,8 @@ def test_a_flush_that_fails_after_the_last_write_fails_the_shard(tmp_path, monke
     flusher = shard_file._Flusher(fd).start()
     flusher.wrote(shard_file.FLUSH_BYTES)
     flusher.thread.join(30)  # the flush runs, fails, and ends the flushing thread
-    target = shard_file.ShardFile(SimpleNamespace(filename="shard"), fd, 0, shard_file._RunningHash(path, 10, 0).start(), flusher)
+    running = shard_file._RunningHash(path, 10, 0, "xxh3_128").start()
+    target = shard_file.ShardFile(SimpleNamespace(filename="shard"), fd, 0, running, flusher)
     with pytest.raises(OSError, match="Input/output error"):
         execute._finish_shard(tmp_path, target, ledger=None)
     assert not shard_threads()
@@ -314,7 +347,7 @@ def _rewrite_manifest(out: Path) -> None:
     """Make the manifest agree with the files again, as a careless tool that rewrote it would."""
     manifest = json.loads((out / MANIFEST).read_text())
     for name in manifest["files"]:
-        manifest["files"][name] = {"size": (out / name).stat().st_size, "sha256": sha256_file(out / name)}
+        manifest["files"][name] = {"size": (out / name).stat().st_size, "xxh3_128": file_digest(out / name, "xxh3_128")}
     (out / MANIFEST).write_text(json.dumps(manifest))
 
 
@@ -354,7 +387,27 @@ def test_verify_catches_a_flipped_bit(merged):
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 1
     shard.write_bytes(bytes(data))
-    assert verify(merged) == [f"{shard.name} does not match its SHA-256 in the manifest (modified or corrupted)"]
+    assert verify(merged) == [f"{shard.name} does not match its xxh3_128 hash in the manifest (modified or corrupted)"]
+
+
+@pytest.mark.parametrize("algorithm", DIGESTS)
+def test_verify_checks_each_file_with_the_algorithm_its_entry_names(inputs, merged, capsys, algorithm):
+    """A manifest of SHA-256 entries (a merge pushed to the Hub, or one of an earlier lorafuse) verifies as
+    one of XXH3-128 entries does, carried files included; a changed file fails either, in one line."""
+    from lorafuse.cli import main
+
+    _edit_manifest(merged, lambda m: m["files"].update({name: {"size": entry["size"], algorithm: DIGESTS[algorithm](
+        (merged / name).read_bytes())} for name, entry in m["files"].items()}))
+    assert main(["verify", str(merged), "--base", str(inputs[0]), "--adapter", str(inputs[1])]) == 0
+    capsys.readouterr()
+    shard = sorted(merged.glob("model-*.safetensors"))[1]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 1
+    shard.write_bytes(bytes(data))
+    assert main(["verify", str(merged)]) == 2
+    assert capsys.readouterr().err == (
+        f"problem  {shard.name} does not match its {algorithm} hash in the manifest (modified or corrupted)\n"
+        f"lorafuse: error: {merged} failed verification with 1 problem(s), listed above\n")
 
 
 @pytest.mark.parametrize("key, problem", [
@@ -451,7 +504,7 @@ def _listed(out: Path, name: str, text: str) -> None:
     """Write a file into OUT and list it in the manifest, as a careless tool would."""
     (out / name).write_text(text)
     _edit_manifest(out, lambda m: m["files"].update({name: {"size": (out / name).stat().st_size,
-                                                            "sha256": sha256_file(out / name)}}))
+                                                            "xxh3_128": file_digest(out / name, "xxh3_128")}}))
 
 
 @pytest.mark.parametrize("change, problem", [
@@ -584,37 +637,35 @@ def test_verify_cli_exit_codes(inputs, merged, capsys):
     assert "problem  config.json is 2 bytes, the manifest says" in err and "failed verification with 1 problem(s)" in err
 
 
-def test_running_hash_of_ranges_completed_out_of_order(tmp_path):
-    """The shard hash follows writes in any order, empty tensors included, and equals the file's SHA-256."""
-    import hashlib
-
+@pytest.mark.parametrize("algorithm", DIGESTS)
+def test_running_hash_of_ranges_completed_out_of_order(tmp_path, algorithm):
+    """The shard hash follows writes in any order, empty tensors included, and equals the file's hash."""
     from lorafuse.sinks.safetensors.shard_file import _RunningHash
 
     path = tmp_path / "f"
     data = os.urandom(100)
     path.write_bytes(data)
-    running = _RunningHash(path, 100, 10).start()
+    running = _RunningHash(path, 100, 10, algorithm).start()
     for start, end in [(60, 100), (30, 30), (30, 60), (10, 30), (100, 100)]:
         running.completed(start, end)
-    assert running.hexdigest() == hashlib.sha256(data).hexdigest()
+    assert running.hexdigest() == DIGESTS[algorithm](data)
 
 
-def test_running_hash_takes_the_writers_bytes_when_they_extend_the_prefix(tmp_path):
+@pytest.mark.parametrize("algorithm", DIGESTS)
+def test_running_hash_takes_the_writers_bytes_when_they_extend_the_prefix(tmp_path, algorithm):
     """Ranges handed over with their bytes (hashed from memory when they extend the prefix, read back
-    when written ahead of it) give the file's SHA-256, whichever way each range was hashed."""
-    import hashlib
-
+    when written ahead of it) give the file's hash, whichever way each range was hashed."""
     from lorafuse.sinks.safetensors.shard_file import _RunningHash
 
     path = tmp_path / "f"
     data = os.urandom(100)
     path.write_bytes(data)
     view = memoryview(data)
-    running = _RunningHash(path, 100, 10).start()
+    running = _RunningHash(path, 100, 10, algorithm).start()
     for start, end, pieces in [(10, 30, [view[10:20], view[20:30]]), (50, 60, [view[50:60]]), (30, 50, [view[30:50]]),
                                (60, 70, []), (70, 100, [view[70:100]])]:
         running.completed(start, end, pieces)
-    assert running.hexdigest() == hashlib.sha256(data).hexdigest()
+    assert running.hexdigest() == DIGESTS[algorithm](data)
 
 
 
@@ -963,7 +1014,7 @@ def test_a_link_in_the_staging_folder_is_never_followed(inputs, tmp_path, name, 
         staging.mkdir()
     (staging / name).symlink_to(weights)
     _ledger(staging, lorafuse.plan(base, inputs[1], out),
-            {name: {"size": weights.stat().st_size, "sha256": sha256_file(weights)}})
+            {name: {"size": weights.stat().st_size, "xxh3_128": file_digest(weights, "xxh3_128")}})
     if marked:
         lorafuse.merge(base, inputs[1], out)
         assert tree_hash(out) == tree_hash(reference) and not any(p.is_symlink() for p in out.iterdir())

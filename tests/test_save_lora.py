@@ -9,6 +9,7 @@ is lorafuse's pinned copy, fetched into the test cache; GGUFs are read in subpro
 """
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from unittest import mock
 
 import pytest
 import torch
+import xxhash
 
 import lorafuse
 from conftest import (cached_smollm2_adapter, leftovers, load_model, make_adapter, read_adapter,
@@ -315,6 +317,9 @@ def test_peft_folder_is_the_adapter_and_peft_loads_it(tiny, tmp_path, capsys, wh
     assert sorted(os.listdir(tmp_path)) == ["out"] and not leftovers(tmp_path)  # atomic: no staging folder left
     assert sorted(os.listdir(out)) == ["README.md", "adapter_config.json", "adapter_model.safetensors",
                                        "lorafuse-manifest.json"]
+    listed = json.loads((out / "lorafuse-manifest.json").read_text())["files"]  # never pushed: XXH3-128
+    written = {name: (out / name).read_bytes() for name in os.listdir(out) if name != "lorafuse-manifest.json"}
+    assert listed == {name: {"size": len(data), "xxh3_128": xxhash.xxh3_128(data).hexdigest()} for name, data in written.items()}
     assert (out / "adapter_config.json").read_bytes() == (adapter / "adapter_config.json").read_bytes()
     if which == "safetensors":
         assert (out / "adapter_model.safetensors").read_bytes() == (adapter / "adapter_model.safetensors").read_bytes()

@@ -1,7 +1,7 @@
 """ShardFile, one output shard's life: partial name, header, writes and copies from any thread, the running
 hash, fsync, rename, ledger record, cancel. A crash at any point must leave either an unfinished file a
 rerun redoes (NAME.partial, never recorded) or a finished one it can trust (NAME, durable, recorded with
-the SHA-256 of its bytes)."""
+the hash of its bytes, by the algorithm it was created with)."""
 
 import hashlib
 import os
@@ -9,6 +9,7 @@ import threading
 from types import SimpleNamespace
 
 import pytest
+import xxhash
 
 import lorafuse.sinks.safetensors.shard_file as shard_file
 from lorafuse.formats.safetensors import layout, read_header
@@ -35,8 +36,8 @@ class Ledger:
     def __init__(self, folder):
         self.folder, self.records = folder, []
 
-    def record(self, name, size, sha256):
-        self.records.append((name, size, sha256, sorted(p.name for p in self.folder.iterdir())))
+    def record(self, name, size, algorithm, digest):
+        self.records.append((name, size, algorithm, digest, sorted(p.name for p in self.folder.iterdir())))
 
 
 def _write_all(target: ShardFile, shard: ShardPlan, order=None) -> list[bool]:
@@ -51,7 +52,7 @@ def _write_all(target: ShardFile, shard: ShardPlan, order=None) -> list[bool]:
 
 def test_a_shard_keeps_its_partial_name_until_finished(tmp_path):
     shard = _shard((4, 4), (3,), (0,), (8,))
-    target = ShardFile.create(tmp_path, shard)
+    target = ShardFile.create(tmp_path, shard, "xxh3_128")
     assert sorted(p.name for p in tmp_path.iterdir()) == [NAME + ".partial"]
     assert (tmp_path / (NAME + ".partial")).stat().st_size == shard.size  # allocated at once
     target.start()
@@ -62,8 +63,8 @@ def test_a_shard_keeps_its_partial_name_until_finished(tmp_path):
     digest = target.finish(tmp_path, ledger)
     assert sorted(p.name for p in tmp_path.iterdir()) == [NAME]
     data = (tmp_path / NAME).read_bytes()
-    assert digest == hashlib.sha256(data).hexdigest()
-    assert ledger.records == [(NAME, shard.size, digest, [NAME])]  # recorded after the rename, not before
+    assert digest == xxhash.xxh3_128(data).hexdigest()
+    assert ledger.records == [(NAME, shard.size, "xxh3_128", digest, [NAME])]  # recorded after the rename, not before
     header = read_header(tmp_path / NAME)
     assert [t.nbytes for t in header.tensors.values()] == [64, 12, 0, 32]
     for i, group in enumerate(shard.slots):
@@ -71,15 +72,16 @@ def test_a_shard_keeps_its_partial_name_until_finished(tmp_path):
         assert data[slot.offset:slot.offset + slot.nbytes] == _tensor_bytes(slot, i)
 
 
-def test_the_hash_is_the_files_sha256_however_the_bytes_came(tmp_path):
+@pytest.mark.parametrize("algorithm, reference", [("xxh3_128", xxhash.xxh3_128), ("sha256", hashlib.sha256)])
+def test_the_hash_is_the_files_however_the_bytes_came(tmp_path, algorithm, reference):
     """Copied ranges (never in memory), ranges written ahead of the prefix and ranges from the writer's
-    buffer all end in the SHA-256 of the file, from several threads at once."""
+    buffer all end in the hash of the file by the shard's algorithm, from several threads at once."""
     shard = _shard(*[(64,)] * 12)
     source = tmp_path / "source"
     source.write_bytes(os.urandom(shard.size))
     folder = tmp_path / "out"
     folder.mkdir()
-    target = ShardFile.create(folder, shard).start()
+    target = ShardFile.create(folder, shard, algorithm).start()
     fd = os.open(source, os.O_RDONLY)
 
     def put(i: int) -> None:
@@ -98,13 +100,13 @@ def test_the_hash_is_the_files_sha256_however_the_bytes_came(tmp_path):
         thread.join()
     os.close(fd)
     digest = target.finish(folder, None)
-    assert digest == hashlib.sha256((folder / NAME).read_bytes()).hexdigest()
+    assert digest == reference((folder / NAME).read_bytes()).hexdigest()
     assert (folder / NAME).read_bytes()[len(shard.header):] == source.read_bytes()[len(shard.header):]
 
 
 def test_fsync_comes_before_the_rename_and_the_record_after(tmp_path, monkeypatch):
     shard = _shard((16,))
-    target = ShardFile.create(tmp_path, shard).start()
+    target = ShardFile.create(tmp_path, shard, "xxh3_128").start()
     _write_all(target, shard)
     events, fsync, rename = [], os.fsync, os.rename
 
@@ -128,7 +130,7 @@ def test_a_failed_fsync_leaves_the_partial_name_and_no_record(tmp_path, monkeypa
     import errno
 
     shard = _shard((16,))
-    target = ShardFile.create(tmp_path, shard).start()
+    target = ShardFile.create(tmp_path, shard, "xxh3_128").start()
     _write_all(target, shard)
 
     def failing(fd):
@@ -145,7 +147,7 @@ def test_a_failed_fsync_leaves_the_partial_name_and_no_record(tmp_path, monkeypa
 
 def test_cancel_leaves_no_finished_name(tmp_path):
     shard = _shard((16,), (16,))
-    target = ShardFile.create(tmp_path, shard).start()
+    target = ShardFile.create(tmp_path, shard, "xxh3_128").start()
     _write_all(target, shard, order=[1])
     target.cancel()
     assert sorted(p.name for p in tmp_path.iterdir()) == [NAME + ".partial"]
@@ -160,7 +162,7 @@ def test_a_finish_cancelled_under_way_renames_and_records_nothing(tmp_path):
     """The merge stops while a shard is finished on another thread: its hash is cancelled, so the finish
     fails instead of renaming the file or recording a digest of part of it."""
     shard = _shard((16,), (16,))
-    target = ShardFile.create(tmp_path, shard).start()
+    target = ShardFile.create(tmp_path, shard, "xxh3_128").start()
     _write_all(target, shard, order=[1])  # the first tensor never comes: the hash waits for it
     ledger, outcome = Ledger(tmp_path), []
 
@@ -182,7 +184,7 @@ def test_a_stale_file_or_link_at_the_partial_name_is_replaced_not_written_throug
     victim = tmp_path / "victim"
     victim.write_bytes(b"keep")
     (tmp_path / (NAME + ".partial")).symlink_to(victim)
-    target = ShardFile.create(tmp_path, shard).start()
+    target = ShardFile.create(tmp_path, shard, "xxh3_128").start()
     _write_all(target, shard)
     target.finish(tmp_path, None)
     assert victim.read_bytes() == b"keep" and not (tmp_path / NAME).is_symlink()

@@ -19,7 +19,8 @@ from .errors import InputError, LorafuseError, OutputComplete, require_torch
 from .execute import write_shards
 from .execute.work import TensorValues
 from .formats.folder import identity_of
-from .manifest import LEDGER, MANIFEST, Ledger, fingerprint as run_fingerprint, settings_record, write_manifest
+from .manifest import (HUB_HASH, LEDGER, LOCAL_HASH, MANIFEST, Ledger, fingerprint as run_fingerprint, run_hash,
+                       settings_record, write_manifest)
 from .output import (MARKER, check_file_target, check_staged, check_target, claim_staging, clear, disk_error, exclusive,
                      make_staging, move_file_into_place, move_into_place, regular_file, staging_folder)
 from .plan import DISK_MARGIN, Plan, make_plan, output_path, remeasured, room
@@ -145,12 +146,13 @@ def merge(base: str | os.PathLike | None, adapter: str | os.PathLike | Sequence[
                            delete_uploaded=low_disk).start() if push_to_hub else None  # a bad token or repo fails now
         make_staging(staging)
         if hub and low_disk:  # an earlier run's shards that went up and were deleted need not be merged again
-            run.ledger.uploaded = {name for name, entry in run.ledger.shards.items()
-                                   if not (staging / name).exists() and hub.adopt(name, entry["sha256"], entry["size"])}
+            run.ledger.uploaded = {name for name, entry in run.ledger.shards.items() if not (staging / name).exists()
+                                   and HUB_HASH in entry and hub.adopt(name, entry[HUB_HASH], entry["size"])}
         try:
             counters = write_shards(plan, staging, run.device, run.ledger, on_progress,
                                     on_shard_done=(lambda path, sha: hub.shard_done(path, sha256=sha)) if hub else None,
-                                    sink=SAFETENSORS, hold=run.hold, before_shard=hub.wait if hub and low_disk else None)
+                                    sink=SAFETENSORS, algorithm=run.algorithm, hold=run.hold,
+                                    before_shard=hub.wait if hub and low_disk else None)
             hub_url = _finish(plan, staging, out, run, hub, interrupt, replacing)
         except BaseException as e:
             if hub:
@@ -275,7 +277,8 @@ def _save_lora(base, adapter, weights, out, *, dtype: str, max_shard_size, devic
             else:
                 written = adapter_folder.written_files(plan.adapter)
                 adapter_folder.write(plan.adapter, staging)
-                write_manifest(plan, staging, {**settings_record(plan, device), "save_method": LORA}, {}, written)
+                write_manifest(plan, staging, {**settings_record(plan, device), "save_method": LORA}, {}, written,
+                               LOCAL_HASH)  # never pushed: --push-to-hub is refused above
                 move_into_place(staging, out, keep_until_renamed=None, replacing=replacing, written=written | {MANIFEST})
         except OSError as e:
             raise disk_error(e, staging) from None
@@ -306,6 +309,7 @@ class _Run:
     settings: dict  # the manifest's record of the settings
     ledger: Ledger  # the shards finished so far (a resumed run's)
     hold: int | None  # --low-disk: downloaded base shards kept at once
+    algorithm: str  # what the output is hashed with (manifest.run_hash)
 
 
 def _start_run(plan: Plan, staging: Path, device: str, resume: bool, low_disk: bool, pushing: bool) -> _Run:
@@ -320,7 +324,8 @@ def _start_run(plan: Plan, staging: Path, device: str, resume: bool, low_disk: b
     # fetched for --low-disk) already takes its share.
     done = sum(entry["size"] for name, entry in ledger.shards.items() if (staging / name).is_file()) \
         + _bytes_under(staging / DOWNLOADS)
-    return _Run(torch_device, settings, ledger, _check_disk(remeasured(plan), done, low_disk, pushing))
+    hold = _check_disk(remeasured(plan), done, low_disk, pushing)
+    return _Run(torch_device, settings, ledger, hold, run_hash(pushing))
 
 
 def _finish(plan: Plan, staging: Path, out: Path, run: _Run, hub, interrupt: _InterruptAfterPublish,
@@ -331,7 +336,7 @@ def _finish(plan: Plan, staging: Path, out: Path, run: _Run, hub, interrupt: _In
     made = SAFETENSORS.written_files(plan)
     try:
         SAFETENSORS.write_metadata(plan, staging, run.settings)
-        write_manifest(plan, staging, run.settings, run.ledger.shards, made)
+        write_manifest(plan, staging, run.settings, run.ledger.shards, made, run.algorithm)
     except OSError as e:
         raise disk_error(e, staging) from None
     written = made | {s.filename for s in plan.shards} | {MANIFEST}

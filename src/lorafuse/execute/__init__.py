@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Callable
 
 from .. import costs
 from ..patches import forget_cut_rows
-from ..manifest import Ledger
+from ..manifest import HUB_HASH, Ledger
 from ..output import disk_error
 from ..plan import Plan, ShardPlan, usable_cores
 from .scheduler import Scheduler
@@ -35,7 +35,7 @@ __all__ = ["Counters", "write_shards"]
 
 def write_shards(plan: Plan, folder: Path, device: str, ledger: Ledger,
                  on_progress: Callable[[int], None] | None = None,
-                 on_shard_done: Callable[[Path, str], None] | None = None, *, sink: Sink,
+                 on_shard_done: Callable[[Path, str | None], None] | None = None, *, sink: Sink, algorithm: str,
                  hold: int | None = None, before_shard: Callable[[], None] | None = None) -> Counters:
     """Write the shards of the plan that the ledger does not hold finished into `folder`, as `sink`'s
     files: several side by side on many cores, one at a time while base shards are downloaded or when
@@ -43,8 +43,10 @@ def write_shards(plan: Plan, folder: Path, device: str, ledger: Ledger,
 
     Each file is finished (made durable under its real name and recorded in the ledger) on a thread of its
     own once its last tensor is in, while the workers go on; a crash at any point leaves finished shards
-    a rerun can trust and partial ones it redoes. `on_shard_done(path, sha256)` hears of each finished
-    shard (resumed ones included) as soon as it is durable, e.g. to upload it while the rest is merged;
+    a rerun can trust and partial ones it redoes. Each file is hashed by `algorithm` as it is written (the
+    run's: manifest.run_hash). `on_shard_done(path, sha256)` hears of each finished shard (resumed ones
+    included) as soon as it is durable, e.g. to upload it while the rest is merged, with its SHA-256 when
+    it was hashed by that (else None: the Hub's client hashes it itself, for a shard a run not pushed left);
     `before_shard()` is called before a new shard is started (to wait for uploads, with --low-disk).
     Base shards not downloaded yet are fetched ahead of the tensors that read them (at most `hold` at
     once, each deleted when done with, for --low-disk; see sources.remote).
@@ -54,7 +56,7 @@ def write_shards(plan: Plan, folder: Path, device: str, ledger: Ledger,
     scheduler = Scheduler([s for s in plan.shards if s.filename not in finished], plan.depth,
                           one_at_a_time=before_shard is not None, hold=hold,
                           before_delete=lambda f: sources.close_file(f.path))
-    files = _Files(sink, folder, ledger, scheduler, on_shard_done)
+    files = _Files(sink, folder, ledger, scheduler, on_shard_done, algorithm)
     producers = Producers(device, costs.threads_per_worker(plan.tensors, device, usable_cores(), plan.depth))
     pipeline = _Pipeline(plan, scheduler, files, sources, producers, Progress(on_progress), before_shard)
     try:
@@ -116,15 +118,15 @@ class _Files:
     on a thread of its own; `close` stops whatever a failure left in either."""
 
     def __init__(self, sink: Sink, folder: Path, ledger: Ledger, scheduler: Scheduler,
-                 on_shard_done: Callable[[Path, str], None] | None) -> None:
+                 on_shard_done: Callable[[Path, str | None], None] | None, algorithm: str) -> None:
         self.sink, self.folder, self.ledger, self.scheduler = sink, folder, ledger, scheduler
-        self.on_shard_done = on_shard_done
+        self.on_shard_done, self.algorithm = on_shard_done, algorithm
         self.open_files: dict[str, OutputFile] = {}
         self.finishing: list[tuple[threading.Thread, OutputFile]] = []
         self.lock = threading.Lock()
 
     def open(self, shard: ShardPlan) -> OutputFile:
-        target = self.sink.open(self.folder, shard)
+        target = self.sink.open(self.folder, shard, self.algorithm)
         with self.lock:  # registered before its threads start, so that `close` finds them whenever it stops
             self.open_files[shard.filename] = target
         target.start()
@@ -150,7 +152,7 @@ class _Files:
 
     def report(self, name: str) -> None:
         if self.on_shard_done:
-            self.on_shard_done(self.folder / name, self.ledger.shards[name]["sha256"])
+            self.on_shard_done(self.folder / name, self.ledger.shards[name].get(HUB_HASH))
 
     def wait(self) -> None:
         for finisher, _ in self.finishing:

@@ -98,10 +98,10 @@ class Scheduler:
 
 
 def shards_at_once(depth: int) -> int:
-    """Output shards to write side by side. A shard's SHA-256 is one core's work, slower than the merge
-    on many cores: written one after another, the last shard is still hashing long after
-    its last byte. One shard per two pipeline threads lets that many hash at once; on few cores (depth 2
-    or 3) one at a time, as the CPU is the limit there anyway."""
+    """Output shards to write side by side. A shard's hash is one core's work, and SHA-256 (a merge pushed
+    to the Hub) is slower than the merge on many cores: written one after another, the last shard is still
+    hashing long after its last byte. One shard per two pipeline threads lets that many hash at once; on
+    few cores (depth 2 or 3) one at a time, as the CPU is the limit there anyway."""
     return max(1, depth // 2)
 
 

@@ -12,10 +12,11 @@ a `Sink`:
 - `layout(tensors, max_shard_size)`: the output files and each tensor's place in them, as the plan's
   ShardPlans (file name, header bytes, one TensorSlot per stored tensor: name, dtype, shape, offset,
   size). The plan's fingerprint hashes each file's name and header, so a changed layout is never resumed.
-- `open(folder, shard)`: an `OutputFile` for one of them, created under a partial name, header written;
-  crash safety is the file's: it takes its real name only once durable, and only then is it recorded
-  in the ledger. `safetensors.ShardFile` does all of that for any file laid out as header + tensors at
-  planned offsets, and can be reused as it is by a format of that shape.
+- `open(folder, shard, algorithm)`: an `OutputFile` for one of them, created under a partial name,
+  header written, hashed by `algorithm` as it is written (the run's: manifest.run_hash); crash safety
+  is the file's: it takes its real name only once durable, and only then is it recorded in the ledger.
+  `safetensors.ShardFile` does all of that for any file laid out as header + tensors at planned
+  offsets, and can be reused as it is by a format of that shape.
 - `clean(folder)`: remove what unfinished files left (a merge that stopped).
 - `written_files(plan)` and `write_metadata(plan, folder, settings)`: the small files that go with the
   weights (index, config, tokenizer and other carried files, model card); the manifest lists exactly
@@ -54,7 +55,7 @@ class OutputFile(Protocol):
         True for the file's last tensor, when it is ready to finish."""
 
     def finish(self, folder: Path, ledger: Ledger | None) -> str:
-        """Make the file durable under its real name in `folder` and record it; its SHA-256."""
+        """Make the file durable under its real name in `folder` and record it; its hex digest."""
 
     def cancel(self) -> None:
         """Stop everything the file runs and close it; it keeps its partial name (see Sink.clean)."""
@@ -70,8 +71,9 @@ class Sink(Protocol):
     def layout(self, tensors: list[TensorPlan], max_shard_size: int | str) -> list[ShardPlan]:
         """The output files and the place of each tensor in them."""
 
-    def open(self, folder: Path, shard: ShardPlan) -> OutputFile:
-        """Create `shard`'s file in `folder`, unfinished; not started yet (see OutputFile.start)."""
+    def open(self, folder: Path, shard: ShardPlan, algorithm: str) -> OutputFile:
+        """Create `shard`'s file in `folder`, unfinished, to be hashed by `algorithm` (a key of
+        manifest.HASHES); not started yet (see OutputFile.start)."""
 
     def clean(self, folder: Path) -> None:
         """Delete the unfinished files a stopped merge left in `folder`."""

@@ -1,7 +1,8 @@
 """`lorafuse verify OUT`: is a merged model folder whole, unaltered and finite, and (given base and
 adapter) are its merged tensors right?
 
-Checks, one tensor in memory at a time: the manifest's size and SHA-256 of every file, and that OUT
+Checks, one tensor in memory at a time: the manifest's size and hash of every file (by the algorithm its
+entry names: XXH3-128, or SHA-256 for a merge pushed to the Hub or written before), and that OUT
 holds nothing else (transformers would load an extra model.safetensors, .bin or chat template); every
 shard's header (strictly, as when reading a base); the index against the shards; no NaN or Inf in any
 floating tensor; and with --base/--adapter, the merge planned again from the manifest's settings
@@ -31,7 +32,7 @@ from ..errors import LorafuseError
 from ..formats.jsonfile import parse_json
 from ..formats.folder import INDEX, SINGLE
 from ..formats.safetensors import FLOAT_DTYPES, read_header, torch_dtype
-from ..manifest import MANIFEST, identity, read_settings, sha256_file
+from ..manifest import MANIFEST, entry_hash, file_digest, identity, read_settings
 from ..sinks.safetensors import SAFETENSORS
 from ..sinks.safetensors.files import model_card, written_files
 from ..patches import AddBias, ExpertLoRA, LoRA, SliceRef
@@ -134,8 +135,10 @@ def _check_manifest(out: Path) -> tuple[dict, list[str]]:
             problems.append(f"{name} is listed in the manifest but missing")
         elif file.stat().st_size != entry.get("size"):
             problems.append(f"{name} is {file.stat().st_size} bytes, the manifest says {entry.get('size')}")
-        elif sha256_file(file) != entry.get("sha256"):
-            problems.append(f"{name} does not match its SHA-256 in the manifest (modified or corrupted)")
+        else:
+            algorithm, digest = entry_hash(entry)
+            if file_digest(file, algorithm) != digest:
+                problems.append(f"{name} does not match its {algorithm} hash in the manifest (modified or corrupted)")
     for name in _everything_in(out):
         if name != MANIFEST and name not in files and not HUB_FILES.match(name):
             problems.append(f"{name} is not listed in the manifest: the merge did not write it, and transformers "
@@ -166,7 +169,7 @@ def read_json_as(path: Path, valid: Callable[[object], bool]):
 def _is_manifest(value) -> bool:
     files = value.get("files") if isinstance(value, dict) else None
     return isinstance(files, dict) and all(  # the settings record is checked by read_settings, which says what is wrong
-        isinstance(e, dict) and type(e.get("size")) is int and isinstance(e.get("sha256"), str) for e in files.values())
+        entry_hash(e) is not None and type(e.get("size")) is int for e in files.values())
 
 
 def _is_index(value) -> bool:
@@ -255,8 +258,10 @@ def _check_files(plan: Plan, out: Path, listed: dict) -> list[str]:
     if read_json_as(out / "config.json", lambda value: True) != plan.config:
         problems.append("config.json is not the config this merge writes")
     for source in plan.carried:
-        if source.name in listed and listed[source.name].get("sha256") != sha256_file(source):
-            problems.append(f"{source.name} differs from {source}")
+        if source.name in listed:
+            algorithm, digest = entry_hash(listed[source.name])
+            if file_digest(source, algorithm) != digest:
+                problems.append(f"{source.name} differs from {source}")
     return problems
 
 

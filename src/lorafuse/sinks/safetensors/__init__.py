@@ -3,7 +3,7 @@
 model card.
 
 - shard_file.py: `ShardFile`, one shard's life from partial name to ledger record (the hot path:
-  positioned writes, copy_file_range, sync_file_range, the running SHA-256, the flusher);
+  positioned writes, copy_file_range, sync_file_range, the running hash, the flusher);
 - files.py: the small files (index, config, carried files, card) and their names for the manifest.
 """
 
@@ -40,8 +40,8 @@ class SafetensorsSink:
         return [_lay_out(filename, tuple(by_name[n] for n in names))
                 for filename, names in split.filename_to_tensors.items()]
 
-    def open(self, folder: Path, shard: ShardPlan) -> ShardFile:
-        return ShardFile.create(folder, shard)
+    def open(self, folder: Path, shard: ShardPlan, algorithm: str) -> ShardFile:
+        return ShardFile.create(folder, shard, algorithm)
 
     def clean(self, folder: Path) -> None:
         remove_partials(folder)

@@ -3,18 +3,17 @@
 Tensors are written with positioned writes in any order by several threads; untouched ones are copied
 file to file inside the kernel (copy_file_range), never decoded. Written ranges are handed to the disk at
 once (sync_file_range) and made durable every FLUSH_BYTES (fdatasync, on a thread of its own: `_Flusher`),
-so writing to disk overlaps the work instead of all waiting for the final fsync. The file's SHA-256 grows
-with its complete prefix (`_RunningHash`), from the writer's own buffer where it can. Crash safety: the
-file is NAME.partial until finished, fsynced before it is renamed to NAME, and recorded in the ledger
-only after the rename; a crash at any point leaves finished shards a rerun can trust and partial ones it
-redoes.
+so writing to disk overlaps the work instead of all waiting for the final fsync. The file's hash (the
+run's algorithm: manifest.run_hash) grows with its complete prefix (`_RunningHash`), from the writer's
+own buffer where it can. Crash safety: the file is NAME.partial until finished, fsynced before it is
+renamed to NAME, and recorded in the ledger only after the rename; a crash at any point leaves finished
+shards a rerun can trust and partial ones it redoes.
 """
 
 from __future__ import annotations
 
 import ctypes
 import errno
-import hashlib
 import os
 import threading
 from dataclasses import dataclass, field
@@ -23,7 +22,7 @@ from typing import Iterable
 
 from ...errors import InputError
 from ...formats.folder import create_fd
-from ...manifest import HASH_CHUNK, Ledger
+from ...manifest import HASH_CHUNK, HASHES, Ledger
 from ...output import PARTIAL
 from ...plan import ShardPlan
 
@@ -53,8 +52,9 @@ class ShardFile:
     counting: threading.Lock = field(default_factory=threading.Lock)
 
     @classmethod
-    def create(cls, folder: Path, shard: ShardPlan) -> ShardFile:
-        """The shard's partial file, header written and size allocated; its threads not started yet."""
+    def create(cls, folder: Path, shard: ShardPlan, algorithm: str) -> ShardFile:
+        """The shard's partial file, header written and size allocated, to be hashed by `algorithm` (a key of
+        manifest.HASHES); its threads not started yet."""
         path = partial_path(folder, shard.filename)
         fd = create_fd(path)
         try:
@@ -63,7 +63,8 @@ class ShardFile:
         except BaseException:  # Ctrl-C included
             os.close(fd)
             raise
-        return cls(shard, fd, len(shard.tensors), _RunningHash(path, shard.size, len(shard.header)), _Flusher(fd))
+        return cls(shard, fd, len(shard.tensors), _RunningHash(path, shard.size, len(shard.header), algorithm),
+                   _Flusher(fd))
 
     def start(self) -> ShardFile:
         self.hash.start()
@@ -93,7 +94,7 @@ class ShardFile:
             return self.remaining == 0
 
     def finish(self, folder: Path, ledger: Ledger | None) -> str:
-        """Make the complete shard durable under its real name, then record it as finished; its SHA-256.
+        """Make the complete shard durable under its real name, then record it as finished; its hex digest.
         A merge that stops meanwhile cancels the hash: the shard then keeps its partial name and is redone
         by a rerun."""
         try:
@@ -109,7 +110,7 @@ class ShardFile:
         name, digest = self.shard.filename, self.hash.hexdigest()
         os.rename(partial_path(folder, name), folder / name)
         if ledger is not None:
-            ledger.record(name, self.shard.size, digest)
+            ledger.record(name, self.shard.size, self.hash.algorithm, digest)
         return digest
 
     def cancel(self) -> None:
@@ -135,16 +136,17 @@ class HashCancelled(Exception):
 
 
 class _RunningHash:
-    """SHA-256 of a file written out of order, computed as the complete prefix grows, so that hashing
-    overlaps the merge instead of following it. A writer whose tensor extends the prefix hashes it from
-    its own buffer when the hash has caught up; the rest (copies, tensors written ahead of the prefix,
-    tensors written while the hash lags) a thread of its own reads back from the page cache. The workers
-    never wait for it: SHA-256 is one core's work per file, slower than the merge on many cores."""
+    """The hash (`algorithm`, a key of manifest.HASHES) of a file written out of order, computed as the
+    complete prefix grows, so that hashing overlaps the merge instead of following it. A writer whose
+    tensor extends the prefix hashes it from its own buffer when the hash has caught up; the rest (copies,
+    tensors written ahead of the prefix, tensors written while the hash lags) a thread of its own reads
+    back from the page cache. The workers never wait for it: SHA-256 (a merge pushed to the Hub) is one
+    core's work per file, slower than the merge on many cores."""
 
-    def __init__(self, path: Path, size: int, done_prefix: int) -> None:
+    def __init__(self, path: Path, size: int, done_prefix: int, algorithm: str) -> None:
         self.size, self.prefix, self.hashed = size, done_prefix, 0
         self.ready: dict[int, int] = {}  # start -> end of written ranges beyond the prefix
-        self.digest = hashlib.sha256()
+        self.algorithm, self.digest = algorithm, HASHES[algorithm]()
         self.cond = threading.Condition()
         self.cancelled = False
         self.error: BaseException | None = None
@@ -176,7 +178,7 @@ class _RunningHash:
             self.cond.notify_all()
 
     def _run(self) -> None:
-        buf = bytearray(max(1, min(HASH_CHUNK, self.size)))  # no larger than the file: see manifest.sha256_file
+        buf = bytearray(max(1, min(HASH_CHUNK, self.size)))  # no larger than the file: see manifest.file_digest
         view = memoryview(buf)
         try:
             while True:
