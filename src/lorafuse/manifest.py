@@ -9,8 +9,8 @@ base and adapter, so a published merge can be checked (`lorafuse verify`) and re
 The hash is XXH3-128, except for a merge pushed to the Hub: SHA-256 there, as the Hub's LFS names its
 objects by it (hashed once, as the shards are written, instead of again by the upload). A local manifest
 only has to catch torn, corrupted or changed files: whoever can rewrite the shards can rewrite the
-manifest too, so a cryptographic hash adds nothing there, and SHA-256 costs 13 times the CPU (0.61 s
-per GB on one core against 0.046 s, a quarter of a merge's CPU). An entry names its algorithm (its key:
+manifest too, so a cryptographic hash adds nothing there, while SHA-256 costs an order of magnitude more
+CPU, a large part of a merge's (benchmarks/NOTES.md). An entry names its algorithm (its key:
 `{"size": n, "xxh3_128": hex}`), and every reader checks a file with the entry's own one, so manifests
 and ledgers of either kind (those of earlier versions: SHA-256) are read alike.
 """
