@@ -93,7 +93,7 @@ class Producer:
         updates = [patch.row_update(tensor.shape) for patch in patches]
         if add_round is not None and rows * cols and {source.dtype, tensor.dtype} <= FUSED_DTYPES \
                 and len(updates) == 1 and isinstance(updates[0], AddedRows):
-            return self._write_fused(tensor, updates[0], stored, write=write, out_raw=out_raw)
+            return self._write_fused(tensor, updates[0], stored, source.dtype, write=write, out_raw=out_raw)
 
         def fill(start: int, stop: int, block: np.ndarray) -> None:
             widen(stored[start:stop], source.dtype, block[:(stop - start) * cols].reshape(-1, cols))
@@ -111,8 +111,8 @@ class Producer:
 
         return fill
 
-    def _write_fused(self, tensor: TensorPlan, update: AddedRows, stored: np.ndarray, *, write: Write,
-                     out_raw: np.ndarray | None) -> list[memoryview]:
+    def _write_fused(self, tensor: TensorPlan, update: AddedRows, stored: np.ndarray, stored_dtype: str, *,
+                     write: Write, out_raw: np.ndarray | None) -> list[memoryview]:
         """`_write_rows` for one added change to a stored BF16/F32 matrix: per block of rows, the change is
         made into a buffer and the compiled kernel widens, adds, checks and rounds in one pass."""
         rows, cols = stored.shape
@@ -125,7 +125,7 @@ class Producer:
             block = change[:(stop - start) * cols].reshape(-1, cols)
             update.delta(start, block)
             done = out_raw[start * row_bytes:stop * row_bytes]
-            if not add_round(stored[start:stop], stored.dtype == np.uint16, block, done, tensor.dtype == "BF16"):
+            if not add_round(stored[start:stop], stored_dtype == "BF16", block, done, tensor.dtype == "BF16"):
                 raise non_finite_error(tensor)
             write(0, start * row_bytes, memoryview(done))
         return [memoryview(out_raw)]
