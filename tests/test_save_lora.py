@@ -3,14 +3,16 @@
 The oracles: llama.cpp's own `convert_lora_to_gguf.py`, run as its own command on the same adapter with `--base`
 the base folder (the LoRA GGUF must be its file); llama.cpp itself (llama-cpp-python: the base as
 `convert_hf_to_gguf.py` converts it, with the LoRA GGUF applied, must give the logits of lorafuse's merged GGUF,
-also for an rsLoRA adapter the script alone gets wrong); and PEFT (loads the PEFT folder as it loads the input).
-Refusals are checked through the command line on tiny models: one line, exit 2, nothing written. The converter
-is lorafuse's pinned copy, fetched into the test cache; GGUFs are read in subprocesses (gguf_support).
+also for an rsLoRA adapter the script alone gets wrong, and for a LoRA on the embedding of an untied base); and
+PEFT (loads the PEFT folder as it loads the input). Refusals are checked through the command line on tiny models:
+one line, exit 2, nothing written. The converter is lorafuse's pinned copy, fetched into the test cache; GGUFs
+are read in subprocesses (gguf_support).
 """
 
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +24,7 @@ import torch
 import xxhash
 
 import lorafuse
-from conftest import (cached_smollm2_adapter, leftovers, load_model, make_adapter, read_adapter,
+from conftest import (cached_smollm2_adapter, leftovers, load_model, make_adapter, read_adapter, read_tensors,
                       same_bytes, save_model, tree_hash)
 from gguf_support import (Lazy, assert_one_line_error, assert_same_gguf, llama_cpp_python,
                           read_ggufs, run_cli, smollm2_in_a_subprocess, start_convert)
@@ -50,7 +52,7 @@ def lora_script(llama_cpp: Path, adapter: Path, base: Path, out: Path, outtype: 
     return subprocess.run(argv, capture_output=True, text=True, cwd=out.parent, env=env)
 
 
-def scaled_adapter(base: Path, folder: Path, config, scale: float = 0.02, seed: int = 1) -> Path:
+def scaled_adapter(base: Path, folder: Path, config, scale: float = 0.02, seed: int = 1, **save_kwargs) -> Path:
     """A PEFT adapter with random A and B (init_lora_weights=False), B scaled down as training leaves it small,
     so that the model stays coherent and the adapter still moves its logits clearly."""
     from peft import get_peft_model
@@ -59,9 +61,9 @@ def scaled_adapter(base: Path, folder: Path, config, scale: float = 0.02, seed: 
     model = get_peft_model(load_model(base), config)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "lora_B" in name:
+            if "lora_B" in name or "lora_embedding_B" in name:
                 p.mul_(scale)
-    model.save_pretrained(folder)
+    model.save_pretrained(folder, **save_kwargs)
     return folder
 
 
@@ -179,6 +181,77 @@ def test_llama_cpp_with_the_lora_gguf_gives_the_merged_logits(real, runs):
 
 
 @pytest.fixture(scope="module")
+def untied_base(real, tmp_path_factory) -> Path:
+    """SmolLM2 with its output head untied from its input embedding (tie_word_embeddings false, lm_head a copy
+    of the embedding with seeded noise, so that the two differ), in bf16 with the tokenizer: a base whose
+    embedding a LoRA GGUF may change, since llama.cpp then keeps its own output.weight."""
+    torch.manual_seed(4)
+    model = load_model(real.base, torch.bfloat16)
+    model.config.tie_word_embeddings = False
+    embedding = model.get_input_embeddings().weight
+    head = embedding.detach().clone() + 0.1 * embedding.detach().float().std() * torch.randn(embedding.shape)
+    model.lm_head.weight = torch.nn.Parameter(head.to(torch.bfloat16))
+    folder = save_model(model, tmp_path_factory.mktemp("untied") / "smollm2-untied", "bf16")
+    for name in os.listdir(real.base):
+        if name.startswith(("tokenizer", "chat_template", "generation_config")):
+            shutil.copy(real.base / name, folder / name)
+    saved = read_tensors(folder)
+    assert "lm_head.weight" in saved and not torch.equal(saved["lm_head.weight"], saved["model.embed_tokens.weight"])
+    return folder
+
+
+@pytest.mark.slow
+def test_lora_gguf_on_the_embedding_of_an_untied_base_gives_the_merged_logits(real, untied_base, llama_cpp_dir):
+    """An adapter on embed_tokens (and q_proj) of a base whose head is not tied to its embedding: llama.cpp
+    applies the LoRA GGUF's token_embd pair to the looked-up rows (PEFT's embedding LoRA, whose A the script
+    transposes) and the model must give the logits of lorafuse's merged GGUF, the embedding's delta included.
+    The embedding's pair alone moves the logits by more than EFFECT, so a pair llama.cpp dropped or applied
+    transposed or at a wrong scale could not match."""
+    from peft import LoraConfig
+    from safetensors.torch import save_file
+    from transformers import AutoTokenizer
+
+    work = untied_base.parent
+    with_q = LoraConfig(r=8, lora_alpha=16, target_modules=["embed_tokens", "q_proj"], init_lora_weights=False)
+    adapter = scaled_adapter(untied_base, work / "embed-adapter", with_q, scale=0.01, seed=5,
+                             save_embedding_layers=False)
+    tensors = read_adapter(adapter)
+    assert any("lora_embedding_A" in k for k in tensors), sorted(tensors)[:4]  # PEFT's embedding LoRA, no whole tensor
+    without = work / "q-adapter"  # the same adapter without its embedding pair: the merge of it shows what that adds
+    without.mkdir()
+    save_file({k: v for k, v in tensors.items() if "embed_tokens" not in k}, str(without / "adapter_model.safetensors"))
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (without / "adapter_config.json").write_text(json.dumps({**config, "target_modules": ["q_proj"]}))
+
+    out = work / "lora" / "adapter.gguf"
+    out.parent.mkdir()
+    lorafuse.merge(untied_base, adapter, out, save_method="lora", gguf_type="f32", llama_cpp=llama_cpp_dir)
+    (meta,) = read_ggufs(llama_cpp_dir, out)
+    assert {"token_embd.weight.lora_a", "token_embd.weight.lora_b"} <= {t["name"] for t in meta["tensors"]}
+
+    base_gguf = start_convert(llama_cpp_dir, untied_base, work / "base-f32.gguf", "f32")()
+    (base_meta,) = read_ggufs(llama_cpp_dir, base_gguf)
+    assert "output.weight" in {t["name"] for t in base_meta["tensors"]}  # llama.cpp's head is its own tensor
+    prompt = chat_ids(AutoTokenizer.from_pretrained(untied_base), "What is the capital of France?")["input_ids"][0].tolist()
+
+    def merged(a: Path) -> torch.Tensor:
+        gguf = work / f"merged-{a.name}.gguf"
+        lorafuse.merge(untied_base, a, gguf, dtype="fp32", gguf_type="f32", llama_cpp=llama_cpp_dir)
+        try:
+            return _logits(gguf, prompt)
+        finally:
+            gguf.unlink()
+    want, want_without = merged(adapter), merged(without)
+    got = _logits(base_gguf, prompt, out)
+    gap = (got - want).abs().max().item()
+    effect = (_logits(base_gguf, prompt) - want).abs().max().item()
+    embedding_effect = (want_without - want).abs().max().item()
+    assert embedding_effect > EFFECT, f"the embedding's pair hardly changes the logits ({embedding_effect})"
+    assert gap < TOLERANCE, f"base + LoRA GGUF vs merged GGUF: max |logit gap| {gap} (the adapter's effect: " \
+                            f"{effect}, its embedding pair's: {embedding_effect})"
+
+
+@pytest.fixture(scope="module")
 def rslora(real, tmp_path_factory):
     """An adapter PEFT scales per module as llama.cpp cannot from one alpha: rsLoRA (alpha/√r), a rank_pattern
     (its own r) and an alpha_pattern (its own alpha)."""
@@ -274,6 +347,38 @@ def test_settings_that_do_not_apply_and_a_mismatched_adapter_are_refused(tiny, t
                            *options)
     assert_one_line_error(code, err, *named)
     assert os.listdir(tmp_path / "out") == []
+
+
+@pytest.mark.parametrize("name", [pytest.param("adapter.gguf", marks=pytest.mark.slow), "folder"])
+def test_a_disk_that_cannot_hold_the_adapter_is_refused_before_anything_is_written(tiny, tmp_path, capsys, monkeypatch,
+                                                                                  request, name):
+    """The adapter alone is bounded before it is written (the LoRA GGUF: its values at 4 bytes and a rescaled
+    copy of them; the PEFT folder: the adapter's files): written with room to spare it fits in that bound, and
+    on a disk with one byte less free than the bound and lorafuse's margin the command stops with one line,
+    exit 2, before the script runs or anything appears beside OUT."""
+    from lorafuse.plan import DISK_MARGIN
+    from lorafuse.sinks import adapter_folder
+    from lorafuse.sinks.gguf import lora as lora_gguf
+
+    gguf = name.endswith(".gguf")
+    plan = lorafuse.plan(tiny.base, tiny.adapter)
+    bound = lora_gguf.size_bound(plan) if gguf else adapter_folder.size(plan.adapter)
+    converter = ("--llama-cpp", request.getfixturevalue("llama_cpp_dir")) if gguf else ()
+    fits = tmp_path / "fits" / name
+    fits.parent.mkdir()
+    code, _, err = run_cli(capsys, "merge", tiny.base, tiny.adapter, fits, "--save-method", "lora", *converter,
+                           "--quiet")
+    assert code == 0, err
+    written = fits.stat().st_size if gguf else sum(p.stat().st_size for p in fits.iterdir())
+    assert 0 < written <= bound
+
+    (tmp_path / "out").mkdir()
+    real_usage = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real_usage(p)._replace(free=bound + DISK_MARGIN - 1))
+    code, _, err = run_cli(capsys, "merge", tiny.base, tiny.adapter, tmp_path / "out" / name, "--save-method", "lora",
+                           *converter, "--quiet")
+    assert_one_line_error(code, err, "the adapter needs up to", "free", str(tmp_path / "out"))
+    assert os.listdir(tmp_path / "out") == [] and not leftovers(tmp_path / "out")
 
 
 @pytest.mark.slow
